@@ -1,0 +1,353 @@
+"""Job configuration: a YAML file validated into typed dataclasses.
+
+``load_config(path, overrides)`` reads the YAML safely, applies ``--set a.b=c`` overrides
+(values parsed as YAML scalars/lists), expands ``${VAR}`` / ``${VAR:-default}`` in strings,
+and validates every section into the dataclasses below. An unknown key or a value of the
+wrong type raises :class:`ConfigError` naming the dotted key. The ``model`` and
+``valuation`` sections are validated by the options dataclass their ``kind`` / ``method``
+registered (see :mod:`recval_ray.registry`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+DataFormat = Literal["parquet", "csv", "tsv", "movielens-100k", "movielens-1m", "lightgcn",
+                     "amazon-json", "synthetic"]
+
+
+@dataclass
+class Columns:
+    user: str = "user_id"
+    item: str = "item_id"
+    rating: Optional[str] = None
+    timestamp: Optional[str] = None
+
+
+@dataclass
+class SyntheticConfig:
+    """Low-rank users x items with popularity skew; see :mod:`recval_ray.core.synthetic`."""
+    n_users: int = 300
+    n_items: int = 400
+    interactions_per_user: int = 30
+    rank: int = 8
+    popularity_exponent: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    format: DataFormat = "synthetic"
+    path: Optional[str] = None
+    columns: Columns = field(default_factory=Columns)
+    delimiter: Optional[str] = None
+    header: bool = True
+    implicit: Union[Literal["all"], float] = "all"
+    min_user: int = 0
+    min_item: int = 0
+    duplicates: Literal["keep-last", "keep-first", "error"] = "keep-last"
+    strict: bool = False
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class SplitConfig:
+    """``random``: interactions at random; ``user-ratio``: within each user;
+    ``leave-last``: each user's last ``n_test`` (and ``n_valid``) by timestamp;
+    ``given``: the input's own split (LightGCN / Amazon files)."""
+    kind: Literal["random", "user-ratio", "leave-last", "given"] = "user-ratio"
+    ratios: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
+    n_valid: int = 1
+    n_test: int = 1
+    valid_from_train: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class NoiseConfig:
+    ratio: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 2048
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    use_gpu: bool = False
+    patience: int = 10
+    eval_every: int = 1
+    select_metric: str = "ndcg@20"
+    num_negatives: int = 1
+    loss_epochs: int = 5
+    max_failures: int = 1
+
+
+@dataclass
+class PruneConfig:
+    strategy: Literal["fraction", "count", "threshold", "none"] = "fraction"
+    fraction: float = 0.1
+    count: int = 0
+    threshold: float = 0.0
+    scope: Literal["global", "per-user"] = "global"
+    random_control: bool = True
+    retrain: bool = True
+    seed: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    metrics: list[str] = field(default_factory=lambda: ["recall", "ndcg", "precision", "map", "mrr", "hit"])
+    ks: list[int] = field(default_factory=lambda: [10, 20])
+    ndcg_variant: Literal["truncated", "untruncated"] = "truncated"
+    recall_variant: Literal["test", "min-k"] = "test"
+    users: Literal["nonempty", "all"] = "nonempty"
+    batch_users: int = 1024
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+
+
+@dataclass
+class OutputConfig:
+    uri: str = "./recval-output"
+    run_id: Optional[str] = None
+    overwrite: bool = False
+    report: bool = True
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+
+
+@dataclass
+class JobConfig:
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    model: Any = None        # the registered options dataclass of model.kind
+    train: TrainConfig = field(default_factory=TrainConfig)
+    valuation: Any = None    # the registered options dataclass of valuation.method
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any, key: str = "") -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string of a nested structure."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def sub(m):
+            var, default = m.group(1), m.group(2)
+            if var in os.environ:
+                return os.environ[var]
+            if default is not None:
+                return default
+            raise ConfigError(f"{key}: environment variable ${{{var}}} is not set")
+        return _ENV.sub(sub, value)
+    return value
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; ``value`` is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+    key, text = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widened to float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: must not be null")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} does not fit {' | '.join(_type_name(a) for a in args if a is not type(None))}")
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def build_dataclass(cls: type, raw: Any, key: str = "") -> Any:
+    """Validate a mapping into dataclass ``cls``; unknown keys and wrong types raise."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key or cls.__name__}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        names = ", ".join(f"{key}.{u}" if key else str(u) for u in unknown)
+        raise ConfigError(f"unknown key {names} (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{key}.{name}" if key else name
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {sub}")
+    return cls(**kwargs)
+
+
+def _registered_section(raw: Any, registry, selector: str, default: str, key: str):
+    raw = dict(raw or {})
+    name = raw.get(selector, default)
+    try:
+        entry = registry.get(name)
+    except KeyError as e:
+        raise ConfigError(f"{key}.{selector}: {e.args[0]}") from None
+    raw[selector] = name
+    return build_dataclass(entry.options, raw, key)
+
+
+def validate_config(raw: dict) -> JobConfig:
+    """Validate a raw (already overridden and env-expanded) mapping into a JobConfig."""
+    from .registry import MODELS, VALUERS
+
+    if not isinstance(raw, dict):
+        raise ConfigError("the job file must hold a mapping at its top level")
+    raw = copy.deepcopy(raw)
+    model_raw, val_raw = raw.pop("model", None), raw.pop("valuation", None)
+    cfg = build_dataclass(JobConfig, raw)
+    cfg.model = _registered_section(model_raw, MODELS, "kind", "mf", "model")
+    cfg.valuation = _registered_section(val_raw, VALUERS, "method", "small-loss", "valuation")
+    check_semantics(cfg)
+    return cfg
+
+
+def check_semantics(cfg: JobConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if not cfg.name or not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
+        raise ConfigError(f"name: {cfg.name!r} must be letters, digits, '.', '_' or '-'")
+    if cfg.data.format != "synthetic" and not cfg.data.path:
+        raise ConfigError(f"data.path: required for data.format {cfg.data.format!r}")
+    r = cfg.split.ratios
+    if cfg.split.kind in ("random", "user-ratio"):
+        if len(r) not in (2, 3) or any(x < 0 for x in r) or abs(sum(r) - 1) > 1e-6:
+            raise ConfigError(f"split.ratios: {r} must be 2 or 3 non-negative fractions summing to 1")
+    if not 0 <= cfg.noise.ratio <= 10:
+        raise ConfigError(f"noise.ratio: {cfg.noise.ratio} must be in [0, 10]")
+    if not 0 <= cfg.prune.fraction < 1:
+        raise ConfigError(f"prune.fraction: {cfg.prune.fraction} must be in [0, 1)")
+    if any(k <= 0 for k in cfg.evaluate.ks):
+        raise ConfigError(f"evaluate.ks: {cfg.evaluate.ks} must be positive")
+    if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0:
+        raise ConfigError("train.epochs and train.batch_size must be positive")
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job file, apply ``--set`` overrides, expand env vars, validate."""
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"job file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"job file {path} is not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"job file {path} must hold a mapping at its top level")
+    for o in overrides or []:
+        apply_override(raw, o)
+    raw = expand_env(raw)
+    return validate_config(raw)

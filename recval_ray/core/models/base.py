@@ -1,0 +1,60 @@
+"""The model interface every recommender of the project implements.
+
+A model family is registered under ``model.kind`` with an options dataclass and a
+factory ``build(options, train, train_cfg) -> Task``. A :class:`Task` bundles
+
+* ``model``: a ``torch.nn.Module`` that is also a :class:`Recommender` (full-ranking scores
+  for a batch of users, used by the metrics);
+* ``batches(epoch, generator)``: the training batches of one epoch, each a dict of tensors on
+  the model's device holding at least ``"idx"``: the training-interaction row each example
+  stands for (so per-interaction losses can be tracked);
+* ``loss(batch)``: ``(scalar loss to minimise, per-example losses aligned with batch["idx"])``.
+
+The generic trainer (:mod:`recval_ray.core.train`) owns the optimiser, early stopping,
+checkpoints and loss tracking, so a new model is one module plus a registration.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import torch
+
+
+class Recommender(Protocol):
+    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, n_items]`` of every item for a batch of user indices (higher = better)."""
+
+
+class Task:
+    """Base class of a trainable model + objective over one training set."""
+
+    model: torch.nn.Module
+    n_train: int
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The module the loss calls: ``model`` itself, or a DDP wrapper set by the trainer."""
+        return getattr(self, "_module", None) or self.model
+
+    @module.setter
+    def module(self, m: torch.nn.Module) -> None:
+        self._module = m
+
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterator[dict]:
+        raise NotImplementedError
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Hook for schedules (e.g. warm-up, drop-rate ramps)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

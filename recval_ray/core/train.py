@@ -1,0 +1,189 @@
+"""The generic, Ray-free trainer: optimiser, seeded epochs, early stopping, checkpoints.
+
+``fit(task, train_cfg, valid=...)`` trains any registered model (:mod:`.models.base`).
+Model selection uses the validation split only (``train.select_metric``, e.g. ``ndcg@20``):
+the best epoch's weights are restored at the end. Every epoch draws its randomness from a
+generator seeded by ``(train.seed, epoch)``, on the CPU, so CPU and GPU runs, and local and
+Ray Train runs, see the same batches. Per-interaction training losses are tracked so loss-based
+valuers (small loss, PLD) read them without another pass.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..registry import MODELS
+from .data import Interactions
+from .metrics import parse_metric, ranking_metrics
+from .models.base import Task
+
+log = logging.getLogger("recval_ray.train")
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator for one epoch, a pure function of ``(seed, epoch)``."""
+    state = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def build_task(model_cfg, train: Interactions, train_cfg) -> Task:
+    """Build the registered model of ``model_cfg.kind``; initialisation seeded by ``train.seed``."""
+    entry = MODELS.get(model_cfg.kind)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(train_cfg.seed))
+        return entry.factory(model_cfg, train, train_cfg, train_cfg.device)
+
+
+def make_optimizer(params, train_cfg) -> torch.optim.Optimizer:
+    kind = train_cfg.optimizer
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+@dataclass
+class TrainResult:
+    task: Task
+    history: list = field(default_factory=list)
+    best_epoch: int = -1
+    best_valid: float = float("nan")
+    interaction_loss: Optional[np.ndarray] = None
+    checkpoints: list = field(default_factory=list)
+    seconds: float = 0.0
+    epochs_run: int = 0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.task.model
+
+
+def validation_score(model, valid: Interactions, exclude: Sequence[Interactions], metric: str,
+                     eval_cfg=None, users: Optional[np.ndarray] = None) -> float:
+    """The selection metric (e.g. ``ndcg@20``) of ``model`` on the validation split."""
+    name, k = parse_metric(metric)
+    kw = {}
+    if eval_cfg is not None:
+        kw = dict(ndcg_variant=eval_cfg.ndcg_variant, recall_variant=eval_cfg.recall_variant,
+                  users=eval_cfg.users, batch_users=eval_cfg.batch_users)
+    model_was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            dev = next(model.parameters()).device
+            out = ranking_metrics(model.score_users, valid, exclude, metrics=[metric],
+                                  ks=[k] if k else [], device=dev, **kw)
+    finally:
+        model.train(model_was_training)
+    return float(out[metric])
+
+
+def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
+        exclude: Sequence[Interactions] = (), eval_cfg=None,
+        checkpoint_dir: Optional[str] = None, track_losses: bool = True,
+        on_epoch: Optional[Callable[[dict, Task], None]] = None,
+        should_stop: Optional[Callable[[bool], bool]] = None,
+        log_prefix: str = "") -> TrainResult:
+    """Train ``task`` for ``train.epochs`` epochs with early stopping on validation.
+
+    ``exclude`` are the interactions removed from the validation ranking (the training
+    set). ``on_epoch(record, task)`` is called after each epoch (Ray Train reports there).
+    ``interaction_loss[r]`` is the mean loss of training row ``r`` over the last
+    ``train.loss_epochs`` epochs up to and including the selected epoch (NaN if unseen).
+    """
+    model = task.model
+    opt = make_optimizer(model.parameters(), train_cfg)
+    dev = task.device
+    use_valid = valid is not None and len(valid) > 0
+    metric = train_cfg.select_metric
+    best, best_epoch, best_state, bad_evals = -math.inf, -1, None, 0
+    history, checkpoints = [], []
+    keep = max(1, train_cfg.loss_epochs) + max(0, train_cfg.patience) * max(1, train_cfg.eval_every) + 1
+    loss_ring: collections.deque = collections.deque(maxlen=keep)
+    t0 = time.perf_counter()
+    if checkpoint_dir:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+    epoch = -1
+    for epoch in range(train_cfg.epochs):
+        te = time.perf_counter()
+        model.train()
+        task.on_epoch_start(epoch)
+        gen = epoch_generator(train_cfg.seed, epoch)
+        loss_sum = torch.zeros(task.n_train, device=dev) if track_losses else None
+        loss_cnt = torch.zeros(task.n_train, device=dev) if track_losses else None
+        total, n_batches = torch.zeros((), device=dev), 0
+        for batch in task.batches(epoch, gen):
+            loss, per = task.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+            n_batches += 1
+            if track_losses:
+                loss_sum.index_add_(0, batch["idx"], per.float())
+                loss_cnt.index_add_(0, batch["idx"], torch.ones_like(per, dtype=torch.float32))
+        if track_losses:
+            loss_ring.append((epoch, (loss_sum / loss_cnt).cpu().numpy()))
+        record = {"epoch": epoch, "train_loss": float(total) / max(1, n_batches),
+                  "epoch_seconds": time.perf_counter() - te}
+        improved = False
+        if use_valid and (epoch + 1) % train_cfg.eval_every == 0:
+            score = validation_score(model, valid, exclude, metric, eval_cfg)
+            record[f"valid_{metric}"] = score
+            if score > best:
+                best, best_epoch, bad_evals, improved = score, epoch, 0, True
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_evals += 1
+        elif not use_valid:
+            best_epoch, improved = epoch, True
+        if checkpoint_dir:
+            path = os.path.join(checkpoint_dir, f"epoch_{epoch:04d}.pt")
+            torch.save({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "model": model.state_dict()}, path)
+            checkpoints.append(path)
+            record["checkpoint"] = path
+        history.append(record)
+        msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in record.items() if k != "checkpoint")
+        log.info("%s%s", log_prefix, msg)
+        if on_epoch is not None:
+            on_epoch(record, task)
+        stop = use_valid and bad_evals >= max(1, train_cfg.patience)
+        if should_stop is not None:
+            stop = should_stop(stop)
+        if stop:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    interaction_loss = None
+    if track_losses and loss_ring:
+        upto = [a for e, a in loss_ring if e <= best_epoch] or [a for _, a in loss_ring]
+        stack = np.stack(upto[-max(1, train_cfg.loss_epochs):])
+        with np.errstate(invalid="ignore"):
+            interaction_loss = np.nanmean(np.where(np.isfinite(stack), stack, np.nan), axis=0) \
+                if np.isfinite(stack).any() else stack[-1]
+    model.eval()
+    return TrainResult(task=task, history=history, best_epoch=best_epoch,
+                       best_valid=best if use_valid else float("nan"),
+                       interaction_loss=interaction_loss, checkpoints=checkpoints,
+                       seconds=time.perf_counter() - t0, epochs_run=epoch + 1)
+
+
+def train_model(model_cfg, train: Interactions, train_cfg, *, valid: Optional[Interactions] = None,
+                eval_cfg=None, checkpoint_dir: Optional[str] = None, log_prefix: str = "") -> TrainResult:
+    """Build and fit a model on ``train``, selecting on ``valid`` (training items excluded)."""
+    task = build_task(model_cfg, train, train_cfg)
+    return fit(task, train_cfg, valid=valid, exclude=[train], eval_cfg=eval_cfg,
+               checkpoint_dir=checkpoint_dir, log_prefix=log_prefix)

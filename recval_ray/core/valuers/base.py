@@ -1,0 +1,70 @@
+"""The valuer interface and the valued-data schema shared by every method.
+
+A valuer turns a trained base model and its split into a :class:`Valuation`: one value per
+training interaction (higher = more useful to the recommender), optional method columns,
+and, for entity-level methods (deletion diagnostics of users or items), an entity table.
+Pruning, reports, Tune sweeps and method comparisons consume only this, so a new method is
+one module plus ``@register_valuer(name, OptionsDataclass)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..data import Split
+
+
+@dataclass
+class ValuationContext:
+    """Everything a valuer may use. ``base`` is the :class:`~recval_ray.core.train.TrainResult`
+    of the base model trained on ``split.train``; ``executor`` (optional) runs independent
+    work items in parallel (the Ray layer provides one; ``None`` means in-process)."""
+
+    split: Split
+    base: Any
+    model_cfg: Any
+    train_cfg: Any
+    eval_cfg: Any
+    seed: int = 0
+    executor: Optional[Any] = None
+    work_dir: Optional[str] = None
+    progress: Optional[Callable[[str], None]] = None
+    dataset: Optional[Any] = None
+
+
+@dataclass
+class Valuation:
+    """Values of the training interactions, aligned with ``split.train`` rows.
+
+    ``columns``: extra per-interaction columns of the method (written next to ``value``).
+    ``entities``: optional entity-level table (e.g. per-user influence) as a dict of arrays.
+    ``info``: JSON-serialisable facts about the run (settings, timings) for metrics.json.
+    """
+
+    method: str
+    values: np.ndarray
+    columns: dict = field(default_factory=dict)
+    entities: Optional[dict] = None
+    entity_kind: Optional[str] = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.values = np.asarray(self.values, dtype=np.float64)
+        for k, v in self.columns.items():
+            if len(v) != len(self.values):
+                raise ValueError(f"method column {k} has {len(v)} rows, expected {len(self.values)}")
+
+
+class Valuer:
+    """Base class: ``value(ctx) -> Valuation``."""
+
+    name = "valuer"
+    needs_base_model = True
+
+    def __init__(self, options):
+        self.options = options
+
+    def value(self, ctx: ValuationContext) -> Valuation:
+        raise NotImplementedError

@@ -1,0 +1,38 @@
+"""Small-loss valuer: an interaction the model fits easily is probably clean.
+
+value(u, i) = - mean over the last ``train.loss_epochs`` epochs (up to the selected epoch) of
+the interaction's training loss (for MF-BPR: softplus(s_uj - s_ui) against its sampled
+negatives). The heuristic behind co-teaching and T-CE: noisy interactions are memorised late
+and keep large losses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...registry import register_valuer
+from .base import Valuation, ValuationContext, Valuer
+
+
+@dataclass
+class SmallLossConfig:
+    method: str = "small-loss"
+
+
+class SmallLossValuer(Valuer):
+    name = "small-loss"
+
+    def value(self, ctx: ValuationContext) -> Valuation:
+        loss = ctx.base.interaction_loss
+        if loss is None:
+            raise ValueError("small-loss valuer needs per-interaction losses from training")
+        loss = np.asarray(loss, dtype=np.float64)
+        return Valuation(method=self.name, values=-loss, columns={"train_loss": loss},
+                         info={"loss_epochs": int(ctx.train_cfg.loss_epochs),
+                               "selected_epoch": int(ctx.base.best_epoch)})
+
+
+@register_valuer("small-loss", SmallLossConfig)
+def build_small_loss(opts: SmallLossConfig) -> SmallLossValuer:
+    return SmallLossValuer(opts)

@@ -1,0 +1,316 @@
+"""The recval job, one function per stage: ingest -> split (+ noise) -> train -> value ->
+prune -> retrain and evaluate -> write.
+
+The CLI, the tests and Tune trials call these same functions. Everything that can fail on bad
+input (config, data, split) runs before anything is written; the run's ``manifest.json`` is
+written last and only then is the run complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from .config import JobConfig
+from .core.data import Dataset, Interactions, Split
+from .core.evaluation import drop_unseen, evaluate_ranking, noise_detection
+from .core.noise import inject_noise
+from .core.prune import prune_mask, random_prune_mask
+from .core.split import split_interactions
+from .core.train import TrainResult, train_model
+from .core.valuers.base import Valuation, ValuationContext
+from .registry import VALUERS
+
+log = logging.getLogger("recval_ray")
+
+
+# ---------------------------------------------------------------------------------------
+# stages
+# ---------------------------------------------------------------------------------------
+def load_data(cfg: JobConfig, use_ray: bool = True) -> Dataset:
+    """Ingest the job's data: Ray Data over the input files, or the same parsers in-process."""
+    if use_ray and cfg.data.format != "synthetic":
+        from .ray_layer.ingest import read_dataset
+        return read_dataset(cfg.data, cfg.storage)
+    from .core.ingest import load_dataset
+    return load_dataset(cfg.data, cfg.storage)
+
+
+def make_split(cfg: JobConfig, dataset: Dataset) -> tuple[Split, list[str]]:
+    """Split, inject noise into train (flagged ``is_noise``), drop unseen evaluation rows."""
+    split = split_interactions(dataset.interactions, cfg.split, dataset.given_split)
+    split = inject_noise(split, cfg.noise.ratio, cfg.noise.seed)
+    split, warnings = drop_unseen(split, strict=cfg.data.strict)
+    for w in warnings:
+        log.warning(w)
+    if len(split.train) == 0:
+        from .errors import InputError
+        raise InputError("the training split is empty")
+    return split, warnings
+
+
+def train(cfg: JobConfig, train_part: Interactions, valid: Interactions, *, tag: str,
+          checkpoint_dir: Optional[str] = None) -> TrainResult:
+    """Train ``model.kind`` on ``train_part``: in-process, or on Ray Train when asked for."""
+    if cfg.train.workers > 0 or cfg.train.use_gpu:
+        from .ray_layer.train import train_with_ray
+        return train_with_ray(cfg, train_part, valid, tag=tag, checkpoint_dir=checkpoint_dir)
+    return train_model(cfg.model, train_part, cfg.train, valid=valid, eval_cfg=cfg.evaluate,
+                       checkpoint_dir=checkpoint_dir, log_prefix=f"[{tag}] ")
+
+
+def value(cfg: JobConfig, split: Split, base: TrainResult, dataset: Dataset,
+          work_dir: Optional[str] = None, executor=None) -> Valuation:
+    entry = VALUERS.get(cfg.valuation.method)
+    valuer = entry.factory(cfg.valuation)
+    ctx = ValuationContext(split=split, base=base, model_cfg=cfg.model, train_cfg=cfg.train,
+                           eval_cfg=cfg.evaluate, seed=cfg.train.seed, executor=executor,
+                           work_dir=work_dir, dataset=dataset)
+    t0 = time.perf_counter()
+    valuation = valuer.value(ctx)
+    valuation.info.setdefault("seconds", time.perf_counter() - t0)
+    if len(valuation.values) != len(split.train):
+        raise RuntimeError(f"valuer {cfg.valuation.method} returned {len(valuation.values)} values "
+                           f"for {len(split.train)} training interactions")
+    return valuation
+
+
+@dataclass
+class PruneOutcome:
+    keep: np.ndarray
+    random_keep: Optional[np.ndarray]
+    metrics: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+
+
+def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_dir: str) -> PruneOutcome:
+    """Drop the lowest-valued interactions, retrain on the rest and on a random control.
+
+    All models are evaluated on the same test set with the same excluded items (the full
+    training set, injected noise included, and the validation set), so only the training
+    data differ.
+    """
+    keep = prune_mask(valuation.values, split.train, cfg.prune)
+    random_keep = random_prune_mask(keep, split.train, cfg.prune, cfg.prune.seed + 1) \
+        if cfg.prune.random_control else None
+    out = PruneOutcome(keep=keep, random_keep=random_keep)
+    if not cfg.prune.retrain or cfg.prune.strategy == "none":
+        return out
+    exclude = [split.train, split.valid]
+    for tag, mask in (("pruned", keep), ("random_pruned", random_keep)):
+        if mask is None:
+            continue
+        res = train(cfg, split.train.take(mask), split.valid, tag=tag)
+        out.metrics[tag] = evaluate_ranking(res.model, split, cfg.evaluate, "test", exclude=exclude)
+        out.training[tag] = training_summary(res)
+    return out
+
+
+def training_summary(res: TrainResult) -> dict:
+    return {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "best_valid": res.best_valid,
+            "seconds": round(res.seconds, 3),
+            "seconds_per_epoch": round(res.seconds / max(1, res.epochs_run), 4)}
+
+
+# ---------------------------------------------------------------------------------------
+# output tables
+# ---------------------------------------------------------------------------------------
+def interactions_table(dataset: Dataset, part: Interactions, extra: Optional[dict] = None) -> pa.Table:
+    """Original ids (and rating/timestamp when present) of ``part``, plus ``extra`` columns."""
+    cols = {"user_id": dataset.original_users(part.user), "item_id": dataset.original_items(part.item)}
+    if part.rating is not None:
+        cols["rating"] = pa.array(part.rating, pa.float64(), mask=np.isnan(part.rating))
+    if part.timestamp is not None:
+        cols["timestamp"] = pa.array(part.timestamp, pa.int64(), mask=part.timestamp < 0)
+    if part.is_noise is not None:
+        cols["is_noise"] = pa.array(part.is_noise)
+    for k, v in (extra or {}).items():
+        cols[k] = pa.array(v)
+    return pa.table(cols)
+
+
+def values_table(dataset: Dataset, split: Split, valuation: Valuation, keep: np.ndarray) -> pa.Table:
+    """The valued-data schema: user_id, item_id, value, <method columns>, kept, is_noise."""
+    extra = {"value": valuation.values}
+    extra.update({k: np.asarray(v) for k, v in valuation.columns.items()})
+    extra["kept"] = keep
+    t = interactions_table(dataset, split.train, extra)
+    order = ["user_id", "item_id", "value"] + list(valuation.columns) + ["kept"] + \
+        [c for c in ("rating", "timestamp", "is_noise") if c in t.column_names]
+    return t.select(order)
+
+
+def pruned_table(dataset: Dataset, kept: Interactions) -> pa.Table:
+    """The kept interactions with the input's own columns and ids (noise rows: ids only)."""
+    src = dataset.source
+    if src is None:
+        return interactions_table(dataset, kept)
+    rows = kept.source_row if kept.source_row is not None else np.arange(len(kept))
+    real = rows >= 0
+    cols = {}
+    ucol, icol = dataset.columns.get("user") or "user_id", dataset.columns.get("item") or "item_id"
+    for name in src.column_names:
+        col = src.column(name)
+        taken = col.take(pa.array(np.where(real, rows, 0)))
+        if name == ucol:
+            taken = dataset.original_users(kept.user).cast(col.type)
+        elif name == icol:
+            taken = dataset.original_items(kept.item).cast(col.type)
+        elif not real.all():
+            taken = pa.array(taken.to_pylist(), type=col.type, mask=~real) if len(taken) else taken
+        cols[name] = taken
+    if kept.is_noise is not None:
+        cols["is_noise"] = pa.array(kept.is_noise)
+    return pa.table(cols)
+
+
+# ---------------------------------------------------------------------------------------
+# the job
+# ---------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    uri: str
+    run_id: str
+    metrics: dict
+    manifest: dict
+    values: Optional[pa.Table] = None
+
+
+def versions() -> dict:
+    import numpy
+    import pyarrow
+    import torch
+    v = {"recval_ray": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "pyarrow": pyarrow.__version__, "numpy": numpy.__version__}
+    try:
+        import ray
+        v["ray"] = ray.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return v
+
+
+def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optional[str] = None,
+            overwrite: Optional[bool] = None, use_ray: bool = True, address: Optional[str] = None) -> RunResult:
+    """Run the whole job; returns where the outputs are and the headline metrics."""
+    from .ray_layer.output import RunOutput
+
+    timings: dict = {}
+    t_all = time.perf_counter()
+    run_id = run_id or cfg.output.run_id or cfg.name
+    output_uri = output_uri or cfg.output.uri
+    overwrite = cfg.output.overwrite if overwrite is None else overwrite
+    out = RunOutput(output_uri, run_id, cfg.storage)
+    out.check_writable(overwrite)
+    if use_ray:
+        from .ray_layer.session import ensure_ray
+        ensure_ray(cfg.ray, address)
+
+    t = time.perf_counter()
+    dataset = load_data(cfg, use_ray=use_ray)
+    split, split_warnings = make_split(cfg, dataset)
+    timings["ingest_split_s"] = time.perf_counter() - t
+    log.info("data: %d users, %d items; train %d (noise %d), valid %d, test %d",
+             dataset.n_users, dataset.n_items, len(split.train),
+             int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0,
+             len(split.valid), len(split.test))
+
+    work_dir = tempfile.mkdtemp(prefix=f"recval-{run_id}-")
+    try:
+        t = time.perf_counter()
+        base = train(cfg, split.train, split.valid, tag="base",
+                     checkpoint_dir=f"{work_dir}/checkpoints/base")
+        base_metrics = evaluate_ranking(base.model, split, cfg.evaluate, "test")
+        timings["train_base_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        valuation = value(cfg, split, base, dataset, work_dir=work_dir)
+        timings["value_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        pruned = prune_and_retrain(cfg, split, valuation, work_dir)
+        timings["prune_retrain_s"] = time.perf_counter() - t
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    metrics = build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, split_warnings)
+    values_tab = values_table(dataset, split, valuation, pruned.keep)
+
+    t = time.perf_counter()
+    out.prepare()
+    out.write_table("values", values_tab, use_ray=use_ray)
+    if valuation.entities is not None:
+        out.write_table(f"{valuation.entity_kind or 'entity'}_values", pa.table(valuation.entities), use_ray=use_ray)
+    out.write_table("pruned", pruned_table(dataset, split.train.take(pruned.keep)), use_ray=use_ray)
+    for name, part in split.parts().items():
+        out.write_table(f"splits/{name}", interactions_table(dataset, part), use_ray=use_ray)
+    out.write_json("metrics.json", metrics)
+    if cfg.output.report:
+        from .report_builder import build_report
+        out.write_text("report.html", build_report(cfg, run_id, metrics, values_tab, base, valuation))
+    timings["write_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_all
+    manifest = {
+        "status": "complete", "run_id": run_id, "uri": out.uri, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": cfg.to_dict(), "versions": versions(), "row_counts": out.row_counts,
+        "timings": {k: round(v, 3) for k, v in timings.items()}, "files": out.checksums(),
+    }
+    out.write_manifest(manifest)
+    return RunResult(uri=out.uri, run_id=run_id, metrics=metrics, manifest=manifest, values=values_tab)
+
+
+def build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, warnings) -> dict:
+    test = {"base": base_metrics}
+    test.update(pruned.metrics)
+    relative = {}
+    for tag in ("pruned", "random_pruned"):
+        if tag in test:
+            relative[f"{tag}_vs_base"] = {k: (test[tag][k] - v) / v if v else float("nan")
+                                          for k, v in base_metrics.items()}
+    n_noise = int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0
+    m = {
+        "method": cfg.valuation.method, "model": cfg.model.kind,
+        "data": {"format": cfg.data.format, "users": dataset.n_users, "items": dataset.n_items,
+                 "train": len(split.train), "valid": len(split.valid), "test": len(split.test),
+                 "injected_noise": n_noise, "warnings": list(dataset.warnings) + list(warnings)},
+        "test": test, "relative": relative,
+        "training": {"base": training_summary(base)} | pruned.training,
+        "prune": {"strategy": cfg.prune.strategy, "scope": cfg.prune.scope, "dropped": int((~pruned.keep).sum()),
+                  "kept": int(pruned.keep.sum())},
+        "valuation": valuation.info,
+    }
+    if n_noise:
+        m["noise_detection"] = noise_detection(valuation.values, split.train.is_noise)
+        dropped = ~pruned.keep
+        m["prune"]["noise_dropped"] = int((dropped & split.train.is_noise).sum())
+        if pruned.random_keep is not None:
+            m["prune"]["noise_dropped_random"] = int((~pruned.random_keep & split.train.is_noise).sum())
+    return m
+
+
+def headline(cfg: JobConfig, result: RunResult) -> str:
+    """A few lines for the terminal: where outputs are, base vs pruned vs random, noise AUC."""
+    m = result.metrics
+    keys = [k for k in m["test"]["base"] if k.startswith(("recall@", "ndcg@"))][:4]
+    lines = [f"run {result.run_id} complete: {result.uri}",
+             f"{'model':<15}" + "".join(f"{k:>12}" for k in keys)]
+    for tag in ("base", "pruned", "random_pruned"):
+        if tag in m["test"]:
+            lines.append(f"{tag:<15}" + "".join(f"{m['test'][tag][k]:>12.4f}" for k in keys))
+    if "noise_detection" in m:
+        nd = m["noise_detection"]
+        lines.append(f"noise detection ({m['method']}): AUC {nd['auc']:.4f}, precision@{nd['n_noise']} "
+                     f"{nd['precision_at_n']:.4f} (base rate {nd['base_rate']:.4f})")
+    p = m["prune"]
+    lines.append(f"pruned {p['dropped']} of {p['dropped'] + p['kept']} training interactions"
+                 + (f" ({p['noise_dropped']} injected)" if "noise_dropped" in p else ""))
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""Connecting to Ray: a local single-node instance by default, a cluster by address."""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("recval_ray")
+
+# Variables the workers need to reach object storage; passed through runtime_env, never
+# written into outputs.
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "RECVAL_DATA_DIR")
+
+
+def storage_env() -> dict:
+    return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
+
+
+def ensure_ray(ray_cfg=None, address: str | None = None):
+    """``ray.init`` once: the given address, ``ray.address``, ``RAY_ADDRESS``, or local mode.
+
+    Local mode reserves more logical CPUs than physical cores (at least 4): every Tune trial,
+    Train worker and Train controller holds one, and on a 2-core laptop they would otherwise
+    wait for each other.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or (ray_cfg.address if ray_cfg else None) or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": storage_env()} if storage_env() else None
+    kw = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env=env)
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, **kw)
+    else:
+        num_cpus = (ray_cfg.num_cpus if ray_cfg and ray_cfg.num_cpus else max(4, os.cpu_count() or 1))
+        num_gpus = ray_cfg.num_gpus if ray_cfg else None
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kw)
+    try:
+        from ray.data import DataContext
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+    return ray

@@ -1,0 +1,129 @@
+"""Base-model training through Ray Train (``TorchTrainer``, the Train V2 API of Ray 2.60).
+
+Used when ``train.workers`` > 0 or ``train.use_gpu``. The training interactions go in as a Ray
+Dataset; each worker reads its shard with ``ray.train.get_dataset_shard("train")``, restores the
+shard's row order (so one worker reproduces the in-process run exactly), wraps the model for DDP
+with ``prepare_model`` and runs the same core trainer (:func:`recval_ray.core.train.fit`). Rank 0
+reports a checkpoint (weights + learning rate) every epoch; the final report carries the selected
+weights, the history and the per-interaction losses gathered from every rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import tempfile
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from ..core.data import Interactions
+from ..core.train import TrainResult, build_task, fit
+
+log = logging.getLogger("recval_ray")
+
+
+def _train_loop(config: dict) -> None:
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    full: Interactions = config["train"]
+    valid: Interactions = config["valid"]
+    train_cfg = config["train_cfg"]
+    if config.get("device") == "cuda":
+        train_cfg = dataclasses.replace(train_cfg, device=str(ray.train.torch.get_device()))
+    else:
+        train_cfg = dataclasses.replace(train_cfg, device="cpu")
+    # this worker's rows, in their original order (independent of Ray Data's block order)
+    shard = ray.train.get_dataset_shard("train")
+    rows = np.concatenate([b["row"] for b in shard.iter_batches(batch_size=65536, batch_format="numpy")] or
+                          [np.zeros(0, np.int64)])
+    rows = np.sort(rows.astype(np.int64))
+    local = full.take(rows)
+    local_cfg = dataclasses.replace(train_cfg, batch_size=max(1, train_cfg.batch_size // world),
+                                    seed=train_cfg.seed + rank)
+    # identical initial weights on every rank (base seed); per-rank batch order (seed + rank)
+    task = build_task(config["model_cfg"], local, dataclasses.replace(local_cfg, seed=train_cfg.seed))
+    if world > 1:
+        task.module = ray.train.torch.prepare_model(task.model, move_to_device=False)
+
+    def on_epoch(record: dict, task_) -> None:
+        metrics = {k: v for k, v in record.items() if k != "checkpoint"}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"epoch": record["epoch"], "lr": float(config["train_cfg"].lr),
+                            "model": task_.model.state_dict()}, os.path.join(d, "model.pt"))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+    result = fit(task, local_cfg, valid=valid, exclude=[full], eval_cfg=config["eval_cfg"],
+                 on_epoch=on_epoch)
+    loss = result.interaction_loss if result.interaction_loss is not None else np.full(len(rows), np.nan)
+    parts = [(rows, loss)]
+    if world > 1 and dist.is_initialized():
+        parts = [None] * world
+        dist.all_gather_object(parts, (rows, loss))
+    final = {k: v for k, v in dataclasses.asdict(dataclasses.replace(result, task=None)).items()
+             if k not in ("task", "interaction_loss", "checkpoints")}
+    if rank == 0:
+        merged = np.full(len(full), np.nan)
+        for r, l in parts:
+            merged[r] = l
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({"model": task.model.state_dict(), "lr": float(config["train_cfg"].lr)},
+                       os.path.join(d, "model.pt"))
+            with open(os.path.join(d, "result.pkl"), "wb") as fh:
+                pickle.dump({"summary": final, "interaction_loss": merged}, fh)
+            ray.train.report({"final": 1, "best_epoch": result.best_epoch},
+                             checkpoint=Checkpoint.from_directory(d))
+    else:
+        ray.train.report({"final": 1, "best_epoch": result.best_epoch})
+
+
+def train_with_ray(cfg, train_part: Interactions, valid: Interactions, *, tag: str,
+                   checkpoint_dir: Optional[str] = None, storage_path: Optional[str] = None) -> TrainResult:
+    """Fit ``cfg.model`` on ``train_part`` with a ``TorchTrainer``; returns the selected model."""
+    import ray.data
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    workers = max(1, cfg.train.workers)
+    use_gpu = bool(cfg.train.use_gpu)
+    ds = ray.data.from_arrow(pa.table({"row": np.arange(len(train_part), dtype=np.int64)}))
+    storage_path = storage_path or checkpoint_dir or tempfile.mkdtemp(prefix="recval-train-")
+    storage_path = os.path.abspath(storage_path) if "://" not in storage_path else storage_path
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"train": train_part, "valid": valid, "train_cfg": cfg.train,
+                           "model_cfg": cfg.model, "eval_cfg": cfg.evaluate,
+                           "device": "cuda" if use_gpu else "cpu"},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=f"{cfg.name}-{tag}", storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=False)
+        with open(os.path.join(d, "result.pkl"), "rb") as fh:
+            extra = pickle.load(fh)
+    local_cfg = dataclasses.replace(cfg.train, device="cpu")
+    task = build_task(cfg.model, train_part, local_cfg)
+    task.model.load_state_dict(state["model"])
+    task.model.eval()
+    s = extra["summary"]
+    return TrainResult(task=task, history=s["history"], best_epoch=s["best_epoch"], best_valid=s["best_valid"],
+                       interaction_loss=extra["interaction_loss"], checkpoints=[storage_path],
+                       seconds=s["seconds"], epochs_run=s["epochs_run"])

@@ -1,0 +1,63 @@
+"""The run's self-contained HTML report: metrics table, value distributions, ROC, training curve."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .report import Report, roc_curve
+
+
+def _fmt_setting(cfg) -> dict:
+    return {"data": f"{cfg.data.format} {cfg.data.path or ''}".strip(), "split": cfg.split.kind,
+            "noise ratio": cfg.noise.ratio, "model": cfg.model.kind, "valuation": cfg.valuation.method,
+            "prune": f"{cfg.prune.strategy} {cfg.prune.fraction if cfg.prune.strategy == 'fraction' else ''} "
+                     f"({cfg.prune.scope})"}
+
+
+def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuation) -> str:
+    rep = Report(f"recval run {run_id}", f"{cfg.valuation.method} values of {cfg.model.kind} training data")
+    rep.key_values(_fmt_setting(cfg) | {k: v for k, v in metrics["data"].items() if k != "warnings"})
+    for w in metrics["data"].get("warnings", []):
+        rep.paragraph(f"Warning: {w}")
+
+    rep.heading("Test metrics: base vs pruned vs random-pruned")
+    test = metrics["test"]
+    keys = list(test["base"])
+    rows = [{"model": tag, **test[tag]} for tag in ("base", "pruned", "random_pruned") if tag in test]
+    rep.table(rows, ["model"] + keys, highlight_best={k: "max" for k in keys})
+    for tag, rel in metrics.get("relative", {}).items():
+        rep.table([{"comparison": tag, **{k: 100 * v for k, v in rel.items()}}], ["comparison"] + keys,
+                  caption="relative difference (%)", number_format="{:+.2f}")
+
+    v = values.column("value").to_numpy(zero_copy_only=False)
+    rep.heading("Value distribution")
+    if "is_noise" in values.column_names:
+        noise = values.column("is_noise").to_numpy(zero_copy_only=False).astype(bool)
+        rep.histogram({"clean": v[~noise], "injected noise": v[noise]}, title="values by is_noise",
+                      xlabel="value (higher = more useful)")
+        nd = metrics.get("noise_detection", {})
+        if nd.get("n_noise"):
+            ok = ~np.isnan(v)
+            fpr, tpr, auc = roc_curve(-v[ok], noise[ok])
+            rep.line_plot({f"{cfg.valuation.method} (AUC {auc:.3f})": (fpr, tpr),
+                           "chance": (np.array([0.0, 1.0]), np.array([0.0, 1.0]))},
+                          title="noise detection ROC (score = -value)", xlabel="false positive rate",
+                          ylabel="true positive rate", markers=False)
+            rep.table([nd], list(nd), caption="noise detection")
+    else:
+        rep.histogram({"all": v}, title="values", xlabel="value (higher = more useful)")
+
+    hist = [h for h in base.history if any(k.startswith("valid_") for k in h)]
+    if base.history:
+        ep = np.array([h["epoch"] for h in base.history], dtype=float)
+        rep.heading("Base model training")
+        rep.line_plot({"train loss": (ep, np.array([h["train_loss"] for h in base.history]))},
+                      title="training loss", xlabel="epoch", ylabel="loss")
+        if hist:
+            key = next(k for k in hist[0] if k.startswith("valid_"))
+            rep.line_plot({key: (np.array([h["epoch"] for h in hist], float), np.array([h[key] for h in hist]))},
+                          title=f"validation {key[6:]} (selected epoch {base.best_epoch})", xlabel="epoch",
+                          ylabel=key[6:])
+    rep.heading("Training runs")
+    rep.table([{"model": k, **s} for k, s in metrics["training"].items()])
+    return rep.html()
