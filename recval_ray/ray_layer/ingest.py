@@ -98,9 +98,8 @@ def read_dataset(cfg: DataConfig, storage=None) -> Dataset:
     try:
         ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs,
                                         override_num_blocks=len(paths))
-        out = ds.map_batches(_ParseFiles, fn_constructor_args=(cfg, parts), batch_size=1,
-                             batch_format="pyarrow", compute=ray.data.TaskPoolStrategy()) \
-            if False else ds.map_batches(_ParseFiles(cfg, parts), batch_size=1, batch_format="pyarrow")
+        parse = _ParseFiles(cfg, parts)
+        out = ds.map_batches(lambda batch: parse(batch), batch_size=1, batch_format="pyarrow")
         blocks = ray.get(out.to_arrow_refs())
     except Exception as e:  # a Ray-side failure (e.g. reading): unwrap our own errors
         inner = _unwrap(e)

@@ -1,0 +1,316 @@
+"""Parsed tables -> :class:`Dataset`: validation, filtering and id encoding (Ray-free).
+
+:func:`build_dataset` is the one place every ingestion path (plain, Ray Data, synthetic)
+goes through, so the same input always gives the same dataset. Steps, in order:
+
+1. order the rows deterministically: by part (train, valid, test) for pre-split formats,
+   then by file path, then by ``_row`` (stable), whatever order the tables arrive in;
+2. duplicated (user, item) pairs, by ``cfg.duplicates``: ``keep-last`` / ``keep-first`` in
+   that order (for pre-split formats a pair in two parts is a duplicate too, so
+   ``keep-first`` keeps the train copy), ``error`` raises naming file, rows and count.
+   Duplicates go first so that a re-rating decides whether the pair passes the threshold;
+3. the implicit threshold: ``"all"`` keeps every row, a number keeps ``rating >= t``
+   (rows without a rating are dropped, counted in ``warnings``);
+4. pre-split formats: valid/test rows whose user or item is not in the train part are
+   dropped with a warning (``cfg.strict``: an error instead);
+5. k-core (``min_user`` / ``min_item``, 0 = off) repeated until stable, alternating with
+   step 4 for pre-split formats;
+6. ids encoded with :func:`encode_ids` (sorted original ids, their type kept).
+
+``Dataset.source`` holds the kept rows with the input's own columns, in the order of
+``interactions`` (``source_row`` is ``arange``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..config import Columns, DataConfig
+from ..errors import InputError
+from .data import Dataset, Interactions, encode_ids
+from .formats import PARTS, SHOW, SOURCE, data_files, from_table, parse_file, source_columns
+
+SYNTHETIC_FILE = "<synthetic>"
+
+
+# ---------------------------------------------------------------------------------------
+# loading (plain, Ray-free path)
+# ---------------------------------------------------------------------------------------
+def synthetic_tables(cfg: DataConfig) -> list[tuple[str, pa.Table]]:
+    """The "parse step" of ``format: synthetic``: the generated table, canonicalised."""
+    from .synthetic import generate
+
+    table = generate(cfg.synthetic)
+    cols = Columns("user_id", "item_id", "rating", "timestamp")
+    return [(SYNTHETIC_FILE, from_table(table, SYNTHETIC_FILE, cols))]
+
+
+def load_dataset(cfg: DataConfig, storage=None) -> Dataset:
+    """Read, parse and build a dataset in this process (no Ray)."""
+    from ..fs import read_bytes, resolve
+
+    if cfg.format == "synthetic":
+        return build_dataset(synthetic_tables(cfg), cfg)
+    if not cfg.path:
+        raise InputError(f"data.path is required for format {cfg.format}")
+    fs, path = resolve(cfg.path, getattr(storage, "endpoint_url", None), getattr(storage, "region", None))
+    tables = [(f, parse_file(read_bytes(fs, f), f, cfg, part)) for f, part in data_files(fs, path, cfg.format)]
+    ds = build_dataset(tables, cfg)
+    if cfg.format == "movielens-100k":
+        attach_titles(ds, load_item_titles(path, fs))
+    return ds
+
+
+def load_item_titles(path: str, fs=None) -> Optional[pa.Table]:
+    """MovieLens ``u.item`` (latin-1, ``|``-separated ``id|title|...``) next to ``path``.
+
+    ``path`` is the dataset directory or its ``u.data``; returns ``(item_id int64, title
+    string)`` or None when there is no ``u.item``.
+    """
+    import posixpath
+
+    import pyarrow.csv as pacsv
+    import pyarrow.fs as pafs
+
+    from ..fs import read_bytes, resolve
+
+    if fs is None:
+        fs, path = resolve(path)
+    info = fs.get_file_info(path)
+    base = posixpath.dirname(path) if info.type == pafs.FileType.File else path
+    f = posixpath.join(base, "u.item")
+    if fs.get_file_info(f).type != pafs.FileType.File:
+        return None
+    data = read_bytes(fs, f)
+    try:
+        t = pacsv.read_csv(pa.BufferReader(data),
+                           read_options=pacsv.ReadOptions(autogenerate_column_names=True, encoding="latin-1"),
+                           parse_options=pacsv.ParseOptions(delimiter="|", quote_char=False),
+                           convert_options=pacsv.ConvertOptions(column_types={"f0": pa.int64(), "f1": pa.string()},
+                                                                include_columns=["f0", "f1"]))
+    except pa.ArrowInvalid as e:
+        raise InputError(f"cannot read MovieLens item titles: {e}", file=f) from None
+    return pa.table({"item_id": t["f0"].combine_chunks(), "title": t["f1"].combine_chunks()})
+
+
+def attach_titles(ds: Dataset, titles: Optional[pa.Table]) -> Dataset:
+    """Set ``ds.item_titles`` (aligned with item indices; null where unknown)."""
+    if titles is None or not pa.types.is_integer(ds.item_ids.type):
+        return ds
+    pos = pc.index_in(ds.item_ids, value_set=titles["item_id"].combine_chunks())
+    ds.item_titles = titles["title"].combine_chunks().take(pos)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------
+# building
+# ---------------------------------------------------------------------------------------
+def _order(tables: list[tuple[str, pa.Table]]) -> list[tuple[str, pa.Table]]:
+    """Tables sorted by (part, file); rows of each sorted by ``_row`` (stable)."""
+    def key(ft):
+        f, t = ft
+        part = t["_part"][0].as_py() if t.num_rows else None
+        return (PARTS.index(part) if part in PARTS else -1, f)
+
+    out = []
+    for f, t in sorted(tables, key=key):
+        rows = t["_row"].to_numpy()
+        if len(rows) > 1 and np.any(rows[1:] < rows[:-1]):
+            t = t.take(pa.array(np.argsort(rows, kind="stable")))
+        out.append((f, t))
+    return out
+
+
+def _concat_ids(arrays: list[pa.ChunkedArray]) -> pa.Array:
+    """One id array; int64 only if every file's ids are int64, else strings."""
+    arrays = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays]
+    if any(not pa.types.is_integer(a.type) for a in arrays):
+        arrays = [a.cast(pa.string()) for a in arrays]
+    else:
+        arrays = [a.cast(pa.int64()) for a in arrays]
+    return pa.concat_arrays(arrays)
+
+
+def _column(tables, name: str, type_: pa.DataType) -> pa.ChunkedArray:
+    return pa.chunked_array([c for _, t in tables for c in t[name].chunks], type_)
+
+
+def _where(files: np.ndarray, rows: np.ndarray, names: list[str], idx: np.ndarray) -> tuple[str, list[int]]:
+    """The file of the first index and the rows (of that file) among ``idx``."""
+    f = files[idx[0]]
+    same = idx[files[idx] == f]
+    return names[f], [int(r) for r in rows[same[:SHOW]]]
+
+
+def build_dataset(tables: list[tuple[str, pa.Table]], cfg: DataConfig) -> Dataset:
+    """Validated, filtered, encoded :class:`Dataset` from ``[(file, parsed table)]``."""
+    tables = _order([(f, t) for f, t in tables])
+    n_total = sum(t.num_rows for _, t in tables)
+    if not tables or n_total == 0:
+        raise InputError("the input has no interactions" + (f" ({len(tables)} files read)" if tables else ""),
+                         file=tables[0][0] if len(tables) == 1 else None)
+    names = [f for f, _ in tables]
+    cols = source_columns(cfg)
+    file_idx = np.repeat(np.arange(len(tables)), [t.num_rows for _, t in tables])
+    offsets = np.r_[0, np.cumsum([t.num_rows for _, t in tables])]
+    rows = np.concatenate([t["_row"].to_numpy() for _, t in tables]).astype(np.int64)
+    user_codes, user_uniq = encode_ids(_concat_ids([t["user"] for _, t in tables]))
+    item_codes, item_uniq = encode_ids(_concat_ids([t["item"] for _, t in tables]))
+    rating = _column(tables, "rating", pa.float64())
+    has_rating = rating.null_count < len(rating)
+    rating_np = rating.to_numpy() if has_rating else None  # nulls -> NaN
+    ts = _column(tables, "timestamp", pa.int64())
+    ts_np = ts.fill_null(-1).to_numpy() if ts.null_count < len(ts) else None
+    parts = _column(tables, "_part", pa.string())
+    split: Optional[np.ndarray] = None
+    if parts.null_count < len(parts):
+        split = pc.index_in(parts, value_set=pa.array(PARTS)).fill_null(-1).to_numpy().astype(np.int8)
+    warnings: list[str] = []
+    keep = np.ones(n_total, dtype=bool)
+
+    # duplicates
+    key = user_codes * np.int64(len(item_uniq)) + item_codes
+    keep &= _dedup(key, cfg.duplicates, file_idx, rows, names, user_uniq, item_uniq,
+                   user_codes, item_codes, split)
+
+    # implicit threshold
+    if cfg.implicit != "all":
+        if not has_rating:
+            raise InputError(f"data.implicit={cfg.implicit} needs ratings, but the input has no rating "
+                             f"column" + ("" if cols["rating"] else " (set data.columns.rating)"),
+                             file=names[0], column=cols["rating"])
+        missing = keep & np.isnan(rating_np)
+        if missing.any():
+            warnings.append(f"{int(missing.sum())} interactions without a rating were dropped by "
+                            f"the implicit threshold {cfg.implicit}")
+        with np.errstate(invalid="ignore"):
+            keep &= rating_np >= float(cfg.implicit)
+
+    # given splits: unseen users/items; k-core
+    if split is not None:
+        if not (keep & (split == 0)).any():
+            raise InputError("the input has no train part (pre-split formats need one)", file=names[0])
+        drop = _unseen(keep, split, user_codes, item_codes)
+        if drop.any():
+            if cfg.strict:
+                f, r = _where(file_idx, rows, names, np.flatnonzero(drop))
+                raise InputError(f"{int(drop.sum())} valid/test interactions have a user or item that "
+                                 f"the train part does not have", file=f, rows=r, count=int(drop.sum()))
+            keep &= ~drop
+    dropped_unseen = int(drop.sum()) if split is not None else 0
+    if cfg.min_user > 0 or cfg.min_item > 0:
+        while True:
+            k = _kcore(keep, user_codes, item_codes, len(user_uniq), len(item_uniq), cfg.min_user, cfg.min_item)
+            changed = (k != keep).any()
+            keep = k
+            if split is not None:
+                drop = _unseen(keep, split, user_codes, item_codes)
+                dropped_unseen += int(drop.sum())
+                keep &= ~drop
+                changed = changed or drop.any()
+            if not changed:
+                break
+    if dropped_unseen:
+        warnings.append(f"dropped {dropped_unseen} valid/test interactions whose user or item is not "
+                        f"in the train part")
+    if not keep.any():
+        raise InputError(f"no interactions left after filtering ({n_total} read; implicit={cfg.implicit}, "
+                         f"min_user={cfg.min_user}, min_item={cfg.min_item})")
+
+    # encode the kept rows
+    kept = np.flatnonzero(keep)
+    u_used, u = _compact(user_codes[kept], len(user_uniq))
+    i_used, i = _compact(item_codes[kept], len(item_uniq))
+    inter = Interactions(
+        u.astype(np.int64), i.astype(np.int64), len(u_used), len(i_used),
+        rating=rating_np[kept].astype(np.float32) if has_rating else None,
+        timestamp=ts_np[kept] if ts_np is not None else None,
+        source_row=np.arange(len(kept), dtype=np.int64))
+    return Dataset(
+        interactions=inter,
+        user_ids=user_uniq.take(pa.array(u_used)),
+        item_ids=item_uniq.take(pa.array(i_used)),
+        source=_source(tables, offsets, keep),
+        columns=cols,
+        given_split=split[kept] if split is not None else None,
+        warnings=warnings)
+
+
+def _compact(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(used, new)``: the sorted codes in use and each code's rank among them."""
+    present = np.zeros(n, dtype=bool)
+    present[codes] = True
+    return np.flatnonzero(present), (np.cumsum(present) - 1)[codes]
+
+
+def _dedup(key, policy, file_idx, rows, names, user_uniq, item_uniq, user_codes, item_codes, split):
+    """Mask of the rows kept under the duplicates policy (rows are in canonical order)."""
+    n = len(key)
+    ks = np.sort(key)
+    if not (ks[1:] == ks[:-1]).any():  # the common case: no duplicates, no stable sort needed
+        return np.ones(n, dtype=bool)
+    order = np.argsort(key, kind="stable")
+    ks = key[order]
+    repeat = np.r_[False, ks[1:] == ks[:-1]]
+    if not repeat.any():
+        return np.ones(n, dtype=bool)
+    if policy == "error":
+        later = np.sort(order[repeat])                # every occurrence after the first
+        first = order[np.searchsorted(ks, key[later[0]])]
+        f, r = _where(file_idx, rows, names, later)
+        where = (f"{names[file_idx[first]]} row {rows[first]}" if file_idx[first] != file_idx[later[0]]
+                 else f"row {rows[first]}")
+        also = " (a pair in two parts of a pre-split input counts too)" if split is not None else ""
+        raise InputError(f"{len(later)} rows repeat an earlier (user, item) pair{also}: e.g. user "
+                         f"{user_uniq[user_codes[later[0]]].as_py()!r}, item "
+                         f"{item_uniq[item_codes[later[0]]].as_py()!r} first at {where}; set "
+                         f"data.duplicates to keep-first or keep-last to keep one",
+                         file=f, rows=r, count=int(len(later)))
+    keep = np.zeros(n, dtype=bool)
+    if policy == "keep-first":
+        keep[order[~repeat]] = True
+    else:  # keep-last: the last of each run of equal keys
+        last = np.r_[ks[1:] != ks[:-1], True]
+        keep[order[last]] = True
+    return keep
+
+
+def _unseen(keep, split, user_codes, item_codes) -> np.ndarray:
+    """Kept valid/test rows whose user or item has no kept train row."""
+    train = keep & (split == 0)
+    seen_u = np.zeros(int(user_codes.max()) + 1, dtype=bool)
+    seen_i = np.zeros(int(item_codes.max()) + 1, dtype=bool)
+    seen_u[user_codes[train]] = True
+    seen_i[item_codes[train]] = True
+    return keep & (split != 0) & ~(seen_u[user_codes] & seen_i[item_codes])
+
+
+def _kcore(keep, u, i, nu, ni, min_user, min_item) -> np.ndarray:
+    """Iterate the user/item count filter until no row goes."""
+    keep = keep.copy()
+    while True:
+        uc = np.bincount(u[keep], minlength=nu)
+        ic = np.bincount(i[keep], minlength=ni)
+        bad = keep & ((uc[u] < min_user) | (ic[i] < min_item))
+        if not bad.any():
+            return keep
+        keep &= ~bad
+
+
+def _source(tables, offsets, keep) -> pa.Table:
+    """The kept rows with the input's own columns (from each table's ``_source`` struct)."""
+    parts = []
+    for k, (_, t) in enumerate(tables):
+        m = keep[offsets[k]:offsets[k + 1]]
+        if not m.any():
+            continue
+        struct = t[SOURCE].combine_chunks()
+        src = pa.Table.from_struct_array(struct)
+        parts.append(src if m.all() else src.filter(pa.array(m)))
+    try:
+        return pa.concat_tables(parts, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise InputError(f"the input files have incompatible columns: {e}") from None
