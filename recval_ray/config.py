@@ -67,6 +67,7 @@ class SplitConfig:
     ``given``: the input's own split (LightGCN / Amazon files)."""
     kind: Literal["random", "user-ratio", "leave-last", "given"] = "user-ratio"
     ratios: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
+    rounding: Literal["half-up", "floor"] = "half-up"
     n_valid: int = 1
     n_test: int = 1
     valid_from_train: float = 0.1
