@@ -209,7 +209,10 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", None) or str(tp).replace("typing.", ""))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -236,7 +239,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} does not fit {' | '.join(_type_name(a) for a in args if a is not type(None))}")
+        raise ConfigError(f"{key}: {value!r} does not fit {' or '.join(_type_name(a) for a in args if a is not type(None))}")
     if origin is list:
         (inner,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, list):
@@ -315,10 +318,18 @@ def validate_config(raw: dict) -> JobConfig:
     return cfg
 
 
+def check_run_id(run_id: str, key: str = "name") -> None:
+    """A run id is one plain directory name: it may never address the output dir or its parent."""
+    if not run_id or not re.fullmatch(r"[A-Za-z0-9._-]+", run_id) or set(run_id) == {"."}:
+        raise ConfigError(f"{key}: {run_id!r} must be letters, digits, '.', '_' or '-' "
+                          f"(and not only dots)")
+
+
 def check_semantics(cfg: JobConfig) -> None:
     """Cross-field checks that types alone cannot express."""
-    if not cfg.name or not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
-        raise ConfigError(f"name: {cfg.name!r} must be letters, digits, '.', '_' or '-'")
+    check_run_id(cfg.name, "name")
+    if cfg.output.run_id is not None:
+        check_run_id(cfg.output.run_id, "output.run_id")
     if cfg.data.format != "synthetic" and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.format {cfg.data.format!r}")
     r = cfg.split.ratios

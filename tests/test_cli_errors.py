@@ -289,13 +289,8 @@ def test_validate_bad_file(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------
 # run ids that are not a directory name of their own
 # ---------------------------------------------------------------------------------------
-BUG_DOT_RUN_ID = ("BUG (pipeline.run_job / ray_layer.output.RunOutput): a run id '.' or '..' is "
-                  "accepted; the run directory is then the output directory itself or its parent, "
-                  "which has no manifest.json, so RunOutput.prepare() deletes all of its contents "
-                  "(other complete runs, or everything next to the output directory)")
-
-
-@pytest.mark.xfail(strict=True, reason=BUG_DOT_RUN_ID)
+# A run id '.' or '..' would make the run directory the output directory itself or its
+# parent; clearing an incomplete run there would delete other runs. Both must be refused.
 @pytest.mark.parametrize("name", [".", ".."])
 def test_dot_job_name_is_refused(name):
     from recval_ray.config import load_config
@@ -305,7 +300,6 @@ def test_dot_job_name_is_refused(name):
         load_config(JOB, [f"name={name}"])
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_DOT_RUN_ID)
 def test_dot_dot_run_id_is_refused(tmp_path, capsys):
     """Sandboxed: with the bug, the run wipes ``tmp_path/sandbox`` (and nothing outside it)."""
     sandbox = tmp_path / "sandbox"

@@ -21,6 +21,8 @@ MANIFEST = "manifest.json"
 
 class RunOutput:
     def __init__(self, uri: str, run_id: str, storage=None):
+        from ..config import check_run_id
+        check_run_id(run_id, "run id")
         self.uri = rfs.uri_join(uri, run_id)
         self.fs, self.root = rfs.resolve(self.uri, getattr(storage, "endpoint_url", None),
                                          getattr(storage, "region", None))

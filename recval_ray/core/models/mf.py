@@ -28,17 +28,27 @@ class MFConfig:
     kind: str = "mf"
     dim: int = 64
     reg: float = 1e-4
+    init: Literal["normal", "xavier"] = "normal"
     init_std: float = 0.1
     sampler: Literal["interactions", "users"] = "interactions"
 
 
+def init_embeddings(init: str, std: float, *embeddings: nn.Embedding) -> None:
+    """``normal``: N(0, std^2) (LightGCN / PLD code); ``xavier``: Xavier-normal, std =
+    sqrt(2 / (rows + dim)) per table (RecBole)."""
+    for e in embeddings:
+        if init == "xavier":
+            nn.init.xavier_normal_(e.weight)
+        else:
+            nn.init.normal_(e.weight, std=std)
+
+
 class MF(nn.Module):
-    def __init__(self, n_users: int, n_items: int, dim: int, init_std: float = 0.1):
+    def __init__(self, n_users: int, n_items: int, dim: int, init_std: float = 0.1, init: str = "normal"):
         super().__init__()
         self.user_emb = nn.Embedding(n_users, dim)
         self.item_emb = nn.Embedding(n_items, dim)
-        nn.init.normal_(self.user_emb.weight, std=init_std)
-        nn.init.normal_(self.item_emb.weight, std=init_std)
+        init_embeddings(init, init_std, self.user_emb, self.item_emb)
 
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         return self.user_emb(users) @ self.item_emb.weight.T
@@ -56,29 +66,34 @@ class MF(nn.Module):
 
 
 class NegativeSampler:
-    """Uniform negatives that are not training positives of the user (rejection, vectorised)."""
+    """Exact uniform negatives: items the user has no training interaction with.
 
-    def __init__(self, train: Interactions, device: torch.device, max_rounds: int = 8):
+    With the user's positives sorted, p_0 < p_1 < ..., the r-th non-positive item is
+    ``r + #{j : p_j - j <= r}``. Drawing r uniformly in ``[0, n_items - |P_u|)`` and mapping it
+    with one ``searchsorted`` over the keys ``u * n_items + (p_j - j)`` gives an exact draw from
+    the complement: no rejection loop, a fixed number of random numbers per call. A user who
+    interacted with every item gets uniform items (there is no negative to give).
+    """
+
+    def __init__(self, train: Interactions, device: torch.device):
         keys = np.unique(train.pair_keys())
-        self.keys = torch.as_tensor(keys, device=device)
+        users, items = keys // train.n_items, keys % train.n_items
+        counts = np.bincount(users, minlength=train.n_users)
+        start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        rank = np.arange(len(keys)) - start[users]
         self.n_items = train.n_items
-        self.max_rounds = max_rounds
-
-    def _is_positive(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        k = users * self.n_items + items
-        pos = torch.searchsorted(self.keys, k).clamp_max(len(self.keys) - 1)
-        return self.keys[pos] == k
+        self.qkeys = torch.as_tensor(users * train.n_items + (items - rank), device=device)
+        self.start = torch.as_tensor(start, device=device)
+        self.free = torch.as_tensor(train.n_items - counts, device=device)
 
     def sample(self, users: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
         u = users[:, None].expand(-1, n)
-        neg = torch.randint(self.n_items, u.shape, generator=generator).to(users.device)
-        for _ in range(self.max_rounds):
-            bad = self._is_positive(u, neg)
-            if not bool(bad.any()):
-                break
-            fresh = torch.randint(self.n_items, u.shape, generator=generator).to(users.device)
-            neg = torch.where(bad, fresh, neg)
-        return neg
+        rand = torch.rand(u.shape, generator=generator, dtype=torch.float64).to(users.device)
+        free = self.free[u]
+        r = torch.minimum((rand * free.clamp_min(1)).long(), (free - 1).clamp_min(0))
+        before = torch.searchsorted(self.qkeys, u * self.n_items + r, right=True) - self.start[u]
+        neg = r + before
+        return torch.where(free > 0, neg, (rand * self.n_items).long())
 
 
 class BPRTask(Task):
@@ -142,5 +157,5 @@ class BPRTask(Task):
 @register_model("mf", MFConfig)
 def build_mf(opts: MFConfig, train: Interactions, train_cfg, device: str = "auto") -> BPRTask:
     dev = resolve_device(device)
-    model = MF(train.n_users, train.n_items, opts.dim, opts.init_std).to(dev)
+    model = MF(train.n_users, train.n_items, opts.dim, opts.init_std, opts.init).to(dev)
     return BPRTask(model, train, train_cfg.batch_size, opts.reg, train_cfg.num_negatives, opts.sampler)
