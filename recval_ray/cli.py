@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("recval_ray").setLevel(logging.INFO)
-    if not args.verbose:
-        logging.getLogger("recval_ray.train").setLevel(logging.WARNING)
+    logging.getLogger("recval_ray").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         from .config import load_config
         cfg = load_config(args.job, args.overrides)

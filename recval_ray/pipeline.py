@@ -227,16 +227,21 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
     work_dir = tempfile.mkdtemp(prefix=f"recval-{run_id}-")
     try:
         t = time.perf_counter()
+        log.info("training the base %s model (up to %d epochs, selecting on validation %s)",
+                 cfg.model.kind, cfg.train.epochs, cfg.train.select_metric)
         base = train(cfg, split.train, split.valid, tag="base",
                      checkpoint_dir=f"{work_dir}/checkpoints/base")
         base_metrics = evaluate_ranking(base.model, split, cfg.evaluate, "test")
         timings["train_base_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        log.info("valuing %d training interactions with %s", len(split.train), cfg.valuation.method)
         valuation = value(cfg, split, base, dataset, work_dir=work_dir)
         timings["value_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        log.info("pruning (%s, %s) and retraining on the kept data%s", cfg.prune.strategy, cfg.prune.scope,
+                 " and on a random control" if cfg.prune.random_control else "")
         pruned = prune_and_retrain(cfg, split, valuation, work_dir)
         timings["prune_retrain_s"] = time.perf_counter() - t
     finally:
@@ -246,6 +251,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
     values_tab = values_table(dataset, split, valuation, pruned.keep)
 
     t = time.perf_counter()
+    log.info("writing outputs to %s", out.uri)
     out.prepare()
     out.write_table("values", values_tab, use_ray=use_ray)
     if valuation.entities is not None:

@@ -25,9 +25,11 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
     keys = list(test["base"])
     rows = [{"model": tag, **test[tag]} for tag in ("base", "pruned", "random_pruned") if tag in test]
     rep.table(rows, ["model"] + keys, highlight_best={k: "max" for k in keys})
-    for tag, rel in metrics.get("relative", {}).items():
-        rep.table([{"comparison": tag, **{k: 100 * v for k, v in rel.items()}}], ["comparison"] + keys,
-                  caption="relative difference (%)", number_format="{:+.2f}")
+    rel = metrics.get("relative", {})
+    if rel:
+        rep.table([{"comparison": tag.replace("_vs_", " vs "), **{k: 100 * v for k, v in r.items()}}
+                   for tag, r in rel.items()], ["comparison"] + keys,
+                  caption="relative difference to the base model (%)", number_format="{:+.2f}")
 
     v = values.column("value").to_numpy(zero_copy_only=False)
     rep.heading("Value distribution")

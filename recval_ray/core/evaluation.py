@@ -19,7 +19,7 @@ from scipy.stats import rankdata
 
 from ..errors import InputError
 from .data import Interactions, Split
-from .metrics import metric_names, ranking_metrics
+from .metrics import ranking_metrics
 
 
 def drop_unseen(split: Split, strict: bool = False) -> tuple[Split, list[str]]:
@@ -49,7 +49,6 @@ def evaluate_ranking(model, split: Split, eval_cfg, part: str = "test",
     target = getattr(split, part)
     if exclude is None:
         exclude = [split.train] if part == "valid" else [split.train, split.valid]
-    names = metric_names(eval_cfg.metrics, eval_cfg.ks)
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -59,7 +58,7 @@ def evaluate_ranking(model, split: Split, eval_cfg, part: str = "test",
                               recall_variant=eval_cfg.recall_variant, users=eval_cfg.users,
                               batch_users=eval_cfg.batch_users, device=dev)
     model.train(was)
-    return {k: float(out[k]) for k in names if k in out} | {k: float(v) for k, v in out.items() if k not in names}
+    return {k: float(v) for k, v in out.items()}
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -157,7 +157,8 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         history.append(record)
         msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in record.items() if k != "checkpoint")
-        log.info("%s%s", log_prefix, msg)
+        level = logging.INFO if (epoch % 10 == 0 or improved) else logging.DEBUG
+        log.log(level, "%s%s", log_prefix, msg)
         if on_epoch is not None:
             on_epoch(record, task)
         stop = use_valid and bad_evals >= max(1, train_cfg.patience)
@@ -169,11 +170,12 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         model.load_state_dict(best_state)
     interaction_loss = None
     if track_losses and loss_ring:
+        # the last `loss_epochs` epochs up to the selected one; rows never visited stay NaN
         upto = [a for e, a in loss_ring if e <= best_epoch] or [a for _, a in loss_ring]
         stack = np.stack(upto[-max(1, train_cfg.loss_epochs):])
-        with np.errstate(invalid="ignore"):
-            interaction_loss = np.nanmean(np.where(np.isfinite(stack), stack, np.nan), axis=0) \
-                if np.isfinite(stack).any() else stack[-1]
+        seen = np.isfinite(stack)
+        interaction_loss = np.where(seen, stack, 0).sum(0) / np.maximum(seen.sum(0), 1)
+        interaction_loss[~seen.any(0)] = np.nan
     model.eval()
     return TrainResult(task=task, history=history, best_epoch=best_epoch,
                        best_valid=best if use_valid else float("nan"),
