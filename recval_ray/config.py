@@ -164,6 +164,7 @@ class JobConfig:
 # ---------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -181,7 +182,15 @@ def expand_env(value: Any, key: str = "") -> Any:
             if default is not None:
                 return default
             raise ConfigError(f"{key}: environment variable ${{{var}}} is not set")
-        return _ENV.sub(sub, value)
+        expanded = _ENV.sub(sub, value)
+        if _ENV.fullmatch(value.strip()) and expanded.strip():
+            # a value that is one whole ${VAR} takes the variable's YAML type (epochs: ${EPOCHS})
+            try:
+                parsed = yaml.safe_load(expanded)
+            except yaml.YAMLError:
+                return expanded
+            return parsed if isinstance(parsed, (int, float, bool)) else expanded
+        return expanded
     return value
 
 
@@ -262,6 +271,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -340,8 +351,23 @@ def check_semantics(cfg: JobConfig) -> None:
         raise ConfigError(f"noise.ratio: {cfg.noise.ratio} must be in [0, 10]")
     if not 0 <= cfg.prune.fraction < 1:
         raise ConfigError(f"prune.fraction: {cfg.prune.fraction} must be in [0, 1)")
+    if cfg.prune.count < 0:
+        raise ConfigError(f"prune.count: {cfg.prune.count} must be >= 0")
+    if cfg.split.n_test < 0 or cfg.split.n_valid < 0:
+        raise ConfigError("split.n_test and split.n_valid must be >= 0")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"train.lr: {cfg.train.lr} must be positive")
     if any(k <= 0 for k in cfg.evaluate.ks):
         raise ConfigError(f"evaluate.ks: {cfg.evaluate.ks} must be positive")
+    from .core.metrics import metric_names, parse_metric
+    try:
+        metric_names(cfg.evaluate.metrics, cfg.evaluate.ks)
+    except ValueError as e:
+        raise ConfigError(f"evaluate.metrics: {e}") from None
+    try:
+        parse_metric(cfg.train.select_metric)
+    except ValueError as e:
+        raise ConfigError(f"train.select_metric: {e}") from None
     if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0:
         raise ConfigError("train.epochs and train.batch_size must be positive")
 

@@ -443,8 +443,6 @@ def test_prune_fraction_in_range(fraction):
     assert validate_config(base(prune={"fraction": fraction})).prune.fraction == fraction
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: prune.count < 0 is accepted; a global count prune "
-                   "then drops all but |count| rows (order[:-3])")
 def test_prune_count_negative_rejected():
     config_error(base(prune={"strategy": "count", "count": -3}))
 
@@ -527,3 +525,19 @@ def test_to_dict_is_a_deep_copy():
     d["split"]["ratios"].append(9)
     d["model"]["dim"] = 1
     assert len(cfg.split.ratios) == 3 and cfg.model.dim != 1
+
+
+def test_exponent_without_dot_is_a_number():
+    """YAML 1.1 reads 1e-3 as a string; a float field still takes it."""
+    assert validate_config(base(train={"lr": "1e-3"})).train.lr == pytest.approx(1e-3)
+
+
+def test_whole_value_env_var_takes_its_yaml_type(monkeypatch):
+    monkeypatch.setenv("EPOCHS", "7")
+    assert validate_config(expand_env(base(train={"epochs": "${EPOCHS}"}))).train.epochs == 7
+
+
+@pytest.mark.parametrize("section", [{"evaluate": {"metrics": ["bogus"]}}, {"train": {"select_metric": "ndcg"}},
+                                     {"train": {"lr": -1.0}}])
+def test_metric_names_and_lr_checked_at_load(section):
+    config_error(base(**section))

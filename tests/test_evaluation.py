@@ -270,8 +270,6 @@ def test_concat_no_optional_fields_and_index_space_check():
         a.concat(Interactions([0], [0], 3, 6))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Interactions.concat fills a missing integer "
-                   "rating with NaN cast to int64 (-9223372036854775808), silently")
 def test_concat_integer_rating_filled_with_nan():
     a = Interactions([0], [0], 1, 2, rating=np.array([5]))
     c = a.concat(Interactions([0], [1], 1, 2))
@@ -306,3 +304,12 @@ def test_user_and_item_counts():
     x = Interactions([0, 0, 2], [1, 1, 0], 4, 3)
     assert x.user_counts().tolist() == [2, 0, 1, 0]
     assert x.item_counts().tolist() == [1, 2, 0]
+
+
+def test_precision_at_n_does_not_depend_on_row_order_under_ties():
+    """All values equal: precision among the n lowest is the base rate, whatever the row order."""
+    values = np.zeros(10)
+    noise = np.array([0] * 8 + [1] * 2, dtype=bool)
+    a = noise_detection(values, noise)["precision_at_n"]
+    b = noise_detection(values, noise[::-1])["precision_at_n"]
+    assert a == pytest.approx(0.2) and b == pytest.approx(0.2)

@@ -76,7 +76,8 @@ class Interactions:
                 a = getattr(side, f)
                 if a is None:
                     ref = getattr(self, f) if getattr(self, f) is not None else getattr(other, f)
-                    a = np.full(len(side), fill[f], dtype=ref.dtype)
+                    dtype = np.result_type(ref.dtype, np.float32) if f == "rating" else ref.dtype
+                    a = np.full(len(side), fill[f], dtype=dtype)
                 parts.append(a)
             kw[f] = np.concatenate(parts)
         return Interactions(np.concatenate([self.user, other.user]),

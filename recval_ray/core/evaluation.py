@@ -80,6 +80,10 @@ def noise_detection(values: np.ndarray, is_noise: np.ndarray) -> dict:
     n = int(y.sum())
     if n == 0:
         return {"n_noise": 0, "auc": float("nan"), "precision_at_n": float("nan")}
-    lowest = np.argsort(v, kind="stable")[:n]
+    # precision among the n lowest values, ties at the cut taken in expectation over a
+    # random tie order (noise rows are appended last, so row order would favour clean rows)
+    cut = np.partition(v, n - 1)[n - 1]
+    below, tied = v < cut, v == cut
+    hits = y[below].sum() + (n - below.sum()) * y[tied].mean()
     return {"n_noise": n, "n_valued": int(ok.sum()), "auc": roc_auc(-v, y),
-            "precision_at_n": float(y[lowest].mean()), "base_rate": float(y.mean())}
+            "precision_at_n": float(hits / n), "base_rate": float(y.mean())}

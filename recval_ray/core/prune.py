@@ -2,7 +2,7 @@
 
 Strategies (``prune.strategy``), each ``global`` or ``per-user`` (``prune.scope``):
 
-* ``fraction``: drop the lowest-valued ``round(f * n)`` interactions (global) or the lowest
+* ``fraction``: drop the lowest-valued ``floor(f * n + 0.5)`` interactions (global) or the lowest
   ``floor(f * |train_u|)`` of each user (per user);
 * ``count``: drop the ``N`` lowest (global) or the ``N`` lowest of each user, capped at
   ``|train_u| - 1`` so no user loses all its training data;
@@ -67,7 +67,7 @@ def prune_mask(values: np.ndarray, train: Interactions, cfg) -> np.ndarray:
         rank = _per_user_rank(train.user, order, train.n_users)
         keep[(rank < quota[train.user]) & valued] = False
         return keep
-    n_drop = int(round(cfg.fraction * n)) if cfg.strategy == "fraction" else int(cfg.count)
+    n_drop = int(np.floor(cfg.fraction * n + 0.5)) if cfg.strategy == "fraction" else int(cfg.count)
     n_drop = min(n_drop, int(valued.sum()))
     keep[order[:n_drop]] = False
     return keep
