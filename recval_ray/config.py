@@ -97,6 +97,7 @@ class TrainConfig:
     num_negatives: int = 1
     loss_epochs: int = 5
     max_failures: int = 1
+    keep_checkpoints: int = 0
 
 
 @dataclass
@@ -133,6 +134,7 @@ class OutputConfig:
     run_id: Optional[str] = None
     overwrite: bool = False
     report: bool = True
+    checkpoints: bool = False
 
 
 @dataclass

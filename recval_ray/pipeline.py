@@ -59,11 +59,13 @@ def make_split(cfg: JobConfig, dataset: Dataset) -> tuple[Split, list[str]]:
 
 
 def train(cfg: JobConfig, train_part: Interactions, valid: Interactions, *, tag: str,
-          checkpoint_dir: Optional[str] = None) -> TrainResult:
-    """Train ``model.kind`` on ``train_part``: in-process, or on Ray Train when asked for."""
+          checkpoint_dir: Optional[str] = None, storage_path: Optional[str] = None) -> TrainResult:
+    """Train ``model.kind`` on ``train_part``: in-process, or on Ray Train when asked for
+    (``storage_path``: where Ray Train keeps its per-epoch checkpoints, e.g. the run's storage)."""
     if cfg.train.workers > 0 or cfg.train.use_gpu:
         from .ray_layer.train import train_with_ray
-        return train_with_ray(cfg, train_part, valid, tag=tag, checkpoint_dir=checkpoint_dir)
+        return train_with_ray(cfg, train_part, valid, tag=tag, checkpoint_dir=checkpoint_dir,
+                              storage_path=storage_path)
     return train_model(cfg.model, train_part, cfg.train, valid=valid, eval_cfg=cfg.evaluate,
                        checkpoint_dir=checkpoint_dir, log_prefix=f"[{tag}] ")
 
@@ -211,14 +213,20 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
     overwrite = cfg.output.overwrite if overwrite is None else overwrite
     out = RunOutput(output_uri, run_id, cfg.storage)
     out.check_writable(overwrite)
+    on_cluster = False
     if use_ray:
+        import os
         from .ray_layer.session import ensure_ray
         ensure_ray(cfg.ray, address)
+        # on a cluster, workers on other nodes cannot see this machine's temp dir: Ray Train
+        # checkpoints go to the run's own storage
+        on_cluster = bool(address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
     t = time.perf_counter()
     dataset = load_data(cfg, use_ray=use_ray)
     split, split_warnings = make_split(cfg, dataset)
     timings["ingest_split_s"] = time.perf_counter() - t
+    out.prepare()  # the input is valid: clear any earlier content of this run id
     log.info("data: %d users, %d items; train %d (noise %d), valid %d, test %d",
              dataset.n_users, dataset.n_items, len(split.train),
              int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0,
@@ -230,7 +238,10 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
         log.info("training the base %s model (up to %d epochs, selecting on validation %s)",
                  cfg.model.kind, cfg.train.epochs, cfg.train.select_metric)
         base = train(cfg, split.train, split.valid, tag="base",
-                     checkpoint_dir=f"{work_dir}/checkpoints/base")
+                     checkpoint_dir=f"{work_dir}/checkpoints/base",
+                     storage_path=out.uri + "/checkpoints" if (cfg.output.checkpoints or on_cluster) else None)
+        if cfg.output.checkpoints:
+            out.upload_files(base.checkpoints, "checkpoints/base")
         base_metrics = evaluate_ranking(base.model, split, cfg.evaluate, "test")
         timings["train_base_s"] = time.perf_counter() - t
 
@@ -252,7 +263,6 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
 
     t = time.perf_counter()
     log.info("writing outputs to %s", out.uri)
-    out.prepare()
     out.write_table("values", values_tab, use_ray=use_ray)
     if valuation.entities is not None:
         out.write_table(f"{valuation.entity_kind or 'entity'}_values", pa.table(valuation.entities), use_ray=use_ray)

@@ -20,6 +20,7 @@ class Entry:
     name: str
     options: type
     factory: Any
+    meta: dict = None
 
 
 class Registry:
@@ -29,9 +30,11 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._loaded = False
 
-    def register(self, name: str, options: type) -> Callable:
+    def register(self, name: str, options: type, **meta) -> Callable:
+        """Register ``factory`` under ``name``; ``meta`` holds facts the Ray layer needs before
+        building (e.g. ``shard_by="user"`` for user-batched models)."""
         def deco(factory):
-            self._entries[name] = Entry(name, options, factory)
+            self._entries[name] = Entry(name, options, factory, dict(meta))
             return factory
         return deco
 

@@ -19,7 +19,7 @@ from scipy.stats import rankdata
 
 from ..errors import InputError
 from .data import Interactions, Split
-from .metrics import ranking_metrics
+from .metrics import ranking_metrics, rating_metrics
 
 
 def drop_unseen(split: Split, strict: bool = False) -> tuple[Split, list[str]]:
@@ -43,22 +43,37 @@ def drop_unseen(split: Split, strict: bool = False) -> tuple[Split, list[str]]:
     return Split(split.train, parts["valid"], parts["test"]), warnings
 
 
+def set_context(model, parts: Sequence[Interactions]) -> None:
+    """Sequential models condition their scores on the interactions before the target part
+    (train for validation, train + validation for test); others ignore this."""
+    if hasattr(model, "set_context"):
+        model.set_context(list(parts))
+
+
 def evaluate_ranking(model, split: Split, eval_cfg, part: str = "test",
                      exclude: Optional[Sequence[Interactions]] = None) -> dict:
-    """Ranking metrics of ``model`` on ``split.<part>``; training (+ validation for test) excluded."""
+    """Ranking metrics of ``model`` on ``split.<part>``; training (+ validation for test) excluded.
+
+    Rating models (``model.explicit``) on rated data also get MAE, RMSE and explained variance.
+    """
     target = getattr(split, part)
     if exclude is None:
         exclude = [split.train] if part == "valid" else [split.train, split.valid]
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
+    set_context(model, [split.train] if part == "valid" else [split.train, split.valid])
+    rating = {}
+    if getattr(model, "explicit", False) and target.rating is not None and len(target):
+        from .train import predict_ratings
+        rating = rating_metrics(predict_ratings(model, target), target.rating)
     with torch.no_grad():
         out = ranking_metrics(model.score_users, target, list(exclude), metrics=list(eval_cfg.metrics),
                               ks=list(eval_cfg.ks), ndcg_variant=eval_cfg.ndcg_variant,
                               recall_variant=eval_cfg.recall_variant, users=eval_cfg.users,
                               batch_users=eval_cfg.batch_users, device=dev)
     model.train(was)
-    return {k: float(v) for k, v in out.items()}
+    return {k: float(v) for k, v in out.items()} | {k: float(v) for k, v in rating.items()}
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -70,9 +70,37 @@ class TrainResult:
         return self.task.model
 
 
+RATING_METRICS = ("rmse", "mae")
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in RATING_METRICS
+
+
+def predict_ratings(model, part: Interactions, batch: int = 65536) -> np.ndarray:
+    """``model.predict(users, items)`` over the rows of ``part``, batched, as numpy."""
+    dev = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(part), batch):
+            u = torch.as_tensor(part.user[s:s + batch], device=dev)
+            i = torch.as_tensor(part.item[s:s + batch], device=dev)
+            out.append(model.predict(u, i).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
 def validation_score(model, valid: Interactions, exclude: Sequence[Interactions], metric: str,
                      eval_cfg=None, users: Optional[np.ndarray] = None) -> float:
-    """The selection metric (e.g. ``ndcg@20``) of ``model`` on the validation split."""
+    """The selection metric of ``model`` on the validation split: a ranking metric (e.g.
+    ``ndcg@20``, training items excluded) or, for rating models, ``rmse`` / ``mae``."""
+    if metric in RATING_METRICS:
+        if valid.rating is None:
+            raise ValueError(f"select_metric {metric} needs ratings in the data")
+        model_was_training = model.training
+        model.eval()
+        err = predict_ratings(model, valid) - valid.rating
+        model.train(model_was_training)
+        return float(np.sqrt(np.mean(err ** 2)) if metric == "rmse" else np.mean(np.abs(err)))
     name, k = parse_metric(metric)
     kw = {}
     if eval_cfg is not None:
@@ -80,6 +108,8 @@ def validation_score(model, valid: Interactions, exclude: Sequence[Interactions]
                   users=eval_cfg.users, batch_users=eval_cfg.batch_users)
     model_was_training = model.training
     model.eval()
+    if hasattr(model, "set_context"):
+        model.set_context(list(exclude))
     try:
         with torch.no_grad():
             dev = next(model.parameters()).device
@@ -104,10 +134,13 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
     ``train.loss_epochs`` epochs up to and including the selected epoch (NaN if unseen).
     """
     model = task.model
-    opt = make_optimizer(model.parameters(), train_cfg)
     dev = task.device
     use_valid = valid is not None and len(valid) > 0
     metric = train_cfg.select_metric
+    if task.closed_form:
+        return _fit_closed_form(task, valid if use_valid else None, exclude, metric, eval_cfg, on_epoch)
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    opt = make_optimizer(model.parameters(), train_cfg)
     best, best_epoch, best_state, bad_evals = -math.inf, -1, None, 0
     history, checkpoints = [], []
     keep = max(1, train_cfg.loss_epochs) + max(0, train_cfg.patience) * max(1, train_cfg.eval_every) + 1
@@ -142,8 +175,8 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         if use_valid and (epoch + 1) % train_cfg.eval_every == 0:
             score = validation_score(model, valid, exclude, metric, eval_cfg)
             record[f"valid_{metric}"] = score
-            if score > best:
-                best, best_epoch, bad_evals, improved = score, epoch, 0, True
+            if sign * score > best:
+                best, best_epoch, bad_evals, improved = sign * score, epoch, 0, True
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 bad_evals += 1
@@ -178,9 +211,23 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         interaction_loss[~seen.any(0)] = np.nan
     model.eval()
     return TrainResult(task=task, history=history, best_epoch=best_epoch,
-                       best_valid=best if use_valid else float("nan"),
+                       best_valid=sign * best if use_valid and best_state is not None else float("nan"),
                        interaction_loss=interaction_loss, checkpoints=checkpoints,
                        seconds=time.perf_counter() - t0, epochs_run=epoch + 1)
+
+
+def _fit_closed_form(task: Task, valid, exclude, metric, eval_cfg, on_epoch) -> TrainResult:
+    t0 = time.perf_counter()
+    task.fit_closed_form()
+    task.model.eval()
+    record = {"epoch": 0, "train_loss": float("nan"), "epoch_seconds": time.perf_counter() - t0}
+    best = float("nan")
+    if valid is not None:
+        best = record[f"valid_{metric}"] = validation_score(task.model, valid, exclude, metric, eval_cfg)
+    if on_epoch is not None:
+        on_epoch(record, task)
+    return TrainResult(task=task, history=[record], best_epoch=0, best_valid=best,
+                       interaction_loss=None, seconds=time.perf_counter() - t0, epochs_run=1)
 
 
 def train_model(model_cfg, train: Interactions, train_cfg, *, valid: Optional[Interactions] = None,

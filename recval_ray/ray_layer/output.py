@@ -57,6 +57,14 @@ class RunOutput:
             self.fs.create_dir(target, recursive=True)
             pq.write_table(table, posixpath.join(target, "part-0.parquet"), filesystem=self.fs)
 
+    def upload_files(self, paths: list, prefix: str) -> None:
+        """Copy local files (e.g. per-epoch checkpoints) under ``<run>/<prefix>/``."""
+        import os
+        for p in paths:
+            if os.path.isfile(p):
+                with open(p, "rb") as fh:
+                    rfs.write_bytes(self.fs, self.path(prefix, os.path.basename(p)), fh.read())
+
     def write_json(self, name: str, obj) -> None:
         rfs.write_bytes(self.fs, self.path(name), json.dumps(obj, indent=2, sort_keys=False, default=_json_default).encode())
 

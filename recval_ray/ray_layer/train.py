@@ -43,9 +43,12 @@ def _train_loop(config: dict) -> None:
         train_cfg = dataclasses.replace(train_cfg, device="cpu")
     # this worker's rows, in their original order (independent of Ray Data's block order)
     shard = ray.train.get_dataset_shard("train")
-    rows = np.concatenate([b["row"] for b in shard.iter_batches(batch_size=65536, batch_format="numpy")] or
+    keys = np.concatenate([b["key"] for b in shard.iter_batches(batch_size=65536, batch_format="numpy")] or
                           [np.zeros(0, np.int64)])
-    rows = np.sort(rows.astype(np.int64))
+    if config["shard_by"] == "user":   # the shard holds users: take all their rows
+        rows = np.flatnonzero(np.isin(full.user, keys))
+    else:
+        rows = np.sort(keys.astype(np.int64))
     local = full.take(rows)
     local_cfg = dataclasses.replace(train_cfg, batch_size=max(1, train_cfg.batch_size // world),
                                     seed=train_cfg.seed + rank)
@@ -96,20 +99,28 @@ def train_with_ray(cfg, train_part: Interactions, valid: Interactions, *, tag: s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ..registry import MODELS
+
     workers = max(1, cfg.train.workers)
     use_gpu = bool(cfg.train.use_gpu)
-    ds = ray.data.from_arrow(pa.table({"row": np.arange(len(train_part), dtype=np.int64)}))
+    shard_by = (MODELS.get(cfg.model.kind).meta or {}).get("shard_by", "row")
+    keys = np.unique(train_part.user) if shard_by == "user" else np.arange(len(train_part), dtype=np.int64)
+    ds = ray.data.from_arrow(pa.table({"key": keys.astype(np.int64)}))
     storage_path = storage_path or checkpoint_dir or tempfile.mkdtemp(prefix="recval-train-")
     storage_path = os.path.abspath(storage_path) if "://" not in storage_path else storage_path
+    storage_fs = None
+    if storage_path.startswith("s3://"):
+        from ..fs import resolve
+        storage_fs, storage_path = resolve(storage_path, cfg.storage.endpoint_url, cfg.storage.region)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": train_part, "valid": valid, "train_cfg": cfg.train,
-                           "model_cfg": cfg.model, "eval_cfg": cfg.evaluate,
+                           "model_cfg": cfg.model, "eval_cfg": cfg.evaluate, "shard_by": shard_by,
                            "device": "cuda" if use_gpu else "cpu"},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        run_config=RunConfig(name=f"{cfg.name}-{tag}", storage_path=storage_path,
+        run_config=RunConfig(name=f"{cfg.name}-{tag}", storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None)),
         datasets={"train": ds},
     )
     result = trainer.fit()

@@ -10,6 +10,12 @@ factory ``build(options, train, train_cfg) -> Task``. A :class:`Task` bundles
   stands for (so per-interaction losses can be tracked);
 * ``loss(batch)``: ``(scalar loss to minimise, per-example losses aligned with batch["idx"])``.
 
+Flags a task may set: ``closed_form`` (no epochs: the trainer calls ``fit_closed_form()``, e.g.
+PureSVD); ``explicit`` (a rating-prediction model: ``model.predict(users, items)`` gives ratings,
+selection can use validation ``rmse``/``mae`` and the test report adds MAE, RMSE and explained
+variance); ``shard_by`` (``"row"`` or ``"user"``: how Ray Train splits the training rows across
+workers; user-batched models such as autoencoders need all of a user's rows on one worker).
+
 The generic trainer (:mod:`recval_ray.core.train`) owns the optimiser, early stopping,
 checkpoints and loss tracking, so a new model is one module plus a registration.
 """
@@ -30,6 +36,13 @@ class Task:
 
     model: torch.nn.Module
     n_train: int
+    closed_form: bool = False
+    explicit: bool = False
+    shard_by: str = "row"
+
+    def fit_closed_form(self) -> None:
+        """Fit the model directly (closed-form models only)."""
+        raise NotImplementedError
 
     @property
     def module(self) -> torch.nn.Module:
