@@ -54,7 +54,7 @@ def _train_loop(config: dict) -> None:
                                     seed=train_cfg.seed + rank)
     # identical initial weights on every rank (base seed); per-rank batch order (seed + rank)
     task = build_task(config["model_cfg"], local, dataclasses.replace(local_cfg, seed=train_cfg.seed))
-    if world > 1:
+    if world > 1 and not task.closed_form:  # DDP needs parameters that take gradients
         task.module = ray.train.torch.prepare_model(task.model, move_to_device=False)
 
     def on_epoch(record: dict, task_) -> None:
