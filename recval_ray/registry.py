@@ -56,7 +56,7 @@ class Registry:
             raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
 
 
-MODELS = Registry("model.kind", ("recval_ray.core.models.mf",))
+MODELS = Registry("model.kind", ("recval_ray.core.models.mf", "recval_ray.core.models.lightgcn", "recval_ray.core.models.lstm", "recval_ray.core.models.dae", "recval_ray.core.models.ncf", "recval_ray.core.models.svd",))
 VALUERS = Registry("valuation.method", ("recval_ray.core.valuers.small_loss",))
 
 register_model = MODELS.register
