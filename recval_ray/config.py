@@ -367,7 +367,8 @@ def check_semantics(cfg: JobConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"evaluate.metrics: {e}") from None
     try:
-        parse_metric(cfg.train.select_metric)
+        if cfg.train.select_metric not in ("rmse", "mae"):  # rating models select on these
+            parse_metric(cfg.train.select_metric)
     except ValueError as e:
         raise ConfigError(f"train.select_metric: {e}") from None
     if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0:

@@ -34,7 +34,13 @@ def train_rmse(model, data) -> float:
 
 
 def recall_on_train(model, data, k=5) -> float:
-    return ranking_metrics(model.score_users, data, [], metrics=["recall"], ks=[k])[f"recall@{k}"]
+    return ranking_metrics(model.score_users, data, [], metrics=["recall"], ks=[k],
+                           device=dev_of(model))[f"recall@{k}"]
+
+
+def dev_of(model) -> torch.device:
+    """Tests run on whatever device ``train.device: auto`` picked (CPU or GPU)."""
+    return next(model.parameters()).device
 
 
 # ---------------------------------------------------------------------------------------
@@ -65,7 +71,8 @@ def test_svd_sgd_overfits_ratings():
 def test_puresvd_full_rank_ranks_the_training_items_first():
     data = tiny()
     res = train_model(PureSVDConfig(rank=20), data, cfg())
-    assert res.epochs_run == 1 and res.interaction_loss is None
+    assert res.epochs_run == 1
+    np.testing.assert_allclose(res.interaction_loss, 0.0, atol=1e-5)  # full rank reconstructs exactly
     assert recall_on_train(res.model, data) == pytest.approx(1.0)
 
 
@@ -80,18 +87,19 @@ def test_score_users_and_predict_shapes_and_agreement(opts):
     if task.closed_form:
         task.fit_closed_form()
     m = task.model.eval()
-    users = torch.tensor([3, 0, 7])
+    d = dev_of(m)
+    users = torch.tensor([3, 0, 7], device=d)
     with torch.no_grad():
         S = m.score_users(users)
         assert S.shape == (3, data.n_items)
-        uu, ii = users.repeat_interleave(data.n_items), torch.arange(data.n_items).repeat(3)
+        uu, ii = users.repeat_interleave(data.n_items), torch.arange(data.n_items, device=d).repeat(3)
         p = m.predict(uu, ii)
     assert p.shape == (3 * data.n_items,)
     if getattr(m, "clip", False):  # the SVD clips predict to [1, 5], not the ranking scores
         torch.testing.assert_close(p, S.flatten().clamp(1, 5))
     else:
         torch.testing.assert_close(p, S.flatten(), rtol=1e-5, atol=1e-5)
-    assert m.score_users(torch.zeros(0, dtype=torch.long)).shape == (0, data.n_items)
+    assert m.score_users(torch.zeros(0, dtype=torch.long, device=d)).shape == (0, data.n_items)
 
 
 def test_ncf_score_users_is_chunked_and_exact():
@@ -99,9 +107,9 @@ def test_ncf_score_users_is_chunked_and_exact():
     data = tiny()
     task = build_task(NCFConfig(dim=4, mlp_layers=[16, 8, 4], score_chunk=70), data, cfg())
     m = task.model.eval()
-    users = torch.arange(data.n_users)
+    users = torch.arange(data.n_users, device=dev_of(m))
     S = m.score_users(users)  # 70 // 30 = 2 users per chunk
-    full = m(users.repeat_interleave(data.n_items), torch.arange(data.n_items).repeat(data.n_users))
+    full = m(users.repeat_interleave(data.n_items), torch.arange(data.n_items, device=users.device).repeat(data.n_users))
     torch.testing.assert_close(S.flatten(), full, rtol=1e-5, atol=1e-6)
 
 
@@ -126,7 +134,7 @@ def test_ncf_implicit_batches_and_per_example_losses():
     task = build_task(NCFConfig(num_negatives=4), data, cfg(batch_size=50))
     batches = list(task.batches(0, epoch_generator(0, 0)))
     assert [len(b["idx"]) for b in batches[:-1]] == [10] * (len(batches) - 1)
-    assert torch.equal(torch.sort(torch.cat([b["idx"] for b in batches])).values, torch.arange(len(data)))
+    assert torch.equal(torch.sort(torch.cat([b["idx"] for b in batches])).values.cpu(), torch.arange(len(data)))
     b = batches[0]
     assert b["neg"].shape == (10, 4)
     keys = set(data.pair_keys().tolist())
@@ -134,9 +142,9 @@ def test_ncf_implicit_batches_and_per_example_losses():
     scalar, per = task.loss(b)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     with torch.no_grad():
-        lp = bce(task.model(b["user"], b["item"]), torch.ones(10), reduction="none")
+        lp = bce(task.model(b["user"], b["item"]), torch.ones(10, device=per.device), reduction="none")
         ln = bce(task.model(b["user"][:, None].expand(-1, 4).reshape(-1), b["neg"].reshape(-1)),
-                 torch.zeros(40), reduction="none").reshape(10, 4)
+                 torch.zeros(40, device=per.device), reduction="none").reshape(10, 4)
     torch.testing.assert_close(per, lp + ln.mean(1))
     torch.testing.assert_close(scalar.detach(), (lp.sum() + ln.sum()) / 50)
 
@@ -178,8 +186,8 @@ def test_puresvd_matches_a_dense_svd_and_is_deterministic():
     for seed in (0, 0, 1):
         task = build_task(PureSVDConfig(rank=k), data, cfg(seed=seed))
         task.fit_closed_form()
-        fits.append(task.model.score_users(torch.arange(n_u)).numpy())
-        np.testing.assert_allclose(task.model.singular_values.numpy(), s[:k], rtol=1e-5)
+        fits.append(task.model.score_users(torch.arange(n_u, device=dev_of(task.model))).cpu().numpy())
+        np.testing.assert_allclose(task.model.singular_values.cpu().numpy(), s[:k], rtol=1e-5)
     np.testing.assert_allclose(fits[0], dense, atol=1e-5)
     assert np.array_equal(fits[0], fits[1])          # same seed: bitwise equal
     np.testing.assert_allclose(fits[2], dense, atol=1e-5)  # another start vector: same subspace
@@ -225,7 +233,7 @@ def test_svd_minibatch_step_is_surprises_per_rating_update():
     assert float(m.item_bias.weight[i].detach()) == pytest.approx(bi + lr * (e - reg * bi), abs=1e-7)
     torch.testing.assert_close(m.user_emb.weight[u], P[u] + lr * (e * Q[i] - reg * P[u]))
     torch.testing.assert_close(m.item_emb.weight[i], Q[i] + lr * (e * P[u] - reg * Q[i]))
-    others = torch.arange(data.n_users) != u
+    others = torch.arange(data.n_users, device=P.device) != u
     assert torch.equal(m.user_emb.weight[others], P[others])
 
 

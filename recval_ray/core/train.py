@@ -226,8 +226,9 @@ def _fit_closed_form(task: Task, valid, exclude, metric, eval_cfg, on_epoch) -> 
         best = record[f"valid_{metric}"] = validation_score(task.model, valid, exclude, metric, eval_cfg)
     if on_epoch is not None:
         on_epoch(record, task)
+    loss = task.interaction_losses() if hasattr(task, "interaction_losses") else None
     return TrainResult(task=task, history=[record], best_epoch=0, best_valid=best,
-                       interaction_loss=None, seconds=time.perf_counter() - t0, epochs_run=1)
+                       interaction_loss=loss, seconds=time.perf_counter() - t0, epochs_run=1)
 
 
 def train_model(model_cfg, train: Interactions, train_cfg, *, valid: Optional[Interactions] = None,

@@ -76,13 +76,14 @@ def normalized_adjacency(train: Interactions, device="cpu", layout: str = "csr")
     cols = np.concatenate([i, u])
     vals = (dinv[rows] * dinv[cols]).astype(np.float32)
     idx = torch.as_tensor(np.stack([rows, cols]), dtype=torch.int64)
-    adj = torch.sparse_coo_tensor(idx, torch.as_tensor(vals), (n, n), check_invariants=True).coalesce()
-    if layout == "csr":
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta")
-            adj = adj.to_sparse_csr()
-    elif layout != "coo":
+    if layout not in ("csr", "coo"):
         raise ValueError(f"layout: {layout!r} (expected csr or coo)")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled")
+        adj = torch.sparse_coo_tensor(idx, torch.as_tensor(vals), (n, n), check_invariants=True).coalesce()
+        if layout == "csr":
+            adj = adj.to_sparse_csr()
     return adj.to(device)
 
 
@@ -145,6 +146,7 @@ class LightGCN(nn.Module):
             crow, col, val, shape = parts
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta")
+                warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly")
                 adj = torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
         super().__setstate__(state)
         self.adj = adj
