@@ -111,8 +111,10 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
     for tag, mask in (("pruned", keep), ("random_pruned", random_keep)):
         if mask is None:
             continue
-        res = train(cfg, split.train.take(mask), split.valid, tag=tag)
-        out.metrics[tag] = evaluate_ranking(res.model, split, cfg.evaluate, "test", exclude=exclude)
+        kept = split.train.take(mask)
+        res = train(cfg, kept, split.valid, tag=tag)
+        out.metrics[tag] = evaluate_ranking(res.model, split, cfg.evaluate, "test", exclude=exclude,
+                                            context=[kept, split.valid])
         out.training[tag] = training_summary(res)
     return out
 

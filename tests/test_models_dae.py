@@ -272,3 +272,22 @@ def test_one_ray_train_worker_reproduces_the_local_run(ray_session):
     for k, v in local.model.state_dict().items():
         np.testing.assert_allclose(remote.model.state_dict()[k].numpy(), v.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(remote.interaction_loss, local.interaction_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_model_is_scored_from_the_kept_rows():
+    """A model retrained on pruned data reads the kept rows as the users' inputs while the
+    candidates stay those of the full training set (the pipeline's pruned evaluation)."""
+    data = tiny(n_users=30, n_items=40, per_user=8, seed=3)
+    rng = np.random.default_rng(0)
+    test_mask = rng.random(len(data)) < 0.2
+    train, test = data.take(~test_mask), data.take(test_mask)
+    valid = train.take(np.zeros(len(train), bool))
+    split = Split(train, valid, test)
+    kept = train.take(rng.random(len(train)) < 0.6)
+    res = train_model(DAEConfig(), kept, cfg(epochs=3))
+    ev = EvaluateConfig(metrics=["recall", "ndcg"], ks=[5])
+    full_ctx = evaluate_ranking(res.model, split, ev, exclude=[train, valid])
+    kept_ctx = evaluate_ranking(res.model, split, ev, exclude=[train, valid], context=[kept, valid])
+    as_if = evaluate_ranking(res.model, Split(kept, valid, test), ev, exclude=[train, valid])
+    assert kept_ctx == as_if
+    assert kept_ctx != full_ctx

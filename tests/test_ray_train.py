@@ -45,3 +45,16 @@ def test_two_ray_train_workers_train_with_ddp(setup):
     # every training row got a loss from the rank that owns it
     assert np.isfinite(res.interaction_loss).all()
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+
+
+def test_two_workers_cover_an_odd_number_of_rows(setup):
+    """Every row gets a loss from its rank even when the rows do not split evenly (Ray Data's
+    equal split used to drop the remainder) and ranks run different batch counts (Join)."""
+    cfg, split = setup
+    odd = split.train.take(np.arange(len(split.train) - 3))
+    assert len(odd) % 2 == 1
+    two = load_config("jobs/quickstart.yaml", OVERRIDES + ["train.workers=2", "train.epochs=2",
+                                                           "train.batch_size=200"])
+    res = train(two, odd, split.valid, tag="odd")
+    assert res.epochs_run == 2
+    assert np.isfinite(res.interaction_loss).all()

@@ -51,18 +51,25 @@ def set_context(model, parts: Sequence[Interactions]) -> None:
 
 
 def evaluate_ranking(model, split: Split, eval_cfg, part: str = "test",
-                     exclude: Optional[Sequence[Interactions]] = None) -> dict:
+                     exclude: Optional[Sequence[Interactions]] = None,
+                     context: Optional[Sequence[Interactions]] = None) -> dict:
     """Ranking metrics of ``model`` on ``split.<part>``; training (+ validation for test) excluded.
 
+    ``context``: what context models (autoencoders, sequence models) read as the users'
+    histories; by default the parts before the target (train, + valid for test). A model
+    retrained on pruned data reads the kept rows (+ valid), while ``exclude`` stays the full
+    training set so every variant is ranked against the same candidates.
     Rating models (``model.explicit``) on rated data also get MAE, RMSE and explained variance.
     """
     target = getattr(split, part)
     if exclude is None:
         exclude = [split.train] if part == "valid" else [split.train, split.valid]
+    if context is None:
+        context = [split.train] if part == "valid" else [split.train, split.valid]
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
-    set_context(model, [split.train] if part == "valid" else [split.train, split.valid])
+    set_context(model, context)
     rating = {}
     if getattr(model, "explicit", False) and target.rating is not None and len(target):
         from .train import predict_ratings

@@ -10,13 +10,14 @@ valuers (small loss, PLD) read them without another pass.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 import torch
@@ -125,6 +126,7 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         checkpoint_dir: Optional[str] = None, track_losses: bool = True,
         on_epoch: Optional[Callable[[dict, Task], None]] = None,
         should_stop: Optional[Callable[[bool], bool]] = None,
+        epoch_context: Optional[Callable[[], ContextManager]] = None,
         log_prefix: str = "") -> TrainResult:
     """Train ``task`` for ``train.epochs`` epochs with early stopping on validation.
 
@@ -132,6 +134,8 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
     set). ``on_epoch(record, task)`` is called after each epoch (Ray Train reports there).
     ``interaction_loss[r]`` is the mean loss of training row ``r`` over the last
     ``train.loss_epochs`` epochs up to and including the selected epoch (NaN if unseen).
+    ``epoch_context()`` wraps each epoch's batch loop (data-parallel ranks with uneven batch
+    counts use DDP's ``Join`` there).
     """
     model = task.model
     dev = task.device
@@ -157,16 +161,17 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         loss_sum = torch.zeros(task.n_train, device=dev) if track_losses else None
         loss_cnt = torch.zeros(task.n_train, device=dev) if track_losses else None
         total, n_batches = torch.zeros((), device=dev), 0
-        for batch in task.batches(epoch, gen):
-            loss, per = task.loss(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach()
-            n_batches += 1
-            if track_losses:
-                loss_sum.index_add_(0, batch["idx"], per.float())
-                loss_cnt.index_add_(0, batch["idx"], torch.ones_like(per, dtype=torch.float32))
+        with (epoch_context() if epoch_context is not None else contextlib.nullcontext()):
+            for batch in task.batches(epoch, gen):
+                loss, per = task.loss(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach()
+                n_batches += 1
+                if track_losses:
+                    loss_sum.index_add_(0, batch["idx"], per.float())
+                    loss_cnt.index_add_(0, batch["idx"], torch.ones_like(per, dtype=torch.float32))
         if track_losses:
             loss_ring.append((epoch, (loss_sum / loss_cnt).cpu().numpy()))
         record = {"epoch": epoch, "train_loss": float(total) / max(1, n_batches),

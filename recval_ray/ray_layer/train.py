@@ -1,11 +1,17 @@
 """Base-model training through Ray Train (``TorchTrainer``, the Train V2 API of Ray 2.60).
 
-Used when ``train.workers`` > 0 or ``train.use_gpu``. The training interactions go in as a Ray
-Dataset; each worker reads its shard with ``ray.train.get_dataset_shard("train")``, restores the
-shard's row order (so one worker reproduces the in-process run exactly), wraps the model for DDP
-with ``prepare_model`` and runs the same core trainer (:func:`recval_ray.core.train.fit`). Rank 0
-reports a checkpoint (weights + learning rate) every epoch; the final report carries the selected
-weights, the history and the per-interaction losses gathered from every rank.
+Used when ``train.workers`` > 0 or ``train.use_gpu``. Every worker receives the whole training
+set through the object store (the negative sampler, LightGCN's graph and the autoencoders'
+user rows need all of it) and takes a deterministic shard (:func:`shard_rows`: rows
+``rank::world``, or the rows of users ``rank::world``), so the same config trains on the same
+shards whatever the order in which workers start; one worker reproduces the in-process run
+exactly. Shards differ by at most one key, so DDP (``prepare_model``) runs each epoch inside
+``Join``. Closed-form models fit on everything. Rank 0 reports a checkpoint (weights + learning
+rate) every epoch; the final report carries the selected weights, the history and the
+per-interaction losses gathered from every rank.
+
+Why not ``get_dataset_shard``: Ray Data's streaming split hands blocks to whichever worker asks
+first (shards are not reproducible) and, with ``equal=True``, drops the remainder rows.
 """
 from __future__ import annotations
 
@@ -17,12 +23,22 @@ import tempfile
 from typing import Optional
 
 import numpy as np
-import pyarrow as pa
 
 from ..core.data import Interactions
 from ..core.train import TrainResult, build_task, fit
 
 log = logging.getLogger("recval_ray")
+
+
+def shard_rows(full: Interactions, shard_by: str, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rank ``rank``'s training rows: rows ``rank::world`` (``shard_by="row"``) or all rows of
+    users ``sorted(users)[rank::world]`` (``"user"``). Deterministic, disjoint, covering every
+    row: the same config gives the same shards whatever order workers start in."""
+    if shard_by == "user":
+        keys = np.unique(full.user)[rank::world]
+        return np.flatnonzero(np.isin(full.user, keys)), keys
+    rows = np.arange(len(full), dtype=np.int64)[rank::world]
+    return rows, rows
 
 
 def _train_loop(config: dict) -> None:
@@ -41,21 +57,27 @@ def _train_loop(config: dict) -> None:
         train_cfg = dataclasses.replace(train_cfg, device=str(ray.train.torch.get_device()))
     else:
         train_cfg = dataclasses.replace(train_cfg, device="cpu")
-    # this worker's rows, in their original order (independent of Ray Data's block order)
-    shard = ray.train.get_dataset_shard("train")
-    keys = np.concatenate([b["key"] for b in shard.iter_batches(batch_size=65536, batch_format="numpy")] or
-                          [np.zeros(0, np.int64)])
-    if config["shard_by"] == "user":   # the shard holds users: take all their rows
-        rows = np.flatnonzero(np.isin(full.user, keys))
-    else:
-        rows = np.sort(keys.astype(np.int64))
-    local = full.take(rows)
     local_cfg = dataclasses.replace(train_cfg, batch_size=max(1, train_cfg.batch_size // world),
                                     seed=train_cfg.seed + rank)
+    rows, keys = shard_rows(full, config["shard_by"], rank, world)
     # identical initial weights on every rank (base seed); per-rank batch order (seed + rank)
-    task = build_task(config["model_cfg"], local, dataclasses.replace(local_cfg, seed=train_cfg.seed))
+    init_cfg = dataclasses.replace(local_cfg, seed=train_cfg.seed)
+    if config["shard_by"] == "user":
+        task = build_task(config["model_cfg"], full.take(rows), init_cfg)
+        restricted = False
+    else:   # the whole training set (sampler, graph), visiting this rank's rows
+        task = build_task(config["model_cfg"], full, init_cfg)
+        restricted = world > 1 and not task.closed_form
+        if restricted:
+            task.restrict(rows)
+        elif task.closed_form:
+            rows = np.arange(len(full))
+    epoch_context = None
     if world > 1 and not task.closed_form:  # DDP needs parameters that take gradients
+        from torch.distributed.algorithms.join import Join
         task.module = ray.train.torch.prepare_model(task.model, move_to_device=False)
+        # shards differ by at most one key, so ranks may run one batch more or less
+        epoch_context = lambda: Join([task.module])  # noqa: E731
 
     def on_epoch(record: dict, task_) -> None:
         metrics = {k: v for k, v in record.items() if k != "checkpoint"}
@@ -68,8 +90,10 @@ def _train_loop(config: dict) -> None:
             ray.train.report(metrics)
 
     result = fit(task, local_cfg, valid=valid, exclude=[full], eval_cfg=config["eval_cfg"],
-                 on_epoch=on_epoch)
+                 on_epoch=on_epoch, epoch_context=epoch_context)
     loss = result.interaction_loss if result.interaction_loss is not None else np.full(len(rows), np.nan)
+    if restricted:   # the task spans the whole training set: keep this rank's rows
+        loss = loss[rows]
     parts = [(rows, loss)]
     if world > 1 and dist.is_initialized():
         parts = [None] * world
@@ -94,7 +118,6 @@ def _train_loop(config: dict) -> None:
 def train_with_ray(cfg, train_part: Interactions, valid: Interactions, *, tag: str,
                    checkpoint_dir: Optional[str] = None, storage_path: Optional[str] = None) -> TrainResult:
     """Fit ``cfg.model`` on ``train_part`` with a ``TorchTrainer``; returns the selected model."""
-    import ray.data
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -104,8 +127,6 @@ def train_with_ray(cfg, train_part: Interactions, valid: Interactions, *, tag: s
     workers = max(1, cfg.train.workers)
     use_gpu = bool(cfg.train.use_gpu)
     shard_by = (MODELS.get(cfg.model.kind).meta or {}).get("shard_by", "row")
-    keys = np.unique(train_part.user) if shard_by == "user" else np.arange(len(train_part), dtype=np.int64)
-    ds = ray.data.from_arrow(pa.table({"key": keys.astype(np.int64)}))
     storage_path = storage_path or checkpoint_dir or tempfile.mkdtemp(prefix="recval-train-")
     storage_path = os.path.abspath(storage_path) if "://" not in storage_path else storage_path
     storage_fs = None
@@ -121,7 +142,6 @@ def train_with_ray(cfg, train_part: Interactions, valid: Interactions, *, tag: s
         run_config=RunConfig(name=f"{cfg.name}-{tag}", storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None)),
-        datasets={"train": ds},
     )
     result = trainer.fit()
     if result.error:

@@ -14,15 +14,21 @@ Flags a task may set: ``closed_form`` (no epochs: the trainer calls ``fit_closed
 PureSVD); ``explicit`` (a rating-prediction model: ``model.predict(users, items)`` gives ratings,
 selection can use validation ``rmse``/``mae`` and the test report adds MAE, RMSE and explained
 variance); ``shard_by`` (``"row"`` or ``"user"``: how Ray Train splits the training rows across
-workers; user-batched models such as autoencoders need all of a user's rows on one worker).
+workers). With ``"row"`` every worker builds the task on the whole training set and
+:meth:`Task.restrict` it to rows ``rank::world``, so the negative sampler and LightGCN's graph
+see all the data; with ``"user"`` (autoencoders, sequence models: a user's rows form one
+example) a worker builds the task on the rows of users ``rank::world``.
 
 The generic trainer (:mod:`recval_ray.core.train`) owns the optimiser, early stopping,
 checkpoints and loss tracking, so a new model is one module plus a registration.
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Iterator, Optional, Protocol
 
+import numpy as np
+
+import numpy as np
 import torch
 
 
@@ -39,6 +45,19 @@ class Task:
     closed_form: bool = False
     explicit: bool = False
     shard_by: str = "row"
+    visit: Optional[torch.Tensor] = None
+
+    def restrict(self, rows) -> None:
+        """Visit only the training rows ``rows`` (a data-parallel shard). What the task built
+        from the whole training set (negative sampler, graph, user contexts) stays whole, so
+        a shard's negatives are never another shard's positives."""
+        self.visit = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
+
+    def visit_order(self, generator: torch.Generator) -> torch.Tensor:
+        """A seeded random order of the rows to visit this epoch (all rows, or the shard)."""
+        if self.visit is None:
+            return torch.randperm(self.n_train, generator=generator).to(self.device)
+        return self.visit[torch.randperm(len(self.visit), generator=generator).to(self.device)]
 
     def fit_closed_form(self) -> None:
         """Fit the model directly (closed-form models only)."""

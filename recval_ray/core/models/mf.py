@@ -102,7 +102,8 @@ class BPRTask(Task):
     ``sampler="interactions"``: every epoch visits each training interaction once in a
     seeded random order (RecBole). ``sampler="users"``: each batch slot draws a user
     uniformly, then one of the user's positives (LightGCN / PLD code); an epoch has
-    ``n_train / batch_size`` batches.
+    ``n_train / batch_size`` batches (sampling with replacement: a data-parallel rank draws
+    its own users and ignores :meth:`restrict`).
     """
 
     def __init__(self, model: nn.Module, train: Interactions, batch_size: int, reg: float,
@@ -136,8 +137,8 @@ class BPRTask(Task):
                 idx = self.by_user[self.user_start[u] + off]
                 yield self._batch(idx, generator)
         else:
-            perm = torch.randperm(self.n_train, generator=generator).to(dev)
-            for start in range(0, self.n_train, self.batch_size):
+            perm = self.visit_order(generator)
+            for start in range(0, len(perm), self.batch_size):
                 yield self._batch(perm[start:start + self.batch_size], generator)
 
     def _batch(self, idx: torch.Tensor, generator: torch.Generator) -> dict:

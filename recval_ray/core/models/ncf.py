@@ -198,8 +198,8 @@ class NCFTask(Task):
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterator[dict]:
         dev = self.device
-        perm = torch.randperm(self.n_train, generator=generator).to(dev)
-        for start in range(0, self.n_train, self.per_batch):
+        perm = self.visit_order(generator)
+        for start in range(0, len(perm), self.per_batch):
             idx = perm[start:start + self.per_batch]
             batch = {"idx": idx, "user": self.users[idx], "item": self.items[idx]}
             if self.explicit:

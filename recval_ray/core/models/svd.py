@@ -234,8 +234,8 @@ class SVDTask(Task):
         self.ratings = torch.as_tensor(train.rating, dtype=torch.float32, device=dev)
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterator[dict]:
-        perm = torch.randperm(self.n_train, generator=generator).to(self.device)
-        for start in range(0, self.n_train, self.batch_size):
+        perm = self.visit_order(generator)
+        for start in range(0, len(perm), self.batch_size):
             idx = perm[start:start + self.batch_size]
             yield {"idx": idx, "user": self.users[idx], "item": self.items[idx], "rating": self.ratings[idx]}
 
