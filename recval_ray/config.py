@@ -106,7 +106,7 @@ class PruneConfig:
     fraction: float = 0.1
     count: int = 0
     threshold: float = 0.0
-    scope: Literal["global", "per-user"] = "global"
+    scope: Literal["global", "per-user", "entity"] = "global"
     random_control: bool = True
     retrain: bool = True
     seed: int = 0
@@ -373,6 +373,15 @@ def check_semantics(cfg: JobConfig) -> None:
         raise ConfigError(f"train.select_metric: {e}") from None
     if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0:
         raise ConfigError("train.epochs and train.batch_size must be positive")
+    if cfg.prune.scope == "entity" and cfg.valuation.method != "deletion":
+        raise ConfigError(f"prune.scope: entity needs an entity-level valuation (deletion), "
+                          f"not {cfg.valuation.method!r}")
+    check = getattr(cfg.valuation, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def load_config(path: str, overrides: list[str] | None = None) -> JobConfig:

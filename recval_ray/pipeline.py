@@ -70,13 +70,25 @@ def train(cfg: JobConfig, train_part: Interactions, valid: Interactions, *, tag:
                        checkpoint_dir=checkpoint_dir, log_prefix=f"[{tag}] ")
 
 
+def make_executor(cfg: JobConfig, use_ray: bool):
+    """Ray actors for a valuer's work items when ``valuation.actors`` > 0 (and Ray is on)."""
+    n = int(getattr(cfg.valuation, "actors", 0) or 0)
+    if not use_ray or n <= 0:
+        return None
+    from .ray_layer.actors import ActorPoolExecutor
+    return ActorPoolExecutor(n, getattr(cfg.valuation, "actor_cpus", 1.0),
+                             getattr(cfg.valuation, "actor_gpus", 0.0))
+
+
 def value(cfg: JobConfig, split: Split, base: TrainResult, dataset: Dataset,
-          work_dir: Optional[str] = None, executor=None) -> Valuation:
+          work_dir: Optional[str] = None, executor=None, store=None) -> Valuation:
+    """Value the training data with ``valuation.method``; ``store`` keeps finished work items
+    so an interrupted run resumes."""
     entry = VALUERS.get(cfg.valuation.method)
     valuer = entry.factory(cfg.valuation)
     ctx = ValuationContext(split=split, base=base, model_cfg=cfg.model, train_cfg=cfg.train,
                            eval_cfg=cfg.evaluate, seed=cfg.train.seed, executor=executor,
-                           work_dir=work_dir, dataset=dataset)
+                           work_dir=work_dir, dataset=dataset, store=store)
     t0 = time.perf_counter()
     valuation = valuer.value(ctx)
     valuation.info.setdefault("seconds", time.perf_counter() - t0)
@@ -101,8 +113,9 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
     training set, injected noise included, and the validation set), so only the training
     data differ.
     """
-    keep = prune_mask(valuation.values, split.train, cfg.prune)
-    random_keep = random_prune_mask(keep, split.train, cfg.prune, cfg.prune.seed + 1) \
+    keep = prune_mask(valuation.values, split.train, cfg.prune, groups=valuation.row_entity)
+    random_keep = random_prune_mask(keep, split.train, cfg.prune, cfg.prune.seed + 1,
+                                    groups=valuation.row_entity, values=valuation.values) \
         if cfg.prune.random_control else None
     out = PruneOutcome(keep=keep, random_keep=random_keep)
     if not cfg.prune.retrain or cfg.prune.strategy == "none":
@@ -249,7 +262,8 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
 
         t = time.perf_counter()
         log.info("valuing %d training interactions with %s", len(split.train), cfg.valuation.method)
-        valuation = value(cfg, split, base, dataset, work_dir=work_dir)
+        valuation = value(cfg, split, base, dataset, work_dir=work_dir,
+                          executor=make_executor(cfg, use_ray), store=out.work_store())
         timings["value_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -268,6 +282,8 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
     out.write_table("values", values_tab, use_ray=use_ray)
     if valuation.entities is not None:
         out.write_table(f"{valuation.entity_kind or 'entity'}_values", pa.table(valuation.entities), use_ray=use_ray)
+    for name, tab in valuation.tables.items():
+        out.write_table(name, pa.table(tab), use_ray=use_ray)
     out.write_table("pruned", pruned_table(dataset, split.train.take(pruned.keep)), use_ray=use_ray)
     for name, part in split.parts().items():
         out.write_table(f"splits/{name}", interactions_table(dataset, part), use_ray=use_ray)
@@ -275,6 +291,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
     if cfg.output.report:
         from .report_builder import build_report
         out.write_text("report.html", build_report(cfg, run_id, metrics, values_tab, base, valuation))
+    out.clear_work()
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
     manifest = {
@@ -306,6 +323,8 @@ def build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, wa
                   "kept": int(pruned.keep.sum())},
         "valuation": valuation.info,
     }
+    for name, tab in valuation.tables.items():
+        m[name] = [dict(zip(tab, row)) for row in zip(*tab.values())]
     if n_noise:
         m["noise_detection"] = noise_detection(valuation.values, split.train.is_noise)
         dropped = ~pruned.keep

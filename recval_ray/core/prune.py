@@ -1,12 +1,17 @@
 """Pruning: which training interactions to drop given their values.
 
-Strategies (``prune.strategy``), each ``global`` or ``per-user`` (``prune.scope``):
+Strategies (``prune.strategy``), each ``global``, ``per-user`` or ``entity`` (``prune.scope``):
 
 * ``fraction``: drop the lowest-valued ``floor(f * n + 0.5)`` interactions (global) or the lowest
   ``floor(f * |train_u|)`` of each user (per user);
 * ``count``: drop the ``N`` lowest (global) or the ``N`` lowest of each user, capped at
   ``|train_u| - 1`` so no user loses all its training data;
 * ``threshold``: drop every interaction with value < threshold.
+
+With ``scope: entity`` (entity-level valuers, e.g. deletion diagnostics of users or items) the
+unit is the entity: ``fraction`` / ``count`` drop the lowest-valued entities (a fraction of the
+valued entities, or ``N`` of them), ``threshold`` those valued below it, each with all its
+training rows; the random control drops as many random entities (among the valued ones).
 
 Ties are broken by a seeded random key (``prune.seed``) so equal values do not prune by row
 order. NaN values (interaction not valued) are never dropped. The random control drops the
@@ -49,13 +54,36 @@ def drop_counts_per_user(train: Interactions, cfg) -> np.ndarray:
     return np.minimum(n, np.maximum(counts - 1, 0))
 
 
-def prune_mask(values: np.ndarray, train: Interactions, cfg) -> np.ndarray:
-    """Boolean mask over training rows: True = kept."""
+def _entity_values(values: np.ndarray, groups) -> tuple[np.ndarray, np.ndarray]:
+    """(entity ids with a row, the value of each: the value its rows carry)."""
+    if groups is None:
+        raise ValueError("prune.scope: entity needs an entity-level valuation (e.g. valuation.method: deletion)")
+    groups = np.asarray(groups, dtype=np.int64)
+    ents, first = np.unique(groups, return_index=True)
+    return ents, values[first]
+
+
+def _entity_drop(ents: np.ndarray, ent_values: np.ndarray, cfg, rng) -> np.ndarray:
+    valued = ~np.isnan(ent_values)
+    if cfg.strategy == "threshold":
+        return ents[valued & (ent_values < cfg.threshold)]
+    n = int(np.floor(cfg.fraction * valued.sum() + 0.5)) if cfg.strategy == "fraction" else int(cfg.count)
+    order = _order(ent_values, rng)
+    return ents[order[:min(n, int(valued.sum()))]]
+
+
+def prune_mask(values: np.ndarray, train: Interactions, cfg, groups=None) -> np.ndarray:
+    """Boolean mask over training rows: True = kept. ``groups``: the entity of each row
+    (``scope: entity``)."""
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
     keep = np.ones(n, dtype=bool)
     if cfg.strategy == "none" or n == 0:
         return keep
+    if cfg.scope == "entity":
+        ents, ent_values = _entity_values(values, groups)
+        dropped = _entity_drop(ents, ent_values, cfg, np.random.default_rng(cfg.seed))
+        return ~np.isin(np.asarray(groups), dropped)
     rng = np.random.default_rng(cfg.seed)
     valued = ~np.isnan(values)
     if cfg.strategy == "threshold":
@@ -73,9 +101,18 @@ def prune_mask(values: np.ndarray, train: Interactions, cfg) -> np.ndarray:
     return keep
 
 
-def random_prune_mask(keep: np.ndarray, train: Interactions, cfg, seed: int) -> np.ndarray:
-    """A random control dropping as many rows as ``keep`` does (per user when per-user)."""
+def random_prune_mask(keep: np.ndarray, train: Interactions, cfg, seed: int, groups=None,
+                      values=None) -> np.ndarray:
+    """A random control dropping as many rows as ``keep`` does (per user when per-user; as
+    many entities, among those with a value, for ``scope: entity``)."""
     rng = np.random.default_rng(seed)
+    if cfg.scope == "entity":
+        groups = np.asarray(groups, dtype=np.int64)
+        n_drop = len(np.unique(groups[~keep]))
+        valued = np.ones(len(groups), bool) if values is None else ~np.isnan(np.asarray(values, np.float64))
+        candidates = np.unique(groups[valued])
+        dropped = rng.choice(candidates, size=min(n_drop, len(candidates)), replace=False)
+        return ~np.isin(groups, dropped)
     random_values = rng.random(len(keep))
     out = np.ones(len(keep), dtype=bool)
     if cfg.scope == "per-user" and cfg.strategy in ("fraction", "count"):

@@ -17,6 +17,7 @@ from .. import fs as rfs
 from ..errors import OutputExistsError
 
 MANIFEST = "manifest.json"
+WORK = "_work"
 
 
 class RunOutput:
@@ -40,10 +41,30 @@ class RunOutput:
                                     f"pass --overwrite to replace it or --run-id to write elsewhere")
 
     def prepare(self) -> None:
-        """Remove any earlier (complete or incomplete) content of this run."""
+        """Remove any earlier (complete or incomplete) content of this run, except the
+        resumable work of an incomplete one (``_work/``, see :meth:`work_store`)."""
+        import pyarrow.fs as pafs
         if rfs.exists(self.fs, self.root):
-            self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
+            keep = not self.is_complete()
+            for info in self.fs.get_file_info(pafs.FileSelector(self.root)):
+                if keep and posixpath.basename(info.path) == WORK:
+                    continue
+                if info.type == pafs.FileType.Directory:
+                    self.fs.delete_dir(info.path)
+                else:
+                    self.fs.delete_file(info.path)
         self.fs.create_dir(self.root, recursive=True)
+
+    def work_store(self):
+        """A :class:`~recval_ray.core.executor.ShardStore` under ``<run>/_work/``: finished
+        work items of a valuation, kept across an interrupted run and removed by
+        :meth:`clear_work` once the run's outputs are written."""
+        from ..core.executor import ShardStore
+        return ShardStore(self.fs, self.path(WORK))
+
+    def clear_work(self) -> None:
+        if rfs.exists(self.fs, self.path(WORK)):
+            self.fs.delete_dir(self.path(WORK))
 
     def write_table(self, name: str, table: pa.Table, use_ray: bool = True) -> None:
         """Write a Parquet dataset under ``<run>/<name>/`` (with Ray Data when running on Ray)."""

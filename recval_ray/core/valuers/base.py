@@ -20,7 +20,8 @@ from ..data import Split
 class ValuationContext:
     """Everything a valuer may use. ``base`` is the :class:`~recval_ray.core.train.TrainResult`
     of the base model trained on ``split.train``; ``executor`` (optional) runs independent
-    work items in parallel (the Ray layer provides one; ``None`` means in-process)."""
+    work items in parallel (the Ray layer provides one; ``None`` means in-process); ``store``
+    (optional) persists finished work items under the run's output so a rerun resumes."""
 
     split: Split
     base: Any
@@ -32,6 +33,7 @@ class ValuationContext:
     work_dir: Optional[str] = None
     progress: Optional[Callable[[str], None]] = None
     dataset: Optional[Any] = None
+    store: Optional[Any] = None     # a ShardStore for resumable work (None: no resume)
 
 
 @dataclass
@@ -39,7 +41,9 @@ class Valuation:
     """Values of the training interactions, aligned with ``split.train`` rows.
 
     ``columns``: extra per-interaction columns of the method (written next to ``value``).
-    ``entities``: optional entity-level table (e.g. per-user influence) as a dict of arrays.
+    ``entities``: optional entity-level table (e.g. per-user influence) as a dict of arrays;
+    ``row_entity``: the entity index of each training row, so ``prune.scope: entity`` drops
+    whole entities; ``tables``: extra tables the method writes (e.g. a removal experiment).
     ``info``: JSON-serialisable facts about the run (settings, timings) for metrics.json.
     """
 
@@ -48,6 +52,8 @@ class Valuation:
     columns: dict = field(default_factory=dict)
     entities: Optional[dict] = None
     entity_kind: Optional[str] = None
+    row_entity: Optional[np.ndarray] = None     # entity index of each training row (entity methods)
+    tables: dict = field(default_factory=dict)  # extra output tables (name -> dict of arrays)
     info: dict = field(default_factory=dict)
 
     def __post_init__(self):

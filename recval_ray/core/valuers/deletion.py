@@ -1,0 +1,543 @@
+"""Deletion diagnostics: the influence of a user or an item is what the recommender loses
+when it is retrained without it (after "Model-agnostic post-hoc explainability for
+recommender systems", seed 002).
+
+For an entity ``e`` (a user, or an item: a group of training rows) and a metric ``M``,
+
+    influence_M(e) = M(model trained on D) - M(model trained on D without e's rows),
+
+measured on the validation split (``protocol: validation``; the paper measured on the test
+split it also reports on: ``protocol: test-same``). With ``self_eval: exclude`` (default) the
+entity's own held-out rows leave both evaluations (a user removed from training cannot be
+judged on its own test items; the paper kept them: ``self_eval: include``). ``value`` is the
+influence on ``valuation.metric`` (sign flipped for error metrics), so higher = more useful.
+
+How the models are trained (``engine``):
+
+* ``batched`` (NCF, biased-MF SVD): :mod:`..deletion.stacked`, one stack per shard of
+  entities with the full model as model 0; every model shares the initialisation and batch
+  stream (common random numbers), so an influence is the deletion, not seed noise;
+* ``closed-form`` (PureSVD): the truncated SVD of the training matrix without the entity's
+  rows (users are folded in, ``P = R V``), one ``svds`` per entity; seeds do not apply;
+* ``sequential`` (any model): one model per entity, retrained from the same seeded
+  initialisation on the rows that remain, for the same number of epochs.
+
+Every entity is valued under ``seeds`` seeds (``train.seed``, ``train.seed + 1``, ...); its
+value is the mean and ``value_se`` the standard error over seeds. Work items (seed x shard of
+``shard_size`` entities) run on the executor (Ray actors in the Ray layer) and are persisted
+in the run's store as they finish, so an interrupted job resumes; a shard's result depends
+only on its seed and entities, never on the number of workers or the finishing order.
+
+The removal experiment (paper Tables 5, 6, 8, 9) retrains without the ``removal_n`` most, the
+``removal_n`` least influential and ``removal_n`` random valued entities under every seed and
+reports the metrics on the test split (rows of all removed entities excluded for every
+variant) with relative differences to the full model and their standard errors over seeds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+from ...registry import MODELS, register_valuer
+from ..data import Interactions
+from ..executor import LocalExecutor
+from ..metrics import ranking_metrics, rating_metrics, scores_fn_from_matrix
+from .base import Valuation, ValuationContext, Valuer
+
+log = logging.getLogger("recval_ray.deletion")
+
+RATING = ("mae", "rmse", "explained_variance")
+LOWER_IS_BETTER = ("mae", "rmse")
+PAPER_METRICS = ["map", "map@10", "ndcg@10", "precision@10", "recall@10", "explained_variance", "mae"]
+
+
+@dataclass
+class DeletionConfig:
+    """Options of ``valuation.method: deletion``.
+
+    ``entity``: ``user`` or ``item``; ``metric``: the influence used as ``value``;
+    ``metrics``: every influence computed (``map`` / ``mrr`` = full ranking, ``name@K``,
+    ``mae``, ``rmse``, ``explained_variance``: rating metrics on the held-out rows' ratings;
+    an implicit model's rating is its predicted probability, as in the paper);
+    ``entities``: ``all``, ``sample`` (``n_entities`` drawn with ``sample_seed``) or ``top``
+    (the ``n_entities`` with most training rows); ``seeds``: number of training seeds;
+    ``engine``: ``auto`` (batched for NCF and SVD, closed form for PureSVD, else sequential),
+    ``batched``, ``closed-form`` or ``sequential``; ``epochs``: training epochs of every
+    retrained model (null: ``train.epochs``); ``shard_size``: entities per work item;
+    ``actors``: Ray actors (0: in-process), each with ``actor_cpus`` CPUs and ``actor_gpus``
+    GPUs; ``protocol``: ``validation`` (influence on validation, removal effect on test) or
+    ``test-same`` (both on test, the paper's); ``self_eval``: ``exclude`` or ``include``;
+    ``removal_n``: entities per group of the removal experiment (0: no experiment).
+    """
+    method: str = "deletion"
+    entity: Literal["user", "item"] = "user"
+    metric: str = "map"
+    metrics: list[str] = field(default_factory=lambda: list(PAPER_METRICS))
+    entities: Literal["all", "sample", "top"] = "all"
+    n_entities: int = 100
+    sample_seed: int = 0
+    seeds: int = 3
+    engine: Literal["auto", "batched", "closed-form", "sequential"] = "auto"
+    epochs: Optional[int] = None
+    shard_size: int = 128
+    actors: int = 0
+    actor_cpus: float = 1.0
+    actor_gpus: float = 0.0
+    protocol: Literal["validation", "test-same"] = "validation"
+    self_eval: Literal["exclude", "include"] = "exclude"
+    removal_n: int = 10
+
+    def validate(self) -> None:
+        _check_metrics(list(self.metrics) + [self.metric])
+        if self.seeds < 1 or self.shard_size < 1 or self.n_entities < 1:
+            raise ValueError("valuation.seeds, valuation.shard_size and valuation.n_entities must be >= 1")
+        if self.removal_n < 0 or self.actors < 0:
+            raise ValueError("valuation.removal_n and valuation.actors must be >= 0")
+
+
+def _ranking_spec(name: str) -> str:
+    return {"map": "map_full", "mrr": "mrr_full"}.get(name, name)
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation of a family of models on one held-out part
+# ---------------------------------------------------------------------------------------
+class _Evaluator:
+    """Metrics of models on ``target`` (held-out rows), ``exclude`` removed from rankings.
+    ``groups``: the entity of each target row (user or item index)."""
+
+    def __init__(self, target: Interactions, exclude: list, names: list, eval_cfg, groups: np.ndarray,
+                 kind: str, device):
+        self.target, self.exclude, self.names = target, exclude, names
+        self.rank = [n for n in names if n not in RATING]
+        self.rate = [n for n in names if n in RATING]
+        self.kw = dict(ndcg_variant=eval_cfg.ndcg_variant, recall_variant=eval_cfg.recall_variant,
+                       users=eval_cfg.users, batch_users=eval_cfg.batch_users, device=device)
+        self.groups, self.kind, self.device = groups, kind, device
+        if self.rate and target.rating is None:
+            raise ValueError(f"valuation.metrics {self.rate} need ratings in the data")
+
+    def _ranking(self, score_fn, target: Interactions) -> dict:
+        if not self.rank:
+            return {}
+        return ranking_metrics(score_fn, target, self.exclude, metrics=[_ranking_spec(n) for n in self.rank],
+                               ks=[], **self.kw)
+
+    def predictions(self, model) -> np.ndarray:
+        if not self.rate:
+            return np.zeros(0)
+        t = self.target
+        with torch.no_grad():
+            u = torch.as_tensor(t.user, device=self.device)
+            i = torch.as_tensor(t.item, device=self.device)
+            p = model.predict(u, i).float()
+            if not getattr(model, "explicit", False) and hasattr(model, "out"):
+                p = torch.sigmoid(p)         # an implicit NCF's "rating": its probability
+        return p.cpu().numpy().astype(np.float64)
+
+    def _rating(self, pred: np.ndarray, rows: np.ndarray) -> dict:
+        if not self.rate:
+            return {}
+        r = rating_metrics(pred[rows], self.target.rating[rows])
+        return {n: r[n] for n in self.rate}
+
+    def per_user(self, score_fn) -> tuple[np.ndarray, np.ndarray]:
+        out = ranking_metrics(score_fn, self.target, self.exclude, metrics=[_ranking_spec(n) for n in self.rank],
+                              ks=[], per_user=True, **self.kw)
+        return out["users"], np.stack([out[n] for n in self.rank], 1) if self.rank else np.zeros((len(out["users"]), 0))
+
+    def evaluate(self, models, sets: list, union: bool, self_exclude: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``models(j)`` -> module of model j (j = 0: the full model). Returns
+        ``(full [n, m], model [n, m])``: model j's metrics and the full model's on the same
+        rows (the target minus set j's rows when ``self_exclude``, minus every set's rows when
+        ``union``)."""
+        n, m = len(sets), len(self.names)
+        full_m, mod_m = np.zeros((n, m)), np.zeros((n, m))
+        full = models(0)
+        S = full.score_users(torch.arange(self.target.n_users, device=self.device)).detach()
+        full_fn = scores_fn_from_matrix(S)
+        full_pred = self.predictions(full)
+        all_rows = np.ones(len(self.target), bool)
+        if union:
+            drop = np.concatenate([np.asarray(s, np.int64) for s in sets]) if sets else np.zeros(0, np.int64)
+            base_rows = ~np.isin(self.groups, drop)
+        else:
+            base_rows = all_rows
+        fast_user = self.kind == "user" and not union
+        if fast_user:
+            users, F_u = self.per_user(full_fn)
+        else:
+            tgt0 = self.target.take(base_rows)
+            F0 = self._ranking(full_fn, tgt0) | self._rating(full_pred, base_rows)
+        for j in range(n):
+            model = full if j == 0 else models(j)
+            drop_j = np.asarray(sets[j], np.int64) if self_exclude else np.zeros(0, np.int64)
+            rows = base_rows & ~np.isin(self.groups, drop_j)
+            pred = full_pred if j == 0 else self.predictions(model)
+            fn = full_fn if j == 0 else model.score_users
+            if fast_user:
+                keep_u = ~np.isin(users, drop_j)
+                M_u = F_u if j == 0 else self.per_user(fn)[1]
+                fr = dict(zip(self.rank, F_u[keep_u].mean(0))) if len(self.rank) else {}
+                mr = dict(zip(self.rank, M_u[keep_u].mean(0))) if len(self.rank) else {}
+                fr |= self._rating(full_pred, rows)
+                mr |= self._rating(pred, rows)
+            elif len(drop_j):
+                tgt = self.target.take(rows)
+                fr = self._ranking(full_fn, tgt) | self._rating(full_pred, rows)
+                mr = self._ranking(fn, tgt) | self._rating(pred, rows)
+            else:
+                fr = F0
+                mr = F0 if j == 0 else self._ranking(fn, tgt0) | self._rating(pred, rows)
+            full_m[j] = [fr[k] for k in self.names]
+            mod_m[j] = [mr[k] for k in self.names]
+        return full_m, mod_m
+
+
+# ---------------------------------------------------------------------------------------
+# one work item: train a family of models (the full one first) and evaluate them
+# ---------------------------------------------------------------------------------------
+def resolve_engine(opts: DeletionConfig, model_kind: str) -> str:
+    if opts.engine != "auto":
+        return opts.engine
+    if model_kind == "puresvd":
+        return "closed-form"
+    if model_kind in ("ncf", "svd"):
+        return "batched"
+    return "sequential"
+
+
+def _train_family(shared: dict, seed: int, sets: list):
+    """Models trained without each set of groups (``sets[0] = []``: the full model).
+    Returns ``models(j) -> nn.Module``."""
+    from ..train import build_task, fit
+    opts: DeletionConfig = shared["opts"]
+    train: Interactions = shared["train"]
+    row_group = shared["row_group"]
+    tcfg = dataclasses.replace(shared["train_cfg"], seed=int(seed),
+                               epochs=int(opts.epochs or shared["train_cfg"].epochs))
+    engine = shared["engine"]
+    if engine == "batched":
+        from ..deletion.stacked import train_stacked
+        task = build_task(shared["model_cfg"], train, tcfg)
+        drop = torch.zeros(len(sets), shared["n_groups"], dtype=torch.bool)
+        for j, s in enumerate(sets):
+            drop[j, torch.as_tensor(np.asarray(s, np.int64))] = True
+        stack = train_stacked(task, tcfg, drop, torch.as_tensor(row_group), seed=int(seed))
+        module = task.model
+        module.eval()
+        return lambda j: stack.load(module, j)
+    if engine == "closed-form":
+        return _puresvd_family(shared, sets)
+    cache = {}
+
+    def models(j):
+        if j not in cache:
+            cache.clear()
+            rows = ~np.isin(row_group, np.asarray(sets[j], np.int64))
+            task = build_task(shared["model_cfg"], train.take(rows), tcfg)
+            fit(task, tcfg, valid=None, track_losses=False)
+            cache[j] = task.model
+        return cache[j]
+    return models
+
+
+def _puresvd_family(shared: dict, sets: list):
+    """PureSVD without each set of groups: SVD of the training matrix with the set's rows
+    removed; every user is scored by folding in, ``P = R V`` (equal to ``U S`` for users
+    that stayed)."""
+    from ..models.svd import PureSVD, truncated_svd
+    train: Interactions = shared["train"]
+    row_group = shared["row_group"]
+    rank = shared["model_cfg"].rank
+    seed = int(shared["train_cfg"].seed)
+    R_full = train.csr()
+    R_full.data[:] = 1.0
+    module = PureSVD(train.n_users, train.n_items, rank)
+    module.eval()
+
+    def models(j):
+        rows = ~np.isin(row_group, np.asarray(sets[j], np.int64))
+        R = train.take(rows).csr()
+        R.data[:] = 1.0
+        _, _, V = truncated_svd(R, module.P.shape[1], seed, shared["model_cfg"].tol)
+        with torch.no_grad():
+            module.P.copy_(torch.as_tensor(R_full @ V, dtype=torch.float32))
+            module.Q.copy_(torch.as_tensor(V, dtype=torch.float32))
+        return module
+    return models
+
+
+def run_work_item(shared: dict, item: dict) -> dict:
+    """Train the item's family under its seed and evaluate it (Ray-free; runs on actors)."""
+    torch.set_num_threads(max(1, int(shared.get("threads", 1))))
+    t0 = time.perf_counter()
+    sets = [np.asarray(s, np.int64) for s in item["sets"]]
+    models = _train_family(shared, item["seed"], sets)
+    ev: _Evaluator = shared["evaluators"][item["part"]]
+    full_m, mod_m = ev.evaluate(models, sets, union=item["union"], self_exclude=item["self_exclude"])
+    return {"full": full_m, "model": mod_m, "seconds": np.float64(time.perf_counter() - t0)}
+
+
+# ---------------------------------------------------------------------------------------
+# the valuer
+# ---------------------------------------------------------------------------------------
+class DeletionValuer(Valuer):
+    name = "deletion"
+
+    def value(self, ctx: ValuationContext) -> Valuation:
+        opts: DeletionConfig = self.options
+        split = ctx.split
+        train = split.train
+        kind = opts.entity
+        names = list(dict.fromkeys(opts.metrics + [opts.metric]))
+        _check_metrics(names)
+        row_group = (train.user if kind == "user" else train.item).astype(np.int64)
+        n_groups = train.n_users if kind == "user" else train.n_items
+        engine = resolve_engine(opts, ctx.model_cfg.kind)
+        seeds = [int(ctx.train_cfg.seed) + k for k in range(max(1, opts.seeds))]
+        if engine == "closed-form":
+            seeds = seeds[:1]       # deterministic: more seeds would repeat the same numbers
+        entities = select_entities(row_group, n_groups, opts)
+        dev = ctx.base.task.device if ctx.base is not None else torch.device("cpu")
+        infl_part = "valid" if opts.protocol == "validation" else "test"
+        if infl_part == "valid" and len(split.valid) == 0:
+            raise ValueError("valuation.protocol: validation needs a validation split "
+                             "(split ratios with three parts), or use protocol: test-same")
+        evaluators = {}
+        for part, excl in (("valid", [train]), ("test", [train, split.valid])):
+            tgt = getattr(split, part)
+            if len(tgt):
+                evaluators[part] = _Evaluator(tgt, excl, names, ctx.eval_cfg,
+                                              (tgt.user if kind == "user" else tgt.item), kind, dev)
+        shared = {"opts": opts, "train": train, "row_group": row_group, "n_groups": n_groups,
+                  "model_cfg": ctx.model_cfg, "train_cfg": ctx.train_cfg, "engine": engine,
+                  "evaluators": evaluators, "threads": max(1, int(opts.actor_cpus)) if opts.actors else
+                  torch.get_num_threads()}
+        shards = [entities[i:i + opts.shard_size] for i in range(0, len(entities), max(1, opts.shard_size))]
+        items, keys = [], []
+        for s in seeds:
+            for k, ents in enumerate(shards):
+                items.append({"seed": s, "sets": [[]] + [[int(e)] for e in ents], "part": infl_part,
+                              "union": False, "self_exclude": opts.self_eval == "exclude"})
+                keys.append(f"influence-seed{s}-shard{k:04d}-of{len(shards):04d}")
+        results = self._run(ctx, shared, items, keys, "influence", n_models=len(entities) * len(seeds))
+
+        # influence[s, e, m] = full - without e
+        infl = np.full((len(seeds), len(entities), len(names)), np.nan)
+        for idx, (s_i, k) in enumerate((si, k) for si in range(len(seeds)) for k in range(len(shards))):
+            r = results[idx]
+            lo = k * opts.shard_size
+            infl[s_i, lo:lo + len(shards[k])] = (r["full"] - r["model"])[1:]
+        sign = np.array([-1.0 if n in LOWER_IS_BETTER else 1.0 for n in names])
+        vcol = names.index(opts.metric)
+        per_seed_value = infl[:, :, vcol] * sign[vcol]
+        value = per_seed_value.mean(0)
+        se = _se(per_seed_value)
+
+        ent_value = np.full(n_groups, np.nan)
+        ent_value[entities] = value
+        values_row = ent_value[row_group]
+        table = self._entity_table(ctx, kind, entities, value, se, infl, names, row_group, train)
+        info = {"entity": kind, "engine": engine, "seeds": seeds, "entities_valued": int(len(entities)),
+                "metric": opts.metric, "metrics": names, "protocol": opts.protocol,
+                "influence_split": infl_part, "self_eval": opts.self_eval,
+                "epochs": int(opts.epochs or ctx.train_cfg.epochs), "shard_size": opts.shard_size,
+                "actors": opts.actors, "work_items": len(items),
+                "train_seconds_sum": float(sum(float(r["seconds"]) for r in results))}
+        info.update(stability(per_seed_value))
+        tables = {}
+        if opts.removal_n > 0 and len(entities) >= 2 * opts.removal_n and "test" in evaluators:
+            removal, groups = self._removal(ctx, shared, seeds, entities, value, names)
+            tables["removal_experiment"] = removal
+            info["removal"] = {g: [int(x) for x in ids] for g, ids in groups.items()}
+        return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
+                         entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info)
+
+    # -- execution with resume -----------------------------------------------------------
+    def _run(self, ctx, shared, items, keys, label, n_models) -> list:
+        store = ctx.store
+        fp = fingerprint(ctx, self.options)
+        results: list = [None] * len(items)
+        todo = []
+        for i, key in enumerate(keys):
+            got = store.get(f"{fp}/{key}") if store is not None else None
+            if got is not None:
+                results[i] = got
+            else:
+                todo.append(i)
+        if len(todo) < len(items):
+            log.info("deletion %s: %d of %d work items found in the run's store, resuming",
+                     label, len(items) - len(todo), len(items))
+        per_item = n_models / max(1, len(items))
+        t0 = time.perf_counter()
+        done = [0]
+
+        def on_result(j, res):
+            i = todo[j]
+            results[i] = res
+            if store is not None:
+                store.put(f"{fp}/{keys[i]}", res)
+            done[0] += 1
+            el = time.perf_counter() - t0
+            rate = done[0] * per_item / max(el, 1e-9)
+            eta = (len(todo) - done[0]) * per_item / max(rate, 1e-9)
+            log.info("deletion %s: %d/%d work items (%d/%d models), %.2f models/s, ETA %s",
+                     label, len(items) - len(todo) + done[0], len(items),
+                     int((len(items) - len(todo) + done[0]) * per_item), n_models, rate, _fmt(eta))
+        executor = ctx.executor or LocalExecutor()
+        if todo:
+            executor.map(run_work_item, shared, [items[i] for i in todo], on_result)
+        return results
+
+    # -- removal experiment --------------------------------------------------------------
+    def _removal(self, ctx, shared, seeds, entities, value, names):
+        opts: DeletionConfig = self.options
+        n = opts.removal_n
+        order = np.lexsort((entities, -value))            # most influential first, ties by id
+        ok = ~np.isnan(value[order])
+        order = order[ok]
+        most, least = entities[order[:n]], entities[order[::-1][:n]]
+        rng = np.random.default_rng([opts.sample_seed, 1])
+        rand = np.sort(rng.choice(entities, size=n, replace=False))
+        groups = {"most_influential": np.sort(most), "least_influential": np.sort(least), "random": rand}
+        sets = [[]] + [list(map(int, g)) for g in groups.values()]
+        items = [{"seed": s, "sets": sets, "part": "test", "union": True, "self_exclude": False} for s in seeds]
+        keys = [f"removal-seed{s}" for s in seeds]
+        res = self._run(ctx, shared, items, keys, "removal", n_models=len(items) * len(sets))
+        M = np.stack([r["model"] for r in res])            # [S, 4, m]
+        rel = (M[:, 1:] - M[:, :1]) / np.where(M[:, :1] == 0, np.nan, M[:, :1])
+        rows = {"variant": [], "metric": [], "mean": [], "se": [], "relative_diff": [], "relative_se": [],
+                "n_seeds": []}
+        variants = ["full"] + list(groups)
+        for v, name in enumerate(variants):
+            for k, metric in enumerate(names):
+                rows["variant"].append(name)
+                rows["metric"].append(metric)
+                rows["mean"].append(float(M[:, v, k].mean()))
+                rows["se"].append(float(_se(M[:, v, k][:, None])[0]))
+                rows["relative_diff"].append(0.0 if v == 0 else float(np.nanmean(rel[:, v - 1, k])))
+                rows["relative_se"].append(0.0 if v == 0 else float(_se(rel[:, v - 1, k][:, None])[0]))
+                rows["n_seeds"].append(len(seeds))
+        return rows, groups
+
+    # -- entity table --------------------------------------------------------------------
+    def _entity_table(self, ctx, kind, entities, value, se, infl, names, row_group, train) -> dict:
+        counts = np.bincount(row_group, minlength=int(row_group.max(initial=-1)) + 1)
+        table = {}
+        ds = ctx.dataset
+        if ds is not None:
+            ids = ds.original_users(entities) if kind == "user" else ds.original_items(entities)
+        else:
+            ids = entities
+        table[f"{kind}_id"] = ids
+        table["value"] = value
+        table["value_se"] = se
+        for k, n in enumerate(names):
+            table[f"influence_{n}"] = infl[:, :, k].mean(0)
+            table[f"se_{n}"] = _se(infl[:, :, k])
+        table["n_ratings"] = counts[entities].astype(np.int64)
+        if train.rating is not None:
+            r = np.asarray(train.rating, np.float64)
+            s1 = np.bincount(row_group, weights=r, minlength=len(counts))
+            s2 = np.bincount(row_group, weights=r * r, minlength=len(counts))
+            c = np.maximum(counts, 1)
+            mean = s1 / c
+            std = np.sqrt(np.maximum(s2 / c - mean ** 2, 0.0) * c / np.maximum(c - 1, 1))
+            table["mean_rating"] = mean[entities]
+            table["std_rating"] = std[entities]
+        table["n_seeds"] = np.full(len(entities), infl.shape[0], np.int64)
+        return table
+
+
+def select_entities(row_group: np.ndarray, n_groups: int, opts: DeletionConfig) -> np.ndarray:
+    """Sorted indices of the entities to value (those with at least one training row)."""
+    counts = np.bincount(row_group, minlength=n_groups)
+    present = np.flatnonzero(counts > 0)
+    n = min(int(opts.n_entities), len(present))
+    if opts.entities == "all":
+        return present
+    if opts.entities == "sample":
+        rng = np.random.default_rng(opts.sample_seed)
+        return np.sort(rng.choice(present, size=n, replace=False))
+    order = np.lexsort((present, -counts[present]))   # most rows first, ties by index
+    return np.sort(present[order[:n]])
+
+
+def stability(per_seed: np.ndarray) -> dict:
+    """Spearman correlation of the entities' values between two disjoint halves of the seeds
+    (first floor(S/2) vs the rest), and the mean over pairs of single seeds."""
+    from scipy.stats import spearmanr
+    S = per_seed.shape[0]
+    if S < 2:
+        return {}
+    h = S // 2
+    a, b = per_seed[:h].mean(0), per_seed[h:].mean(0)
+    ok = np.isfinite(a) & np.isfinite(b)
+    out = {"stability_spearman_halves": float(spearmanr(a[ok], b[ok]).statistic),
+           "stability_halves": [list(range(h)), list(range(h, S))]}
+    pairs = [float(spearmanr(per_seed[i], per_seed[j]).statistic) for i in range(S) for j in range(i + 1, S)]
+    out["stability_spearman_seed_pairs_mean"] = float(np.mean(pairs))
+    return out
+
+
+def _se(x: np.ndarray) -> np.ndarray:
+    """Standard error over axis 0 (ddof 1); NaN with a single seed."""
+    S = x.shape[0]
+    if S < 2:
+        return np.full(x.shape[1:], np.nan)
+    return np.nanstd(x, axis=0, ddof=1) / math.sqrt(S)
+
+
+def _check_metrics(names: list) -> None:
+    from ..metrics import parse_metric
+    for n in names:
+        if n in RATING or n in ("map", "mrr"):
+            continue
+        base, k = parse_metric(n)
+        if k is None:
+            raise ValueError(f"valuation.metrics: {n!r}: give a cut-off (e.g. {n}@10), or map / mrr "
+                             "for the full ranking, or one of " + ", ".join(RATING))
+
+
+def fingerprint(ctx: ValuationContext, opts: DeletionConfig) -> str:
+    """What a work item's result depends on: data, split, model, training, valuation settings
+    (not the number of actors). Stored results are reused only under the same fingerprint."""
+    o = dataclasses.asdict(opts)
+    for k in ("actors", "actor_cpus", "actor_gpus"):
+        o.pop(k, None)
+    split = ctx.split
+    h = hashlib.sha256()
+    for part in (split.train, split.valid, split.test):
+        h.update(np.ascontiguousarray(part.user).tobytes())
+        h.update(np.ascontiguousarray(part.item).tobytes())
+        if part.rating is not None:
+            h.update(np.ascontiguousarray(part.rating).tobytes())
+    blob = json.dumps({"valuation": o, "model": dataclasses.asdict(ctx.model_cfg),
+                       "train": dataclasses.asdict(ctx.train_cfg),
+                       "evaluate": dataclasses.asdict(ctx.eval_cfg)}, sort_keys=True, default=str)
+    h.update(blob.encode())
+    return "deletion-" + h.hexdigest()[:16]
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+@register_valuer("deletion", DeletionConfig)
+def build_deletion(opts: DeletionConfig) -> DeletionValuer:
+    if opts.seeds < 1:
+        raise ValueError("valuation.seeds must be >= 1")
+    if opts.shard_size < 1:
+        raise ValueError("valuation.shard_size must be >= 1")
+    return DeletionValuer(opts)
