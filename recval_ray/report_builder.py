@@ -49,6 +49,9 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
     else:
         rep.histogram({"all": v}, title="values", xlabel="value (higher = more useful)")
 
+    if valuation.entities is not None:
+        entity_section(rep, valuation, metrics)
+
     hist = [h for h in base.history if any(k.startswith("valid_") for k in h)]
     if base.history:
         ep = np.array([h["epoch"] for h in base.history], dtype=float)
@@ -63,3 +66,49 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
     rep.heading("Training runs")
     rep.table([{"model": k, **s} for k, s in metrics["training"].items()])
     return rep.html()
+
+
+def entity_section(rep, valuation, metrics: dict) -> None:
+    """Entity-level values (deletion diagnostics): influence vs number of ratings (the
+    paper's Fig. 3), the influence histogram, the 5 most and least influential entities
+    (Tables 4, 7, 13) and the removal experiment (Tables 5, 6, 8, 9)."""
+    ent = valuation.entities
+    kind = valuation.entity_kind or "entity"
+    info = valuation.info
+    metric = info.get("metric", "value")
+    value = np.asarray(ent["value"], dtype=float)
+    ids = np.asarray(ent[f"{kind}_id"].to_pylist() if hasattr(ent[f"{kind}_id"], "to_pylist")
+                     else ent[f"{kind}_id"])
+    rep.heading(f"Influence of {kind}s ({metric}, {info.get('influence_split', '')})")
+    rep.paragraph(f"influence = {metric}(full model) - {metric}(model retrained without the {kind}), "
+                  f"mean over {len(info.get('seeds', []))} seed(s), engine {info.get('engine')}, "
+                  f"{info.get('entities_valued')} {kind}s valued"
+                  + (f"; Spearman of the values between disjoint seed halves "
+                     f"{info['stability_spearman_halves']:.3f}" if "stability_spearman_halves" in info else ""))
+    rep.scatter(np.asarray(ent["n_ratings"], float), value, title=f"influence vs number of ratings",
+                xlabel=f"training interactions of the {kind}", ylabel=f"influence on {metric}", logx=True)
+    rep.histogram({f"{kind}s": value}, title=f"influence on {metric}", xlabel="influence")
+    cols = [f"{kind}_id", "value", "value_se", "n_ratings"] + \
+        [c for c in ("mean_rating", "std_rating") if c in ent]
+    order = np.argsort(-np.where(np.isnan(value), -np.inf, value), kind="stable")
+    for title, idx in (("most influential", order[:5]),
+                       ("least influential", order[::-1][:5][np.isfinite(value[order[::-1][:5]])])):
+        rows = [{c: (ids[i] if c == f"{kind}_id" else np.asarray(ent[c])[i]) for c in cols} for i in idx]
+        rep.table(rows, cols, caption=f"the 5 {title} {kind}s")
+    rem = metrics.get("removal_experiment")
+    if rem:
+        groups = info.get("removal", {})
+        n = len(next(iter(groups.values()), []))
+        rep.heading(f"Removal experiment: retrained without {n} {kind}s (test split)", level=3)
+        names = list(dict.fromkeys(r["metric"] for r in rem))
+        rows = []
+        for variant in dict.fromkeys(r["variant"] for r in rem):
+            row = {"variant": variant}
+            for r in rem:
+                if r["variant"] == variant:
+                    row[r["metric"]] = (f"{r['mean']:.4f} +- {r['se']:.4f}" if variant == "full" else
+                                        f"{100 * r['relative_diff']:+.2f}% +- {100 * r['relative_se']:.2f}")
+            rows.append(row)
+        rep.table(rows, ["variant"] + names,
+                  caption="full model: mean +- standard error over seeds; others: relative difference "
+                          "to the full model +- its standard error over seeds")

@@ -1,0 +1,115 @@
+"""Deletion diagnostics: the batched engine vs one-model-at-a-time retraining, same work.
+
+Work: leave-one-user-out retraining of the deletion paper's NCF (dim 4, MLP 16-8-4, 4
+negatives, batch 256, Adam lr 1e-3) on ML-100K (the 65% training part of
+``jobs/ml100k_deletion_ncf.yaml``; synthetic ML-100K-sized data when ``$RECVAL_DATA_DIR`` has
+no ml-100k), for the first ``--users`` users plus the full model, ``--epochs`` epochs.
+
+* ours: :func:`recval_ray.core.deletion.stacked.train_stacked`, all models in one stack;
+* theirs: :func:`recval_ray.core.deletion.stacked.train_reference`, one model at a time
+  (torch's SparseAdam + Adam, the same batch stream with the user's rows removed: the same
+  models, checked below). By default ``--baseline-models`` of them are timed and the time per
+  model is multiplied by the number of models (each is an independent, identical amount of
+  work); ``--full-baseline`` times all of them.
+
+Prints a table and, last, one JSON line: name, ratio (their time / ours), sizes, seconds, the
+largest parameter difference between the stacked and the reference models.
+
+    python bench/deletion.py [--users 64] [--epochs 10] [--device cpu|cuda] [--full-baseline]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from recval_ray.config import load_config  # noqa: E402
+from recval_ray.core.deletion.stacked import train_reference, train_stacked  # noqa: E402
+from recval_ray.core.train import build_task  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_train(device: str):
+    import dataclasses
+    data_dir = os.environ.get("RECVAL_DATA_DIR") or os.path.join(HERE, "..", "..", "shared", "data")
+    job = os.path.join(HERE, "..", "jobs", "ml100k_deletion_ncf.yaml")
+    if os.path.isdir(os.path.join(data_dir, "ml-100k")):
+        os.environ["RECVAL_DATA_DIR"] = data_dir
+        cfg = load_config(job)
+        source = "ml-100k"
+    else:
+        os.environ.setdefault("RECVAL_DATA_DIR", "/nonexistent")
+        cfg = load_config(job, ["data={format: synthetic, synthetic: {n_users: 943, n_items: 1682, "
+                                "interactions_per_user: 106, seed: 0}}"])
+        source = "synthetic (943 x 1682)"
+    from recval_ray.pipeline import load_data, make_split
+    ds = load_data(cfg, use_ray=False)
+    split, _ = make_split(cfg, ds)
+    cfg.train = dataclasses.replace(cfg.train, device=device)
+    return cfg, split.train, source
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--users", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--baseline-models", type=int, default=3)
+    ap.add_argument("--full-baseline", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg, train, source = load_train(args.device)
+    group = torch.as_tensor(train.user)
+    users = np.arange(min(args.users, train.n_users))
+    B = len(users) + 1
+    drop = torch.zeros(B, train.n_users, dtype=torch.bool)
+    drop[torch.arange(1, B), torch.as_tensor(users)] = True
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    task = build_task(cfg.model, train, cfg.train)
+    sync()
+    t = time.perf_counter()
+    stack = train_stacked(task, cfg.train, drop, group, seed=cfg.train.seed, epochs=args.epochs)
+    sync()
+    ours = time.perf_counter() - t
+
+    n_ref = B if args.full_baseline else min(B, args.baseline_models)
+    check = np.linspace(0, B - 1, n_ref).round().astype(int)
+    t = time.perf_counter()
+    worst = 0.0
+    for b in check:
+        dropped = torch.tensor([int(users[b - 1])] if b else [], dtype=torch.long)
+        ref = train_reference(build_task(cfg.model, train, cfg.train), cfg.train, dropped, group,
+                              seed=cfg.train.seed, epochs=args.epochs)
+        sync()
+        got = stack.load(build_task(cfg.model, train, cfg.train).model, int(b))
+        for (_, p), (_, q) in zip(ref.named_parameters(), got.named_parameters()):
+            worst = max(worst, float((p.detach() - q.detach()).abs().max()))
+    measured = time.perf_counter() - t
+    theirs = measured / n_ref * B
+
+    print(f"data: {source}, {len(train)} training rows, {train.n_users} users, {train.n_items} items")
+    print(f"{'models':>8} {'epochs':>7} {'ours s':>9} {'theirs s':>10} {'ratio':>7}")
+    print(f"{B:>8} {args.epochs:>7} {ours:>9.1f} {theirs:>10.1f} {theirs / ours:>7.1f}")
+    print(f"one-at-a-time: {measured / n_ref:.2f} s per model ({n_ref} timed"
+          f"{'' if n_ref == B else f', x {B} models'}); largest parameter difference {worst:.2e}")
+    print(json.dumps({"name": "deletion_batched_vs_sequential", "ratio": round(theirs / ours, 2),
+                      "models": B, "users_deleted": int(len(users)), "epochs": args.epochs,
+                      "train_rows": len(train), "n_users": train.n_users, "n_items": train.n_items,
+                      "ours_s": round(ours, 2), "theirs_s": round(theirs, 2),
+                      "theirs_per_model_s": round(measured / n_ref, 3), "theirs_models_timed": int(n_ref),
+                      "max_param_diff": worst, "device": args.device, "threads": args.threads,
+                      "data": source}))
+
+
+if __name__ == "__main__":
+    main()

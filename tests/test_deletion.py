@@ -1,0 +1,301 @@
+"""Deletion diagnostics: the batched engine against one-model-at-a-time retraining, the
+closed form, the evaluator's fast path, resume, actor-count independence, entity pruning."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from recval_ray.config import EvaluateConfig, PruneConfig, TrainConfig
+from recval_ray.core.data import Interactions, Split
+from recval_ray.core.deletion.stacked import train_reference, train_stacked
+from recval_ray.core.executor import LocalExecutor, ShardStore
+from recval_ray.core.metrics import ranking_metrics
+from recval_ray.core.models.ncf import NCFConfig
+from recval_ray.core.models.svd import PureSVDConfig, SVDConfig
+from recval_ray.core.prune import prune_mask, random_prune_mask
+from recval_ray.core.train import build_task, fit
+from recval_ray.core.valuers.base import ValuationContext
+from recval_ray.core.valuers.deletion import (DeletionConfig, DeletionValuer, _Evaluator, stability,
+                                              select_entities)
+
+
+def data(n_users=20, n_items=30, per_user=6, seed=0) -> Interactions:
+    rng = np.random.default_rng(seed)
+    items = np.stack([rng.choice(n_items, per_user, replace=False) for _ in range(n_users)])
+    r = rng.integers(1, 6, n_users * per_user).astype(np.float32)
+    return Interactions(np.repeat(np.arange(n_users), per_user), items.ravel(), n_users, n_items, rating=r)
+
+
+def split_of(inter: Interactions, seed=1) -> Split:
+    rng = np.random.default_rng(seed)
+    part = rng.choice(3, len(inter), p=[0.6, 0.2, 0.2])
+    return Split(inter.take(part == 0), inter.take(part == 1), inter.take(part == 2))
+
+
+FAMILIES = {
+    "ncf-implicit-dropout": (NCFConfig(dim=4, mlp_layers=[8, 4], num_negatives=2, init="ncf", dropout=0.2),
+                             TrainConfig(epochs=3, batch_size=12, lr=0.01)),
+    "ncf-explicit": (NCFConfig(dim=4, mlp_layers=[8, 4], mode="explicit"),
+                     TrainConfig(epochs=3, batch_size=8, lr=0.01)),
+    "svd-sgd": (SVDConfig(n_factors=5), TrainConfig(epochs=3, batch_size=8, lr=0.02, optimizer="sgd")),
+    "svd-unbiased-adam": (SVDConfig(n_factors=5, biased=False), TrainConfig(epochs=3, batch_size=8, lr=0.01)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("kind", ["user", "item"])
+def test_batched_engine_equals_one_model_at_a_time(family, kind):
+    """Each model of a stack = the same model trained alone (SparseAdam / Adam / SGD from
+    torch) on the same batch stream with its entity's rows removed."""
+    mc, tc = FAMILIES[family]
+    tr = data()
+    group = torch.as_tensor(tr.user if kind == "user" else tr.item)
+    n_groups = tr.n_users if kind == "user" else tr.n_items
+    ents = [0, 3, int(group[7])]
+    drop = torch.zeros(len(ents) + 1, n_groups, dtype=torch.bool)
+    for b, e in enumerate(ents):
+        drop[b + 1, e] = True
+    stack = train_stacked(build_task(mc, tr, tc), tc, drop, group, seed=0)
+    init = {n: p.detach().clone() for n, p in build_task(mc, tr, tc).model.named_parameters()}
+    for b in range(len(ents) + 1):
+        dropped = torch.tensor([ents[b - 1]] if b else [], dtype=torch.long)
+        ref = train_reference(build_task(mc, tr, tc), tc, dropped, group, seed=0)
+        got = stack.load(build_task(mc, tr, tc).model, b)
+        moved = 0.0
+        for (name, p), (_, q) in zip(ref.named_parameters(), got.named_parameters()):
+            torch.testing.assert_close(q, p, atol=2e-6, rtol=1e-5, msg=f"model {b} {name}")
+            moved = max(moved, float((p.detach() - init[name]).abs().max()))
+        assert moved > 1e-3     # it trained
+
+
+def test_models_of_a_stack_do_not_depend_on_their_neighbours():
+    mc, tc = FAMILIES["ncf-implicit-dropout"]
+    tr = data()
+    group = torch.as_tensor(tr.user)
+    a = torch.zeros(3, tr.n_users, dtype=torch.bool)
+    a[1, 2], a[2, 5] = True, True
+    b = torch.zeros(2, tr.n_users, dtype=torch.bool)
+    b[1, 5] = True
+    sa = train_stacked(build_task(mc, tr, tc), tc, a, group, seed=0)
+    sb = train_stacked(build_task(mc, tr, tc), tc, b, group, seed=0)
+    for name in sa.tables:
+        torch.testing.assert_close(sa.tables[name][:, 2], sb.tables[name][:, 1], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(sa.tables[name][:, 0], sb.tables[name][:, 0], atol=1e-6, rtol=1e-5)
+    # and deleting a user changes the model
+    assert float((sa.tables["item"][:, 0] - sa.tables["item"][:, 2]).abs().max()) > 1e-4
+
+
+def test_weight_decay_is_refused_by_the_batched_engine():
+    mc, tc = FAMILIES["ncf-explicit"]
+    tc = dataclasses.replace(tc, weight_decay=1e-4)
+    tr = data()
+    with pytest.raises(ValueError, match="weight_decay"):
+        train_stacked(build_task(mc, tr, tc), tc, torch.zeros(2, tr.n_users, dtype=torch.bool),
+                      torch.as_tensor(tr.user), seed=0)
+
+
+def ctx_for(split: Split, model_cfg, train_cfg, store=None, executor=None) -> ValuationContext:
+    ev = EvaluateConfig(metrics=["map_full"], ks=[5])
+    return ValuationContext(split=split, base=None, model_cfg=model_cfg, train_cfg=train_cfg, eval_cfg=ev,
+                            store=store, executor=executor)
+
+
+OPTS = dict(metrics=["map", "map@5", "ndcg@5", "recall@5", "mae", "explained_variance"], seeds=2,
+            shard_size=6, removal_n=3)
+
+
+def test_valuer_influence_equals_sequential_reference_metrics():
+    """influence(e) from the valuer = metric(full) - metric(model without e), both models
+    trained one at a time by the reference trainer and evaluated directly."""
+    mc, tc = FAMILIES["ncf-implicit-dropout"]
+    sp = split_of(data(n_users=16))
+    opts = DeletionConfig(entity="user", seeds=1, shard_size=5, removal_n=0,
+                          metrics=["map", "ndcg@5", "mae"], entities="sample", n_entities=4, sample_seed=3)
+    val = DeletionValuer(opts).value(ctx_for(sp, mc, tc))
+    ents = select_entities(sp.train.user, sp.train.n_users, opts)
+    group = torch.as_tensor(sp.train.user)
+    full = train_reference(build_task(mc, sp.train, tc), tc, torch.tensor([], dtype=torch.long), group, seed=0)
+    for e in ents:
+        without = train_reference(build_task(mc, sp.train, tc), tc, torch.tensor([e]), group, seed=0)
+        tgt = sp.valid.take(sp.valid.user != e)      # self_eval: exclude
+        m_full = ranking_metrics(full.score_users, tgt, [sp.train], metrics=["map_full", "ndcg@5"], ks=[])
+        m_wo = ranking_metrics(without.score_users, tgt, [sp.train], metrics=["map_full", "ndcg@5"], ks=[])
+        row = list(val.entities["user_id"]).index(e)
+        assert val.entities["influence_map"][row] == pytest.approx(m_full["map"] - m_wo["map"], abs=1e-5)
+        assert val.entities["influence_ndcg@5"][row] == pytest.approx(m_full["ndcg@5"] - m_wo["ndcg@5"], abs=1e-5)
+        with torch.no_grad():
+            p_full = torch.sigmoid(full.predict(torch.as_tensor(tgt.user), torch.as_tensor(tgt.item))).numpy()
+            p_wo = torch.sigmoid(without.predict(torch.as_tensor(tgt.user), torch.as_tensor(tgt.item))).numpy()
+        mae = np.mean(np.abs(tgt.rating - p_full)) - np.mean(np.abs(tgt.rating - p_wo))
+        assert val.entities["influence_mae"][row] == pytest.approx(mae, abs=1e-5)
+    # value = influence on the chosen metric; rows carry their entity's value; others NaN
+    assert np.allclose(val.entities["value"], val.entities["influence_map"])
+    valued = np.isin(sp.train.user, ents)
+    assert np.isnan(val.values[~valued]).all() and np.isfinite(val.values[valued]).all()
+
+
+def test_evaluator_fast_user_path_equals_recomputation():
+    mc, tc = FAMILIES["ncf-explicit"]
+    sp = split_of(data())
+    ev_cfg = EvaluateConfig()
+    names = ["map", "map@5", "ndcg@5", "precision@5", "mae", "explained_variance"]
+    task = build_task(mc, sp.train, tc)
+    fit(task, tc, track_losses=False)
+    other = build_task(mc, sp.train, dataclasses.replace(tc, seed=1))
+    fit(other, dataclasses.replace(tc, seed=1), track_losses=False)
+    models = lambda j: task.model if j == 0 else other.model  # noqa: E731
+    sets = [[], [2], [5]]
+    fast = _Evaluator(sp.valid, [sp.train], names, ev_cfg, sp.valid.user, "user", "cpu")
+    slow = _Evaluator(sp.valid, [sp.train], names, ev_cfg, sp.valid.user, "generic", "cpu")
+    for union in (False, True):
+        a = fast.evaluate(models, sets, union=union, self_exclude=not union)
+        b = slow.evaluate(models, sets, union=union, self_exclude=not union)
+        np.testing.assert_allclose(a[0], b[0], atol=1e-12)
+        np.testing.assert_allclose(a[1], b[1], atol=1e-12)
+
+
+def test_puresvd_closed_form_equals_refitting_without_the_entity():
+    tr = data(n_users=25, n_items=40, per_user=8)
+    sp = split_of(tr)
+    mc, tc = PureSVDConfig(rank=4), TrainConfig(seed=0)
+    opts = DeletionConfig(entity="item", seeds=3, removal_n=0, metrics=["map", "ndcg@5"])
+    val = DeletionValuer(opts).value(ctx_for(sp, mc, tc))
+    assert val.info["engine"] == "closed-form" and val.info["seeds"] == [0]
+    e = int(val.entities["item_id"][3])
+    full = build_task(mc, sp.train, tc)
+    fit(full, tc)
+    without = build_task(mc, sp.train.take(sp.train.item != e), tc)
+    fit(without, tc)
+    # scores of users that stayed: a refit on the remaining data
+    tgt = sp.valid.take(sp.valid.item != e)
+    m_full = ranking_metrics(full.model.score_users, tgt, [sp.train], metrics=["map_full"], ks=[])["map"]
+    m_wo = ranking_metrics(without.model.score_users, tgt, [sp.train], metrics=["map_full"], ks=[])["map"]
+    assert val.entities["influence_map"][3] == pytest.approx(m_full - m_wo, abs=1e-5)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class FailingExecutor(LocalExecutor):
+    """Runs items in order and dies after ``n`` results (a job killed mid-valuation)."""
+
+    def __init__(self, n):
+        self.n, self.ran = n, 0
+
+    def map(self, fn, shared, items, on_result):
+        for i, item in enumerate(items):
+            if self.ran >= self.n:
+                raise Interrupt()
+            on_result(i, fn(shared, item))
+            self.ran += 1
+
+
+class CountingExecutor(LocalExecutor):
+    def __init__(self):
+        self.ran = 0
+
+    def map(self, fn, shared, items, on_result):
+        self.ran += len(items)
+        super().map(fn, shared, items, on_result)
+
+
+def test_resume_after_an_interrupted_run(tmp_path):
+    mc, tc = FAMILIES["svd-sgd"]
+    sp = split_of(data())
+    opts = DeletionConfig(entity="user", **OPTS)
+    fresh = DeletionValuer(opts).value(ctx_for(sp, mc, tc))
+    store = ShardStore(pafs.LocalFileSystem(), str(tmp_path / "_work"))
+    with pytest.raises(Interrupt):
+        DeletionValuer(opts).value(ctx_for(sp, mc, tc, store=store, executor=FailingExecutor(3)))
+    assert len(store.keys()) == 3
+    counting = CountingExecutor()
+    resumed = DeletionValuer(opts).value(ctx_for(sp, mc, tc, store=store, executor=counting))
+    n_influence = 2 * int(np.ceil(sp.train.n_users / opts.shard_size))      # seeds x shards
+    assert counting.ran == n_influence + 2 - 3                               # + removal, - done
+    np.testing.assert_array_equal(resumed.values, fresh.values)
+    for k in fresh.entities:
+        np.testing.assert_array_equal(np.asarray(resumed.entities[k]), np.asarray(fresh.entities[k]))
+    assert resumed.tables["removal_experiment"] == fresh.tables["removal_experiment"]
+    # a changed setting does not reuse stored results
+    other = DeletionValuer(dataclasses.replace(opts, metric="ndcg@5"))
+    counting2 = CountingExecutor()
+    other.value(ctx_for(sp, mc, tc, store=store, executor=counting2))
+    assert counting2.ran == n_influence + 2
+
+
+def test_removal_experiment_table_and_groups():
+    mc, tc = FAMILIES["svd-sgd"]
+    sp = split_of(data())
+    val = DeletionValuer(DeletionConfig(entity="user", **OPTS)).value(ctx_for(sp, mc, tc))
+    rem = val.tables["removal_experiment"]
+    groups = val.info["removal"]
+    ids, values = np.asarray(val.entities["user_id"]), np.asarray(val.entities["value"])
+    top = set(ids[np.argsort(-values, kind="stable")[:3]])
+    assert set(groups["most_influential"]) == top
+    assert set(groups["least_influential"]) == set(ids[np.argsort(values, kind="stable")[:3]])
+    assert len(rem["variant"]) == 4 * len(val.info["metrics"])
+    full = [i for i, v in enumerate(rem["variant"]) if v == "full"]
+    assert all(rem["relative_diff"][i] == 0.0 for i in full)
+    for i, v in enumerate(rem["variant"]):
+        if v != "full":
+            assert np.isfinite(rem["relative_diff"][i]) and np.isfinite(rem["relative_se"][i])
+
+
+def test_seeds_give_standard_errors_and_stability():
+    mc, tc = FAMILIES["svd-sgd"]
+    sp = split_of(data())
+    val = DeletionValuer(DeletionConfig(entity="user", **OPTS)).value(ctx_for(sp, mc, tc))
+    assert np.isfinite(val.entities["value_se"]).all() and (val.entities["value_se"] > 0).any()
+    assert -1 <= val.info["stability_spearman_halves"] <= 1
+    same = np.tile(np.arange(10.0), (4, 1))
+    assert stability(same)["stability_spearman_halves"] == pytest.approx(1.0)
+
+
+def test_entity_pruning_drops_whole_entities():
+    tr = data()
+    ent_value = np.arange(tr.n_users, dtype=float)[::-1].copy()     # user 19 is the lowest
+    ent_value[0] = np.nan
+    values = ent_value[tr.user]
+    cfg = PruneConfig(strategy="count", count=3, scope="entity")
+    keep = prune_mask(values, tr, cfg, groups=tr.user)
+    assert set(np.unique(tr.user[~keep])) == {19, 18, 17}
+    assert keep[np.isin(tr.user, [17, 18, 19], invert=True)].all()
+    rnd = random_prune_mask(keep, tr, cfg, seed=1, groups=tr.user, values=values)
+    dropped = np.unique(tr.user[~rnd])
+    assert len(dropped) == 3 and 0 not in dropped
+    assert (~rnd).sum() == np.isin(tr.user, dropped).sum()
+    frac = prune_mask(values, tr, PruneConfig(strategy="fraction", fraction=0.25, scope="entity"), groups=tr.user)
+    assert len(np.unique(tr.user[~frac])) == round(0.25 * 19)
+    with pytest.raises(ValueError, match="entity"):
+        prune_mask(values, tr, cfg)
+
+
+def test_bad_deletion_options_are_config_errors():
+    from recval_ray.config import validate_config
+    from recval_ray.errors import ConfigError
+    base = {"name": "x", "data": {"format": "synthetic"}, "model": {"kind": "ncf"}}
+    with pytest.raises(ConfigError, match="cut-off"):
+        validate_config(base | {"valuation": {"method": "deletion", "metrics": ["ndcg"]}})
+    with pytest.raises(ConfigError, match="entity"):
+        validate_config(base | {"valuation": {"method": "small-loss"}, "prune": {"scope": "entity"}})
+
+
+@pytest.mark.ray
+def test_results_do_not_depend_on_the_number_of_actors(ray_session):
+    from recval_ray.ray_layer.actors import ActorPoolExecutor
+    mc, tc = FAMILIES["ncf-implicit-dropout"]
+    sp = split_of(data())
+    opts = DeletionConfig(entity="item", actors=1, **OPTS)
+    one = DeletionValuer(opts).value(ctx_for(sp, mc, tc, executor=ActorPoolExecutor(1)))
+    two = DeletionValuer(dataclasses.replace(opts, actors=2)).value(
+        ctx_for(sp, mc, tc, executor=ActorPoolExecutor(2)))
+    np.testing.assert_array_equal(one.values, two.values)
+    np.testing.assert_array_equal(one.entities["value_se"], two.entities["value_se"])
+    assert one.tables["removal_experiment"] == two.tables["removal_experiment"]
+    local = DeletionValuer(opts).value(ctx_for(sp, mc, tc))
+    np.testing.assert_allclose(local.values, one.values, atol=1e-6, equal_nan=True)
