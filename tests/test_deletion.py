@@ -299,3 +299,41 @@ def test_results_do_not_depend_on_the_number_of_actors(ray_session):
     assert one.tables["removal_experiment"] == two.tables["removal_experiment"]
     local = DeletionValuer(opts).value(ctx_for(sp, mc, tc))
     np.testing.assert_allclose(local.values, one.values, atol=1e-6, equal_nan=True)
+
+
+def test_deletion_job_end_to_end_in_process(tmp_path):
+    """The whole job (no Ray): entity table, removal experiment, whole users pruned, the
+    resumable work removed once the run is complete, manifest last."""
+    import json
+    import os
+
+    import pyarrow.parquet as pq
+
+    from recval_ray.config import validate_config
+    from recval_ray.pipeline import run_job
+    cfg = validate_config({
+        "name": "del", "data": {"format": "synthetic", "synthetic": {"n_users": 30, "n_items": 40,
+                                                                    "interactions_per_user": 10, "seed": 3}},
+        "split": {"kind": "random", "ratios": [0.65, 0.1, 0.25], "seed": 0},
+        "model": {"kind": "svd", "n_factors": 4},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 0.01, "optimizer": "sgd", "select_metric": "rmse"},
+        "valuation": {"method": "deletion", "entity": "user", "seeds": 2, "shard_size": 8, "removal_n": 3,
+                      "metrics": ["map", "ndcg@5", "mae"]},
+        "prune": {"strategy": "count", "count": 4, "scope": "entity"},
+        "evaluate": {"metrics": ["ndcg"], "ks": [5]},
+        "output": {"uri": str(tmp_path)}})
+    res = run_job(cfg, use_ray=False)
+    root = tmp_path / "del"
+    assert (root / "manifest.json").exists() and not (root / "_work").exists()
+    users = pq.read_table(root / "user_values").to_pandas()
+    assert len(users) == 30 and {"value", "value_se", "influence_mae", "n_ratings", "mean_rating"} <= set(users)
+    lowest = set(users.sort_values("value", kind="stable").user_id[:4])
+    pruned_users = set(pq.read_table(root / "pruned").column("user_id").to_pylist())
+    assert lowest.isdisjoint(pruned_users)
+    assert len(pruned_users) == 26
+    rem = json.load(open(root / "metrics.json"))["removal_experiment"]
+    assert {r["variant"] for r in rem} == {"full", "most_influential", "least_influential", "random"}
+    assert "Removal experiment" in open(root / "report.html").read()
+    assert res.metrics["valuation"]["entities_valued"] == 30
+    assert not any(p.startswith("_work") for p in res.manifest["files"])
+    assert os.path.isdir(root / "removal_experiment")

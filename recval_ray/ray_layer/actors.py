@@ -22,9 +22,12 @@ def _worker_class():
     @ray.remote
     class Worker:
         def __init__(self, fn, shared, threads: int):
+            import copy
+
             import torch
             torch.set_num_threads(max(1, int(threads)))
-            self.fn, self.shared = fn, shared
+            # arrays from the object store are read-only views; the work gets its own copy
+            self.fn, self.shared = fn, copy.deepcopy(shared)
 
         def run(self, item):
             return self.fn(self.shared, item)
