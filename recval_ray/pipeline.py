@@ -104,9 +104,12 @@ class PruneOutcome:
     random_keep: Optional[np.ndarray]
     metrics: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    base_metrics: Optional[dict] = None     # the base model on the same test rows (entity pruning)
+    test_rows_left_out: int = 0
 
 
-def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_dir: str) -> PruneOutcome:
+def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_dir: str,
+                      base_model=None) -> PruneOutcome:
     """Drop the lowest-valued interactions, retrain on the rest and on a random control.
 
     All models are evaluated on the same test set with the same excluded items (the full
@@ -121,12 +124,24 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
     if not cfg.prune.retrain or cfg.prune.strategy == "none":
         return out
     exclude = [split.train, split.valid]
+    target = split
+    if cfg.prune.scope == "entity" and valuation.entity_kind in ("user", "item"):
+        # a removed user (item) has no training data left: its own test rows would measure
+        # the removal of its data, not what the rest gain. Every model, the base one included,
+        # is evaluated without the test rows of the entities either variant removed.
+        col = "user" if valuation.entity_kind == "user" else "item"
+        dropped = ~keep if random_keep is None else (~keep | ~random_keep)
+        removed = np.unique(getattr(split.train, col)[dropped])
+        test_keep = ~np.isin(getattr(split.test, col), removed)
+        target = Split(split.train, split.valid, split.test.take(test_keep))
+        out.test_rows_left_out = int((~test_keep).sum())
+        out.base_metrics = evaluate_ranking(base_model, target, cfg.evaluate, "test") if base_model is not None else None
     for tag, mask in (("pruned", keep), ("random_pruned", random_keep)):
         if mask is None:
             continue
         kept = split.train.take(mask)
         res = train(cfg, kept, split.valid, tag=tag)
-        out.metrics[tag] = evaluate_ranking(res.model, split, cfg.evaluate, "test", exclude=exclude,
+        out.metrics[tag] = evaluate_ranking(res.model, target, cfg.evaluate, "test", exclude=exclude,
                                             context=[kept, split.valid])
         out.training[tag] = training_summary(res)
     return out
@@ -269,7 +284,9 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
         t = time.perf_counter()
         log.info("pruning (%s, %s) and retraining on the kept data%s", cfg.prune.strategy, cfg.prune.scope,
                  " and on a random control" if cfg.prune.random_control else "")
-        pruned = prune_and_retrain(cfg, split, valuation, work_dir)
+        pruned = prune_and_retrain(cfg, split, valuation, work_dir, base_model=base.model)
+        if pruned.base_metrics is not None:
+            base_metrics = pruned.base_metrics
         timings["prune_retrain_s"] = time.perf_counter() - t
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -320,7 +337,7 @@ def build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, wa
         "test": test, "relative": relative,
         "training": {"base": training_summary(base)} | pruned.training,
         "prune": {"strategy": cfg.prune.strategy, "scope": cfg.prune.scope, "dropped": int((~pruned.keep).sum()),
-                  "kept": int(pruned.keep.sum())},
+                  "kept": int(pruned.keep.sum()), "test_rows_left_out": pruned.test_rows_left_out},
         "valuation": valuation.info,
     }
     for name, tab in valuation.tables.items():

@@ -39,6 +39,8 @@ def split_of(inter: Interactions, seed=1) -> Split:
 FAMILIES = {
     "ncf-implicit-dropout": (NCFConfig(dim=4, mlp_layers=[8, 4], num_negatives=2, init="ncf", dropout=0.2),
                              TrainConfig(epochs=3, batch_size=12, lr=0.01)),
+    "ncf-implicit": (NCFConfig(dim=4, mlp_layers=[16, 8, 4], num_negatives=3, init="ncf"),
+                     TrainConfig(epochs=3, batch_size=16, lr=0.01)),
     "ncf-explicit": (NCFConfig(dim=4, mlp_layers=[8, 4], mode="explicit"),
                      TrainConfig(epochs=3, batch_size=8, lr=0.01)),
     "svd-sgd": (SVDConfig(n_factors=5), TrainConfig(epochs=3, batch_size=8, lr=0.02, optimizer="sgd")),
@@ -336,4 +338,8 @@ def test_deletion_job_end_to_end_in_process(tmp_path):
     assert "Removal experiment" in open(root / "report.html").read()
     assert res.metrics["valuation"]["entities_valued"] == 30
     assert not any(p.startswith("_work") for p in res.manifest["files"])
+    # base, pruned and random-pruned are compared on the test rows of users none of them removed
+    m = json.load(open(root / "metrics.json"))
+    test = pq.read_table(root / "splits" / "test").to_pandas()
+    assert m["prune"]["test_rows_left_out"] >= test.user_id.isin(lowest).sum() > 0
     assert os.path.isdir(root / "removal_experiment")

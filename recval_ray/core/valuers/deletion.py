@@ -351,7 +351,8 @@ class DeletionValuer(Valuer):
         info = {"entity": kind, "engine": engine, "seeds": seeds, "entities_valued": int(len(entities)),
                 "metric": opts.metric, "metrics": names, "protocol": opts.protocol,
                 "influence_split": infl_part, "self_eval": opts.self_eval,
-                "epochs": int(opts.epochs or ctx.train_cfg.epochs), "shard_size": opts.shard_size,
+                "epochs": None if engine == "closed-form" else int(opts.epochs or ctx.train_cfg.epochs),
+                "shard_size": opts.shard_size,
                 "actors": opts.actors, "work_items": len(items),
                 "train_seconds_sum": float(sum(float(r["seconds"]) for r in results))}
         info.update(stability(per_seed_value))
