@@ -360,7 +360,7 @@ class DeletionValuer(Valuer):
         if opts.removal_n > 0 and len(entities) >= 2 * opts.removal_n and "test" in evaluators:
             removal, groups = self._removal(ctx, shared, seeds, entities, value, names)
             tables["removal_experiment"] = removal
-            info["removal"] = {g: [int(x) for x in ids] for g, ids in groups.items()}
+            info["removal"] = {g: self._original_ids(ctx, kind, ids) for g, ids in groups.items()}
         return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
                          entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info)
 
@@ -430,6 +430,14 @@ class DeletionValuer(Valuer):
                 rows["relative_se"].append(0.0 if v == 0 else float(_se(rel[:, v - 1, k][:, None])[0]))
                 rows["n_seeds"].append(len(seeds))
         return rows, groups
+
+    @staticmethod
+    def _original_ids(ctx, kind: str, idx) -> list:
+        idx = np.asarray(idx, np.int64)
+        if ctx.dataset is None:
+            return [int(x) for x in idx]
+        ids = ctx.dataset.original_users(idx) if kind == "user" else ctx.dataset.original_items(idx)
+        return ids.to_pylist()
 
     # -- entity table --------------------------------------------------------------------
     def _entity_table(self, ctx, kind, entities, value, se, infl, names, row_group, train) -> dict:
