@@ -236,6 +236,7 @@ def test_removal_experiment_table_and_groups():
     val = DeletionValuer(DeletionConfig(entity="user", **OPTS)).value(ctx_for(sp, mc, tc))
     rem = val.tables["removal_experiment"]
     groups = val.info["removal"]
+    assert val.info["removal_seeds"] == [2, 3]            # fresh seeds: the valuation used 0, 1
     ids, values = np.asarray(val.entities["user_id"]), np.asarray(val.entities["value"])
     top = set(ids[np.argsort(-values, kind="stable")[:3]])
     assert set(groups["most_influential"]) == top

@@ -29,8 +29,9 @@ in the run's store as they finish, so an interrupted job resumes; a shard's resu
 only on its seed and entities, never on the number of workers or the finishing order.
 
 The removal experiment (paper Tables 5, 6, 8, 9) retrains without the ``removal_n`` most, the
-``removal_n`` least influential and ``removal_n`` random valued entities under every seed and
-reports the metrics on the test split (rows of all removed entities excluded for every
+``removal_n`` least influential and ``removal_n`` random valued entities, under as many fresh
+seeds as the valuation used (seeds it did not use: an entity's influence under one seed is
+partly that seed's noise, which a same-seed experiment would count as an effect), and reports the metrics on the test split (rows of all removed entities excluded for every
 variant) with relative differences to the full model and their standard errors over seeds.
 """
 from __future__ import annotations
@@ -76,7 +77,10 @@ class DeletionConfig:
     ``actors``: Ray actors (0: in-process), each with ``actor_cpus`` CPUs and ``actor_gpus``
     GPUs; ``protocol``: ``validation`` (influence on validation, removal effect on test) or
     ``test-same`` (both on test, the paper's); ``self_eval``: ``exclude`` or ``include``;
-    ``removal_n``: entities per group of the removal experiment (0: no experiment).
+    ``removal_n``: entities per group of the removal experiment (0: no experiment);
+    ``removal_seeds``: ``fresh`` (default: the experiment retrains under seeds the valuation did
+    not use, ``train.seed + seeds`` on, so the selection's own seed noise cannot carry over)
+    or ``same`` (the valuation's seeds).
     """
     method: str = "deletion"
     entity: Literal["user", "item"] = "user"
@@ -95,6 +99,7 @@ class DeletionConfig:
     protocol: Literal["validation", "test-same"] = "validation"
     self_eval: Literal["exclude", "include"] = "exclude"
     removal_n: int = 10
+    removal_seeds: Literal["fresh", "same"] = "fresh"
 
     def validate(self) -> None:
         _check_metrics(list(self.metrics) + [self.metric])
@@ -358,7 +363,10 @@ class DeletionValuer(Valuer):
         info.update(stability(per_seed_value))
         tables = {}
         if opts.removal_n > 0 and len(entities) >= 2 * opts.removal_n and "test" in evaluators:
-            removal, groups = self._removal(ctx, shared, seeds, entities, value, names)
+            r_seeds = seeds if opts.removal_seeds == "same" or engine == "closed-form" else \
+                [int(ctx.train_cfg.seed) + len(seeds) + k for k in range(len(seeds))]
+            removal, groups = self._removal(ctx, shared, r_seeds, entities, value, names)
+            info["removal_seeds"] = r_seeds
             tables["removal_experiment"] = removal
             info["removal"] = {g: self._original_ids(ctx, kind, ids) for g, ids in groups.items()}
         return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
