@@ -344,3 +344,20 @@ def test_deletion_job_end_to_end_in_process(tmp_path):
     test = pq.read_table(root / "splits" / "test").to_pandas()
     assert m["prune"]["test_rows_left_out"] >= test.user_id.isin(lowest).sum() > 0
     assert os.path.isdir(root / "removal_experiment")
+
+
+def test_values_from_an_earlier_run_skip_the_influence_work(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    mc, tc = FAMILIES["svd-sgd"]
+    sp = split_of(data())
+    opts = DeletionConfig(entity="user", **OPTS)
+    first = DeletionValuer(opts).value(ctx_for(sp, mc, tc))
+    pq.write_table(pa.table(first.entities), tmp_path / "user_values.parquet")
+    counting = CountingExecutor()
+    again = DeletionValuer(dataclasses.replace(opts, values_from=str(tmp_path / "user_values.parquet"))).value(
+        ctx_for(sp, mc, tc, executor=counting))
+    assert counting.ran == 2                                  # the removal experiment only
+    np.testing.assert_array_equal(again.values, first.values)
+    assert again.info["removal"] == first.info["removal"]
+    assert again.tables["removal_experiment"] == first.tables["removal_experiment"]

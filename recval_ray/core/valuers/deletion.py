@@ -80,7 +80,9 @@ class DeletionConfig:
     ``removal_n``: entities per group of the removal experiment (0: no experiment);
     ``removal_seeds``: ``fresh`` (default: the experiment retrains under seeds the valuation did
     not use, ``train.seed + seeds`` on, so the selection's own seed noise cannot carry over)
-    or ``same`` (the valuation's seeds).
+    or ``same`` (the valuation's seeds); ``values_from``: the ``<entity>_values`` table of an
+    earlier run (path or URI) whose values are taken instead of recomputed, e.g. to run the
+    removal experiment again under other settings.
     """
     method: str = "deletion"
     entity: Literal["user", "item"] = "user"
@@ -100,6 +102,7 @@ class DeletionConfig:
     self_eval: Literal["exclude", "include"] = "exclude"
     removal_n: int = 10
     removal_seeds: Literal["fresh", "same"] = "fresh"
+    values_from: Optional[str] = None
 
     def validate(self) -> None:
         _check_metrics(list(self.metrics) + [self.metric])
@@ -328,6 +331,8 @@ class DeletionValuer(Valuer):
                   "model_cfg": ctx.model_cfg, "train_cfg": ctx.train_cfg, "engine": engine,
                   "evaluators": evaluators, "threads": max(1, int(opts.actor_cpus)) if opts.actors else
                   torch.get_num_threads()}
+        if opts.values_from:
+            return self._from_earlier(ctx, shared, seeds, engine, names, row_group, n_groups, kind, evaluators)
         shards = [entities[i:i + opts.shard_size] for i in range(0, len(entities), max(1, opts.shard_size))]
         items, keys = [], []
         for s in seeds:
@@ -369,6 +374,47 @@ class DeletionValuer(Valuer):
             info["removal_seeds"] = r_seeds
             tables["removal_experiment"] = removal
             info["removal"] = {g: self._original_ids(ctx, kind, ids) for g, ids in groups.items()}
+        return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
+                         entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info)
+
+    def _from_earlier(self, ctx, shared, seeds, engine, names, row_group, n_groups, kind, evaluators):
+        """Values read from an earlier run's entity table; only the removal experiment runs."""
+        import pyarrow.parquet as pq
+
+        from ...fs import resolve
+        opts: DeletionConfig = self.options
+        fs, path = resolve(opts.values_from)
+        tab = pq.read_table(path, filesystem=fs)
+        col = f"{kind}_id"
+        if col not in tab.column_names or "value" not in tab.column_names:
+            raise ValueError(f"valuation.values_from: {opts.values_from} has no {col} and value columns")
+        ds = ctx.dataset
+        known = (ds.original_users(np.arange(n_groups)) if kind == "user" else
+                 ds.original_items(np.arange(n_groups))).to_pylist() if ds is not None else list(range(n_groups))
+        index = {v: i for i, v in enumerate(known)}
+        ids = tab.column(col).to_pylist()
+        missing = [v for v in ids if v not in index]
+        if missing:
+            raise ValueError(f"valuation.values_from: {len(missing)} {kind} ids of {opts.values_from} are not in "
+                             f"this run's data (first: {missing[0]!r})")
+        order = np.argsort([index[v] for v in ids], kind="stable")
+        entities = np.asarray([index[v] for v in ids], np.int64)[order]
+        value = np.asarray(tab.column("value").to_numpy(zero_copy_only=False), np.float64)[order]
+        ent_value = np.full(n_groups, np.nan)
+        ent_value[entities] = value
+        values_row = ent_value[row_group]
+        table = {c: (tab.column(c).take(order) if c == col else
+                     np.asarray(tab.column(c).to_numpy(zero_copy_only=False))[order]) for c in tab.column_names}
+        info = {"entity": kind, "engine": engine, "values_from": opts.values_from, "entities_valued": int(len(entities)),
+                "metric": opts.metric, "metrics": names, "protocol": opts.protocol}
+        tables = {}
+        if opts.removal_n > 0 and "test" in evaluators:
+            r_seeds = seeds if opts.removal_seeds == "same" or engine == "closed-form" else \
+                [int(ctx.train_cfg.seed) + len(seeds) + k for k in range(len(seeds))]
+            removal, groups = self._removal(ctx, shared, r_seeds, entities, value, names)
+            tables["removal_experiment"] = removal
+            info["removal"] = {g: self._original_ids(ctx, kind, i) for g, i in groups.items()}
+            info["removal_seeds"] = r_seeds
         return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
                          entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info)
 
