@@ -7,7 +7,6 @@ written last and only then is the run complete.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import platform
 import shutil

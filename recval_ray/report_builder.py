@@ -85,7 +85,7 @@ def entity_section(rep, valuation, metrics: dict) -> None:
                   f"{info.get('entities_valued')} {kind}s valued"
                   + (f"; Spearman of the values between disjoint seed halves "
                      f"{info['stability_spearman_halves']:.3f}" if "stability_spearman_halves" in info else ""))
-    rep.scatter(np.asarray(ent["n_ratings"], float), value, title=f"influence vs number of ratings",
+    rep.scatter(np.asarray(ent["n_ratings"], float), value, title="influence vs number of ratings",
                 xlabel=f"training interactions of the {kind}", ylabel=f"influence on {metric}", logx=True)
     rep.histogram({f"{kind}s": value}, title=f"influence on {metric}", xlabel="influence")
     cols = [f"{kind}_id", "value", "value_se", "n_ratings"] + \

@@ -29,7 +29,6 @@ Weight decay is not supported (SparseAdam has none); a job that needs it uses
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch

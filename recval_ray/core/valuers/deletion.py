@@ -48,7 +48,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from ...registry import MODELS, register_valuer
+from ...registry import register_valuer
 from ..data import Interactions
 from ..executor import LocalExecutor
 from ..metrics import ranking_metrics, rating_metrics, scores_fn_from_matrix
@@ -366,14 +366,7 @@ class DeletionValuer(Valuer):
                 "actors": opts.actors, "work_items": len(items),
                 "train_seconds_sum": float(sum(float(r["seconds"]) for r in results))}
         info.update(stability(per_seed_value))
-        tables = {}
-        if opts.removal_n > 0 and len(entities) >= 2 * opts.removal_n and "test" in evaluators:
-            r_seeds = seeds if opts.removal_seeds == "same" or engine == "closed-form" else \
-                [int(ctx.train_cfg.seed) + len(seeds) + k for k in range(len(seeds))]
-            removal, groups = self._removal(ctx, shared, r_seeds, entities, value, names)
-            info["removal_seeds"] = r_seeds
-            tables["removal_experiment"] = removal
-            info["removal"] = {g: self._original_ids(ctx, kind, ids) for g, ids in groups.items()}
+        tables = self._removal_tables(ctx, shared, seeds, engine, entities, value, names, kind, evaluators, info)
         return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
                          entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info)
 
@@ -407,14 +400,7 @@ class DeletionValuer(Valuer):
                      np.asarray(tab.column(c).to_numpy(zero_copy_only=False))[order]) for c in tab.column_names}
         info = {"entity": kind, "engine": engine, "values_from": opts.values_from, "entities_valued": int(len(entities)),
                 "metric": opts.metric, "metrics": names, "protocol": opts.protocol}
-        tables = {}
-        if opts.removal_n > 0 and "test" in evaluators:
-            r_seeds = seeds if opts.removal_seeds == "same" or engine == "closed-form" else \
-                [int(ctx.train_cfg.seed) + len(seeds) + k for k in range(len(seeds))]
-            removal, groups = self._removal(ctx, shared, r_seeds, entities, value, names)
-            tables["removal_experiment"] = removal
-            info["removal"] = {g: self._original_ids(ctx, kind, i) for g, i in groups.items()}
-            info["removal_seeds"] = r_seeds
+        tables = self._removal_tables(ctx, shared, seeds, engine, entities, value, names, kind, evaluators, info)
         return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
                          entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info)
 
@@ -455,6 +441,19 @@ class DeletionValuer(Valuer):
         return results
 
     # -- removal experiment --------------------------------------------------------------
+    def _removal_tables(self, ctx, shared, seeds, engine, entities, value, names, kind, evaluators, info) -> dict:
+        """``{"removal_experiment": table}`` (empty when off or too few entities); the groups
+        removed and the seeds used go into ``info``."""
+        opts: DeletionConfig = self.options
+        if opts.removal_n <= 0 or len(entities) < 2 * opts.removal_n or "test" not in evaluators:
+            return {}
+        r_seeds = seeds if opts.removal_seeds == "same" or engine == "closed-form" else \
+            [int(ctx.train_cfg.seed) + len(seeds) + k for k in range(len(seeds))]
+        removal, groups = self._removal(ctx, shared, r_seeds, entities, value, names)
+        info["removal"] = {g: self._original_ids(ctx, kind, ids) for g, ids in groups.items()}
+        info["removal_seeds"] = r_seeds
+        return {"removal_experiment": removal}
+
     def _removal(self, ctx, shared, seeds, entities, value, names):
         opts: DeletionConfig = self.options
         n = opts.removal_n
