@@ -361,3 +361,22 @@ def test_values_from_an_earlier_run_skip_the_influence_work(tmp_path):
     np.testing.assert_array_equal(again.values, first.values)
     assert again.info["removal"] == first.info["removal"]
     assert again.tables["removal_experiment"] == first.tables["removal_experiment"]
+
+
+@pytest.mark.ray
+def test_actor_pool_replaces_a_dead_actor_and_retries_its_item(ray_session, tmp_path):
+    from recval_ray.ray_layer.actors import ActorPoolExecutor
+
+    def _dies_once(shared, item):        # local: shipped to the actors by value
+        """Work that kills its actor process the first time it sees item 1."""
+        import os
+        if item == 1 and not os.path.exists(shared["marker"]):
+            open(shared["marker"], "w").close()
+            os._exit(1)
+        return item * 10
+
+    got = {}
+    ActorPoolExecutor(2).map(_dies_once, {"marker": str(tmp_path / "died")}, [0, 1, 2, 3, 4],
+                             lambda i, r: got.__setitem__(i, r))
+    assert got == {0: 0, 1: 10, 2: 20, 3: 30, 4: 40}
+    assert (tmp_path / "died").exists()
