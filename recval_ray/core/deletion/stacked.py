@@ -64,6 +64,24 @@ class StackedModel:
         """table -> boolean ``[w]`` of columns that never train (e.g. unbiased SVD's biases)."""
         return {}
 
+    # a stacked table is the side-by-side concatenation of the module's embedding tables
+    # named here, e.g. {"user": ("user_gmf", "user_mlp")}
+    table_parts: dict = {}
+
+    def _stack_tables(self, model, B: int) -> None:
+        self.tables = {t: _stack_table(torch.cat([getattr(model, a).weight for a in attrs], 1), B)
+                       for t, attrs in self.table_parts.items()}
+
+    def load_tables(self, module, b: int) -> None:
+        """Copy model ``b``'s table columns back into the module's embedding tables."""
+        with torch.no_grad():
+            for t, attrs in self.table_parts.items():
+                start = 0
+                for a in attrs:
+                    w = getattr(module, a).weight
+                    w.copy_(self.tables[t][:, b, start:start + w.shape[1]])
+                    start += w.shape[1]
+
 
 def _stack(t: torch.Tensor, B: int) -> torch.Tensor:
     """``[B, ...]`` copies of a dense parameter."""
@@ -78,12 +96,12 @@ def _stack_table(t: torch.Tensor, B: int) -> torch.Tensor:
 class StackedNeuMF(StackedModel):
     """NeuMF (:mod:`..models.ncf`): user table ``[gmf | mlp]``, item table ``[gmf | mlp]``."""
 
+    table_parts = {"user": ("user_gmf", "user_mlp"), "item": ("item_gmf", "item_mlp")}
+
     def __init__(self, model, B: int):
         self.d = model.user_gmf.weight.shape[1]
         self.explicit = bool(model.explicit)
-        self.tables = {
-            "user": _stack_table(torch.cat([model.user_gmf.weight, model.user_mlp.weight], 1), B),
-            "item": _stack_table(torch.cat([model.item_gmf.weight, model.item_mlp.weight], 1), B)}
+        self._stack_tables(model, B)
         self.dense = {}
         for l, lin in enumerate(model.mlp):
             self.dense[f"mlp.{l}.weight"] = _stack(lin.weight, B)
@@ -122,12 +140,8 @@ class StackedNeuMF(StackedModel):
         return torch.cat([F.softplus(-f[:, :b]), F.softplus(f[:, b:])], 1)
 
     def load(self, module, b):
-        d = self.d
+        self.load_tables(module, b)
         with torch.no_grad():
-            module.user_gmf.weight.copy_(self.tables["user"][:, b, :d])
-            module.user_mlp.weight.copy_(self.tables["user"][:, b, d:])
-            module.item_gmf.weight.copy_(self.tables["item"][:, b, :d])
-            module.item_mlp.weight.copy_(self.tables["item"][:, b, d:])
             for l, lin in enumerate(module.mlp):
                 lin.weight.copy_(self.dense[f"mlp.{l}.weight"][b])
                 lin.bias.copy_(self.dense[f"mlp.{l}.bias"][b])
@@ -141,14 +155,14 @@ class StackedBiasedMF(StackedModel):
     batch, ``0.5 ((r - r_hat)^2 + reg * penalty)`` as :class:`..models.svd.SVDTask`."""
 
     reduction = "sum"
+    table_parts = {"user": ("user_emb", "user_bias"), "item": ("item_emb", "item_bias")}
 
     def __init__(self, model, B: int, reg: float):
         self.k = model.user_emb.weight.shape[1]
         self.reg = float(reg)
         self.biased = bool(model.biased)
         self.mu = float(model.mu)
-        self.tables = {"user": _stack_table(torch.cat([model.user_emb.weight, model.user_bias.weight], 1), B),
-                       "item": _stack_table(torch.cat([model.item_emb.weight, model.item_bias.weight], 1), B)}
+        self._stack_tables(model, B)
         self.dense = {}
 
     def lookups(self, batch):
@@ -173,12 +187,7 @@ class StackedBiasedMF(StackedModel):
         return {"user": col, "item": col}
 
     def load(self, module, b):
-        k = self.k
-        with torch.no_grad():
-            module.user_emb.weight.copy_(self.tables["user"][:, b, :k])
-            module.user_bias.weight.copy_(self.tables["user"][:, b, k:])
-            module.item_emb.weight.copy_(self.tables["item"][:, b, :k])
-            module.item_bias.weight.copy_(self.tables["item"][:, b, k:])
+        self.load_tables(module, b)
         return module
 
 

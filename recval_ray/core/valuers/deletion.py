@@ -174,12 +174,11 @@ class _Evaluator:
         S = full.score_users(torch.arange(self.target.n_users, device=self.device)).detach()
         full_fn = scores_fn_from_matrix(S)
         full_pred = self.predictions(full)
-        all_rows = np.ones(len(self.target), bool)
         if union:
             drop = np.concatenate([np.asarray(s, np.int64) for s in sets]) if sets else np.zeros(0, np.int64)
             base_rows = ~np.isin(self.groups, drop)
         else:
-            base_rows = all_rows
+            base_rows = np.ones(len(self.target), bool)
         fast_user = self.kind == "user" and not union
         if fast_user:
             users, F_u = self.per_user(full_fn)
@@ -354,9 +353,7 @@ class DeletionValuer(Valuer):
         value = per_seed_value.mean(0)
         se = _se(per_seed_value)
 
-        ent_value = np.full(n_groups, np.nan)
-        ent_value[entities] = value
-        values_row = ent_value[row_group]
+        values_row = _row_values(entities, value, n_groups, row_group)
         table = self._entity_table(ctx, kind, entities, value, se, infl, names, row_group, train)
         info = {"entity": kind, "engine": engine, "seeds": seeds, "entities_valued": int(len(entities)),
                 "metric": opts.metric, "metrics": names, "protocol": opts.protocol,
@@ -393,9 +390,7 @@ class DeletionValuer(Valuer):
         order = np.argsort([index[v] for v in ids], kind="stable")
         entities = np.asarray([index[v] for v in ids], np.int64)[order]
         value = np.asarray(tab.column("value").to_numpy(zero_copy_only=False), np.float64)[order]
-        ent_value = np.full(n_groups, np.nan)
-        ent_value[entities] = value
-        values_row = ent_value[row_group]
+        values_row = _row_values(entities, value, n_groups, row_group)
         table = {c: (tab.column(c).take(order) if c == col else
                      np.asarray(tab.column(c).to_numpy(zero_copy_only=False))[order]) for c in tab.column_names}
         info = {"entity": kind, "engine": engine, "values_from": opts.values_from, "entities_valued": int(len(entities)),
@@ -519,6 +514,13 @@ class DeletionValuer(Valuer):
             table["std_rating"] = std[entities]
         table["n_seeds"] = np.full(len(entities), infl.shape[0], np.int64)
         return table
+
+
+def _row_values(entities: np.ndarray, value: np.ndarray, n_groups: int, row_group: np.ndarray) -> np.ndarray:
+    """Each training row carries its entity's value (NaN for entities not valued)."""
+    ent_value = np.full(n_groups, np.nan)
+    ent_value[entities] = value
+    return ent_value[row_group]
 
 
 def select_entities(row_group: np.ndarray, n_groups: int, opts: DeletionConfig) -> np.ndarray:
