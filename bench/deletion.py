@@ -1,9 +1,13 @@
 """Deletion diagnostics: the batched engine vs one-model-at-a-time retraining, same work.
 
-Work: leave-one-user-out retraining of the deletion paper's NCF (dim 4, MLP 16-8-4, 4
-negatives, batch 256, Adam lr 1e-3) on ML-100K (the 65% training part of
-``jobs/ml100k_deletion_ncf.yaml``; synthetic ML-100K-sized data when ``$RECVAL_DATA_DIR`` has
-no ml-100k), for the first ``--users`` users plus the full model, ``--epochs`` epochs.
+Work: leave-one-user-out retraining, on ML-100K (the 65% training part of the job's split;
+synthetic ML-100K-sized data when ``$RECVAL_DATA_DIR`` has no ml-100k), of the first
+``--users`` users plus the full model, ``--epochs`` epochs (default: the job's), of either
+
+* ``--model ncf``: the deletion paper's NCF (dim 4, MLP 16-8-4, 4 negatives, batch 256, Adam
+  lr 1e-3; ``jobs/ml100k_deletion_ncf.yaml``), or
+* ``--model svd``: Surprise's biased MF (100 factors, SGD lr 0.005, reg 0.02, batch 128, 20
+  epochs; ``jobs/ml100k_deletion_svd.yaml``; the stack takes the closed-form SGD step).
 
 * ours: :func:`recval_ray.core.deletion.stacked.train_stacked`, all models in one stack;
 * theirs: :func:`recval_ray.core.deletion.stacked.train_reference`, one model at a time
@@ -15,7 +19,7 @@ no ml-100k), for the first ``--users`` users plus the full model, ``--epochs`` e
 Prints a table and, last, one JSON line: name, ratio (their time / ours), sizes, seconds, the
 largest parameter difference between the stacked and the reference models.
 
-    python bench/deletion.py [--users 64] [--epochs 10] [--device cpu|cuda] [--full-baseline]
+    python bench/deletion.py [--model ncf|svd] [--users 64] [--epochs N] [--device cpu|cuda] [--full-baseline]
 """
 from __future__ import annotations
 
@@ -37,10 +41,13 @@ from recval_ray.core.train import build_task  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def load_train(device: str):
+JOBS = {"ncf": "ml100k_deletion_ncf.yaml", "svd": "ml100k_deletion_svd.yaml"}
+
+
+def load_train(device: str, model: str = "ncf"):
     import dataclasses
     data_dir = os.environ.get("RECVAL_DATA_DIR") or os.path.join(HERE, "..", "..", "shared", "data")
-    job = os.path.join(HERE, "..", "jobs", "ml100k_deletion_ncf.yaml")
+    job = os.path.join(HERE, "..", "jobs", JOBS[model])
     if os.path.isdir(os.path.join(data_dir, "ml-100k")):
         os.environ["RECVAL_DATA_DIR"] = data_dir
         cfg = load_config(job)
@@ -59,8 +66,10 @@ def load_train(device: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(JOBS), default="ncf",
+                    help="ncf: the paper's NCF (Adam); svd: biased MF of jobs/ml100k_deletion_svd.yaml (SGD)")
     ap.add_argument("--users", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the job's")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seeds", type=int, default=1, help="train our stack under this many seeds")
     ap.add_argument("--baseline-models", type=int, default=3)
@@ -68,7 +77,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg, train, source = load_train(args.device)
+    cfg, train, source = load_train(args.device, args.model)
+    if args.epochs is None:
+        args.epochs = int(cfg.train.epochs)
     group = torch.as_tensor(train.user)
     users = np.arange(min(args.users, train.n_users))
     B = len(users) + 1
@@ -109,7 +120,7 @@ def main() -> None:
     print(f"{B * args.seeds:>8} {args.epochs:>7} {ours:>9.1f} {theirs:>10.1f} {theirs / ours:>7.1f}")
     print(f"one-at-a-time: {measured / n_ref:.2f} s per model ({n_ref} timed"
           f"{'' if n_ref == B * args.seeds else f', x {B * args.seeds} models'}); largest parameter difference {worst:.2e}")
-    print(json.dumps({"name": "deletion_batched_vs_sequential", "ratio": round(theirs / ours, 2),
+    print(json.dumps({"name": f"deletion_{args.model}_batched_vs_sequential", "ratio": round(theirs / ours, 2),
                       "models": B * args.seeds, "seeds": args.seeds, "users_deleted": int(len(users)), "epochs": args.epochs,
                       "train_rows": len(train), "n_users": train.n_users, "n_items": train.n_items,
                       "ours_s": round(ours, 2), "theirs_s": round(theirs, 2),
