@@ -124,14 +124,21 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
         return out
     exclude = [split.train, split.valid]
     target = split
-    if cfg.prune.scope == "entity" and valuation.entity_kind in ("user", "item"):
-        # a removed user (item) has no training data left: its own test rows would measure
-        # the removal of its data, not what the rest gain. Every model, the base one included,
-        # is evaluated without the test rows of the entities either variant removed.
-        col = "user" if valuation.entity_kind == "user" else "item"
+    if cfg.prune.scope == "entity" and valuation.row_entity is not None:
+        # a removed user (item, group) has no training data left: its own test rows would
+        # measure the removal of its data, not what the rest gain. Every model, the base one
+        # included, is evaluated without the test rows of the entities either variant removed.
+        if valuation.test_entity is not None:
+            test_entity = valuation.test_entity
+        elif valuation.entity_kind in ("user", "item"):
+            test_entity = getattr(split.test, valuation.entity_kind)
+        else:
+            raise ValueError(f"prune.scope: entity: the valuation gives no entity of the test rows "
+                             f"({valuation.entity_kind})")
         dropped = ~keep if random_keep is None else (~keep | ~random_keep)
-        removed = np.unique(getattr(split.train, col)[dropped])
-        test_keep = ~np.isin(getattr(split.test, col), removed)
+        removed = np.unique(valuation.row_entity[dropped])
+        removed = removed[removed >= 0]
+        test_keep = ~np.isin(test_entity, removed)
         target = Split(split.train, split.valid, split.test.take(test_keep))
         out.test_rows_left_out = int((~test_keep).sum())
         out.base_metrics = evaluate_ranking(base_model, target, cfg.evaluate, "test") if base_model is not None else None

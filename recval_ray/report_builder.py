@@ -75,10 +75,11 @@ def entity_section(rep, valuation, metrics: dict) -> None:
     ent = valuation.entities
     kind = valuation.entity_kind or "entity"
     info = valuation.info
+    id_col = info.get("id_column", f"{kind}_id")
     metric = info.get("metric", "value")
     value = np.asarray(ent["value"], dtype=float)
-    ids = np.asarray(ent[f"{kind}_id"].to_pylist() if hasattr(ent[f"{kind}_id"], "to_pylist")
-                     else ent[f"{kind}_id"])
+    ids = np.asarray(ent[id_col].to_pylist() if hasattr(ent[id_col], "to_pylist")
+                     else ent[id_col])
     rep.heading(f"Influence of {kind}s ({metric}, {info.get('influence_split', '')})")
     rep.paragraph(f"influence = {metric}(full model) - {metric}(model retrained without the {kind}), "
                   f"mean over {len(info.get('seeds', []))} seed(s), engine {info.get('engine')}, "
@@ -88,12 +89,12 @@ def entity_section(rep, valuation, metrics: dict) -> None:
     rep.scatter(np.asarray(ent["n_ratings"], float), value, title="influence vs number of ratings",
                 xlabel=f"training interactions of the {kind}", ylabel=f"influence on {metric}", logx=True)
     rep.histogram({f"{kind}s": value}, title=f"influence on {metric}", xlabel="influence")
-    cols = [f"{kind}_id", "value", "value_se", "n_ratings"] + \
+    cols = [id_col, "value", "value_se", "n_ratings"] + \
         [c for c in ("mean_rating", "std_rating") if c in ent]
     order = np.argsort(-np.where(np.isnan(value), -np.inf, value), kind="stable")
     for title, idx in (("most influential", order[:5]),
                        ("least influential", order[::-1][:5][np.isfinite(value[order[::-1][:5]])])):
-        rows = [{c: (ids[i] if c == f"{kind}_id" else np.asarray(ent[c])[i]) for c in cols} for i in idx]
+        rows = [{c: (ids[i] if c == id_col else np.asarray(ent[c])[i]) for c in cols} for i in idx]
         rep.table(rows, cols, caption=f"the 5 {title} {kind}s")
     rem = metrics.get("removal_experiment")
     if rem:

@@ -121,10 +121,10 @@ def test_weight_decay_is_refused_by_the_batched_engine():
                       torch.as_tensor(tr.user), seed=0)
 
 
-def ctx_for(split: Split, model_cfg, train_cfg, store=None, executor=None) -> ValuationContext:
+def ctx_for(split: Split, model_cfg, train_cfg, store=None, executor=None, dataset=None) -> ValuationContext:
     ev = EvaluateConfig(metrics=["map_full"], ks=[5])
     return ValuationContext(split=split, base=None, model_cfg=model_cfg, train_cfg=train_cfg, eval_cfg=ev,
-                            store=store, executor=executor)
+                            store=store, executor=executor, dataset=dataset)
 
 
 OPTS = dict(metrics=["map", "map@5", "ndcg@5", "recall@5", "mae", "explained_variance"], seeds=2,
@@ -309,6 +309,88 @@ def test_bad_deletion_options_are_config_errors():
         validate_config(base | {"valuation": {"method": "small-loss"}, "prune": {"scope": "entity"}})
 
 
+def grouped_data(group_of_user, noise_rows=0):
+    """``data()`` with its input table: a ``region`` column (``group_of_user[u]`` for every
+    row of user u, None for a null) and ``noise_rows`` extra rows that are not in the input
+    (``source_row`` -1, as injected noise)."""
+    import pyarrow as pa
+
+    from recval_ray.core.data import Dataset
+    base = data()
+    n = len(base)
+    source = pa.table({"user_id": base.user, "item_id": base.item, "rating": base.rating,
+                       "region": pa.array([group_of_user[u] for u in base.user])})
+    rng = np.random.default_rng(5)
+    extra_u, extra_i = rng.integers(0, base.n_users, noise_rows), rng.integers(0, base.n_items, noise_rows)
+    inter = Interactions(np.r_[base.user, extra_u], np.r_[base.item, extra_i], base.n_users, base.n_items,
+                         rating=np.r_[base.rating, np.full(noise_rows, 3.0, np.float32)],
+                         source_row=np.r_[np.arange(n), np.full(noise_rows, -1)])
+    ds = Dataset(inter, pa.array(np.arange(base.n_users)), pa.array(np.arange(base.n_items)), source=source)
+    return ds, split_of(inter)
+
+
+def test_grouping_column_equal_to_the_user_gives_the_user_values():
+    """``entity: column`` over a copy of the user id is leave-one-user-out: the same values
+    (through the generic evaluation path, not the per-user fast path)."""
+    mc, tc = FAMILIES["svd-sgd"]
+    ds, sp = grouped_data([f"u{u}" for u in range(20)])
+    by_user = DeletionValuer(DeletionConfig(entity="user", **OPTS)).value(ctx_for(sp, mc, tc, dataset=ds))
+    by_col = DeletionValuer(DeletionConfig(entity="column", group_column="region", **OPTS)).value(
+        ctx_for(sp, mc, tc, dataset=ds))
+    np.testing.assert_allclose(by_col.values, by_user.values, atol=1e-9, equal_nan=True)
+    assert by_col.entity_kind == "region" and by_col.entities["region"].to_pylist() == [f"u{u}" for u in range(20)]
+    np.testing.assert_allclose(by_col.entities["influence_mae"], by_user.entities["influence_mae"], atol=1e-9)
+    assert by_col.tables["removal_experiment"]["mean"] == pytest.approx(
+        by_user.tables["removal_experiment"]["mean"], abs=1e-9)
+    assert by_col.info["removal"]["random"] == [f"u{u}" for u in by_user.info["removal"]["random"]]
+
+
+def test_grouping_column_groups_rows_and_leaves_noise_and_nulls_alone():
+    """Groups are the column's values; noise rows (not in the input) and null values belong to
+    no group: never dropped, valued NaN. Each group's value is its own leave-group-out."""
+    mc, tc = FAMILIES["svd-sgd"]
+    region = ["north", "south", "east", None] * 5
+    ds, sp = grouped_data(region, noise_rows=15)
+    opts = DeletionConfig(entity="column", group_column="region", **(OPTS | {"seeds": 1, "removal_n": 1}))
+    val = DeletionValuer(opts).value(ctx_for(sp, mc, tc, dataset=ds))
+    ent = val.entities
+    assert sorted(ent["region"].to_pylist()) == ["east", "north", "south"]
+    tr = sp.train
+    no_group = (tr.source_row < 0) | np.isin(tr.user, np.arange(3, 20, 4))
+    assert np.isnan(val.values[no_group]).all() and not np.isnan(val.values[~no_group]).any()
+    counts = dict(zip(ent["region"].to_pylist(), ent["n_ratings"]))
+    assert counts["north"] == int(((tr.source_row >= 0) & np.isin(tr.user, np.arange(0, 20, 4))).sum())
+    # a test row's entity is its region (noise never reaches test here: source_row -1 -> -1)
+    g = val.test_entity
+    assert ((g == -1) == (np.isin(sp.test.user, np.arange(3, 20, 4)) | (sp.test.source_row < 0))).all()
+    # the value of "south" = MAP(full) - MAP(retrained without south's rows) on the validation
+    # rows outside south, both models trained alone by the reference trainer
+    south = ent["region"].to_pylist().index("south")
+    rows_south = np.isin(sp.train.user, np.arange(1, 20, 4)) & (sp.train.source_row >= 0)
+    group = torch.as_tensor(np.where(rows_south, 0, -1))
+    full = train_reference(build_task(mc, sp.train, tc), tc, torch.tensor([], dtype=torch.long), group, seed=0)
+    without = train_reference(build_task(mc, sp.train, tc), tc, torch.tensor([0]), group, seed=0)
+    in_south = np.isin(sp.valid.user, np.arange(1, 20, 4)) & (sp.valid.source_row >= 0)
+    tgt = sp.valid.take(~in_south)
+    m_full = ranking_metrics(full.score_users, tgt, [sp.train], metrics=["map_full"], ks=[])["map"]
+    m_wo = ranking_metrics(without.score_users, tgt, [sp.train], metrics=["map_full"], ks=[])["map"]
+    assert ent["value"][south] == pytest.approx(m_full - m_wo, abs=1e-5)
+    assert abs(m_full - m_wo) > 1e-4          # the deletion mattered
+    assert val.entity_kind == "region" and val.info["id_column"] == "region"
+
+
+def test_grouping_column_errors_name_the_column():
+    mc, tc = FAMILIES["svd-sgd"]
+    ds, sp = grouped_data(["a"] * 20)
+    with pytest.raises(ValueError, match="no column 'country'.*region"):
+        DeletionValuer(DeletionConfig(entity="column", group_column="country", **OPTS)).value(
+            ctx_for(sp, mc, tc, dataset=ds))
+    with pytest.raises(ValueError, match="group_column"):
+        DeletionConfig(entity="column").validate()
+    with pytest.raises(ValueError, match="group_column"):
+        DeletionConfig(entity="user", group_column="region").validate()
+
+
 @pytest.mark.ray
 def test_results_do_not_depend_on_the_number_of_actors(ray_session):
     from recval_ray.ray_layer.actors import ActorPoolExecutor
@@ -365,6 +447,47 @@ def test_deletion_job_end_to_end_in_process(tmp_path):
     test = pq.read_table(root / "splits" / "test").to_pandas()
     assert m["prune"]["test_rows_left_out"] >= test.user_id.isin(lowest).sum() > 0
     assert os.path.isdir(root / "removal_experiment")
+
+
+def test_grouping_column_job_end_to_end(tmp_path):
+    """A CSV with a ``device`` column, valued by leave-one-device-out: the device table, whole
+    devices pruned, and the base/pruned comparison on test rows of devices nobody removed."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from recval_ray.config import validate_config
+    from recval_ray.pipeline import run_job
+    rng = np.random.default_rng(0)
+    n = 600
+    users, items = rng.integers(0, 30, n), rng.integers(0, 40, n)
+    device = np.array([f"d{k}" for k in range(8)])[rng.integers(0, 8, n)]
+    lines = ["user,item,rating,device"] + [f"{u},{i},{rng.integers(1, 6)},{d}" for u, i, d in zip(users, items, device)]
+    (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
+    cfg = validate_config({
+        "name": "dev", "data": {"format": "csv", "path": str(tmp_path / "log.csv"),
+                                "columns": {"user": "user", "item": "item", "rating": "rating"}},
+        "split": {"kind": "random", "ratios": [0.65, 0.1, 0.25], "seed": 0},
+        "model": {"kind": "svd", "n_factors": 4},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 0.01, "optimizer": "sgd", "select_metric": "rmse"},
+        "valuation": {"method": "deletion", "entity": "column", "group_column": "device", "seeds": 2,
+                      "shard_size": 3, "removal_n": 2, "metrics": ["map", "mae"]},
+        "prune": {"strategy": "count", "count": 2, "scope": "entity"},
+        "evaluate": {"metrics": ["ndcg"], "ks": [5]},
+        "output": {"uri": str(tmp_path / "out")}})
+    run_job(cfg, use_ray=False)
+    root = tmp_path / "out" / "dev"
+    assert (root / "manifest.json").exists()
+    table = pq.read_table(root / "device_values").to_pandas()
+    assert sorted(table.device) == [f"d{k}" for k in range(8)] and table.n_seeds.eq(2).all()
+    lowest = set(table.sort_values("value", kind="stable").device[:2])
+    pruned = pq.read_table(root / "pruned").to_pandas()
+    assert set(pruned.device) == {f"d{k}" for k in range(8)} - lowest
+    m = json.load(open(root / "metrics.json"))
+    test_rows = pq.read_table(root / "splits" / "test").num_rows
+    # the 2 pruned devices and the 2 random ones (some may coincide): ~1/8 of test rows each
+    assert test_rows / 8 <= m["prune"]["test_rows_left_out"] <= test_rows / 2
+    assert "Influence of devices" in open(root / "report.html").read()
 
 
 def test_values_from_an_earlier_run_skip_the_influence_work(tmp_path):

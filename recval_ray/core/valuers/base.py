@@ -53,6 +53,7 @@ class Valuation:
     entities: Optional[dict] = None
     entity_kind: Optional[str] = None
     row_entity: Optional[np.ndarray] = None     # entity index of each training row (entity methods)
+    test_entity: Optional[np.ndarray] = None    # entity index of each test row (-1: none)
     tables: dict = field(default_factory=dict)  # extra output tables (name -> dict of arrays)
     info: dict = field(default_factory=dict)
 

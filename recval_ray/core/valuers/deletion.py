@@ -43,13 +43,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from ...registry import register_valuer
-from ..data import Interactions
+from ..data import Interactions, Split
 from ..executor import LocalExecutor
 from ..metrics import ranking_metrics, rating_metrics, scores_fn_from_matrix
 from .base import Valuation, ValuationContext, Valuer
@@ -65,7 +67,10 @@ PAPER_METRICS = ["map", "map@10", "ndcg@10", "precision@10", "recall@10", "expla
 class DeletionConfig:
     """Options of ``valuation.method: deletion``.
 
-    ``entity``: ``user`` or ``item``; ``metric``: the influence used as ``value``;
+    ``entity``: ``user``, ``item`` or ``column`` (the groups are the distinct values of the
+    input's column ``group_column``, e.g. a country, a device or a session; rows without a
+    value, and injected noise, belong to no group and are never dropped);
+    ``metric``: the influence used as ``value``;
     ``metrics``: every influence computed (``map`` / ``mrr`` = full ranking, ``name@K``,
     ``mae``, ``rmse``, ``explained_variance``: rating metrics on the held-out rows' ratings;
     an implicit model's rating is its predicted probability, as in the paper);
@@ -85,7 +90,8 @@ class DeletionConfig:
     removal experiment again under other settings.
     """
     method: str = "deletion"
-    entity: Literal["user", "item"] = "user"
+    entity: Literal["user", "item", "column"] = "user"
+    group_column: Optional[str] = None
     metric: str = "map"
     metrics: list[str] = field(default_factory=lambda: list(PAPER_METRICS))
     entities: Literal["all", "sample", "top"] = "all"
@@ -108,8 +114,60 @@ class DeletionConfig:
         _check_metrics(list(self.metrics) + [self.metric])
         if self.seeds < 1 or self.shard_size < 1 or self.n_entities < 1:
             raise ValueError("valuation.seeds, valuation.shard_size and valuation.n_entities must be >= 1")
+        if (self.entity == "column") != bool(self.group_column):
+            raise ValueError("valuation.group_column is needed with valuation.entity: column, and only then")
         if self.removal_n < 0 or self.actors < 0:
             raise ValueError("valuation.removal_n and valuation.actors must be >= 0")
+
+
+@dataclass
+class Grouping:
+    """The entities of a deletion run: ``rows[part]`` is the entity index of each row of the
+    split's ``train``/``valid``/``test`` part (``-1``: the row belongs to no entity);
+    ``id_column`` names the entity's id in the outputs (``user_id``, ``item_id`` or the
+    grouping column's own name)."""
+    kind: str
+    id_column: str
+    rows: dict
+    n_groups: int
+    _labels: Callable
+
+    def labels(self, idx, arrow: bool = False):
+        """Original ids (user / item ids, or the column's values) of entity indices."""
+        out = self._labels(np.asarray(idx, np.int64))
+        if arrow:
+            return out
+        return out.to_pylist() if hasattr(out, "to_pylist") else [int(x) for x in out]
+
+    @staticmethod
+    def of(opts: DeletionConfig, split: Split, dataset) -> "Grouping":
+        parts = {p: getattr(split, p) for p in ("train", "valid", "test")}
+        if opts.entity in ("user", "item"):
+            kind = opts.entity
+            rows = {p: getattr(t, kind).astype(np.int64) for p, t in parts.items()}
+            n = split.train.n_users if kind == "user" else split.train.n_items
+            if dataset is None:
+                labels = lambda idx: idx  # noqa: E731
+            else:
+                labels = dataset.original_users if kind == "user" else dataset.original_items
+            return Grouping(kind, f"{kind}_id", rows, int(n), labels)
+        col = opts.group_column
+        source = getattr(dataset, "source", None)
+        if source is None or any(t.source_row is None for t in parts.values()):
+            raise ValueError(f"valuation.entity: column needs the input's rows (column {col!r}); "
+                             "this data has no source table")
+        if col not in source.column_names:
+            raise ValueError(f"valuation.group_column: the input has no column {col!r} "
+                             f"(its columns: {', '.join(source.column_names)})")
+        enc = pc.dictionary_encode(source.column(col).combine_chunks())
+        codes = np.asarray(enc.indices.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+        dictionary = enc.dictionary
+        rows = {}
+        for p, t in parts.items():
+            sr = np.asarray(t.source_row, np.int64)
+            rows[p] = np.where(sr >= 0, codes[np.clip(sr, 0, None)] if len(codes) else -1, -1)
+        return Grouping(col, col, rows, int(len(dictionary)),
+                        lambda idx: dictionary.take(pa.array(idx, pa.int64())))
 
 
 def _ranking_spec(name: str) -> str:
@@ -305,11 +363,10 @@ class DeletionValuer(Valuer):
         opts: DeletionConfig = self.options
         split = ctx.split
         train = split.train
-        kind = opts.entity
         names = list(dict.fromkeys(opts.metrics + [opts.metric]))
         _check_metrics(names)
-        row_group = (train.user if kind == "user" else train.item).astype(np.int64)
-        n_groups = train.n_users if kind == "user" else train.n_items
+        grouping = Grouping.of(opts, split, ctx.dataset)
+        kind, row_group, n_groups = grouping.kind, grouping.rows["train"], grouping.n_groups
         engine = resolve_engine(opts, ctx.model_cfg.kind)
         seeds = [int(ctx.train_cfg.seed) + k for k in range(max(1, opts.seeds))]
         if engine == "closed-form":
@@ -324,14 +381,14 @@ class DeletionValuer(Valuer):
         for part, excl in (("valid", [train]), ("test", [train, split.valid])):
             tgt = getattr(split, part)
             if len(tgt):
-                evaluators[part] = _Evaluator(tgt, excl, names, ctx.eval_cfg,
-                                              (tgt.user if kind == "user" else tgt.item), kind, dev)
+                evaluators[part] = _Evaluator(tgt, excl, names, ctx.eval_cfg, grouping.rows[part], kind, dev)
+        self._grouping = grouping
         shared = {"opts": opts, "train": train, "row_group": row_group, "n_groups": n_groups,
                   "model_cfg": ctx.model_cfg, "train_cfg": ctx.train_cfg, "engine": engine,
                   "evaluators": evaluators, "threads": max(1, int(opts.actor_cpus)) if opts.actors else
                   torch.get_num_threads()}
         if opts.values_from:
-            return self._from_earlier(ctx, shared, seeds, engine, names, row_group, n_groups, kind, evaluators)
+            return self._from_earlier(ctx, shared, seeds, engine, names, grouping, evaluators)
         shards = [entities[i:i + opts.shard_size] for i in range(0, len(entities), max(1, opts.shard_size))]
         items, keys = [], []
         for s in seeds:
@@ -354,8 +411,8 @@ class DeletionValuer(Valuer):
         se = _se(per_seed_value)
 
         values_row = _row_values(entities, value, n_groups, row_group)
-        table = self._entity_table(ctx, kind, entities, value, se, infl, names, row_group, train)
-        info = {"entity": kind, "engine": engine, "seeds": seeds, "entities_valued": int(len(entities)),
+        table = self._entity_table(grouping, entities, value, se, infl, names, train)
+        info = {"entity": kind, "id_column": grouping.id_column, "engine": engine, "seeds": seeds, "entities_valued": int(len(entities)),
                 "metric": opts.metric, "metrics": names, "protocol": opts.protocol,
                 "influence_split": infl_part, "self_eval": opts.self_eval,
                 "epochs": None if engine == "closed-form" else int(opts.epochs or ctx.train_cfg.epochs),
@@ -365,9 +422,10 @@ class DeletionValuer(Valuer):
         info.update(stability(per_seed_value))
         tables = self._removal_tables(ctx, shared, seeds, engine, entities, value, names, kind, evaluators, info)
         return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
-                         entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info)
+                         entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info,
+                         test_entity=grouping.rows["test"])
 
-    def _from_earlier(self, ctx, shared, seeds, engine, names, row_group, n_groups, kind, evaluators):
+    def _from_earlier(self, ctx, shared, seeds, engine, names, grouping, evaluators):
         """Values read from an earlier run's entity table; only the removal experiment runs."""
         import pyarrow.parquet as pq
 
@@ -375,12 +433,10 @@ class DeletionValuer(Valuer):
         opts: DeletionConfig = self.options
         fs, path = resolve(opts.values_from)
         tab = pq.read_table(path, filesystem=fs)
-        col = f"{kind}_id"
+        kind, row_group, n_groups, col = grouping.kind, grouping.rows["train"], grouping.n_groups, grouping.id_column
         if col not in tab.column_names or "value" not in tab.column_names:
             raise ValueError(f"valuation.values_from: {opts.values_from} has no {col} and value columns")
-        ds = ctx.dataset
-        known = (ds.original_users(np.arange(n_groups)) if kind == "user" else
-                 ds.original_items(np.arange(n_groups))).to_pylist() if ds is not None else list(range(n_groups))
+        known = grouping.labels(np.arange(n_groups))
         index = {v: i for i, v in enumerate(known)}
         ids = tab.column(col).to_pylist()
         missing = [v for v in ids if v not in index]
@@ -393,11 +449,12 @@ class DeletionValuer(Valuer):
         values_row = _row_values(entities, value, n_groups, row_group)
         table = {c: (tab.column(c).take(order) if c == col else
                      np.asarray(tab.column(c).to_numpy(zero_copy_only=False))[order]) for c in tab.column_names}
-        info = {"entity": kind, "engine": engine, "values_from": opts.values_from, "entities_valued": int(len(entities)),
+        info = {"entity": kind, "id_column": col, "engine": engine, "values_from": opts.values_from, "entities_valued": int(len(entities)),
                 "metric": opts.metric, "metrics": names, "protocol": opts.protocol}
         tables = self._removal_tables(ctx, shared, seeds, engine, entities, value, names, kind, evaluators, info)
         return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
-                         entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info)
+                         entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info,
+                         test_entity=grouping.rows["test"])
 
     # -- execution with resume -----------------------------------------------------------
     def _run(self, ctx, shared, items, keys, label, n_models) -> list:
@@ -445,7 +502,7 @@ class DeletionValuer(Valuer):
         r_seeds = seeds if opts.removal_seeds == "same" or engine == "closed-form" else \
             [int(ctx.train_cfg.seed) + len(seeds) + k for k in range(len(seeds))]
         removal, groups = self._removal(ctx, shared, r_seeds, entities, value, names)
-        info["removal"] = {g: self._original_ids(ctx, kind, ids) for g, ids in groups.items()}
+        info["removal"] = {g: self._grouping.labels(ids) for g, ids in groups.items()}
         info["removal_seeds"] = r_seeds
         return {"removal_experiment": removal}
 
@@ -479,24 +536,12 @@ class DeletionValuer(Valuer):
                 rows["n_seeds"].append(len(seeds))
         return rows, groups
 
-    @staticmethod
-    def _original_ids(ctx, kind: str, idx) -> list:
-        idx = np.asarray(idx, np.int64)
-        if ctx.dataset is None:
-            return [int(x) for x in idx]
-        ids = ctx.dataset.original_users(idx) if kind == "user" else ctx.dataset.original_items(idx)
-        return ids.to_pylist()
-
     # -- entity table --------------------------------------------------------------------
-    def _entity_table(self, ctx, kind, entities, value, se, infl, names, row_group, train) -> dict:
-        counts = np.bincount(row_group, minlength=int(row_group.max(initial=-1)) + 1)
-        table = {}
-        ds = ctx.dataset
-        if ds is not None:
-            ids = ds.original_users(entities) if kind == "user" else ds.original_items(entities)
-        else:
-            ids = entities
-        table[f"{kind}_id"] = ids
+    def _entity_table(self, grouping, entities, value, se, infl, names, train) -> dict:
+        row_group = grouping.rows["train"]
+        grouped = row_group >= 0
+        counts = np.bincount(row_group[grouped], minlength=grouping.n_groups)
+        table = {grouping.id_column: grouping.labels(entities, arrow=True)}
         table["value"] = value
         table["value_se"] = se
         for k, n in enumerate(names):
@@ -505,8 +550,8 @@ class DeletionValuer(Valuer):
         table["n_ratings"] = counts[entities].astype(np.int64)
         if train.rating is not None:
             r = np.asarray(train.rating, np.float64)
-            s1 = np.bincount(row_group, weights=r, minlength=len(counts))
-            s2 = np.bincount(row_group, weights=r * r, minlength=len(counts))
+            s1 = np.bincount(row_group[grouped], weights=r[grouped], minlength=len(counts))
+            s2 = np.bincount(row_group[grouped], weights=(r * r)[grouped], minlength=len(counts))
             c = np.maximum(counts, 1)
             mean = s1 / c
             std = np.sqrt(np.maximum(s2 / c - mean ** 2, 0.0) * c / np.maximum(c - 1, 1))
@@ -517,15 +562,16 @@ class DeletionValuer(Valuer):
 
 
 def _row_values(entities: np.ndarray, value: np.ndarray, n_groups: int, row_group: np.ndarray) -> np.ndarray:
-    """Each training row carries its entity's value (NaN for entities not valued)."""
-    ent_value = np.full(n_groups, np.nan)
+    """Each training row carries its entity's value (NaN for entities not valued and for rows
+    of no group, ``-1``)."""
+    ent_value = np.full(n_groups + 1, np.nan)
     ent_value[entities] = value
-    return ent_value[row_group]
+    return ent_value[np.where(row_group >= 0, row_group, n_groups)]
 
 
 def select_entities(row_group: np.ndarray, n_groups: int, opts: DeletionConfig) -> np.ndarray:
     """Sorted indices of the entities to value (those with at least one training row)."""
-    counts = np.bincount(row_group, minlength=n_groups)
+    counts = np.bincount(row_group[row_group >= 0], minlength=n_groups)
     present = np.flatnonzero(counts > 0)
     n = min(int(opts.n_entities), len(present))
     if opts.entities == "all":
