@@ -345,6 +345,9 @@ def _puresvd_family(shared: dict, sets: list):
 def run_work_item(shared: dict, item: dict) -> dict:
     """Train the item's family under its seed and evaluate it (Ray-free; runs on actors)."""
     torch.set_num_threads(max(1, int(shared.get("threads", 1))))
+    if shared["engine"] == "batched" and shared.get("keep_freed_memory", True):
+        from ..deletion.stacked import keep_freed_memory
+        keep_freed_memory()
     t0 = time.perf_counter()
     sets = [np.asarray(s, np.int64) for s in item["sets"]]
     models = _train_family(shared, item["seed"], sets)
