@@ -80,14 +80,14 @@ def make_executor(cfg: JobConfig, use_ray: bool):
 
 
 def value(cfg: JobConfig, split: Split, base: TrainResult, dataset: Dataset,
-          work_dir: Optional[str] = None, executor=None, store=None) -> Valuation:
+          work_dir: Optional[str] = None, executor=None, store=None, use_ray: bool = False) -> Valuation:
     """Value the training data with ``valuation.method``; ``store`` keeps finished work items
-    so an interrupted run resumes."""
+    so an interrupted run resumes; ``use_ray``: the job runs on Ray (valuers may use it)."""
     entry = VALUERS.get(cfg.valuation.method)
     valuer = entry.factory(cfg.valuation)
     ctx = ValuationContext(split=split, base=base, model_cfg=cfg.model, train_cfg=cfg.train,
                            eval_cfg=cfg.evaluate, seed=cfg.train.seed, executor=executor,
-                           work_dir=work_dir, dataset=dataset, store=store)
+                           work_dir=work_dir, dataset=dataset, store=store, ray=use_ray)
     t0 = time.perf_counter()
     valuation = valuer.value(ctx)
     valuation.info.setdefault("seconds", time.perf_counter() - t0)
@@ -115,14 +115,10 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
     training set, injected noise included, and the validation set), so only the training
     data differ.
     """
-    keep = prune_mask(valuation.values, split.train, cfg.prune, groups=valuation.row_entity)
-    random_keep = random_prune_mask(keep, split.train, cfg.prune, cfg.prune.seed + 1,
-                                    groups=valuation.row_entity, values=valuation.values) \
-        if cfg.prune.random_control else None
+    keep, random_keep = prune_masks(cfg, split, valuation)
     out = PruneOutcome(keep=keep, random_keep=random_keep)
     if not cfg.prune.retrain or cfg.prune.strategy == "none":
         return out
-    exclude = [split.train, split.valid]
     target = split
     if cfg.prune.scope == "entity" and valuation.row_entity is not None:
         # a removed user (item, group) has no training data left: its own test rows would
@@ -145,12 +141,36 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
     for tag, mask in (("pruned", keep), ("random_pruned", random_keep)):
         if mask is None:
             continue
-        kept = split.train.take(mask)
-        res = train(cfg, kept, split.valid, tag=tag)
-        out.metrics[tag] = evaluate_ranking(res.model, target, cfg.evaluate, "test", exclude=exclude,
-                                            context=[kept, split.valid])
+        out.metrics[tag], res = retrain_and_evaluate(cfg, split, mask, tag=tag, target=target)
         out.training[tag] = training_summary(res)
     return out
+
+
+def prune_masks(cfg: JobConfig, split: Split, valuation: Valuation,
+                random_control: Optional[bool] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(kept rows, kept rows of the random control dropping as many, or None): the masks over
+    ``split.train`` that ``prune`` selects from ``valuation``; the control is drawn with seed
+    ``prune.seed + 1`` when ``random_control`` (default ``prune.random_control``)."""
+    keep = prune_mask(valuation.values, split.train, cfg.prune, groups=valuation.row_entity)
+    if random_control is None:
+        random_control = cfg.prune.random_control
+    random_keep = random_prune_mask(keep, split.train, cfg.prune, cfg.prune.seed + 1,
+                                    groups=valuation.row_entity, values=valuation.values) \
+        if random_control else None
+    return keep, random_keep
+
+
+def retrain_and_evaluate(cfg: JobConfig, split: Split, mask: np.ndarray, *, tag: str,
+                         target: Optional[Split] = None) -> tuple[dict, TrainResult]:
+    """Train on the training rows ``mask`` keeps (selecting on validation) and evaluate on the
+    test part of ``target`` (default ``split``). Excluded items stay the full training set and
+    the validation set, so every variant is ranked against the same candidates; context models
+    read the kept rows (+ validation) as the users' histories."""
+    kept = split.train.take(mask)
+    res = train(cfg, kept, split.valid, tag=tag)
+    metrics = evaluate_ranking(res.model, target if target is not None else split, cfg.evaluate, "test",
+                               exclude=[split.train, split.valid], context=[kept, split.valid])
+    return metrics, res
 
 
 def training_summary(res: TrainResult) -> dict:
@@ -284,7 +304,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
         t = time.perf_counter()
         log.info("valuing %d training interactions with %s", len(split.train), cfg.valuation.method)
         valuation = value(cfg, split, base, dataset, work_dir=work_dir,
-                          executor=make_executor(cfg, use_ray), store=out.work_store())
+                          executor=make_executor(cfg, use_ray), store=out.work_store(), use_ray=use_ray)
         timings["value_s"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -151,6 +151,16 @@ class TrainedExplainer:
     def device(self) -> torch.device:
         return self.players.device
 
+    def to(self, device: torch.device | str) -> "TrainedExplainer":
+        """A copy for inference on ``device`` (the network copied, never shared): what the
+        Ray layer ships to its actors."""
+        dev = torch.device(device)
+        net = copy.deepcopy(self.net).to(dev)
+        net.eval()
+        return TrainedExplainer(net, self.players.to(dev), self.gain.to(dev), self.empty_value.to(dev),
+                                history=list(self.history), best_epoch=self.best_epoch,
+                                best_valid=self.best_valid, seconds=self.seconds)
+
 
 class _UserBatch:
     """A batch of users: their full rows ``x_u`` and, for every player, its batch row, slot

@@ -29,6 +29,7 @@ lost to float32 rounding of a dense sum).
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Literal, Protocol
 
 import numpy as np
@@ -69,6 +70,10 @@ class DAEGame:
         self.device = model.net[0].weight.device
         self._dtype = model.net[0].weight.dtype
         self._empty_logits = self.logits(torch.zeros(1, self.n_items, device=self.device))[0]
+
+    def to(self, device: torch.device | str) -> "DAEGame":
+        """The same game on ``device`` (a copy of the model; this one is left as it is)."""
+        return DAEGame(copy.deepcopy(self.model).to(device), self.rho, self.variant, self.batch_size)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,9 @@ class ValuationContext:
     """Everything a valuer may use. ``base`` is the :class:`~recval_ray.core.train.TrainResult`
     of the base model trained on ``split.train``; ``executor`` (optional) runs independent
     work items in parallel (the Ray layer provides one; ``None`` means in-process); ``store``
-    (optional) persists finished work items under the run's output so a rerun resumes."""
+    (optional) persists finished work items under the run's output so a rerun resumes;
+    ``ray``: the job runs on Ray, so a valuer may hand work to the Ray layer (e.g. Ray Data
+    batch inference)."""
 
     split: Split
     base: Any
@@ -34,6 +36,7 @@ class ValuationContext:
     progress: Optional[Callable[[str], None]] = None
     dataset: Optional[Any] = None
     store: Optional[Any] = None     # a ShardStore for resumable work (None: no resume)
+    ray: bool = False               # the job runs on Ray
 
 
 @dataclass

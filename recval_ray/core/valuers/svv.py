@@ -14,6 +14,13 @@ more useful), and the values of a user sum to ``v_u(all) - v_u(empty)`` (column 
 drawn with ``seed`` (exact enumeration up to ``reference_exact_max`` interactions,
 permutation sampling to a standard error below ``reference_tolerance`` x the mean absolute
 value otherwise) and reports the explainer's agreement with them in ``info["reference"]``.
+
+On Ray (``ctx.ray``, set by the pipeline when the job runs with Ray), ``inference: auto``
+runs the explainer's inference over all users as Ray Data ``map_batches`` on a pool of
+``inference_actors`` actors (GPU actors when the cluster has GPUs), and the reference values as
+Ray tasks of ``reference_group`` users each (:mod:`recval_ray.ray_layer.explain`); the values
+are those of the in-process path (up to float32 rounding by batch shape for the explainer;
+the reference values are computed per user from their own seeded streams).
 """
 from __future__ import annotations
 
@@ -46,6 +53,13 @@ class SVVConfig:
     ``value_batch``: coalitions per DAE forward. Reference check: ``reference``,
     ``reference_users``, ``reference_exact_max``, ``reference_tolerance`` (relative),
     ``reference_max_permutations``.
+
+    Ray: ``inference`` (``auto``: Ray Data when the job runs on Ray, else in-process;
+    ``local``; ``ray-data``), ``inference_actors`` (the actor pool's size),
+    ``inference_batch_users`` (user ids per batch), ``inference_cpus`` and ``inference_gpus``
+    per actor (null: 1 GPU when the cluster has one, else 0); ``reference_on`` (``auto``: Ray
+    tasks when the job runs on Ray; ``local``; ``ray``), ``reference_group`` (users per task),
+    ``reference_cpus`` and ``reference_gpus`` per task.
     """
     method: str = "svv"
     variant: Literal["recon-error", "mean-score"] = "recon-error"
@@ -66,6 +80,46 @@ class SVVConfig:
     reference_exact_max: int = MAX_EXACT_PLAYERS
     reference_tolerance: float = 0.05
     reference_max_permutations: int = 1000
+    inference: Literal["auto", "local", "ray-data"] = "auto"
+    inference_actors: int = 2
+    inference_batch_users: int = 256
+    inference_cpus: float = 1.0
+    inference_gpus: Optional[float] = None
+    reference_on: Literal["auto", "local", "ray"] = "auto"
+    reference_group: int = 1
+    reference_cpus: float = 1.0
+    reference_gpus: float = 0.0
+
+    def validate(self) -> None:
+        for key in ("inference_actors", "inference_batch_users", "reference_group") + \
+                (("reference_users",) if self.reference else ()):
+            if getattr(self, key) < 1:
+                raise ValueError(f"valuation.{key}: {getattr(self, key)} must be >= 1")
+        for key in ("inference_cpus", "reference_cpus", "reference_gpus"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"valuation.{key}: {getattr(self, key)} must be >= 0")
+        if self.inference_gpus is not None and self.inference_gpus < 0:
+            raise ValueError(f"valuation.inference_gpus: {self.inference_gpus} must be >= 0 (or null)")
+
+
+def _ray_available(ctx: ValuationContext) -> bool:
+    """The job runs on Ray (``ctx.ray``), or a Ray instance is already up in this process."""
+    if getattr(ctx, "ray", False):
+        return True
+    try:
+        import ray
+    except ImportError:  # pragma: no cover
+        return False
+    return ray.is_initialized()
+
+
+def _resolve(choice: str, ray_name: str, on_ray: bool, ray_available: bool, key: str) -> str:
+    """``auto`` -> the Ray path when the job runs on Ray; an explicit Ray path needs Ray."""
+    if choice == "auto":
+        return ray_name if on_ray else "local"
+    if choice == ray_name and not ray_available:
+        raise ValueError(f"valuation.{key}: {ray_name} needs Ray (run the job with Ray, or set {key}: local)")
+    return choice
 
 
 class SVVValuer(Valuer):
@@ -89,28 +143,44 @@ class SVVValuer(Valuer):
                                 lr=o.lr, weight_decay=o.weight_decay, batch_size=o.batch_size,
                                 patience=o.patience, valid_samples=o.valid_samples)
         explainer = train_explainer(game, players, config, seed=seed, device=dev, progress=ctx.progress)
+        on_ray, ray_ok = bool(getattr(ctx, "ray", False)), _ray_available(ctx)
+        inference = _resolve(o.inference, "ray-data", on_ray, ray_ok, "inference")
         t = time.perf_counter()
-        per_player = explain(explainer).cpu().numpy()
+        if inference == "ray-data":
+            from ...ray_layer.explain import explain_with_ray_data
+            per_player = explain_with_ray_data(explainer, actors=o.inference_actors,
+                                               batch_users=o.inference_batch_users, num_cpus=o.inference_cpus,
+                                               num_gpus=o.inference_gpus).numpy()
+        else:
+            per_player = explain(explainer).cpu().numpy()
         explain_s = time.perf_counter() - t
         values = per_player[player_of_row]
         gain = explainer.gain.cpu().numpy()[train.user]
         info = {"variant": o.variant, "seed": seed, "device": str(dev),
                 "explainer": {"epochs_run": len(explainer.history), "best_epoch": explainer.best_epoch,
                               "best_valid_loss": explainer.best_valid, "train_s": explainer.seconds,
-                              "explain_s": explain_s, "history": explainer.history}}
+                              "explain_s": explain_s, "inference": inference, "history": explainer.history}}
+        if inference == "ray-data":
+            info["explainer"]["inference_actors"] = o.inference_actors
         if o.reference:
-            info["reference"] = self._reference(game, players, explainer, seed)
+            where = _resolve(o.reference_on, "ray", on_ray, ray_ok, "reference_on")
+            info["reference"] = self._reference(game, players, explainer, seed, where)
         return Valuation(method=self.name, values=values, columns={"user_gain": gain}, info=info)
 
-    def _reference(self, game, players, explainer, seed: int) -> dict:
-        """Agreement of the explainer with reference values on ``reference_users`` users."""
+    def _reference(self, game, players, explainer, seed: int, where: str = "local") -> dict:
+        """Agreement of the explainer with reference values on ``reference_users`` users
+        (``where``: ``local`` in this process, ``ray`` as Ray tasks)."""
         o = self.options
         t = time.perf_counter()
         users = sample_users(players, o.reference_users, seed)
-        refs = reference_shapley(game, players, users, exact_max=o.reference_exact_max,
-                                 rel_tolerance=o.reference_tolerance,
-                                 max_permutations=o.reference_max_permutations, seed=seed,
-                                 batch_size=o.value_batch)
+        kw = dict(exact_max=o.reference_exact_max, rel_tolerance=o.reference_tolerance,
+                  max_permutations=o.reference_max_permutations, seed=seed, batch_size=o.value_batch)
+        if where == "ray":
+            from ...ray_layer.explain import reference_with_ray
+            refs = reference_with_ray(game, players, users, group=o.reference_group,
+                                      num_cpus=o.reference_cpus, num_gpus=o.reference_gpus, **kw)
+        else:
+            refs = reference_shapley(game, players, users, **kw)
         ref_s = time.perf_counter() - t
         est = explain(explainer, torch.as_tensor(users, device=players.device)).cpu().numpy()
         ref = np.concatenate([r.values for r in refs]) if refs else np.zeros(0)
@@ -119,7 +189,7 @@ class SVVValuer(Valuer):
         perm = [r for r in refs if r.method == "permutation"]
         out.update(exact_users=len(refs) - len(perm), permutation_users=len(perm),
                    converged_users=sum(r.converged for r in perm),
-                   permutations=int(sum(r.n_permutations for r in perm)), seconds=ref_s)
+                   permutations=int(sum(r.n_permutations for r in perm)), seconds=ref_s, on=where)
         return out
 
 
