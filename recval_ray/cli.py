@@ -39,6 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-ray", action="store_true",
                      help="run the Ray-free core in this process (debugging; Ray Train paths unavailable)")
 
+    cmp = sub.add_parser("compare", help="run the job over several seeds and variants, mean and std",
+                         description="For each seed: train the base model (full data), value the training "
+                                     "data with every compared method, retrain on the pruned data, on a "
+                                     "random control of the same size and without the injected noise "
+                                     "(oracle); evaluate all on test. Writes comparison/, "
+                                     "comparison_runs/, method_values/, splits/, metrics.json, "
+                                     "report.html and manifest.json (last) under OUTPUT/RUN_ID/ "
+                                     "(run id default: <name>-compare). Settings: the job's compare: "
+                                     "section.")
+    _common(cmp)
+    cmp.add_argument("--seeds", metavar="N|S,S,...",
+                     help="N seeds 0..N-1, or a comma-separated list (default: compare.seeds)")
+    cmp.add_argument("--run-id", help="run id (default: <output.run_id or the job name>-compare)")
+    cmp.add_argument("--output", help="output URI, a local path or s3://bucket/prefix (default: output.uri)")
+    cmp.add_argument("--overwrite", action="store_true", help="replace a complete run with the same id")
+    cmp.add_argument("--address", help="Ray cluster address (default: ray.address, RAY_ADDRESS, else local)")
+    cmp.add_argument("--no-ray", action="store_true",
+                     help="run the Ray-free core in this process (debugging; Ray Train paths unavailable)")
+
     val = sub.add_parser("validate", help="check a job's config and data without training or writing",
                          description="Validate the config, read and check the data, split and inject "
                                      "noise, and print a summary. Nothing is trained or written.")
@@ -53,9 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("recval_ray").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         from .config import load_config
-        cfg = load_config(args.job, args.overrides)
+        overrides = list(args.overrides)
+        if args.command == "compare" and args.seeds is not None:
+            overrides.append(f"compare.seeds={_seeds(args.seeds)}")
+        cfg = load_config(args.job, overrides)
         if args.command == "validate":
             return _validate(cfg)
+        if args.command == "compare":
+            from .compare import headline as compare_headline, run_compare
+            result = run_compare(cfg, run_id=args.run_id, output_uri=args.output,
+                                 overwrite=True if args.overwrite else None, use_ray=not args.no_ray,
+                                 address=args.address)
+            print(compare_headline(result))
+            return 0
         from .pipeline import headline, run_job
         result = run_job(cfg, run_id=args.run_id, output_uri=args.output,
                          overwrite=True if args.overwrite else None, use_ray=not args.no_ray,
@@ -67,6 +96,20 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
 
 
+def _seeds(text: str) -> list[int]:
+    """``--seeds 3`` -> [0, 1, 2]; ``--seeds 4,7`` -> [4, 7]."""
+    from .errors import ConfigError
+    try:
+        if "," in text:
+            return [int(x) for x in text.split(",") if x.strip()]
+        n = int(text)
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected a count N or a list S,S,...") from None
+    if n < 1:
+        raise ConfigError(f"--seeds {text!r}: needs at least one seed")
+    return list(range(n))
+
+
 def _validate(cfg) -> int:
     from .pipeline import load_data, make_split
     dataset = load_data(cfg, use_ray=False)
@@ -76,6 +119,9 @@ def _validate(cfg) -> int:
     print(f"data ok: {dataset.n_users} users, {dataset.n_items} items, {len(dataset.interactions)} interactions")
     print(f"split ok: train {len(split.train)} (injected noise {n_noise}), valid {len(split.valid)}, "
           f"test {len(split.test)}")
+    from .config import compare_methods, compare_variants
+    print(f"compare: seeds {cfg.compare.seeds} (varying {', '.join(cfg.compare.vary)}), variants "
+          f"{', '.join(compare_variants(cfg))}, methods {', '.join(m for m, _ in compare_methods(cfg))}")
     for w in dataset.warnings:
         print(f"warning: {w}")
     return 0

@@ -144,6 +144,30 @@ class RayConfig:
     num_gpus: Optional[int] = None
 
 
+CompareVariant = Literal["full", "pruned", "random", "oracle"]
+COMPARE_VARIANTS = ("full", "pruned", "random", "oracle")
+
+
+@dataclass
+class CompareConfig:
+    """``recval compare``: the job over several seeds and variants (see :mod:`recval_ray.compare`).
+
+    ``seeds``: one run per seed s, with ``<section>.seed = s`` for every section in ``vary``
+    (``train``, ``prune``, ``split``, ``noise``; split and noise fixed by default so every seed
+    sees the same data). ``variants``: ``full`` (the base model on all, noisy, training data),
+    ``pruned`` (retrained without what each method prunes), ``random`` (retrained without as
+    many random rows, per method), ``oracle`` (retrained without the injected noise); default
+    (empty): every one that applies (pruned and random unless ``prune.strategy: none``, the
+    oracle when noise is injected). ``methods``: the valuations
+    compared, the job's own ``valuation`` first; each a method name (its default options) or a
+    mapping ``{method: NAME, label: LABEL, <options>}``.
+    """
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    variants: list[CompareVariant] = field(default_factory=list)
+    methods: list[Union[str, dict]] = field(default_factory=list)
+    vary: list[Literal["train", "prune", "split", "noise"]] = field(default_factory=lambda: ["train", "prune"])
+
+
 @dataclass
 class JobConfig:
     name: str
@@ -158,6 +182,7 @@ class JobConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -376,12 +401,93 @@ def check_semantics(cfg: JobConfig) -> None:
     if cfg.prune.scope == "entity" and cfg.valuation.method != "deletion":
         raise ConfigError(f"prune.scope: entity needs an entity-level valuation (deletion), "
                           f"not {cfg.valuation.method!r}")
-    check = getattr(cfg.valuation, "validate", None)
+    _check_valuation(cfg.valuation)
+    check_compare(cfg)
+
+
+def _check_valuation(opts, key: str = "valuation") -> None:
+    check = getattr(opts, "validate", None)
     if check is not None:
         try:
             check()
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            msg = str(e)
+            if key != "valuation":
+                msg = msg.replace("valuation.", f"{key}.")
+            raise ConfigError(msg) from None
+
+
+_LABEL = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def compare_methods(cfg: JobConfig) -> list[tuple[str, Any]]:
+    """The valuations ``recval compare`` runs: ``(label, options)``, the job's own ``valuation``
+    first (label: its method name), then each ``compare.methods`` entry not naming it again.
+    An entry is a method name (its default options) or ``{method, label, <options>}``."""
+    from .registry import VALUERS
+
+    out = [(cfg.valuation.method, cfg.valuation)]
+    for i, item in enumerate(cfg.compare.methods):
+        key = f"compare.methods[{i}]"
+        if isinstance(item, str):
+            raw, label = {"method": item}, item
+            if label == cfg.valuation.method:
+                continue  # the job's own valuation, already first
+        else:
+            raw = dict(item)
+            if "method" not in raw:
+                raise ConfigError(f"{key}.method: required (a registered valuation method, "
+                                  f"one of {', '.join(VALUERS.names())})")
+            label = raw.pop("label", raw["method"])
+            if not isinstance(label, str):
+                raise ConfigError(f"{key}.label: expected a string, got {label!r}")
+        if not _LABEL.fullmatch(label):
+            raise ConfigError(f"{key}: label {label!r} must be letters, digits, '.', '_' or '-'")
+        if any(label == other for other, _ in out):
+            raise ConfigError(f"{key}: method label {label!r} is used twice (give a distinct `label:`)")
+        opts = _registered_section(raw, VALUERS, "method", "small-loss", key)
+        _check_valuation(opts, key)
+        out.append((label, opts))
+    return out
+
+
+def check_compare(cfg: JobConfig, running: bool = False) -> None:
+    """The ``compare`` section: seeds, variants, methods, and what the variants need
+    (``running``: also what only ``recval compare`` needs of the rest of the job)."""
+    c = cfg.compare
+    if not c.seeds:
+        raise ConfigError("compare.seeds: needs at least one seed")
+    if any(s < 0 for s in c.seeds):
+        raise ConfigError(f"compare.seeds: {c.seeds} must be non-negative integers")
+    for name in ("seeds", "variants", "vary"):
+        vals = getattr(c, name)
+        dup = sorted({v for v in vals if vals.count(v) > 1}, key=str)
+        if dup:
+            raise ConfigError(f"compare.{name}: {', '.join(map(str, dup))} listed twice")
+    if not c.vary:
+        raise ConfigError("compare.vary: needs at least one of train, prune, split, noise "
+                          "(with none, every seed would repeat the same run)")
+    variants = c.variants
+    if "oracle" in variants and cfg.noise.ratio <= 0:
+        raise ConfigError("compare.variants: 'oracle' needs injected noise (noise.ratio > 0)")
+    if cfg.prune.strategy == "none" and ({"pruned", "random"} & set(variants)):
+        raise ConfigError("compare.variants: 'pruned' and 'random' need a prune strategy "
+                          "(prune.strategy is 'none')")
+    compare_methods(cfg)
+    if running and cfg.prune.scope == "entity":
+        raise ConfigError("compare: prune.scope 'entity' is not supported (an entity method "
+                          "evaluates on the test rows of the entities nobody removed); use "
+                          "global or per-user")
+
+
+def compare_variants(cfg: JobConfig) -> list[str]:
+    """``compare.variants``, or by default every variant that applies: ``full``, ``pruned`` and
+    ``random`` (unless ``prune.strategy: none``), ``oracle`` (when noise is injected)."""
+    if cfg.compare.variants:
+        return [v for v in COMPARE_VARIANTS if v in cfg.compare.variants]
+    return [v for v in COMPARE_VARIANTS
+            if not (v in ("pruned", "random") and cfg.prune.strategy == "none")
+            and not (v == "oracle" and cfg.noise.ratio <= 0)]
 
 
 def load_config(path: str, overrides: list[str] | None = None) -> JobConfig:

@@ -113,3 +113,76 @@ def entity_section(rep, valuation, metrics: dict) -> None:
         rep.table(rows, ["variant"] + names,
                   caption="full model: mean +- standard error over seeds; others: relative difference "
                           "to the full model +- its standard error over seeds")
+
+
+def build_compare_report(cfg, run_id: str, metrics: dict, values: dict) -> str:
+    """``recval compare``: test metrics per variant (mean +- std over seeds), relative
+    differences to the full model, one bar chart per metric, noise detection per method, and
+    the first seed's value distributions and ROC curves."""
+    seeds = metrics["seeds"]
+    rep = Report(f"recval comparison {run_id}",
+                 f"{cfg.model.kind}: full vs pruned vs random vs oracle over {len(seeds)} seed(s)")
+    rep.key_values(_fmt_setting(cfg) | {
+        "seeds": ", ".join(map(str, seeds)), "seeds vary": ", ".join(metrics["vary"]),
+        "methods": ", ".join(metrics["methods"]), "variants": ", ".join(metrics["variants"])}
+        | {k: v for k, v in metrics["data"].items() if k != "warnings"})
+    for w in metrics["data"].get("warnings", []):
+        rep.paragraph(f"Warning: {w}")
+    rep.paragraph("full: the base model on all (noisy) training data; pruned:M: retrained without "
+                  "what method M prunes; random:M: retrained without as many random interactions; "
+                  "oracle: retrained without the injected noise. Every model selected on validation, "
+                  "evaluated on test; mean +- sample standard deviation over seeds.")
+
+    summary = metrics["summary"]
+    keys = list(next(iter(summary.values()), {}))
+    rep.heading("Test metrics (mean \u00b1 std over seeds)")
+
+    def cell(st):
+        return f"{st['mean']:.4f}" + ("" if st["std"] != st["std"] else f" \u00b1 {st['std']:.4f}")
+
+    rep.table([{"variant": label, **{k: cell(st[k]) for k in keys if k in st}}
+               for label, st in summary.items()], ["variant"] + keys)
+    rel = metrics.get("relative_to_full", {})
+    if rel:
+        rep.table([{"variant": label, **{k: f"{100 * st[k]['mean']:+.2f}%"
+                                            + ("" if st[k]["std"] != st[k]["std"] else f" \u00b1 {100 * st[k]['std']:.2f}")
+                                            for k in keys if k in st}}
+                   for label, st in rel.items()], ["variant"] + keys,
+                  caption="relative difference to the full model, paired by seed (%)")
+    labels = list(summary)
+    for k in keys:
+        rep.bar_chart(labels, [summary[lab][k]["mean"] if k in summary[lab] else float("nan") for lab in labels],
+                      errors=[summary[lab][k]["std"] if k in summary[lab] else 0.0 for lab in labels],
+                      title=f"test {k} (mean \u00b1 std over {len(seeds)} seeds)", xlabel=k)
+
+    nd = metrics.get("noise_detection", {})
+    if nd:
+        rep.heading("Noise detection")
+        rep.table([{"method": m, "AUC of -value": cell(st["auc"]),
+                    f"precision@{metrics['data']['injected_noise']}": cell(st["precision_at_n"])}
+                   for m, st in nd.items()],
+                  caption="per method, mean \u00b1 std over seeds (precision among the n_noise lowest values)")
+    if values:
+        rep.heading(f"Value distributions (seed {seeds[0]})")
+        curves = {}
+        for label, tab in values.items():
+            v = tab.column("value").to_numpy(zero_copy_only=False)
+            if "is_noise" in tab.column_names:
+                noise = tab.column("is_noise").to_numpy(zero_copy_only=False).astype(bool)
+                rep.histogram({"clean": v[~noise], "injected noise": v[noise]}, title=f"{label} values by is_noise",
+                              xlabel="value (higher = more useful)")
+                ok = ~np.isnan(v)
+                if noise[ok].any() and (~noise[ok]).any():
+                    fpr, tpr, auc = roc_curve(-v[ok], noise[ok])
+                    curves[f"{label} (AUC {auc:.3f})"] = (fpr, tpr)
+            else:
+                rep.histogram({"all": v}, title=f"{label} values", xlabel="value (higher = more useful)")
+        if curves:
+            curves["chance"] = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+            rep.line_plot(curves, title="noise detection ROC (score = -value)", xlabel="false positive rate",
+                          ylabel="true positive rate", markers=False)
+    rep.heading("Training runs")
+    cols = ["seed", "variant", "method", "n_train", "dropped", "noise_dropped", "best_epoch", "epochs_run",
+            "best_valid", "seconds"]
+    rep.table(metrics.get("runs", []), cols)
+    return rep.html()

@@ -1,0 +1,350 @@
+"""``recval compare``: the job over several seeds and variants, mean and std per metric.
+
+For each seed s of ``compare.seeds`` (``<section>.seed = s`` for every section of
+``compare.vary``; by default ``train`` and ``prune``, so every seed sees the same split and
+injected noise):
+
+* ``full``: the base model trained on all (noisy) training data, as ``recval run`` trains it;
+* for each compared valuation method (the job's own ``valuation`` first, then
+  ``compare.methods``), valued on that base model and pruned with the job's ``prune`` settings:
+  ``pruned`` (retrained on the kept rows) and ``random`` (retrained without as many random rows,
+  the job's random control: seed ``prune.seed + 1``);
+* ``oracle``: retrained without the injected noise (the rows with ``is_noise``).
+
+Every model is selected on validation only (the trainer's early stopping) and evaluated on
+the test split with the job's ``evaluate`` metrics, against the same excluded items (the full
+training set and the validation set). Noise detection of every method (ROC AUC of ``-value``
+for ``is_noise``, precision among the ``n_noise`` lowest values) is measured per seed.
+
+Everything reuses the stages of :mod:`recval_ray.pipeline`; the numbers of a seed depend only
+on the config and that seed, never on which other seeds or methods run (two variants that
+train on exactly the same rows, e.g. the random controls of two methods pruning the same
+count, share one training, which is deterministic).
+
+Outputs (``<output.uri>/<run id>/``, run id ``<name>-compare`` unless given; ``manifest.json``
+last): ``comparison/`` (one row per seed, variant, method, metric and value; noise detection
+as variant ``detection``), ``comparison_runs/`` (one row per trained model: rows trained on,
+rows and injected rows dropped, selected epoch), ``method_values/<label>/`` (the first seed's
+valued data of each method, the ``values/`` schema of ``recval run``), ``splits/`` (the first
+seed's), ``metrics.json`` (mean and std over seeds per variant and metric, relative
+differences to ``full`` paired by seed, noise detection) and ``report.html``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from .config import JobConfig, check_compare, compare_methods, compare_variants
+from .core.data import Split
+from .core.evaluation import evaluate_ranking, noise_detection
+from .core.valuers.base import Valuation
+from .pipeline import (load_data, make_executor, make_split, prune_masks, retrain_and_evaluate,
+                       train, training_summary, values_table, interactions_table, versions)
+
+log = logging.getLogger("recval_ray")
+
+DETECTION = "detection"          # the variant name of the noise-detection rows
+DETECTION_METRICS = ("auc", "precision_at_n")
+TABLE_SCHEMA = pa.schema([("seed", pa.int64()), ("variant", pa.string()), ("method", pa.string()),
+                          ("metric", pa.string()), ("value", pa.float64())])
+
+
+def variant_label(variant: str, method: str) -> str:
+    """``full``, ``oracle``, ``pruned:<method>``, ``random:<method>``, ``detection:<method>``."""
+    return f"{variant}:{method}" if method else variant
+
+
+def seed_config(cfg: JobConfig, seed: int) -> JobConfig:
+    """The job for one seed: ``<section>.seed = seed`` for every section in ``compare.vary``."""
+    out = copy.deepcopy(cfg)
+    for section in cfg.compare.vary:
+        getattr(out, section).seed = int(seed)
+    return out
+
+
+def _mask_key(mask: np.ndarray) -> str:
+    return f"{len(mask)}:" + hashlib.sha256(np.packbits(np.asarray(mask, bool)).tobytes()).hexdigest()
+
+
+@dataclass
+class SeedOutcome:
+    """One seed's results: long-format rows, one row per trained model, the valuations."""
+    seed: int
+    split: Split
+    rows: list = field(default_factory=list)        # (seed, variant, method, metric, value)
+    runs: list = field(default_factory=list)        # dicts, one per model
+    valuations: dict = field(default_factory=dict)  # label -> (Valuation, keep mask)
+    warnings: list = field(default_factory=list)
+
+
+def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shared_split=None,
+                 use_ray: bool = False, work_dir: Optional[str] = None, stores=None,
+                 base_storage: Optional[str] = None) -> SeedOutcome:
+    """Train, value, prune and retrain every variant of one seed (see the module docstring).
+
+    ``shared_split``: ``(split, warnings)`` when split and noise do not vary with the seed;
+    ``stores(label)``: a resumable work store for a method's valuation (or None)."""
+    from .pipeline import value
+
+    cfg_s = seed_config(cfg, seed)
+    variants = compare_variants(cfg)
+    methods = compare_methods(cfg_s)
+    split, warnings = shared_split if shared_split is not None else make_split(cfg_s, dataset)
+    out = SeedOutcome(seed=int(seed), split=split, warnings=list(warnings))
+    is_noise = split.train.is_noise
+    n_noise = int(is_noise.sum()) if is_noise is not None else 0
+    n_train = len(split.train)
+    where = f"seed {seed}{position}"
+
+    def record(variant: str, method: str, metrics: dict, mask: Optional[np.ndarray], summary: dict,
+               shared: bool = False):
+        for k, v in metrics.items():
+            out.rows.append((int(seed), variant, method, k, float(v)))
+        dropped = np.zeros(n_train, bool) if mask is None else ~mask
+        out.runs.append({"seed": int(seed), "variant": variant, "method": method,
+                         "n_train": int(n_train - dropped.sum()), "dropped": int(dropped.sum()),
+                         "noise_dropped": int((dropped & is_noise).sum()) if n_noise else 0,
+                         "shared_training": shared, **summary})
+
+    trained: dict = {}   # rows kept -> (metrics, summary): identical training sets train once
+
+    def retrain(variant: str, method: str, mask: np.ndarray, cfg_m: JobConfig):
+        key = _mask_key(mask)
+        shared = key in trained
+        if not shared:
+            log.info("%s: %s%s: retraining on %d of %d training interactions", where, variant,
+                     f" ({method})" if method else "", int(mask.sum()), n_train)
+            metrics, res = retrain_and_evaluate(cfg_m, split, mask, tag=f"{where} {variant_label(variant, method)}")
+            trained[key] = (metrics, training_summary(res))
+        else:
+            log.info("%s: %s%s: same training rows as an earlier variant, reusing its model", where,
+                     variant, f" ({method})" if method else "")
+        metrics, summary = trained[key]
+        record(variant, method, metrics, mask, summary, shared)
+
+    log.info("%s: training the base %s model on %d interactions (noise %d)", where, cfg.model.kind,
+             n_train, n_noise)
+    base = train(cfg_s, split.train, split.valid, tag=f"{where} full",
+                 checkpoint_dir=f"{work_dir}/checkpoints/seed-{seed}" if work_dir else None,
+                 storage_path=base_storage)
+    full_metrics = evaluate_ranking(base.model, split, cfg.evaluate, "test")
+    trained[_mask_key(np.ones(n_train, bool))] = (full_metrics, training_summary(base))
+    if "full" in variants:
+        record("full", "", full_metrics, None, training_summary(base))
+
+    for label, opts in methods:
+        cfg_m = dataclasses.replace(cfg_s, valuation=opts)
+        log.info("%s: valuing %d training interactions with %s", where, n_train, label)
+        valuation: Valuation = value(cfg_m, split, base, dataset, work_dir=work_dir,
+                                     executor=make_executor(cfg_m, use_ray),
+                                     store=stores(label) if stores is not None else None, use_ray=use_ray)
+        if n_noise:
+            nd = noise_detection(valuation.values, is_noise)
+            for k in DETECTION_METRICS:
+                out.rows.append((int(seed), DETECTION, label, k, float(nd[k])))
+        keep, random_keep = prune_masks(cfg_m, split, valuation, random_control="random" in variants)
+        out.valuations[label] = (valuation, keep)
+        if cfg.prune.strategy != "none":
+            if "pruned" in variants:
+                retrain("pruned", label, keep, cfg_m)
+            if "random" in variants:
+                retrain("random", label, random_keep, cfg_m)
+
+    if "oracle" in variants:
+        if is_noise is None:
+            out.warnings.append("no injected noise: the oracle variant is the full model")
+        retrain("oracle", "", ~is_noise if is_noise is not None else np.ones(n_train, bool), cfg_s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# summaries
+# ---------------------------------------------------------------------------------------
+def _stats(x: np.ndarray) -> dict:
+    x = np.asarray(x, dtype=np.float64)
+    return {"mean": float(np.mean(x)) if len(x) else float("nan"),
+            "std": float(np.std(x, ddof=1)) if len(x) > 1 else float("nan"),
+            "n": int(len(x)), "values": [float(v) for v in x]}
+
+
+def comparison_table(rows: list) -> pa.Table:
+    cols = list(zip(*rows)) if rows else [[]] * 5
+    return pa.Table.from_arrays([pa.array(list(c), type=f.type) for c, f in zip(cols, TABLE_SCHEMA)],
+                                schema=TABLE_SCHEMA)
+
+
+def summarise(table: pa.Table, seeds: list[int]) -> dict:
+    """Mean and sample std (ddof=1) over seeds of every (variant, method, metric) of the long
+    table, the relative difference to ``full`` paired by seed, and noise detection per method."""
+    d = table.to_pydict()
+    by: dict = {}
+    for s, v, m, k, x in zip(d["seed"], d["variant"], d["method"], d["metric"], d["value"]):
+        by.setdefault((v, m), {}).setdefault(k, {})[s] = x
+    order = {s: i for i, s in enumerate(seeds)}
+    summary, relative, detection = {}, {}, {}
+    full = by.get(("full", ""), {})
+    for (v, m), metrics in by.items():
+        stats = {k: _stats([per[s] for s in sorted(per, key=order.get)]) for k, per in metrics.items()}
+        if v == DETECTION:
+            detection[m] = stats
+            continue
+        label = variant_label(v, m)
+        summary[label] = stats
+        if v != "full" and full:
+            rel = {}
+            for k, per in metrics.items():
+                common = [s for s in sorted(per, key=order.get) if s in full.get(k, {})]
+                diffs = [(per[s] - full[k][s]) / full[k][s] if full[k][s] else float("nan") for s in common]
+                rel[k] = _stats(diffs)
+            relative[label] = rel
+    return {"summary": summary, "relative_to_full": relative, "noise_detection": detection}
+
+
+# ---------------------------------------------------------------------------------------
+# the comparison run
+# ---------------------------------------------------------------------------------------
+@dataclass
+class CompareResult:
+    uri: str
+    run_id: str
+    metrics: dict
+    manifest: dict
+    table: pa.Table
+    runs: pa.Table
+
+
+def run_compare(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optional[str] = None,
+                overwrite: Optional[bool] = None, use_ray: bool = True,
+                address: Optional[str] = None) -> CompareResult:
+    """Run the comparison and write its outputs (``manifest.json`` last)."""
+    from .ray_layer.output import WORK, RunOutput
+    from .core.executor import ShardStore
+
+    check_compare(cfg, running=True)
+    timings: dict = {}
+    t_all = time.perf_counter()
+    run_id = run_id or (f"{cfg.output.run_id}-compare" if cfg.output.run_id else f"{cfg.name}-compare")
+    output_uri = output_uri or cfg.output.uri
+    overwrite = cfg.output.overwrite if overwrite is None else overwrite
+    out = RunOutput(output_uri, run_id, cfg.storage)
+    out.check_writable(overwrite)
+    on_cluster = False
+    if use_ray:
+        import os
+        from .ray_layer.session import ensure_ray
+        ensure_ray(cfg.ray, address)
+        on_cluster = bool(address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+    seeds = list(cfg.compare.seeds)
+    variants = compare_variants(cfg)
+    labels = [label for label, _ in compare_methods(cfg)]
+    fixed_data = not ({"split", "noise"} & set(cfg.compare.vary))
+    t = time.perf_counter()
+    dataset = load_data(cfg, use_ray=use_ray)
+    shared = make_split(seed_config(cfg, seeds[0]), dataset) if fixed_data else None
+    if not fixed_data:  # every seed's split must be valid before anything is written
+        for s in seeds:
+            make_split(seed_config(cfg, s), dataset)
+    timings["ingest_split_s"] = time.perf_counter() - t
+    out.prepare()
+    log.info("comparing %s over seeds %s (varying %s): variants %s, methods %s", cfg.model.kind, seeds,
+             ", ".join(cfg.compare.vary), ", ".join(variants), ", ".join(labels))
+
+    outcomes: list[SeedOutcome] = []
+    work_dir = tempfile.mkdtemp(prefix=f"recval-{run_id}-")
+    try:
+        for i, s in enumerate(seeds):
+            t = time.perf_counter()
+            log.info("seed %d of %d (seed %d)", i + 1, len(seeds), s)
+            outcome = compare_seed(
+                cfg, dataset, s, position=f" ({i + 1} of {len(seeds)})", shared_split=shared,
+                use_ray=use_ray, work_dir=work_dir,
+                stores=lambda label, s=s: ShardStore(out.fs, out.path(WORK, f"seed-{s}", label)),
+                base_storage=f"{out.uri}/checkpoints/seed-{s}" if on_cluster else None)
+            if i > 0:   # only the first seed's valuations are written
+                outcome.valuations = {}
+            outcomes.append(outcome)
+            timings[f"seed_{s}_s"] = time.perf_counter() - t
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    table = comparison_table([r for o in outcomes for r in o.rows])
+    runs = pa.Table.from_pylist([r for o in outcomes for r in o.runs])
+    first = outcomes[0]
+    split = first.split
+    n_noise = int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0
+    metrics = {
+        "kind": "compare", "model": cfg.model.kind, "methods": labels, "variants": variants,
+        "seeds": seeds, "vary": list(cfg.compare.vary),
+        "std": "sample standard deviation over seeds (ddof=1); NaN with one seed",
+        "data": {"format": cfg.data.format, "users": dataset.n_users, "items": dataset.n_items,
+                 "train": len(split.train), "valid": len(split.valid), "test": len(split.test),
+                 "injected_noise": n_noise, "split_varies": not fixed_data,
+                 "warnings": list(dataset.warnings) + sorted({w for o in outcomes for w in o.warnings})},
+        "prune": {"strategy": cfg.prune.strategy, "scope": cfg.prune.scope,
+                  "fraction": cfg.prune.fraction, "count": cfg.prune.count},
+        **summarise(table, seeds),
+        "runs": runs.to_pylist(),
+        "valuation": {label: v.info for label, (v, _) in first.valuations.items()},
+    }
+
+    t = time.perf_counter()
+    log.info("writing outputs to %s", out.uri)
+    out.write_table("comparison", table, use_ray=use_ray)
+    out.write_table("comparison_runs", runs, use_ray=use_ray)
+    values_tabs = {}
+    for label, (valuation, keep) in first.valuations.items():
+        values_tabs[label] = values_table(dataset, split, valuation, keep)
+        out.write_table(f"method_values/{label}", values_tabs[label], use_ray=use_ray)
+    for name, part in split.parts().items():
+        out.write_table(f"splits/{name}", interactions_table(dataset, part), use_ray=use_ray)
+    out.write_json("metrics.json", metrics)
+    if cfg.output.report:
+        from .report_builder import build_compare_report
+        out.write_text("report.html", build_compare_report(cfg, run_id, metrics, values_tabs))
+    out.clear_work()
+    timings["write_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_all
+    manifest = {
+        "status": "complete", "kind": "compare", "run_id": run_id, "uri": out.uri,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": cfg.to_dict(), "versions": versions(), "row_counts": out.row_counts,
+        "timings": {k: round(v, 3) for k, v in timings.items()}, "files": out.checksums(),
+    }
+    out.write_manifest(manifest)
+    return CompareResult(uri=out.uri, run_id=run_id, metrics=metrics, manifest=manifest, table=table,
+                         runs=runs)
+
+
+def fmt_mean_std(stats: dict, digits: int = 4) -> str:
+    m, s = stats["mean"], stats["std"]
+    return f"{m:.{digits}f}" + ("" if math.isnan(s) else f" +- {s:.{digits}f}")
+
+
+def headline(result: CompareResult) -> str:
+    """Terminal lines: where the outputs are, mean +- std per variant, noise detection."""
+    m = result.metrics
+    summary = m["summary"]
+    first = next(iter(summary.values()), {})
+    keys = [k for k in first if k.startswith(("recall@", "ndcg@"))][:4] or list(first)[:4]
+    w = max([len(k) for k in summary] + [7]) + 2
+    lines = [f"comparison {result.run_id} complete: {result.uri}",
+             f"test metrics, mean +- std over seeds {m['seeds']}:",
+             f"{'variant':<{w}}" + "".join(f"{k:>20}" for k in keys)]
+    for label, stats in summary.items():
+        lines.append(f"{label:<{w}}" + "".join(f"{fmt_mean_std(stats[k]):>20}" for k in keys if k in stats))
+    for method, nd in m.get("noise_detection", {}).items():
+        lines.append(f"noise detection ({method}): AUC {fmt_mean_std(nd['auc'])}, precision@"
+                     f"{m['data']['injected_noise']} {fmt_mean_std(nd['precision_at_n'])}")
+    return "\n".join(lines)
