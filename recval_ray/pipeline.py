@@ -120,6 +120,7 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
     if not cfg.prune.retrain or cfg.prune.strategy == "none":
         return out
     target = split
+    extra: list = []
     if cfg.prune.scope == "entity" and valuation.row_entity is not None:
         # a removed user (item, group) has no training data left: its own test rows would
         # measure the removal of its data, not what the rest gain. Every model, the base one
@@ -137,11 +138,19 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
         test_keep = ~np.isin(test_entity, removed)
         target = Split(split.train, split.valid, split.test.take(test_keep))
         out.test_rows_left_out = int((~test_keep).sum())
-        out.base_metrics = evaluate_ranking(base_model, target, cfg.evaluate, "test") if base_model is not None else None
+        if valuation.entity_kind == "item" and valuation.info.get("removed_items", "drop") == "drop":
+            # removed items also leave every model's candidates (see the deletion valuer's
+            # removed_items): the base model would otherwise waste top-K slots on them
+            n_u = split.train.n_users
+            extra = [Interactions(np.repeat(np.arange(n_u), len(removed)), np.tile(removed, n_u),
+                                  n_u, split.train.n_items)]
+        out.base_metrics = evaluate_ranking(base_model, target, cfg.evaluate, "test",
+                                            exclude=[split.train, split.valid] + extra) \
+            if base_model is not None else None
     for tag, mask in (("pruned", keep), ("random_pruned", random_keep)):
         if mask is None:
             continue
-        out.metrics[tag], res = retrain_and_evaluate(cfg, split, mask, tag=tag, target=target)
+        out.metrics[tag], res = retrain_and_evaluate(cfg, split, mask, tag=tag, target=target, extra_exclude=extra)
         out.training[tag] = training_summary(res)
     return out
 
@@ -161,15 +170,18 @@ def prune_masks(cfg: JobConfig, split: Split, valuation: Valuation,
 
 
 def retrain_and_evaluate(cfg: JobConfig, split: Split, mask: np.ndarray, *, tag: str,
-                         target: Optional[Split] = None) -> tuple[dict, TrainResult]:
+                         target: Optional[Split] = None, extra_exclude: Optional[list] = None
+                         ) -> tuple[dict, TrainResult]:
     """Train on the training rows ``mask`` keeps (selecting on validation) and evaluate on the
     test part of ``target`` (default ``split``). Excluded items stay the full training set and
-    the validation set, so every variant is ranked against the same candidates; context models
+    the validation set (plus ``extra_exclude``), so every variant is ranked against the same
+    candidates; context models
     read the kept rows (+ validation) as the users' histories."""
     kept = split.train.take(mask)
     res = train(cfg, kept, split.valid, tag=tag)
     metrics = evaluate_ranking(res.model, target if target is not None else split, cfg.evaluate, "test",
-                               exclude=[split.train, split.valid], context=[kept, split.valid])
+                               exclude=[split.train, split.valid] + list(extra_exclude or []),
+                               context=[kept, split.valid])
     return metrics, res
 
 

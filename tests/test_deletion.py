@@ -161,6 +161,35 @@ def test_valuer_influence_equals_sequential_reference_metrics():
     assert np.isnan(val.values[~valued]).all() and np.isfinite(val.values[valued]).all()
 
 
+@pytest.mark.parametrize("removed_items", ["drop", "rank"])
+def test_item_influence_takes_the_removed_item_out_of_the_candidates(removed_items):
+    """Item influence = metric(full) - metric(without i) on the validation rows of other items;
+    with ``removed_items: drop`` item i is no candidate for either model (the full model cannot
+    lose top-K slots to an item whose hits no longer count), with ``rank`` it stays one."""
+    mc, tc = FAMILIES["svd-sgd"]
+    sp = split_of(data())
+    opts = DeletionConfig(entity="item", seeds=1, removal_n=0, metrics=["map", "ndcg@5"], entities="top",
+                          n_entities=3, removed_items=removed_items)
+    val = DeletionValuer(opts).value(ctx_for(sp, mc, tc))
+    group = torch.as_tensor(sp.train.item)
+    full = train_reference(build_task(mc, sp.train, tc), tc, torch.tensor([], dtype=torch.long), group, seed=0)
+    n_u = sp.train.n_users
+    differs = 0
+    for row, e in enumerate(val.entities["item_id"]):
+        without = train_reference(build_task(mc, sp.train, tc), tc, torch.tensor([e]), group, seed=0)
+        tgt = sp.valid.take(sp.valid.item != e)
+        gone = Interactions(np.arange(n_u), np.full(n_u, e), n_u, sp.train.n_items)
+        excl = [sp.train, gone] if removed_items == "drop" else [sp.train]
+        m_full = ranking_metrics(full.score_users, tgt, excl, metrics=["map_full", "ndcg@5"], ks=[])
+        m_wo = ranking_metrics(without.score_users, tgt, excl, metrics=["map_full", "ndcg@5"], ks=[])
+        assert val.entities["influence_map"][row] == pytest.approx(m_full["map"] - m_wo["map"], abs=1e-5)
+        assert val.entities["influence_ndcg@5"][row] == pytest.approx(m_full["ndcg@5"] - m_wo["ndcg@5"], abs=1e-5)
+        other = [sp.train] if removed_items == "drop" else [sp.train, gone]
+        m_other = ranking_metrics(full.score_users, tgt, other, metrics=["map_full"], ks=[])["map"]
+        differs += abs(m_other - m_full["map"]) > 1e-6
+    assert differs > 0          # the two modes measure different things on this data
+
+
 def test_evaluator_fast_user_path_equals_recomputation():
     mc, tc = FAMILIES["ncf-explicit"]
     sp = split_of(data())
@@ -194,9 +223,11 @@ def test_puresvd_closed_form_equals_refitting_without_the_entity():
     without = build_task(mc, sp.train.take(sp.train.item != e), tc)
     fit(without, tc)
     # scores of users that stayed: a refit on the remaining data
+    # (the removed item is no candidate for either model: removed_items: drop)
     tgt = sp.valid.take(sp.valid.item != e)
-    m_full = ranking_metrics(full.model.score_users, tgt, [sp.train], metrics=["map_full"], ks=[])["map"]
-    m_wo = ranking_metrics(without.model.score_users, tgt, [sp.train], metrics=["map_full"], ks=[])["map"]
+    gone = Interactions(np.arange(tr.n_users), np.full(tr.n_users, e), tr.n_users, tr.n_items)
+    m_full = ranking_metrics(full.model.score_users, tgt, [sp.train, gone], metrics=["map_full"], ks=[])["map"]
+    m_wo = ranking_metrics(without.model.score_users, tgt, [sp.train, gone], metrics=["map_full"], ks=[])["map"]
     assert val.entities["influence_map"][3] == pytest.approx(m_full - m_wo, abs=1e-5)
 
 

@@ -85,7 +85,11 @@ class DeletionConfig:
     ``removal_n``: entities per group of the removal experiment (0: no experiment);
     ``removal_seeds``: ``fresh`` (default: the experiment retrains under seeds the valuation did
     not use, ``train.seed + seeds`` on, so the selection's own seed noise cannot carry over)
-    or ``same`` (the valuation's seeds); ``values_from``: the ``<entity>_values`` table of an
+    or ``same`` (the valuation's seeds); ``removed_items`` (item entities): ``drop`` (default:
+    an item whose held-out rows leave the evaluation also leaves every compared model's
+    candidates) or ``rank`` (it stays a candidate: a model without it stops recommending it
+    while the full model's slots on it no longer count, which inflates the gain of removing
+    popular items; kept for comparison); ``values_from``: the ``<entity>_values`` table of an
     earlier run (path or URI) whose values are taken instead of recomputed, e.g. to run the
     removal experiment again under other settings.
     """
@@ -108,6 +112,7 @@ class DeletionConfig:
     self_eval: Literal["exclude", "include"] = "exclude"
     removal_n: int = 10
     removal_seeds: Literal["fresh", "same"] = "fresh"
+    removed_items: Literal["drop", "rank"] = "drop"
     values_from: Optional[str] = None
 
     def validate(self) -> None:
@@ -179,11 +184,17 @@ def _ranking_spec(name: str) -> str:
 # ---------------------------------------------------------------------------------------
 class _Evaluator:
     """Metrics of models on ``target`` (held-out rows), ``exclude`` removed from rankings.
-    ``groups``: the entity of each target row (user or item index)."""
+    ``groups``: the entity of each target row (user or item index).
+
+    ``drop_removed_items`` (item entities): when an item's held-out rows leave the target, the
+    item also leaves every compared model's candidate list. Otherwise a model trained without
+    the item stops recommending it while the full model still fills top-K slots with it (hits
+    that no longer count), and removing popular items looks like a large gain."""
 
     def __init__(self, target: Interactions, exclude: list, names: list, eval_cfg, groups: np.ndarray,
-                 kind: str, device):
+                 kind: str, device, drop_removed_items: bool = True):
         self.target, self.exclude, self.names = target, exclude, names
+        self.drop_items = kind == "item" and drop_removed_items
         self.rank = [n for n in names if n not in RATING]
         self.rate = [n for n in names if n in RATING]
         self.kw = dict(ndcg_variant=eval_cfg.ndcg_variant, recall_variant=eval_cfg.recall_variant,
@@ -192,10 +203,16 @@ class _Evaluator:
         if self.rate and target.rating is None:
             raise ValueError(f"valuation.metrics {self.rate} need ratings in the data")
 
-    def _ranking(self, score_fn, target: Interactions) -> dict:
+    def _ranking(self, score_fn, target: Interactions, removed=None) -> dict:
         if not self.rank:
             return {}
-        return ranking_metrics(score_fn, target, self.exclude, metrics=[_ranking_spec(n) for n in self.rank],
+        exclude = self.exclude
+        if self.drop_items and removed is not None and len(removed):
+            items = np.unique(np.asarray(removed, np.int64))
+            n_u = target.n_users
+            exclude = exclude + [Interactions(np.repeat(np.arange(n_u), len(items)), np.tile(items, n_u),
+                                              n_u, target.n_items)]
+        return ranking_metrics(score_fn, target, exclude, metrics=[_ranking_spec(n) for n in self.rank],
                                ks=[], **self.kw)
 
     def predictions(self, model) -> np.ndarray:
@@ -236,13 +253,14 @@ class _Evaluator:
             drop = np.concatenate([np.asarray(s, np.int64) for s in sets]) if sets else np.zeros(0, np.int64)
             base_rows = ~np.isin(self.groups, drop)
         else:
+            drop = np.zeros(0, np.int64)
             base_rows = np.ones(len(self.target), bool)
         fast_user = self.kind == "user" and not union
         if fast_user:
             users, F_u = self.per_user(full_fn)
         else:
             tgt0 = self.target.take(base_rows)
-            F0 = self._ranking(full_fn, tgt0) | self._rating(full_pred, base_rows)
+            F0 = self._ranking(full_fn, tgt0, drop) | self._rating(full_pred, base_rows)
         for j in range(n):
             model = full if j == 0 else models(j)
             drop_j = np.asarray(sets[j], np.int64) if self_exclude else np.zeros(0, np.int64)
@@ -258,11 +276,12 @@ class _Evaluator:
                 mr |= self._rating(pred, rows)
             elif len(drop_j):
                 tgt = self.target.take(rows)
-                fr = self._ranking(full_fn, tgt) | self._rating(full_pred, rows)
-                mr = self._ranking(fn, tgt) | self._rating(pred, rows)
+                removed = np.concatenate([drop, drop_j])
+                fr = self._ranking(full_fn, tgt, removed) | self._rating(full_pred, rows)
+                mr = self._ranking(fn, tgt, removed) | self._rating(pred, rows)
             else:
                 fr = F0
-                mr = F0 if j == 0 else self._ranking(fn, tgt0) | self._rating(pred, rows)
+                mr = F0 if j == 0 else self._ranking(fn, tgt0, drop) | self._rating(pred, rows)
             full_m[j] = [fr[k] for k in self.names]
             mod_m[j] = [mr[k] for k in self.names]
         return full_m, mod_m
@@ -384,7 +403,8 @@ class DeletionValuer(Valuer):
         for part, excl in (("valid", [train]), ("test", [train, split.valid])):
             tgt = getattr(split, part)
             if len(tgt):
-                evaluators[part] = _Evaluator(tgt, excl, names, ctx.eval_cfg, grouping.rows[part], kind, dev)
+                evaluators[part] = _Evaluator(tgt, excl, names, ctx.eval_cfg, grouping.rows[part], kind, dev,
+                                              drop_removed_items=opts.removed_items == "drop")
         self._grouping = grouping
         shared = {"opts": opts, "train": train, "row_group": row_group, "n_groups": n_groups,
                   "model_cfg": ctx.model_cfg, "train_cfg": ctx.train_cfg, "engine": engine,
@@ -417,7 +437,7 @@ class DeletionValuer(Valuer):
         table = self._entity_table(grouping, entities, value, se, infl, names, train)
         info = {"entity": kind, "id_column": grouping.id_column, "engine": engine, "seeds": seeds, "entities_valued": int(len(entities)),
                 "metric": opts.metric, "metrics": names, "protocol": opts.protocol,
-                "influence_split": infl_part, "self_eval": opts.self_eval,
+                "influence_split": infl_part, "self_eval": opts.self_eval, "removed_items": opts.removed_items,
                 "epochs": None if engine == "closed-form" else int(opts.epochs or ctx.train_cfg.epochs),
                 "shard_size": opts.shard_size,
                 "actors": opts.actors, "work_items": len(items),
@@ -452,7 +472,8 @@ class DeletionValuer(Valuer):
         values_row = _row_values(entities, value, n_groups, row_group)
         table = {c: (tab.column(c).take(order) if c == col else
                      np.asarray(tab.column(c).to_numpy(zero_copy_only=False))[order]) for c in tab.column_names}
-        info = {"entity": kind, "id_column": col, "engine": engine, "values_from": opts.values_from, "entities_valued": int(len(entities)),
+        info = {"entity": kind, "id_column": col, "engine": engine, "values_from": opts.values_from,
+                "removed_items": opts.removed_items, "entities_valued": int(len(entities)),
                 "metric": opts.metric, "metrics": names, "protocol": opts.protocol}
         tables = self._removal_tables(ctx, shared, seeds, engine, entities, value, names, kind, evaluators, info)
         return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
