@@ -55,7 +55,7 @@ class ExplainBatches:
 
     def __call__(self, batch: dict) -> dict:
         ex = self.explainer
-        users = torch.as_tensor(np.asarray(batch["user"], dtype=np.int64), device=ex.device)
+        users = torch.as_tensor(np.array(batch["user"], dtype=np.int64), device=ex.device)
         r, entry = ex.players.coords(users)
         values = explain(ex, users, batch_users=max(1, len(users)))
         return {"entry": entry.cpu().numpy(), "user": users[r].cpu().numpy(),
