@@ -49,7 +49,7 @@ from .config import JobConfig, check_compare, compare_methods, compare_variants
 from .core.data import Split
 from .core.evaluation import evaluate_ranking, noise_detection
 from .core.valuers.base import Valuation
-from .pipeline import (load_data, make_executor, make_split, prune_masks, retrain_and_evaluate,
+from .pipeline import (load_data, open_run, make_executor, make_split, prune_masks, retrain_and_evaluate,
                        train, training_summary, values_table, interactions_table, versions)
 
 log = logging.getLogger("recval_ray")
@@ -228,23 +228,14 @@ def run_compare(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Opt
                 overwrite: Optional[bool] = None, use_ray: bool = True,
                 address: Optional[str] = None) -> CompareResult:
     """Run the comparison and write its outputs (``manifest.json`` last)."""
-    from .ray_layer.output import WORK, RunOutput
+    from .ray_layer.output import WORK
     from .core.executor import ShardStore
 
     check_compare(cfg, running=True)
     timings: dict = {}
     t_all = time.perf_counter()
     run_id = run_id or (f"{cfg.output.run_id}-compare" if cfg.output.run_id else f"{cfg.name}-compare")
-    output_uri = output_uri or cfg.output.uri
-    overwrite = cfg.output.overwrite if overwrite is None else overwrite
-    out = RunOutput(output_uri, run_id, cfg.storage)
-    out.check_writable(overwrite)
-    on_cluster = False
-    if use_ray:
-        import os
-        from .ray_layer.session import ensure_ray
-        ensure_ray(cfg.ray, address)
-        on_cluster = bool(address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    out, on_cluster = open_run(cfg, run_id, output_uri, overwrite, use_ray, address)
 
     seeds = list(cfg.compare.seeds)
     variants = compare_variants(cfg)

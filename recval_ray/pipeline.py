@@ -269,26 +269,30 @@ def versions() -> dict:
     return v
 
 
-def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optional[str] = None,
-            overwrite: Optional[bool] = None, use_ray: bool = True, address: Optional[str] = None) -> RunResult:
-    """Run the whole job; returns where the outputs are and the headline metrics."""
+def open_run(cfg: JobConfig, run_id: str, output_uri: Optional[str], overwrite: Optional[bool],
+             use_ray: bool, address: Optional[str]):
+    """``(RunOutput, on_cluster)``: the run's output, checked writable before any work, and
+    Ray started or joined. On a cluster, workers on other nodes cannot see this machine's
+    temp dir, so Ray Train checkpoints go to the run's own storage (``on_cluster``)."""
     from .ray_layer.output import RunOutput
-
-    timings: dict = {}
-    t_all = time.perf_counter()
-    run_id = run_id or cfg.output.run_id or cfg.name
-    output_uri = output_uri or cfg.output.uri
-    overwrite = cfg.output.overwrite if overwrite is None else overwrite
-    out = RunOutput(output_uri, run_id, cfg.storage)
-    out.check_writable(overwrite)
+    out = RunOutput(output_uri or cfg.output.uri, run_id, cfg.storage)
+    out.check_writable(cfg.output.overwrite if overwrite is None else overwrite)
     on_cluster = False
     if use_ray:
         import os
         from .ray_layer.session import ensure_ray
         ensure_ray(cfg.ray, address)
-        # on a cluster, workers on other nodes cannot see this machine's temp dir: Ray Train
-        # checkpoints go to the run's own storage
         on_cluster = bool(address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    return out, on_cluster
+
+
+def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optional[str] = None,
+            overwrite: Optional[bool] = None, use_ray: bool = True, address: Optional[str] = None) -> RunResult:
+    """Run the whole job; returns where the outputs are and the headline metrics."""
+    timings: dict = {}
+    t_all = time.perf_counter()
+    run_id = run_id or cfg.output.run_id or cfg.name
+    out, on_cluster = open_run(cfg, run_id, output_uri, overwrite, use_ray, address)
 
     t = time.perf_counter()
     dataset = load_data(cfg, use_ray=use_ray)

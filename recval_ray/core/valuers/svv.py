@@ -25,6 +25,7 @@ the reference values are computed per user from their own seeded streams).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -139,9 +140,7 @@ class SVVValuer(Valuer):
         train = ctx.split.train
         game = DAEGame(model, ctx.model_cfg.rho, o.variant, batch_size=o.value_batch)
         players, player_of_row = interaction_players(train, dev)
-        config = FastSHAPConfig(hidden=list(o.hidden), samples=o.samples, paired=o.paired, epochs=o.epochs,
-                                lr=o.lr, weight_decay=o.weight_decay, batch_size=o.batch_size,
-                                patience=o.patience, valid_samples=o.valid_samples)
+        config = FastSHAPConfig(**{f.name: copy.deepcopy(getattr(o, f.name)) for f in dataclasses.fields(FastSHAPConfig)})
         explainer = train_explainer(game, players, config, seed=seed, device=dev, progress=ctx.progress)
         on_ray, ray_ok = bool(getattr(ctx, "ray", False)), _ray_available(ctx)
         inference = _resolve(o.inference, "ray-data", on_ray, ray_ok, "inference")
