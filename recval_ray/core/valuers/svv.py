@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
@@ -43,8 +43,8 @@ from .base import Valuation, ValuationContext, Valuer
 
 
 @dataclass
-class SVVConfig:
-    """Options of ``valuation.method: svv``.
+class SVVConfig(FastSHAPConfig):
+    """Options of ``valuation.method: svv`` (the explainer's are :class:`FastSHAPConfig`'s).
 
     ``variant``: the value function (``recon-error``: the paper; ``mean-score``: the authors'
     code); explainer: ``hidden`` widths, ``samples`` coalitions per user per step (even when
@@ -64,15 +64,6 @@ class SVVConfig:
     """
     method: str = "svv"
     variant: Literal["recon-error", "mean-score"] = "recon-error"
-    hidden: list[int] = field(default_factory=lambda: [256, 256])
-    samples: int = 32
-    paired: bool = True
-    epochs: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    patience: int = 10
-    valid_samples: int = 32
     seed: Optional[int] = None
     device: Optional[str] = None
     value_batch: int = 8192
