@@ -30,6 +30,7 @@ from .core.valuers.base import Valuation, ValuationContext
 from .registry import VALUERS
 
 log = logging.getLogger("recval_ray")
+MAX_METRICS_TABLE_ROWS = 1000   # tables of a valuation up to this size are also copied into metrics.json
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,7 +384,11 @@ def build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, wa
         "valuation": valuation.info,
     }
     for name, tab in valuation.tables.items():
-        m[name] = [dict(zip(tab, row)) for row in zip(*tab.values())]
+        rows = len(next(iter(tab.values()), []))
+        # small tables (e.g. a removal experiment) are copied into metrics.json; large ones
+        # (e.g. per-interaction reference values) are only written as tables
+        m[name] = ([dict(zip(tab, row)) for row in zip(*tab.values())] if rows <= MAX_METRICS_TABLE_ROWS
+                   else {"rows": rows, "table": name})
     if n_noise:
         m["noise_detection"] = noise_detection(valuation.values, split.train.is_noise)
         dropped = ~pruned.keep

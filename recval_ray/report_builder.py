@@ -51,6 +51,8 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
 
     if valuation.entities is not None:
         entity_section(rep, valuation, metrics)
+    if "explainer" in valuation.info:
+        explainer_section(rep, valuation)
 
     hist = [h for h in base.history if any(k.startswith("valid_") for k in h)]
     if base.history:
@@ -66,6 +68,35 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
     rep.heading("Training runs")
     rep.table([{"model": k, **s} for k, s in metrics["training"].items()])
     return rep.html()
+
+
+def explainer_section(rep, valuation) -> None:
+    """Amortised Shapley values (SVV): the explainer's training curve and its agreement with
+    the reference Shapley values (exact or converged permutation sampling)."""
+    info = valuation.info
+    ex = info["explainer"]
+    rep.heading("Shapley values: the FastSHAP explainer")
+    rep.key_values({"value function": info.get("variant"), "epochs run": ex.get("epochs_run"),
+                    "selected epoch": ex.get("best_epoch"), "training (s)": ex.get("train_s"),
+                    "inference (s)": ex.get("explain_s"), "inference on": ex.get("inference")})
+    hist = ex.get("history") or []
+    if hist:
+        ep = np.array([h["epoch"] for h in hist], float)
+        series = {k.replace("_", " "): (ep, np.array([h[k] for h in hist], float))
+                  for k in ("train_loss", "valid_loss") if k in hist[0]}
+        rep.line_plot(series, title="explainer loss (Shapley-kernel weighted least squares)", xlabel="epoch",
+                      ylabel="loss")
+    ref, tab = info.get("reference"), valuation.tables.get("shapley_reference")
+    if ref:
+        rep.key_values({k: ref[k] for k in ("users", "exact_users", "permutation_users", "converged_users",
+                                             "pearson", "spearman", "spearman_within_user", "rel_l2_error",
+                                             "total_rel_error", "seconds") if k in ref})
+    if tab is not None and len(tab["reference_value"]):
+        noise = np.asarray(tab["is_noise"], bool)
+        rep.scatter(np.asarray(tab["reference_value"], float), np.asarray(tab["explainer_value"], float),
+                    title=f"explainer vs reference Shapley values ({ref.get('users')} users)",
+                    xlabel="reference value (exact or permutation sampling)", ylabel="explainer value",
+                    groups=np.where(noise, "injected noise", "clean") if noise.any() else None)
 
 
 def entity_section(rep, valuation, metrics: dict) -> None:

@@ -280,6 +280,47 @@ def test_dae_game_matches_hand_computations(tiny_dae):
     assert (game(obs, torch.zeros_like(obs)) == 0).all()
 
 
+def test_valid_margin_game_matches_a_hand_computation(tiny_dae):
+    """valid-margin: mean score on the user's held-out items minus the mean score on the items
+    outside its training and held-out items; zero game for users without held-out items."""
+    data, res = tiny_dae
+    model = res.model
+    players, _ = interaction_players(data)
+    n_users, n_items = data.n_users, data.n_items
+    rng = np.random.default_rng(1)
+    vu = np.repeat(np.arange(n_users - 1), 2)                       # the last user has none
+    vi = rng.integers(0, n_items, len(vu))
+    from recval_ray.core.models.dae import UserRows
+    targets = UserRows(vu, vi, n_users, n_items, unique=True)
+    game = DAEGame(model, 24.0, "valid-margin", batch_size=5, targets=targets)
+    users = torch.as_tensor([0, 3, 3, 7, n_users - 1, 12])
+    obs = players.dense(users)
+    sub = obs * torch.as_tensor(rng.random(obs.shape) < 0.5).float()
+    got = game(obs, sub, users=users).numpy()
+    with torch.no_grad():
+        y = torch.sigmoid(model.net(sub)).double().numpy()
+        y0 = torch.sigmoid(model.net(torch.zeros(1, n_items))).double().numpy()[0]
+    for r, u in enumerate(users.tolist()):
+        yy = y0 if sub[r].sum() == 0 else y[r]
+        train_items = set(np.flatnonzero(obs[r].numpy()))
+        held = sorted(set(vi[vu == u]) - train_items)
+        rest = sorted(set(range(n_items)) - train_items - set(held))
+        want = yy[held].mean() - yy[rest].mean() if held else 0.0
+        assert got[r] == pytest.approx(want, abs=2e-6), (r, u)
+    assert got[4] == 0.0
+    with pytest.raises(ValueError, match="needs the user"):
+        game(obs, sub)
+    with pytest.raises(ValueError, match="targets"):
+        DAEGame(model, 24.0, "valid-margin")
+    # the player game of one user passes the user on (exact Shapley values are efficient)
+    items = user_items(players, 3)
+    play = user_game(game, items, n_items, user=3)
+    phi = exact_shapley(play, len(items))
+    ends = play(torch.stack([torch.zeros(len(items), dtype=torch.bool), torch.ones(len(items), dtype=torch.bool)]))
+    assert float(phi.sum()) == pytest.approx(float(ends[1] - ends[0]), abs=1e-9)
+    assert float(ends[1]) == pytest.approx(float(game(obs[1:2], obs[1:2], users=users[1:2])[0]), abs=2e-6)
+
+
 def test_dae_game_rejects_other_models():
     data = clustered(n_users=6)
     res = train_model(MultiDAEConfig(hidden=[4]), data, train_cfg(epochs=1))
@@ -445,6 +486,22 @@ def test_svv_valuer_end_to_end():
     opts2 = SVVConfig(variant="mean-score", hidden=[16], samples=4, epochs=2, valid_samples=4)
     val2 = SVVValuer(opts2).value(ctx)
     assert np.isfinite(val2.values).all() and not np.allclose(val2.values, val.values)
+    # valid-margin variant: efficient per user against its own game's gain; the reference users
+    # (enumerated exactly or sampled) agree with the explainer on the totals
+    opts3 = SVVConfig(variant="valid-margin", hidden=[16], samples=4, epochs=3, valid_samples=4,
+                      reference=True, reference_users=4, reference_exact_max=8, reference_max_permutations=200)
+    val3 = SVVValuer(opts3).value(ctx)
+    sums3 = np.bincount(tr.user, weights=val3.values, minlength=tr.n_users)
+    gain3 = np.zeros(tr.n_users)
+    gain3[tr.user] = val3.columns["user_gain"]
+    np.testing.assert_allclose(sums3, gain3, atol=1e-6)
+    no_valid = np.setdiff1d(np.unique(tr.user), split.valid.user)
+    assert len(no_valid) and np.all(val3.values[np.isin(tr.user, no_valid)] == 0)   # zero games
+    assert val3.info["reference"]["total_rel_error"] < 1e-4
+    with pytest.raises(ValueError, match="validation split"):
+        SVVValuer(opts3).value(ValuationContext(split=Split(split.train, split.train.take(np.zeros(len(tr), bool)),
+                                                            split.test), base=base, model_cfg=DAEConfig(hidden=[8]),
+                                                train_cfg=tc, eval_cfg=None, seed=0))
     # a base model that is not the SVV DAE is refused
     mf = train_model(MFConfig(dim=4), split.train, train_cfg(epochs=1))
     with pytest.raises(ValueError, match="model.kind: dae"):
@@ -460,3 +517,42 @@ def test_svv_config_validates_through_the_job_config():
     from recval_ray.errors import ConfigError
     with pytest.raises(ConfigError, match="valuation.variant"):
         validate_config({"name": "t", "valuation": {"method": "svv", "variant": "nope"}})
+
+
+def test_svv_job_in_process_writes_values_reference_table_and_report(tmp_path, monkeypatch):
+    """The svv job end to end without Ray: valued data, the per-interaction reference table
+    (written as a table, only summarised in metrics.json when large), and the explainer
+    section of the report."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from recval_ray.config import load_config
+    from recval_ray.pipeline import run_job
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_config(str(repo / "jobs" / "quickstart.yaml"), [
+        "data.synthetic.n_users=60", "data.synthetic.n_items=40", "data.synthetic.interactions_per_user=8",
+        "model={kind: dae, hidden: [8]}", "train.epochs=3", "train.batch_size=16", "train.device=cpu",
+        "valuation={method: svv, hidden: [16], samples: 4, epochs: 3, valid_samples: 4, reference: true, "
+        "reference_users: 5, reference_exact_max: 8, reference_max_permutations: 100}",
+        "prune.scope=per-user", "prune.fraction=0.2", "evaluate.metrics=[recall]", "evaluate.ks=[5]"])
+    from recval_ray import pipeline
+    monkeypatch.setattr(pipeline, "MAX_METRICS_TABLE_ROWS", 10)
+    res = run_job(cfg, run_id="svv", output_uri=str(tmp_path), use_ray=False)
+    run = tmp_path / "svv"
+    values = pq.read_table(str(run / "values"))
+    assert values.column_names[:4] == ["user_id", "item_id", "value", "user_gain"]
+    ref = pq.read_table(str(run / "shapley_reference")).to_pydict()
+    metrics = json.loads((run / "metrics.json").read_text())
+    n_ref = len(ref["reference_value"])
+    assert len(set(ref["user_id"])) == 5 and n_ref == metrics["valuation"]["reference"]["interactions"]
+    # the explainer's values in the table are the ones written to values (same users, same items)
+    got = {(u, i): v for u, i, v in zip(values["user_id"].to_pylist(), values["item_id"].to_pylist(),
+                                          values["value"].to_pylist())}
+    np.testing.assert_allclose([got[(u, i)] for u, i in zip(ref["user_id"], ref["item_id"])],
+                               ref["explainer_value"], rtol=1e-5, atol=1e-7)
+    assert set(ref["reference_method"]) <= {"exact", "permutation"}
+    assert n_ref > 10 and metrics["shapley_reference"] == {"rows": n_ref, "table": "shapley_reference"}
+    html = (run / "report.html").read_text()
+    assert "FastSHAP explainer" in html and "explainer vs reference Shapley values" in html
+    assert (run / "manifest.json").exists() and res.metrics["method"] == "svv"

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..models.dae import UserRows
-from .games import SubsetGame
+from .games import SubsetGame, play_subsets
 from .permutation import seeded_generator
 
 log = logging.getLogger("recval_ray.shapley")
@@ -194,7 +194,8 @@ def _batch_loss(net: ExplainerNet, batch: _UserBatch, x_sub: torch.Tensor, v_sub
 def _coalition_values(game: SubsetGame, batch: _UserBatch, x_sub: torch.Tensor) -> torch.Tensor:
     B, m, I = x_sub.shape
     obs = batch.observed[:, None, :].expand(B, m, I).reshape(B * m, I)
-    return game(obs, x_sub.reshape(B * m, I)).reshape(B, m).to(torch.float64)
+    users = batch.users.repeat_interleave(m)
+    return play_subsets(game, obs, x_sub.reshape(B * m, I), users).reshape(B, m).to(torch.float64)
 
 
 @torch.no_grad()
@@ -207,8 +208,8 @@ def game_endpoints(game: SubsetGame, players: UserRows, batch_users: int = 1024)
     for s in range(0, len(users), batch_users):
         u = users[s:s + batch_users]
         x = players.dense(u)
-        empty[u] = game(x, torch.zeros_like(x)).to(torch.float64)
-        full[u] = game(x, x).to(torch.float64)
+        empty[u] = play_subsets(game, x, torch.zeros_like(x), u).to(torch.float64)
+        full[u] = play_subsets(game, x, x, u).to(torch.float64)
     return empty, full
 
 

@@ -43,7 +43,7 @@ def user_reference(game: SubsetGame, players: UserRows, user: int, *, exact_max:
     """The reference Shapley values of one user's game (module doc)."""
     items = user_items(players, user)
     n = len(items)
-    play = user_game(game, items, players.n_items)
+    play = user_game(game, items, players.n_items, user)
     dev = players.device
     if n <= exact_max:
         phi = exact_shapley(play, n, batch_size=batch_size, device=dev, max_players=exact_max).cpu().numpy()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ...registry import register_valuer
-from ..models.dae import AutoEncoder
+from ..models.dae import AutoEncoder, UserRows
 from ..shapley.exact import MAX_EXACT_PLAYERS
 from ..shapley.fastshap import FastSHAPConfig, explain, train_explainer
 from ..shapley.games import DAEGame, interaction_players
@@ -47,7 +47,8 @@ class SVVConfig(FastSHAPConfig):
     """Options of ``valuation.method: svv`` (the explainer's are :class:`FastSHAPConfig`'s).
 
     ``variant``: the value function (``recon-error``: the paper; ``mean-score``: the authors'
-    code); explainer: ``hidden`` widths, ``samples`` coalitions per user per step (even when
+    code; ``valid-margin``: the lift of the user's validation items over never-seen items, a
+    held-out utility, see :mod:`..shapley.games`); explainer: ``hidden`` widths, ``samples`` coalitions per user per step (even when
     ``paired``), ``paired`` complementary sampling, ``epochs``, ``lr`` (Adam), ``weight_decay``,
     ``batch_size`` users per step, ``patience`` epochs, ``valid_samples`` fixed validation
     coalitions per user; ``seed`` (null: ``train.seed``); ``device`` (null: the base model's);
@@ -63,7 +64,7 @@ class SVVConfig(FastSHAPConfig):
     ``reference_cpus`` and ``reference_gpus`` per task.
     """
     method: str = "svv"
-    variant: Literal["recon-error", "mean-score"] = "recon-error"
+    variant: Literal["recon-error", "mean-score", "valid-margin"] = "recon-error"
     seed: Optional[int] = None
     device: Optional[str] = None
     value_batch: int = 8192
@@ -129,7 +130,13 @@ class SVVValuer(Valuer):
         if next(model.parameters()).device != dev:
             model = copy.deepcopy(model).to(dev)
         train = ctx.split.train
-        game = DAEGame(model, ctx.model_cfg.rho, o.variant, batch_size=o.value_batch)
+        targets = None
+        if o.variant == "valid-margin":
+            valid = ctx.split.valid
+            if valid is None or len(valid) == 0:
+                raise ValueError("valuation.variant valid-margin needs a validation split with interactions")
+            targets = UserRows(valid.user, valid.item, valid.n_users, valid.n_items, dev, unique=True)
+        game = DAEGame(model, ctx.model_cfg.rho, o.variant, batch_size=o.value_batch, targets=targets)
         players, player_of_row = interaction_players(train, dev)
         config = FastSHAPConfig(**{f.name: copy.deepcopy(getattr(o, f.name)) for f in dataclasses.fields(FastSHAPConfig)})
         explainer = train_explainer(game, players, config, seed=seed, device=dev, progress=ctx.progress)
@@ -145,6 +152,11 @@ class SVVValuer(Valuer):
             per_player = explain(explainer).cpu().numpy()
         explain_s = time.perf_counter() - t
         values = per_player[player_of_row]
+        if targets is not None:
+            # users without held-out items play the zero game: their Shapley values are exactly
+            # 0 (the explainer, trained on all users, only gets their sum right)
+            has_targets = np.bincount(ctx.split.valid.user, minlength=train.n_users) > 0
+            values = np.where(has_targets[train.user], values, 0.0)
         gain = explainer.gain.cpu().numpy()[train.user]
         info = {"variant": o.variant, "seed": seed, "device": str(dev),
                 "explainer": {"epochs_run": len(explainer.history), "best_epoch": explainer.best_epoch,
@@ -152,14 +164,17 @@ class SVVValuer(Valuer):
                               "explain_s": explain_s, "inference": inference, "history": explainer.history}}
         if inference == "ray-data":
             info["explainer"]["inference_actors"] = o.inference_actors
+        tables = {}
         if o.reference:
             where = _resolve(o.reference_on, "ray", on_ray, ray_ok, "reference_on")
-            info["reference"] = self._reference(game, players, explainer, seed, where)
-        return Valuation(method=self.name, values=values, columns={"user_gain": gain}, info=info)
+            info["reference"], refs, est = self._reference(game, players, explainer, seed, where)
+            tables["shapley_reference"] = _reference_table(ctx, players, player_of_row, refs, est)
+        return Valuation(method=self.name, values=values, columns={"user_gain": gain}, tables=tables, info=info)
 
-    def _reference(self, game, players, explainer, seed: int, where: str = "local") -> dict:
+    def _reference(self, game, players, explainer, seed: int, where: str = "local"):
         """Agreement of the explainer with reference values on ``reference_users`` users
-        (``where``: ``local`` in this process, ``ray`` as Ray tasks)."""
+        (``where``: ``local`` in this process, ``ray`` as Ray tasks): ``(agreement, the
+        references, the explainer's values at the same players)``."""
         o = self.options
         t = time.perf_counter()
         users = sample_users(players, o.reference_users, seed)
@@ -180,7 +195,32 @@ class SVVValuer(Valuer):
         out.update(exact_users=len(refs) - len(perm), permutation_users=len(perm),
                    converged_users=sum(r.converged for r in perm),
                    permutations=int(sum(r.n_permutations for r in perm)), seconds=ref_s, on=where)
-        return out
+        return out, refs, est
+
+
+def _reference_table(ctx: ValuationContext, players: UserRows, player_of_row: np.ndarray, refs, est) -> dict:
+    """The reference check per interaction (output table ``shapley_reference``): user_id,
+    item_id (the input's ids when the dataset is known), the explainer's value, the reference
+    value, its standard error (0 when exact), the reference method, and is_noise."""
+    user = np.concatenate([np.full(len(r.values), r.user) for r in refs]) if refs else np.zeros(0, np.int64)
+    start = players.indptr.cpu().numpy()
+    entry = np.concatenate([np.arange(start[r.user], start[r.user + 1]) for r in refs]) if refs \
+        else np.zeros(0, np.int64)
+    item = players.item.cpu().numpy()[entry]
+    train = ctx.split.train
+    noisy = np.zeros(len(players.item), bool)
+    if train.is_noise is not None:
+        np.logical_or.at(noisy, player_of_row, np.asarray(train.is_noise, bool))
+    ds = ctx.dataset
+    table = {"user_id": ds.original_users(user) if ds is not None else user,
+             "item_id": ds.original_items(item) if ds is not None else item,
+             "explainer_value": np.asarray(est, np.float64),
+             "reference_value": np.concatenate([r.values for r in refs]) if refs else np.zeros(0),
+             "reference_se": np.concatenate([r.std_errors for r in refs]) if refs else np.zeros(0),
+             "reference_method": np.concatenate([np.full(len(r.values), r.method) for r in refs]) if refs
+             else np.zeros(0, dtype=object),
+             "is_noise": noisy[entry]}
+    return table
 
 
 @register_valuer("svv", SVVConfig)
