@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .core.denoise import DenoiseConfig
 from .errors import ConfigError
 
 DataFormat = Literal["parquet", "csv", "tsv", "movielens-100k", "movielens-1m", "lightgcn",
@@ -98,6 +99,7 @@ class TrainConfig:
     loss_epochs: int = 5
     max_failures: int = 1
     keep_checkpoints: int = 0
+    denoise: DenoiseConfig = field(default_factory=DenoiseConfig)   # BPR objective (MF, LightGCN)
 
 
 @dataclass
@@ -142,6 +144,10 @@ class RayConfig:
     address: Optional[str] = None
     num_cpus: Optional[int] = None
     num_gpus: Optional[int] = None
+
+
+# the model kinds trained by BPRTask, the ones train.denoise applies to
+BPR_MODELS = ("mf", "lightgcn")
 
 
 CompareVariant = Literal["full", "pruned", "random", "oracle"]
@@ -398,6 +404,13 @@ def check_semantics(cfg: JobConfig) -> None:
         raise ConfigError(f"train.select_metric: {e}") from None
     if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0:
         raise ConfigError("train.epochs and train.batch_size must be positive")
+    try:
+        cfg.train.denoise.validate("train.denoise")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.train.denoise.kind != "bpr" and cfg.model.kind not in BPR_MODELS:
+        raise ConfigError(f"train.denoise.kind: {cfg.train.denoise.kind!r} needs a BPR-trained model "
+                          f"({', '.join(BPR_MODELS)}), not model.kind {cfg.model.kind!r}")
     if cfg.prune.scope == "entity" and cfg.valuation.method != "deletion":
         raise ConfigError(f"prune.scope: entity needs an entity-level valuation (deletion), "
                           f"not {cfg.valuation.method!r}")

@@ -36,7 +36,7 @@ from torch import nn
 from ...registry import register_model
 from ..data import Interactions
 from .base import resolve_device
-from .mf import BPRTask, init_embeddings
+from .mf import BPRTask, choose_positive, init_embeddings
 
 
 @dataclass
@@ -186,13 +186,17 @@ class LightGCN(nn.Module):
         eu, ei = self.final_embeddings()
         return eu[users] @ ei.T
 
-    def forward(self, users, pos, neg):
-        return self.bpr_terms(users, pos, neg)
+    def forward(self, users, pos, neg, choose=None):
+        return self.bpr_terms(users, pos, neg, choose)
 
-    def bpr_terms(self, users, pos, neg):
+    def bpr_terms(self, users, pos, neg, choose=None):
         """``(s_pos [B], s_neg [B, n], l2 [B])``: scores from one propagation; ``l2`` =
-        (||p_u||^2 + ||q_i||^2 + mean_n ||q_j||^2) / 2 on the layer-0 (ego) embeddings."""
+        (||p_u||^2 + ||q_i||^2 + mean_n ||q_j||^2) / 2 on the layer-0 (ego) embeddings. With
+        ``choose`` (PLD), ``pos`` is a pool ``[B, k]`` and the terms are those of the positive
+        :func:`~.mf.choose_positive` picks per row from the same propagation."""
         eu, ei = self.propagate()
+        if choose is not None:
+            pos = choose_positive(eu.detach(), ei.detach(), users, pos, neg, choose)
         pu, qi, qj = eu[users], ei[pos], ei[neg]
         s_pos = (pu * qi).sum(-1)
         s_neg = torch.einsum("bd,bnd->bn", pu, qj)
@@ -211,4 +215,5 @@ def build_lightgcn(opts: LightGCNConfig, train: Interactions, train_cfg, device:
     adj = normalized_adjacency(train)
     model = LightGCN(adj, train.n_users, train.n_items, opts.dim, opts.n_layers,
                      opts.init_std, opts.init).to(dev)
-    return BPRTask(model, train, train_cfg.batch_size, opts.reg, train_cfg.num_negatives, opts.sampler)
+    return BPRTask(model, train, train_cfg.batch_size, opts.reg, train_cfg.num_negatives, opts.sampler,
+                   denoise=getattr(train_cfg, "denoise", None))

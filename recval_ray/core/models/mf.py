@@ -11,8 +11,9 @@ over its negatives.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -20,7 +21,11 @@ from torch import nn
 
 from ...registry import register_model
 from ..data import Interactions
+from ..denoise import (DenoiseConfig, pld_choice, pld_pool_offsets, rce_weights, tce_drop_rate,
+                       tce_keep_count, tce_keep_mask)
 from .base import Task, resolve_device
+
+log = logging.getLogger("recval_ray.train")
 
 
 @dataclass
@@ -43,6 +48,24 @@ def init_embeddings(init: str, std: float, *embeddings: nn.Embedding) -> None:
             nn.init.normal_(e.weight, std=std)
 
 
+def choose_positive(eu: torch.Tensor, ei: torch.Tensor, users: torch.Tensor, pool: torch.Tensor,
+                    neg: torch.Tensor, choose) -> torch.Tensor:
+    """One positive per user from a pool (PLD): ``choose(s_pool [B, k], s_neg [B, n]) -> col [B]``
+    sees the scores ``e_u . e_i`` of the pool ``[B, k]`` and of the negatives ``[B, n]``,
+    computed without autograd from the user / item embeddings ``eu``, ``ei`` (final ones:
+    LightGCN's propagated tables); returns the chosen items ``[B]``."""
+    with torch.no_grad():
+        # one [B, d] block per pool / negative column: no [B, k, d] temporaries (on the CPU,
+        # fresh multi-MB buffers cost page faults on every batch); index_select and mul-sum
+        # are several times faster than advanced indexing and bmm there
+        pu = eu.index_select(0, users)
+        cols = torch.cat([pool, neg], 1).T.contiguous()
+        s = torch.stack([(pu * ei.index_select(0, c)).sum(-1) for c in cols], 1)
+        k = pool.shape[1]
+        col = choose(s[:, :k], s[:, k:])
+    return pool.gather(1, col[:, None]).squeeze(1)
+
+
 class MF(nn.Module):
     def __init__(self, n_users: int, n_items: int, dim: int, init_std: float = 0.1, init: str = "normal"):
         super().__init__()
@@ -53,11 +76,15 @@ class MF(nn.Module):
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         return self.user_emb(users) @ self.item_emb.weight.T
 
-    def forward(self, users, pos, neg):
-        return self.bpr_terms(users, pos, neg)
+    def forward(self, users, pos, neg, choose=None):
+        return self.bpr_terms(users, pos, neg, choose)
 
-    def bpr_terms(self, users, pos, neg):
-        """``(s_pos [B], s_neg [B, n], l2 [B])`` for users, positives and negatives [B, n]."""
+    def bpr_terms(self, users, pos, neg, choose=None):
+        """``(s_pos [B], s_neg [B, n], l2 [B])`` for users, positives and negatives [B, n].
+        With ``choose``, ``pos`` is a pool ``[B, k]`` and the terms are those of the positive
+        :func:`choose_positive` picks per row."""
+        if choose is not None:
+            pos = choose_positive(self.user_emb.weight, self.item_emb.weight, users, pos, neg, choose)
         pu, qi, qj = self.user_emb(users), self.item_emb(pos), self.item_emb(neg)
         s_pos = (pu * qi).sum(-1)
         s_neg = torch.einsum("bd,bnd->bn", pu, qj)
@@ -96,6 +123,11 @@ class NegativeSampler:
         return torch.where(free > 0, neg, (rand * self.n_items).long())
 
 
+def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]`` for a 1-D ``table`` by ``index_select`` (a few times faster on the CPU)."""
+    return table.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
 class BPRTask(Task):
     """BPR training over the training interactions of any model with ``bpr_terms``.
 
@@ -104,16 +136,50 @@ class BPRTask(Task):
     uniformly, then one of the user's positives (LightGCN / PLD code); an epoch has
     ``n_train / batch_size`` batches (sampling with replacement: a data-parallel rank draws
     its own users and ignores :meth:`restrict`).
+
+    ``denoise`` (:class:`~..denoise.DenoiseConfig`, ``train.denoise``; ``None`` = plain BPR)
+    sets the objective, see :mod:`..denoise`:
+
+    * ``bpr``: ``mean_b l_b + reg * mean_b l2_b``, exactly the plain task;
+    * ``pld``: forces ``sampler="users"``. Epochs ``< warmup_epochs`` are plain BPR (the same
+      batches and losses as ``kind: bpr`` with that sampler). Later batches hold, per slot, a
+      user, a pool of ``pool`` of its training rows (``"pool" [B, k]``, ``"pos" [B, k]``), one
+      shared negative set ``"neg" [B, n]`` and the Gumbel uniforms of the choice
+      (``"noise" [B, k]``), all drawn from the epoch generator. :meth:`loss` makes ONE module
+      call ``module(user, pool items [B, k], neg, choose)``: the module scores the B*k
+      candidates and the negatives without autograd (:func:`choose_positive`; LightGCN from
+      the propagation it does anyway, so it still propagates once per batch), ``choose`` turns
+      them into the losses ``softplus(s_neg - s_pos)`` and draws one per slot with
+      :func:`~..denoise.pld_choice`, and the module returns the plain BPR terms (with autograd
+      and L2) of the chosen triples. Because the choice happens in :meth:`loss`, a PLD batch
+      has no ``"idx"`` until :meth:`loss` writes the chosen rows there (the trainer reads
+      ``idx`` after the loss). A module trained with PLD takes ``choose`` (MF, LightGCN);
+    * ``tce``: the mean over the kept examples (:func:`~..denoise.tce_keep_mask`) of
+      ``l_b + reg * l2_b``; the drop rate follows the batch's ``"iteration"`` (``epoch *
+      batches_per_epoch + b``: batches trained so far, counted across epochs from 0);
+    * ``rce``: ``mean_b w_b l_b + reg * mean_b l2_b``, ``w_b = sigmoid(s_ui)^alpha`` detached.
+
+    Per-example losses returned for tracking are always the unweighted ``l_b`` (PLD: of the
+    chosen candidate). ``stats`` holds light counters of the last batch for reports (tensors
+    are detached and left on the device: reading them syncs, training does not).
     """
 
     def __init__(self, model: nn.Module, train: Interactions, batch_size: int, reg: float,
-                 num_negatives: int = 1, sampler: str = "interactions"):
+                 num_negatives: int = 1, sampler: str = "interactions",
+                 denoise: Optional[DenoiseConfig] = None):
         self.model = model
         self.n_train = len(train)
         self.batch_size = batch_size
         self.reg = reg
         self.num_negatives = num_negatives
+        self.denoise = denoise if denoise is not None else DenoiseConfig()
+        self.denoise.validate()
+        self.kind = self.denoise.kind
+        if self.kind == "pld" and sampler != "users":
+            log.info("train.denoise.kind pld draws a uniform user per slot: sampler %r -> 'users'", sampler)
+            sampler = "users"
         self.sampler_kind = sampler
+        self.stats: dict = {"kind": self.kind}
         dev = self.device
         self.users = torch.as_tensor(train.user, device=dev)
         self.items = torch.as_tensor(train.item, device=dev)
@@ -125,14 +191,40 @@ class BPRTask(Task):
             self.user_start = torch.as_tensor(np.concatenate([[0], np.cumsum(counts)[:-1]]), device=dev)
             self.user_count = torch.as_tensor(counts, device=dev)
             self.active_users = torch.as_tensor(np.flatnonzero(counts > 0), device=dev)
+            # some user has fewer positives than the PLD pool (known here: no sync per batch)
+            self._pool_small = bool(((counts > 0) & (counts < self.denoise.pool)).any())
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterator[dict]:
+        it = self._batches(epoch, generator)
+        if self.kind != "tce":
+            yield from it
+            return
+        start = epoch * self.batches_per_epoch()
+        for b, batch in enumerate(it):
+            batch["iteration"] = start + b
+            yield batch
+
+    def batches_per_epoch(self) -> int:
+        """Batches of one epoch: ``ceil(n_train / batch_size)`` (users sampler, at least one) or
+        ``ceil(rows visited / batch_size)``."""
+        if self.sampler_kind == "users":
+            return max(1, -(-self.n_train // self.batch_size))
+        n = self.n_train if self.visit is None else len(self.visit)
+        return -(-n // self.batch_size)
+
+    def _batches(self, epoch: int, generator: torch.Generator) -> Iterator[dict]:
         dev = self.device
         if self.sampler_kind == "users":
-            n_batches = max(1, -(-self.n_train // self.batch_size))
+            n_batches = self.batches_per_epoch()
+            pld = self.kind == "pld" and epoch >= self.denoise.warmup_epochs
+            if self.kind == "pld":
+                self.stats["pld_active"] = pld
             for _ in range(n_batches):
                 pick = torch.randint(len(self.active_users), (self.batch_size,), generator=generator).to(dev)
                 u = self.active_users[pick]
+                if pld:
+                    yield self._pld_batch(u, generator)
+                    continue
                 off = (torch.rand(self.batch_size, generator=generator).to(dev) * self.user_count[u]).long()
                 idx = self.by_user[self.user_start[u] + off]
                 yield self._batch(idx, generator)
@@ -146,12 +238,60 @@ class BPRTask(Task):
         return {"idx": idx, "user": users, "pos": self.items[idx],
                 "neg": self.negatives.sample(users, self.num_negatives, generator)}
 
+    def _pld_batch(self, u: torch.Tensor, generator: torch.Generator) -> dict:
+        """A PLD slot per user ``u``: ``pool`` of its training rows, one shared negative set and
+        the choice's uniforms (generator order: ``[B, 2k]`` float64 uniforms, the first k for the
+        pool, the last k for the choice; then the negatives)."""
+        k = self.denoise.pool
+        uni = torch.rand((len(u), 2 * k), generator=generator, dtype=torch.float64).to(self.device)
+        off = pld_pool_offsets(_lookup(self.user_count, u), k, uni[:, :k], self._pool_small)
+        rows = _lookup(self.by_user, _lookup(self.user_start, u)[:, None] + off)
+        neg = self.negatives.sample(u, self.num_negatives, generator)
+        return {"user": u, "pool": rows, "pos": _lookup(self.items, rows), "neg": neg, "noise": uni[:, k:]}
+
     def example_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        s_pos, s_neg, l2 = self.module(batch["user"], batch["pos"], batch["neg"])
-        return nn.functional.softplus(s_neg - s_pos[:, None]).mean(-1), l2
+        per, l2, _ = self._terms(batch)
+        return per, l2
+
+    def _terms(self, batch: dict, choose=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if choose is None:
+            s_pos, s_neg, l2 = self.module(batch["user"], batch["pos"], batch["neg"])
+        else:
+            s_pos, s_neg, l2 = self.module(batch["user"], batch["pos"], batch["neg"], choose)
+        return nn.functional.softplus(s_neg - s_pos[:, None]).mean(-1), l2, s_pos
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        per, l2 = self.example_losses(batch)
+        if "pool" in batch:
+            return self._pld_loss(batch)
+        per, l2, s_pos = self._terms(batch)
+        if self.kind == "tce":
+            rate = tce_drop_rate(batch["iteration"], self.denoise.drop_rate, self.denoise.num_gradual)
+            keep = tce_keep_mask(per, rate)
+            n_keep = tce_keep_count(len(per), rate)
+            w = keep.to(per.dtype)
+            self.stats.update(iteration=batch["iteration"], drop_rate=rate, kept=n_keep,
+                              dropped=len(per) - n_keep)
+            return ((per * w).sum() + self.reg * (l2 * w).sum()) / n_keep, per.detach()
+        if self.kind == "rce":
+            w = rce_weights(s_pos, self.denoise.alpha)
+            self.stats["mean_weight"] = w.mean()
+            return (w * per).mean() + self.reg * l2.mean(), per.detach()
+        return per.mean() + self.reg * l2.mean(), per.detach()
+
+    def _pld_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One module call: the pool's losses without autograd, the PLD choice, then the plain
+        BPR terms (with autograd) of the chosen triples. Writes ``batch["idx"]``."""
+        picked = {}
+
+        def choose(s_pool: torch.Tensor, s_neg: torch.Tensor) -> torch.Tensor:
+            cand = nn.functional.softplus(s_neg[:, None, :] - s_pool[:, :, None]).mean(-1)   # [B, k]
+            picked["col"] = pld_choice(cand, None, self.denoise.tau, uniforms=batch["noise"])
+            picked["pool_loss"] = cand.mean()
+            return picked["col"]
+
+        per, l2, _ = self._terms(batch, choose)
+        batch["idx"] = batch["pool"].gather(1, picked["col"][:, None]).squeeze(1)
+        self.stats.update(pool_loss=picked["pool_loss"], chosen_loss=per.detach().mean())
         return per.mean() + self.reg * l2.mean(), per.detach()
 
 
@@ -159,4 +299,5 @@ class BPRTask(Task):
 def build_mf(opts: MFConfig, train: Interactions, train_cfg, device: str = "auto") -> BPRTask:
     dev = resolve_device(device)
     model = MF(train.n_users, train.n_items, opts.dim, opts.init_std, opts.init).to(dev)
-    return BPRTask(model, train, train_cfg.batch_size, opts.reg, train_cfg.num_negatives, opts.sampler)
+    return BPRTask(model, train, train_cfg.batch_size, opts.reg, train_cfg.num_negatives, opts.sampler,
+                   denoise=getattr(train_cfg, "denoise", None))
