@@ -97,6 +97,8 @@ class TrainConfig:
     select_metric: str = "ndcg@20"
     num_negatives: int = 1
     loss_epochs: int = 5
+    loss_pass: Literal["visited", "all"] = "visited"
+    loss_negatives: int = 4
     max_failures: int = 1
     keep_checkpoints: int = 0
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)   # BPR objective (MF, LightGCN)
@@ -404,6 +406,11 @@ def check_semantics(cfg: JobConfig) -> None:
         raise ConfigError(f"train.select_metric: {e}") from None
     if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0:
         raise ConfigError("train.epochs and train.batch_size must be positive")
+    if cfg.train.loss_negatives < 1:
+        raise ConfigError(f"train.loss_negatives: {cfg.train.loss_negatives} must be >= 1")
+    if cfg.train.loss_pass == "all" and cfg.model.kind not in BPR_MODELS:
+        raise ConfigError(f"train.loss_pass: all needs a BPR-trained model ({', '.join(BPR_MODELS)}), "
+                          f"not model.kind {cfg.model.kind!r}")
     try:
         cfg.train.denoise.validate("train.denoise")
     except ValueError as e:

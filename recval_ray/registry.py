@@ -59,7 +59,8 @@ class Registry:
 MODELS = Registry("model.kind", ("recval_ray.core.models.mf", "recval_ray.core.models.lightgcn", "recval_ray.core.models.lstm", "recval_ray.core.models.dae", "recval_ray.core.models.ncf", "recval_ray.core.models.svd",))
 VALUERS = Registry("valuation.method", ("recval_ray.core.valuers.small_loss",
                                          "recval_ray.core.valuers.deletion",
-                                         "recval_ray.core.valuers.svv"))
+                                         "recval_ray.core.valuers.svv",
+                                         "recval_ray.core.valuers.pld"))
 
 register_model = MODELS.register
 register_valuer = VALUERS.register

@@ -36,6 +36,15 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def loss_generator(seed: int, epoch: Optional[int] = None) -> torch.Generator:
+    """The generator of the end-of-epoch loss pass (``train.loss_pass: all``): its own stream,
+    so the pass never shifts the training batches (``epoch=None``: a stream for losses of the
+    final, selected model)."""
+    key = [int(seed), 0x1055] + ([int(epoch)] if epoch is not None else [0, 1])
+    state = np.random.SeedSequence(key).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def build_task(model_cfg, train: Interactions, train_cfg) -> Task:
     """Build the registered model of ``model_cfg.kind``; initialisation seeded by ``train.seed``."""
     entry = MODELS.get(model_cfg.kind)
@@ -133,7 +142,11 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
     ``exclude`` are the interactions removed from the validation ranking (the training
     set). ``on_epoch(record, task)`` is called after each epoch (Ray Train reports there).
     ``interaction_loss[r]`` is the mean loss of training row ``r`` over the last
-    ``train.loss_epochs`` epochs up to and including the selected epoch (NaN if unseen).
+    ``train.loss_epochs`` epochs up to and including the selected epoch: with
+    ``train.loss_pass: visited`` the losses of the batches that visited it (NaN if unseen);
+    with ``all``, the loss of every row under the model at the end of each epoch
+    (``task.all_losses``, ``train.loss_negatives`` seeded negatives per row, no update), so
+    rows a sampler visits rarely (PLD's high-loss rows) are measured like the others.
     ``epoch_context()`` wraps each epoch's batch loop (data-parallel ranks with uneven batch
     counts use DDP's ``Join`` there).
     """
@@ -144,6 +157,10 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
     if task.closed_form:
         return _fit_closed_form(task, valid if use_valid else None, exclude, metric, eval_cfg, on_epoch)
     sign = 1.0 if higher_is_better(metric) else -1.0
+    loss_pass_all = track_losses and getattr(train_cfg, "loss_pass", "visited") == "all"
+    if loss_pass_all and not hasattr(task, "all_losses"):
+        raise ValueError(f"train.loss_pass: all is not supported by model {type(model).__name__} "
+                         f"(its task has no all_losses); use loss_pass: visited")
     opt = make_optimizer(model.parameters(), train_cfg)
     best, best_epoch, best_state, bad_evals = -math.inf, -1, None, 0
     history, checkpoints = [], []
@@ -172,7 +189,10 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
                 if track_losses:
                     loss_sum.index_add_(0, batch["idx"], per.float())
                     loss_cnt.index_add_(0, batch["idx"], torch.ones_like(per, dtype=torch.float32))
-        if track_losses:
+        if track_losses and loss_pass_all:
+            loss_ring.append((epoch, task.all_losses(loss_generator(train_cfg.seed, epoch),
+                                                     int(getattr(train_cfg, "loss_negatives", 1))).cpu().numpy()))
+        elif track_losses:
             loss_ring.append((epoch, (loss_sum / loss_cnt).cpu().numpy()))
         record = {"epoch": epoch, "train_loss": float(total) / max(1, n_batches),
                   "epoch_seconds": time.perf_counter() - te}

@@ -249,6 +249,32 @@ class BPRTask(Task):
         neg = self.negatives.sample(u, self.num_negatives, generator)
         return {"user": u, "pool": rows, "pos": _lookup(self.items, rows), "neg": neg, "noise": uni[:, k:]}
 
+    @torch.no_grad()
+    def all_losses(self, generator: torch.Generator, negatives: int = 1, chunk: int = 65536) -> torch.Tensor:
+        """The BPR loss of every training row ``[n_train]`` under the current model, each
+        against ``negatives`` fresh negatives drawn from ``generator`` (mean over them), eval
+        mode, no update (``train.loss_pass: all``)."""
+        module = self.model
+        was_training = module.training
+        module.eval()
+        try:
+            # final embeddings once (LightGCN: one propagation, cached in eval mode)
+            if hasattr(module, "final_embeddings"):
+                eu, ei = module.final_embeddings()
+            else:
+                eu, ei = module.user_emb.weight, module.item_emb.weight
+            out = []
+            for s in range(0, self.n_train, chunk):
+                users = self.users[s:s + chunk]
+                neg = self.negatives.sample(users, max(1, int(negatives)), generator)
+                pu = eu.index_select(0, users)
+                s_pos = (pu * ei.index_select(0, self.items[s:s + chunk])).sum(-1)
+                s_neg = torch.einsum("bd,bnd->bn", pu, ei[neg])
+                out.append(nn.functional.softplus(s_neg - s_pos[:, None]).mean(-1))
+        finally:
+            module.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, device=self.device)
+
     def example_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         per, l2, _ = self._terms(batch)
         return per, l2
