@@ -1,4 +1,4 @@
-"""``recval``: run, validate (and later submit and sweep) recval jobs.
+"""``recval``: run, compare, sweep and validate recval jobs.
 
 Exit codes: 0 success; 2 bad config, bad input or an existing complete run (a one-line
 message, nothing written); 1 any other failure (with a traceback).
@@ -58,6 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--no-ray", action="store_true",
                      help="run the Ray-free core in this process (debugging; Ray Train paths unavailable)")
 
+    swp = sub.add_parser("sweep", help="a Ray Tune sweep over any config keys (the job's tune: section)",
+                         description="Run one trial per point of the tune: space (train, value, prune, "
+                                     "retrain in-process), choose the best on the validation objective, "
+                                     "run it through the pipeline (best/) and write trials/, "
+                                     "best_config.yaml, best/, metrics.json, report.html and manifest.json "
+                                     "(last) under OUTPUT/RUN_ID/ (run id default: <name>-sweep). Rerunning "
+                                     "the same run id resumes the sweep without rerunning finished trials.")
+    _common(swp)
+    swp.add_argument("--num-samples", type=int, metavar="N",
+                     help="repeats of the grid / samples of the random keys (default: tune.num_samples)")
+    swp.add_argument("--run-id", help="run id (default: <output.run_id or the job name>-sweep)")
+    swp.add_argument("--output", help="output URI, a local path or s3://bucket/prefix (default: output.uri)")
+    swp.add_argument("--overwrite", action="store_true",
+                     help="replace a complete sweep with the same id (its finished trials are reused)")
+    swp.add_argument("--address", help="Ray cluster address (default: ray.address, RAY_ADDRESS, else local)")
+
     val = sub.add_parser("validate", help="check a job's config and data without training or writing",
                          description="Validate the config, read and check the data, split and inject "
                                      "noise, and print a summary. Nothing is trained or written.")
@@ -75,9 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides)
         if args.command == "compare" and args.seeds is not None:
             overrides.append(f"compare.seeds={_seeds(args.seeds)}")
+        if args.command == "sweep" and args.num_samples is not None:
+            overrides.append(f"tune.num_samples={args.num_samples}")
         cfg = load_config(args.job, overrides)
         if args.command == "validate":
             return _validate(cfg)
+        if args.command == "sweep":
+            from .sweep import headline as sweep_headline, run_sweep
+            result = run_sweep(cfg, run_id=args.run_id, output_uri=args.output,
+                               overwrite=True if args.overwrite else None, address=args.address)
+            print(sweep_headline(result))
+            return 0
         if args.command == "compare":
             from .compare import headline as compare_headline, run_compare
             result = run_compare(cfg, run_id=args.run_id, output_uri=args.output,

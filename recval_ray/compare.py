@@ -28,14 +28,31 @@ rows and injected rows dropped, selected epoch), ``method_values/<label>/`` (the
 valued data of each method, the ``values/`` schema of ``recval run``), ``splits/`` (the first
 seed's), ``metrics.json`` (mean and std over seeds per variant and metric, relative
 differences to ``full`` paired by seed, noise detection) and ``report.html``.
+
+The methods value the training data only when a variant needs them (:func:`runs_valuation`):
+``compare.variants: [full]`` trains and evaluates only.
+
+``compare.grid`` (see :mod:`recval_ray.grid`): every cell (the job with the cell's overrides)
+is compared as above, cell after cell; its split is made once per cell (shared by its seeds
+unless split or noise vary with the seed; cells with the same data, split and noise sections
+share one). Without a grid the outputs are exactly the above. With one: ``comparison/`` and
+``comparison_runs/`` lead with ``cell`` (the cell id), one string column per grid key (the
+value as shown in the cell's label) and ``<key>_num`` (float) for a key whose values are all
+numbers; ``method_values/<cell>/<label>/`` and ``splits/<cell>/<part>/`` hold each cell's first
+seed; ``metrics.json`` has ``grid`` (keys, mode, values, numeric keys) and ``cells`` (per cell:
+id, label, overrides, values, skipped variants, data sizes, ``summary``, ``relative_to_full``
+(to the cell's own ``full``), ``noise_detection``, valuation info) instead of the top-level
+``summary`` / ``relative_to_full`` / ``noise_detection``; ``runs`` carry the cell columns.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import hashlib
+import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -46,6 +63,7 @@ import numpy as np
 import pyarrow as pa
 
 from .config import JobConfig, check_compare, compare_methods, compare_variants
+from .grid import Cell, grid_cells, grid_keys, numeric_keys
 from .core.data import Split
 from .core.evaluation import evaluate_ranking, noise_detection
 from .core.valuers.base import Valuation
@@ -71,6 +89,21 @@ def seed_config(cfg: JobConfig, seed: int) -> JobConfig:
     for section in cfg.compare.vary:
         getattr(out, section).seed = int(seed)
     return out
+
+
+def runs_valuation(cfg: JobConfig) -> bool:
+    """Whether the compared methods value the data: a listed variant needs them (``pruned``,
+    ``random``, ``detection``), or by default (``compare.variants`` empty) pruning or noise
+    applies. ``compare.variants: [full]`` (or ``[full, oracle]``) trains and evaluates only."""
+    listed = cfg.compare.variants
+    if listed:
+        return bool({"pruned", "random", "detection"} & set(listed))
+    return cfg.prune.strategy != "none" or cfg.noise.ratio > 0
+
+
+def compared_methods(cfg: JobConfig) -> list:
+    """``compare_methods(cfg)`` when the job values the data (:func:`runs_valuation`), else []."""
+    return compare_methods(cfg) if runs_valuation(cfg) else []
 
 
 def _mask_key(mask: np.ndarray) -> str:
@@ -99,7 +132,7 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
 
     cfg_s = seed_config(cfg, seed)
     variants = compare_variants(cfg)
-    methods = compare_methods(cfg_s)
+    methods = compared_methods(cfg_s)
     split, warnings = shared_split if shared_split is not None else make_split(cfg_s, dataset)
     out = SeedOutcome(seed=int(seed), split=split, warnings=list(warnings))
     is_noise = split.train.is_noise
@@ -224,82 +257,189 @@ class CompareResult:
     runs: pa.Table
 
 
+@dataclass
+class _Unit:
+    """One cell of the comparison (the whole job without a grid): its job, data and outcomes."""
+    cell: Optional[Cell]
+    cfg: JobConfig
+    dataset: object
+    shared: Optional[tuple]          # (split, warnings) shared by the seeds, or None
+    fixed_data: bool
+    outcomes: list = field(default_factory=list)
+
+    @property
+    def sub(self) -> tuple:
+        """The cell's path component(s) under ``method_values/``, ``splits/``, ``_work/``."""
+        return (self.cell.id,) if self.cell is not None else ()
+
+
+def _section_key(cfg: JobConfig, *sections: str) -> str:
+    d = cfg.to_dict()
+    return json.dumps([d[s] for s in sections], sort_keys=True, default=str)
+
+
+def _in_cell(e: Exception, cell: Optional[Cell]) -> Exception:
+    if cell is not None and e.args and isinstance(e.args[0], str):
+        e.args = (f"compare.grid cell {cell.index + 1} ({cell.label}): {e.args[0]}",) + e.args[1:]
+    return e
+
+
+def _prepare_units(cfg: JobConfig, cells: Optional[list], seeds: list, use_ray: bool) -> list:
+    """Load the data and make every split the comparison needs (checked before anything is
+    written): per cell, shared by its seeds when neither split nor noise vary with the seed;
+    cells with the same data / split / noise sections share one dataset and one split."""
+    from .errors import RecvalError
+
+    datasets: dict = {}
+    splits: dict = {}
+    units = []
+    for cell in cells if cells is not None else [None]:
+        ccfg = cell.cfg if cell is not None else cfg
+        if cell is not None and not cell.runs:
+            log.info("compare.grid cell %s (%s): none of compare.variants %s applies, skipped", cell.id,
+                     cell.label, ", ".join(cell.skipped))
+            continue
+        if cell is not None and cell.skipped:
+            log.info("compare.grid cell %s (%s): skipping variant(s) %s (they do not apply: no injected "
+                     "noise or no pruning)", cell.id, cell.label, ", ".join(cell.skipped))
+        try:
+            dkey = _section_key(ccfg, "data", "storage")
+            if dkey not in datasets:
+                datasets[dkey] = load_data(ccfg, use_ray=use_ray)
+            dataset = datasets[dkey]
+            fixed = not ({"split", "noise"} & set(ccfg.compare.vary))
+            shared = None
+            if fixed:
+                first = seed_config(ccfg, seeds[0])
+                skey = dkey + _section_key(first, "split", "noise")
+                if skey not in splits:
+                    splits[skey] = make_split(first, dataset)
+                shared = splits[skey]
+            else:  # every seed's split must be valid before anything is written
+                for s in seeds:
+                    make_split(seed_config(ccfg, s), dataset)
+        except RecvalError as e:
+            raise _in_cell(e, cell)
+        units.append(_Unit(cell, ccfg, dataset, shared, fixed))
+    return units
+
+
+def _data_info(u: _Unit, with_warnings: bool = True) -> dict:
+    split = u.outcomes[0].split
+    d = {"format": u.cfg.data.format, "users": u.dataset.n_users, "items": u.dataset.n_items,
+         "train": len(split.train), "valid": len(split.valid), "test": len(split.test),
+         "injected_noise": int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0,
+         "split_varies": not u.fixed_data}
+    if with_warnings:
+        d["warnings"] = list(u.dataset.warnings) + sorted({w for o in u.outcomes for w in o.warnings})
+    return d
+
+
+def _cell_columns(cell: Cell, numeric: list) -> dict:
+    """``cell``, one string column per grid key, ``<key>_num`` (float) for numeric keys."""
+    cols = {"cell": cell.id}
+    cols.update(cell.values)
+    for k in numeric:
+        cols[f"{k}_num"] = float(cell.overrides[k])
+    return cols
+
+
+def _with_cell_columns(table: pa.Table, cell: Cell, numeric: list) -> pa.Table:
+    n = table.num_rows
+    arrays, names = [], []
+    for name, v in _cell_columns(cell, numeric).items():
+        arrays.append(pa.array([v] * n, type=pa.float64() if isinstance(v, float) else pa.string()))
+        names.append(name)
+    return pa.Table.from_arrays(arrays + table.columns, names=names + table.column_names)
+
+
 def run_compare(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optional[str] = None,
                 overwrite: Optional[bool] = None, use_ray: bool = True,
                 address: Optional[str] = None) -> CompareResult:
-    """Run the comparison and write its outputs (``manifest.json`` last)."""
+    """Run the comparison and write its outputs (``manifest.json`` last). With
+    ``compare.grid``, every cell is a comparison of its own (see :mod:`recval_ray.grid`)."""
     from .ray_layer.output import WORK
     from .core.executor import ShardStore
+    from .errors import ConfigError
 
     check_compare(cfg, running=True)
+    cells = grid_cells(cfg) if cfg.compare.grid else None
+    for cell in cells or []:
+        try:
+            check_compare(cell.cfg, running=True)
+        except ConfigError as e:
+            raise _in_cell(e, cell)
     timings: dict = {}
     t_all = time.perf_counter()
     run_id = run_id or (f"{cfg.output.run_id}-compare" if cfg.output.run_id else f"{cfg.name}-compare")
     out, on_cluster = open_run(cfg, run_id, output_uri, overwrite, use_ray, address)
 
     seeds = list(cfg.compare.seeds)
-    variants = compare_variants(cfg)
-    labels = [label for label, _ in compare_methods(cfg)]
-    fixed_data = not ({"split", "noise"} & set(cfg.compare.vary))
     t = time.perf_counter()
-    dataset = load_data(cfg, use_ray=use_ray)
-    shared = make_split(seed_config(cfg, seeds[0]), dataset) if fixed_data else None
-    if not fixed_data:  # every seed's split must be valid before anything is written
-        for s in seeds:
-            make_split(seed_config(cfg, s), dataset)
+    units = _prepare_units(cfg, cells, seeds, use_ray)
     timings["ingest_split_s"] = time.perf_counter() - t
     out.prepare()
-    log.info("comparing %s over seeds %s (varying %s): variants %s, methods %s", cfg.model.kind, seeds,
-             ", ".join(cfg.compare.vary), ", ".join(variants), ", ".join(labels))
+    if cells is None:
+        log.info("comparing %s over seeds %s (varying %s): variants %s, methods %s", cfg.model.kind, seeds,
+                 ", ".join(cfg.compare.vary), ", ".join(compare_variants(cfg)),
+                 ", ".join(label for label, _ in compared_methods(cfg)) or "none")
+    else:
+        log.info("comparing %d cells of compare.grid (%s) over seeds %s (varying %s)", len(units),
+                 ", ".join(grid_keys(cfg.compare.grid)), seeds, ", ".join(cfg.compare.vary))
 
-    outcomes: list[SeedOutcome] = []
     work_dir = tempfile.mkdtemp(prefix=f"recval-{run_id}-")
     try:
-        for i, s in enumerate(seeds):
-            t = time.perf_counter()
-            log.info("seed %d of %d (seed %d)", i + 1, len(seeds), s)
-            outcome = compare_seed(
-                cfg, dataset, s, position=f" ({i + 1} of {len(seeds)})", shared_split=shared,
-                use_ray=use_ray, work_dir=work_dir,
-                stores=lambda label, s=s: ShardStore(out.fs, out.path(WORK, f"seed-{s}", label)),
-                base_storage=f"{out.uri}/checkpoints/seed-{s}" if on_cluster else None)
-            if i > 0:   # only the first seed's valuations are written
-                outcome.valuations = {}
-            outcomes.append(outcome)
-            timings[f"seed_{s}_s"] = time.perf_counter() - t
+        for k, u in enumerate(units):
+            if u.cell is not None:
+                log.info("cell %d of %d: %s [%s]: variants %s, methods %s", k + 1, len(units), u.cell.label,
+                         u.cell.id, ", ".join(compare_variants(u.cfg)),
+                         ", ".join(label for label, _ in compared_methods(u.cfg)) or "none")
+            cell_dir = os.path.join(work_dir, *u.sub)
+            os.makedirs(cell_dir, exist_ok=True)
+            for i, s in enumerate(seeds):
+                t = time.perf_counter()
+                log.info("seed %d of %d (seed %d)%s", i + 1, len(seeds), s,
+                         f", cell {u.cell.id}" if u.cell is not None else "")
+                position = f" ({i + 1} of {len(seeds)})" + (f" cell {u.cell.id}" if u.cell is not None else "")
+                outcome = compare_seed(
+                    u.cfg, u.dataset, s, position=position, shared_split=u.shared,
+                    use_ray=use_ray, work_dir=cell_dir,
+                    stores=lambda label, s=s, sub=u.sub: ShardStore(out.fs, out.path(WORK, *sub, f"seed-{s}", label)),
+                    base_storage="/".join([out.uri, "checkpoints", *u.sub, f"seed-{s}"]) if on_cluster else None)
+                if i > 0:   # only the first seed's valuations are written
+                    outcome.valuations = {}
+                u.outcomes.append(outcome)
+                timings[f"{u.cell.id}_seed_{s}_s" if u.cell is not None else f"seed_{s}_s"] = time.perf_counter() - t
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
-    table = comparison_table([r for o in outcomes for r in o.rows])
-    runs = pa.Table.from_pylist([r for o in outcomes for r in o.runs])
-    first = outcomes[0]
-    split = first.split
-    n_noise = int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0
-    metrics = {
-        "kind": "compare", "model": cfg.model.kind, "methods": labels, "variants": variants,
-        "seeds": seeds, "vary": list(cfg.compare.vary),
-        "std": "sample standard deviation over seeds (ddof=1); NaN with one seed",
-        "data": {"format": cfg.data.format, "users": dataset.n_users, "items": dataset.n_items,
-                 "train": len(split.train), "valid": len(split.valid), "test": len(split.test),
-                 "injected_noise": n_noise, "split_varies": not fixed_data,
-                 "warnings": list(dataset.warnings) + sorted({w for o in outcomes for w in o.warnings})},
-        "prune": {"strategy": cfg.prune.strategy, "scope": cfg.prune.scope,
-                  "fraction": cfg.prune.fraction, "count": cfg.prune.count},
-        **summarise(table, seeds),
-        "runs": runs.to_pylist(),
-        "valuation": {label: v.info for label, (v, _) in first.valuations.items()},
-    }
+    if cells is None:
+        u = units[0]
+        table = comparison_table([r for o in u.outcomes for r in o.rows])
+        runs = pa.Table.from_pylist([r for o in u.outcomes for r in o.runs])
+        metrics = {
+            "kind": "compare", "model": cfg.model.kind,
+            "methods": [label for label, _ in compared_methods(cfg)], "variants": compare_variants(cfg),
+            "seeds": seeds, "vary": list(cfg.compare.vary), "std": STD_NOTE, "data": _data_info(u),
+            "prune": _prune_info(cfg), **summarise(table, seeds), "runs": runs.to_pylist(),
+            "valuation": {label: v.info for label, (v, _) in u.outcomes[0].valuations.items()},
+        }
+    else:
+        table, runs, metrics = _grid_results(cfg, cells, units, seeds)
 
     t = time.perf_counter()
     log.info("writing outputs to %s", out.uri)
     out.write_table("comparison", table, use_ray=use_ray)
     out.write_table("comparison_runs", runs, use_ray=use_ray)
-    values_tabs = {}
-    for label, (valuation, keep) in first.valuations.items():
-        values_tabs[label] = values_table(dataset, split, valuation, keep)
-        out.write_table(f"method_values/{label}", values_tabs[label], use_ray=use_ray)
-    for name, part in split.parts().items():
-        out.write_table(f"splits/{name}", interactions_table(dataset, part), use_ray=use_ray)
+    values_tabs: dict = {}
+    for u in units:
+        first = u.outcomes[0]
+        tabs = values_tabs.setdefault(u.cell.id, {}) if u.cell is not None else values_tabs
+        for label, (valuation, keep) in first.valuations.items():
+            tabs[label] = values_table(u.dataset, first.split, valuation, keep)
+            out.write_table("/".join(["method_values", *u.sub, label]), tabs[label], use_ray=use_ray)
+        for name, part in first.split.parts().items():
+            out.write_table("/".join(["splits", *u.sub, name]), interactions_table(u.dataset, part), use_ray=use_ray)
     out.write_json("metrics.json", metrics)
     if cfg.output.report:
         from .report_builder import build_compare_report
@@ -318,6 +458,61 @@ def run_compare(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Opt
                          runs=runs)
 
 
+STD_NOTE = "sample standard deviation over seeds (ddof=1); NaN with one seed"
+
+
+def _prune_info(cfg: JobConfig) -> dict:
+    return {"strategy": cfg.prune.strategy, "scope": cfg.prune.scope, "fraction": cfg.prune.fraction,
+            "count": cfg.prune.count}
+
+
+def _grid_results(cfg: JobConfig, cells: list, units: list, seeds: list) -> tuple:
+    """(long table, runs table, metrics.json) of a grid: the cell columns on every row, the
+    summary per cell in ``cells``."""
+    keys = grid_keys(cfg.compare.grid)
+    numeric = numeric_keys(keys)
+    by_cell = {u.cell.id: u for u in units}
+    tables, run_rows, entries = [], [], []
+    methods, variants = [], []
+    for cell in cells:
+        entry = {"cell": cell.id, "index": cell.index, "label": cell.label, "overrides": cell.overrides,
+                 "values": cell.values, "skipped_variants": list(cell.skipped)}
+        u = by_cell.get(cell.id)
+        if u is None:
+            entries.append(entry | {"ran": False})
+            continue
+        t = comparison_table([r for o in u.outcomes for r in o.rows])
+        labels = [label for label, _ in compared_methods(u.cfg)]
+        cell_variants = compare_variants(u.cfg)
+        methods += [m for m in labels if m not in methods]
+        variants += [v for v in cell_variants if v not in variants]
+        entry.update({"ran": True, "model": u.cfg.model.kind, "methods": labels, "variants": cell_variants,
+                      "data": _data_info(u, with_warnings=False), "prune": _prune_info(u.cfg),
+                      **summarise(t, seeds),
+                      "valuation": {label: v.info for label, (v, _) in u.outcomes[0].valuations.items()}})
+        entries.append(entry)
+        tables.append(_with_cell_columns(t, cell, numeric))
+        cols = _cell_columns(cell, numeric)
+        run_rows += [{**cols, **r} for o in u.outcomes for r in o.runs]
+    first = units[0]
+    warnings = sorted({w for u in units for w in list(u.dataset.warnings)
+                       + [w for o in u.outcomes for w in o.warnings]})
+    metrics = {
+        "kind": "compare", "model": cfg.model.kind,
+        "models": list(dict.fromkeys(u.cfg.model.kind for u in units)),
+        "methods": methods, "variants": variants, "seeds": seeds, "vary": list(cfg.compare.vary),
+        "std": STD_NOTE,
+        "grid": {"keys": list(keys), "mode": cfg.compare.grid_mode,
+                 "values": {k: list(dict.fromkeys(c.values[k] for c in cells)) for k in keys},
+                 "numeric": numeric},
+        "data": _data_info(first, with_warnings=False) | {"warnings": warnings},
+        "prune": _prune_info(cfg),
+        "cells": entries,
+        "runs": run_rows,
+    }
+    return pa.concat_tables(tables), pa.Table.from_pylist(run_rows), metrics
+
+
 def fmt_mean_std(stats: dict, digits: int = 4) -> str:
     m, s = stats["mean"], stats["std"]
     return f"{m:.{digits}f}" + ("" if math.isnan(s) else f" +- {s:.{digits}f}")
@@ -326,6 +521,8 @@ def fmt_mean_std(stats: dict, digits: int = 4) -> str:
 def headline(result: CompareResult) -> str:
     """Terminal lines: where the outputs are, mean +- std per variant, noise detection."""
     m = result.metrics
+    if "cells" in m:
+        return _grid_headline(result)
     summary = m["summary"]
     first = next(iter(summary.values()), {})
     keys = [k for k in first if k.startswith(("recall@", "ndcg@"))][:4] or list(first)[:4]
@@ -338,4 +535,24 @@ def headline(result: CompareResult) -> str:
     for method, nd in m.get("noise_detection", {}).items():
         lines.append(f"noise detection ({method}): AUC {fmt_mean_std(nd['auc'])}, precision@"
                      f"{m['data']['injected_noise']} {fmt_mean_std(nd['precision_at_n'])}")
+    return "\n".join(lines)
+
+
+def _grid_headline(result: CompareResult) -> str:
+    m = result.metrics
+    ran = [c for c in m["cells"] if c.get("ran")]
+    first = next((st for c in ran for st in c["summary"].values()), {})
+    keys = [k for k in first if k.startswith(("recall@", "ndcg@"))][:4] or list(first)[:4]
+    w = max([len(v) for c in ran for v in c["summary"]] + [7]) + 4
+    lines = [f"comparison {result.run_id} complete: {result.uri}",
+             f"test metrics, mean +- std over seeds {m['seeds']}, per cell of compare.grid "
+             f"({', '.join(m['grid']['keys'])}, {m['grid']['mode']}):",
+             f"{'variant':<{w}}" + "".join(f"{k:>20}" for k in keys)]
+    for c in m["cells"]:
+        lines.append(f"[{c['cell']}] {c['label']}" + ("" if c.get("ran") else
+                                                       f": skipped ({', '.join(c['skipped_variants'])} do not apply)"))
+        for label, stats in c.get("summary", {}).items():
+            lines.append(f"  {label:<{w - 2}}" + "".join(f"{fmt_mean_std(stats[k]):>20}" for k in keys if k in stats))
+        for method, nd in c.get("noise_detection", {}).items():
+            lines.append(f"  noise detection ({method}): AUC {fmt_mean_std(nd['auc'])}")
     return "\n".join(lines)

@@ -152,7 +152,7 @@ class RayConfig:
 BPR_MODELS = ("mf", "lightgcn")
 
 
-CompareVariant = Literal["full", "pruned", "random", "oracle"]
+CompareVariant = Literal["full", "pruned", "random", "oracle", "detection"]
 COMPARE_VARIANTS = ("full", "pruned", "random", "oracle")
 
 
@@ -168,12 +168,48 @@ class CompareConfig:
     (empty): every one that applies (pruned and random unless ``prune.strategy: none``, the
     oracle when noise is injected). ``methods``: the valuations
     compared, the job's own ``valuation`` first; each a method name (its default options) or a
-    mapping ``{method: NAME, label: LABEL, <options>}``.
+    mapping ``{method: NAME, label: LABEL, <options>}``. The methods value the data only when
+    a listed variant needs them (``pruned``, ``random``, or ``detection``: noise detection
+    alone); by default whenever pruning or noise applies.
+    ``grid``: dotted config key -> list of values; each cell (``grid_mode`` ``product``, the
+    default, or ``zip``) is the job with those ``--set`` overrides, compared as above (see
+    :mod:`recval_ray.grid`).
     """
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     variants: list[CompareVariant] = field(default_factory=list)
     methods: list[Union[str, dict]] = field(default_factory=list)
     vary: list[Literal["train", "prune", "split", "noise"]] = field(default_factory=lambda: ["train", "prune"])
+    grid: dict = field(default_factory=dict)
+    grid_mode: Literal["product", "zip"] = "product"
+
+
+@dataclass
+class TuneConfig:
+    """``recval sweep``: a Ray Tune sweep over any keys of the job (see :mod:`recval_ray.sweep`).
+
+    ``space``: ``{dotted.key: {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} |
+    {loguniform: [lo, hi]} | {randint: [lo, hi]}}`` (randint: hi excluded, as in Tune); empty:
+    ``prune.fraction`` (strategy ``fraction``) and, with ``train.denoise.kind: pld``, its
+    ``tau`` and ``pool``. ``metric``: the validation ranking metric optimised; ``objective``:
+    ``pruned`` (the model retrained on the pruned data), ``base`` (the base model) or ``auto``
+    (``pruned`` unless ``prune.strategy: none``); ``mode``: ``max``/``min`` (default ``max``,
+    every ranking metric). ``num_samples``: repeats of the grid (samples of the random keys).
+    ``scheduler``: ``none`` or ``asha`` (per-epoch reports; ``max_t`` 0 = the most epochs + 1).
+    ``max_concurrent`` 0: the cluster's CPUs / ``trial_cpus``. ``seed``: the random sampling.
+    """
+    space: dict = field(default_factory=dict)
+    metric: str = "recall@20"
+    objective: Literal["auto", "pruned", "base"] = "auto"
+    mode: Optional[Literal["max", "min"]] = None
+    num_samples: int = 1
+    scheduler: Literal["none", "asha"] = "none"
+    grace_period: int = 10
+    reduction_factor: int = 3
+    max_t: int = 0
+    max_concurrent: int = 0
+    trial_cpus: float = 1.0
+    trial_gpus: float = 0.0
+    seed: int = 0
 
 
 @dataclass
@@ -191,6 +227,7 @@ class JobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -356,10 +393,13 @@ def validate_config(raw: dict) -> JobConfig:
     if not isinstance(raw, dict):
         raise ConfigError("the job file must hold a mapping at its top level")
     raw = copy.deepcopy(raw)
+    source = copy.deepcopy(raw)
     model_raw, val_raw = raw.pop("model", None), raw.pop("valuation", None)
     cfg = build_dataclass(JobConfig, raw)
     cfg.model = _registered_section(model_raw, MODELS, "kind", "mf", "model")
     cfg.valuation = _registered_section(val_raw, VALUERS, "method", "small-loss", "valuation")
+    # what the job was built from: the cells of compare.grid are --set overrides of it
+    cfg.__dict__["_source"] = (source, cfg.to_dict())
     check_semantics(cfg)
     return cfg
 
@@ -423,6 +463,8 @@ def check_semantics(cfg: JobConfig) -> None:
                           f"not {cfg.valuation.method!r}")
     _check_valuation(cfg.valuation)
     check_compare(cfg)
+    from .sweep import check_tune   # the tune: section (recval sweep); recval run ignores it
+    check_tune(cfg)
 
 
 def _check_valuation(opts, key: str = "valuation") -> None:
@@ -488,8 +530,13 @@ def check_compare(cfg: JobConfig, running: bool = False) -> None:
         raise ConfigError("compare.vary: needs at least one of train, prune, split, noise "
                           "(with none, every seed would repeat the same run)")
     variants = c.variants
-    if "oracle" in variants and cfg.noise.ratio <= 0:
-        raise ConfigError("compare.variants: 'oracle' needs injected noise (noise.ratio > 0)")
+    if c.grid:   # every cell valid; variants are checked per cell (skipped where they do not apply)
+        from .grid import grid_cells
+        grid_cells(cfg)
+        variants = []
+    for v in ("oracle", "detection"):
+        if v in variants and cfg.noise.ratio <= 0:
+            raise ConfigError(f"compare.variants: '{v}' needs injected noise (noise.ratio > 0)")
     if cfg.prune.strategy == "none" and ({"pruned", "random"} & set(variants)):
         raise ConfigError("compare.variants: 'pruned' and 'random' need a prune strategy "
                           "(prune.strategy is 'none')")

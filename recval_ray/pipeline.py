@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -59,13 +59,23 @@ def make_split(cfg: JobConfig, dataset: Dataset) -> tuple[Split, list[str]]:
 
 
 def train(cfg: JobConfig, train_part: Interactions, valid: Interactions, *, tag: str,
-          checkpoint_dir: Optional[str] = None, storage_path: Optional[str] = None) -> TrainResult:
+          checkpoint_dir: Optional[str] = None, storage_path: Optional[str] = None,
+          on_epoch: Optional[Callable] = None) -> TrainResult:
     """Train ``model.kind`` on ``train_part``: in-process, or on Ray Train when asked for
-    (``storage_path``: where Ray Train keeps its per-epoch checkpoints, e.g. the run's storage)."""
+    (``storage_path``: where Ray Train keeps its per-epoch checkpoints, e.g. the run's storage).
+    ``on_epoch(record, task)``: the trainer's per-epoch hook (in-process training only; Tune
+    trials report there)."""
     if cfg.train.workers > 0 or cfg.train.use_gpu:
+        if on_epoch is not None:
+            raise ValueError("train: on_epoch needs in-process training (train.workers 0, no use_gpu)")
         from .ray_layer.train import train_with_ray
         return train_with_ray(cfg, train_part, valid, tag=tag, checkpoint_dir=checkpoint_dir,
                               storage_path=storage_path)
+    if on_epoch is not None:
+        from .core.train import build_task, fit
+        return fit(build_task(cfg.model, train_part, cfg.train), cfg.train, valid=valid, exclude=[train_part],
+                   eval_cfg=cfg.evaluate, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch,
+                   log_prefix=f"[{tag}] ")
     return train_model(cfg.model, train_part, cfg.train, valid=valid, eval_cfg=cfg.evaluate,
                        checkpoint_dir=checkpoint_dir, log_prefix=f"[{tag}] ")
 
@@ -171,15 +181,15 @@ def prune_masks(cfg: JobConfig, split: Split, valuation: Valuation,
 
 
 def retrain_and_evaluate(cfg: JobConfig, split: Split, mask: np.ndarray, *, tag: str,
-                         target: Optional[Split] = None, extra_exclude: Optional[list] = None
-                         ) -> tuple[dict, TrainResult]:
+                         target: Optional[Split] = None, extra_exclude: Optional[list] = None,
+                         on_epoch: Optional[Callable] = None) -> tuple[dict, TrainResult]:
     """Train on the training rows ``mask`` keeps (selecting on validation) and evaluate on the
     test part of ``target`` (default ``split``). Excluded items stay the full training set and
     the validation set (plus ``extra_exclude``), so every variant is ranked against the same
     candidates; context models
     read the kept rows (+ validation) as the users' histories."""
     kept = split.train.take(mask)
-    res = train(cfg, kept, split.valid, tag=tag)
+    res = train(cfg, kept, split.valid, tag=tag, on_epoch=on_epoch)
     metrics = evaluate_ranking(res.model, target if target is not None else split, cfg.evaluate, "test",
                                exclude=[split.train, split.valid] + list(extra_exclude or []),
                                context=[kept, split.valid])

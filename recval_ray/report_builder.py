@@ -181,7 +181,11 @@ def entity_section(rep, valuation, metrics: dict) -> None:
 def build_compare_report(cfg, run_id: str, metrics: dict, values: dict) -> str:
     """``recval compare``: test metrics per variant (mean +- std over seeds), relative
     differences to the full model, one bar chart per metric, noise detection per method, and
-    the first seed's value distributions and ROC curves."""
+    the first seed's value distributions and ROC curves. A ``compare.grid``: see
+    :mod:`recval_ray.report_grid` (``values``: cell id -> label -> table)."""
+    if "cells" in metrics:
+        from .report_grid import build_compare_grid_report
+        return build_compare_grid_report(cfg, run_id, metrics, values, _fmt_setting(cfg))
     seeds = metrics["seeds"]
     rep = Report(f"recval comparison {run_id}",
                  f"{cfg.model.kind}: full vs pruned vs random vs oracle over {len(seeds)} seed(s)")
@@ -249,3 +253,96 @@ def build_compare_report(cfg, run_id: str, metrics: dict, values: dict) -> str:
             "best_valid", "seconds"]
     rep.table(metrics.get("runs", []), cols)
     return rep.html()
+
+
+def build_sweep_report(cfg, run_id: str, metrics: dict, rows: list, dims: list) -> str:
+    """``recval sweep``: the best trial, the trials sorted by the validation objective, the
+    objective against each swept key, and a heat map of the best objective when exactly two
+    keys are swept. Test metrics are shown, never used to choose."""
+    from .sweep import fmt_value
+
+    col, metric, mode = metrics["objective_column"], metrics["metric"], metrics["mode"]
+    sign = 1.0 if mode == "max" else -1.0
+    pick = max if mode == "max" else min
+    keys = [d.key for d in dims]
+    rep = Report(f"recval sweep {run_id}",
+                 f"{cfg.model.kind}: {len(rows)} trials over {', '.join(keys)}; objective: validation "
+                 f"{metric} of the {metrics['objective']} model ({mode})")
+    rep.key_values(_fmt_setting(cfg) | {
+        "space": "; ".join(f"{k}: {kind} {vals}" for k, spec in metrics["space"].items()
+                           for kind, vals in spec.items()),
+        "objective": f"{metrics['objective']} model, validation {metric} ({mode})",
+        "scheduler": metrics["scheduler"], "samples": metrics["num_samples"],
+        "trials": ", ".join(f"{n} {s}" for s, n in metrics["summary"]["status"].items())}
+        | {k: v for k, v in metrics["data"].items() if k != "warnings"})
+    for w in metrics["data"].get("warnings", []):
+        rep.paragraph(f"Warning: {w}")
+    best = metrics["best"]
+    rep.heading("Best trial (chosen on validation)")
+    rep.key_values({"trial": best["trial"],
+                    **{k: fmt_value(v) for k, v in best["overrides"].items()},
+                    f"validation {metric}": best["valid"][metric],
+                    **{f"test {k}": v for k, v in best["test"].items()}})
+    best_test = metrics.get("best_run", {}).get("test", {})
+    if best_test:
+        names = list(next(iter(best_test.values())))
+        rep.table([{"model": tag, **m} for tag, m in best_test.items()], ["model"] + names,
+                  caption="the best configuration run through the pipeline (best/): test metrics")
+
+    rep.heading("Trials (sorted by the validation objective)")
+    done = [r for r in rows if r["status"] == "complete" and np.isfinite(r[col])]
+    other = [r for r in rows if r not in done]
+    ordered = sorted(done, key=lambda r: -sign * r[col]) + other
+    test_cols = [k for k in (rows[0] if rows else {}) if k.startswith("test_")]
+    cols = ["trial"] + keys + [col] + test_cols + ["status", "seconds"]
+    rep.table([{c: (fmt_value(r[c]) if c in keys else r.get(c)) for c in cols} for r in ordered], cols,
+              highlight_best={col: mode}, caption="test metrics are reported, never used to choose")
+
+    rep.heading(f"Validation {metric} against each swept key")
+    for d in dims:
+        vals = [r[d.key] for r in done]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
+        if not done:
+            break
+        if numeric:
+            x = np.array(vals, dtype=float)
+            y = np.array([r[col] for r in done], dtype=float)
+            logx = bool(d.kind == "loguniform" or (x.min() > 0 and x.max() / x.min() >= 20))
+            if d.kind in ("grid", "choice"):
+                xs = np.array(sorted(set(x.tolist())))
+                series = {"best over the other keys": (xs, np.array([pick(y[x == v]) for v in xs]))}
+                if len(dims) == 2:
+                    other_key = next(o for o in dims if o.key != d.key)
+                    for ov in other_key.values:
+                        sel = np.array([r[other_key.key] == ov for r in done])
+                        if sel.any():
+                            order = np.argsort(x[sel])
+                            series[f"{other_key.key}={fmt_value(ov)}"] = (x[sel][order], y[sel][order])
+                rep.line_plot(series, title=f"validation {metric} vs {d.key}", xlabel=d.key,
+                              ylabel=f"validation {metric}", logx=logx)
+            else:
+                rep.scatter(x, y, title=f"validation {metric} vs {d.key}", xlabel=d.key,
+                            ylabel=f"validation {metric}", logx=logx)
+        else:
+            labels = sorted({fmt_value(v) for v in vals})
+            rep.bar_chart(labels, [pick([r[col] for r in done if fmt_value(r[d.key]) == lab]) for lab in labels],
+                          title=f"best validation {metric} per {d.key}", xlabel=d.key)
+    if len(dims) == 2 and done:
+        a, b = dims
+        av = sorted({fmt_value(r[a.key]): r[a.key] for r in done}.items(), key=lambda kv: _sort_key(kv[1]))
+        bv = sorted({fmt_value(r[b.key]): r[b.key] for r in done}.items(), key=lambda kv: _sort_key(kv[1]))
+        if len(av) <= 30 and len(bv) <= 30:
+            m = np.full((len(av), len(bv)), np.nan)
+            for i, (sa, _) in enumerate(av):
+                for j, (sb, _) in enumerate(bv):
+                    cell = [r[col] for r in done if fmt_value(r[a.key]) == sa and fmt_value(r[b.key]) == sb]
+                    if cell:
+                        m[i, j] = pick(cell)
+            rep.heatmap(m, [s for s, _ in av], [s for s, _ in bv],
+                        title=f"validation {metric} ({'best' if mode == 'max' else 'lowest'} per cell)",
+                        xlabel=b.key, ylabel=a.key, value_format="{:.4f}")
+    return rep.html()
+
+
+def _sort_key(v):
+    return (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))

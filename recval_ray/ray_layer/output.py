@@ -40,14 +40,16 @@ class RunOutput:
             raise OutputExistsError(f"a complete run exists at {self.uri} (manifest.json present); "
                                     f"pass --overwrite to replace it or --run-id to write elsewhere")
 
-    def prepare(self) -> None:
+    def prepare(self, keep: tuple = ()) -> None:
         """Remove any earlier (complete or incomplete) content of this run, except the
-        resumable work of an incomplete one (``_work/``, see :meth:`work_store`)."""
+        resumable work of an incomplete one (``_work/``, see :meth:`work_store`) and the
+        top-level entries named in ``keep`` (e.g. a sweep's ``_tune/``, kept in any case)."""
         import pyarrow.fs as pafs
         if rfs.exists(self.fs, self.root):
-            keep = not self.is_complete()
+            keep_work = not self.is_complete()
             for info in self.fs.get_file_info(pafs.FileSelector(self.root)):
-                if keep and posixpath.basename(info.path) == WORK:
+                name = posixpath.basename(info.path)
+                if (keep_work and name == WORK) or name in keep:
                     continue
                 if info.type == pafs.FileType.Directory:
                     self.fs.delete_dir(info.path)

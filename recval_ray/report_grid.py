@@ -1,0 +1,129 @@
+"""The report of a ``recval compare`` over a ``compare.grid`` (see :mod:`recval_ray.grid`).
+
+One table of every cell x variant (mean +- std over seeds per metric of the job), the relative
+differences to each cell's ``full``, and for every numeric grid key (e.g. ``noise.ratio``) a
+line plot of each metric against it: one line per combination of the other keys' values, for
+variant ``full`` (or the first variant when ``full`` is not compared). The report's line plot
+has no error bars: the lines are means, the table gives the std. Then noise detection per
+cell, the first cell's value distributions and the training runs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .report import Report, roc_curve
+
+
+def _cell(st: dict) -> str:
+    return f"{st['mean']:.4f}" + ("" if st["std"] != st["std"] else f" \u00b1 {st['std']:.4f}")
+
+
+def _rel(st: dict) -> str:
+    return f"{100 * st['mean']:+.2f}%" + ("" if st["std"] != st["std"] else f" \u00b1 {100 * st['std']:.2f}")
+
+
+def grid_lines(metrics: dict, key: str, metric: str, variant: str) -> dict:
+    """``{series name: (x, mean)}``: ``metric`` of ``variant`` against the numeric grid key
+    ``key``, one series per combination of the other keys' values (in cell order), points
+    sorted by x."""
+    others = [k for k in metrics["grid"]["keys"] if k != key]
+    series: dict = {}
+    for c in metrics["cells"]:
+        st = c.get("summary", {}).get(variant, {}).get(metric)
+        if st is None:
+            continue
+        name = ", ".join(f"{k}={c['values'][k]}" for k in others) or variant
+        series.setdefault(name, []).append((float(c["overrides"][key]), st["mean"]))
+    out = {}
+    for name, pts in series.items():
+        pts.sort()
+        out[name] = (np.array([p[0] for p in pts]), np.array([p[1] for p in pts]))
+    return out
+
+
+def build_compare_grid_report(cfg, run_id: str, metrics: dict, values: dict, setting: dict) -> str:
+    seeds = metrics["seeds"]
+    grid = metrics["grid"]
+    keys = grid["keys"]
+    cells = metrics["cells"]
+    ran = [c for c in cells if c.get("ran")]
+    rep = Report(f"recval comparison {run_id}",
+                 f"{', '.join(metrics.get('models', [cfg.model.kind]))}: a grid of {len(cells)} configurations "
+                 f"({', '.join(keys)}) over {len(seeds)} seed(s)")
+    setting = dict(setting)
+    for name, root in (("data", "data"), ("split", "split"), ("noise ratio", "noise"), ("model", "model"),
+                       ("valuation", "valuation"), ("prune", "prune")):
+        if name in setting and any(k.split(".")[0] == root for k in keys):
+            setting[name] = f"{setting[name]} (the job's; the grid changes it)"
+    rep.key_values(setting | {
+        "grid": "; ".join(f"{k}: {', '.join(v)}" for k, v in grid["values"].items()),
+        "grid mode": grid["mode"], "cells": len(cells),
+        "seeds": ", ".join(map(str, seeds)), "seeds vary": ", ".join(metrics["vary"]),
+        "methods": ", ".join(metrics["methods"]) or "none (no valuation)",
+        "variants": ", ".join(metrics["variants"])}
+        | {k: v for k, v in metrics["data"].items() if k != "warnings"})
+    for w in metrics["data"].get("warnings", []):
+        rep.paragraph(f"Warning: {w}")
+    rep.paragraph("Each cell is the job with the overrides of its grid values (as --set), compared over "
+                  "the seeds. full: the model on all (noisy) training data; pruned:M / random:M: retrained "
+                  "without what method M prunes / as many random interactions; oracle: retrained without "
+                  "the injected noise. Every model selected on validation, evaluated on test; mean \u00b1 "
+                  "sample standard deviation over seeds.")
+    skipped = [c for c in cells if c["skipped_variants"]]
+    for c in skipped:
+        rep.paragraph(f"Cell {c['label']}: variant(s) {', '.join(c['skipped_variants'])} skipped (they do not "
+                      f"apply to it)" + ("" if c.get("ran") else "; nothing else to run, the cell is skipped"))
+
+    first = next((st for c in ran for st in c["summary"].values()), {})
+    names = list(first)
+    rep.heading("Test metrics per cell (mean \u00b1 std over seeds)")
+    rows = [{"cell": c["cell"], **c["values"], "variant": label, **{k: _cell(st[k]) for k in names if k in st}}
+            for c in ran for label, st in c["summary"].items()]
+    rep.table(rows, ["cell"] + keys + ["variant"] + names)
+    rel_rows = [{"cell": c["cell"], **c["values"], "variant": label, **{k: _rel(st[k]) for k in names if k in st}}
+                for c in ran for label, st in c.get("relative_to_full", {}).items()]
+    if rel_rows:
+        rep.table(rel_rows, ["cell"] + keys + ["variant"] + names,
+                  caption="relative difference to the cell's full model, paired by seed (%)")
+
+    plotted = [k for k in grid["numeric"] if len(grid["values"][k]) > 1]
+    variant = "full" if "full" in metrics["variants"] else (metrics["variants"] or ["full"])[0]
+    for key in plotted:
+        rep.heading(f"Test metrics against {key} ({variant}, mean over seeds)")
+        for metric in names:
+            rep.line_plot(grid_lines(metrics, key, metric, variant),
+                          title=f"test {metric} vs {key} ({variant}, mean over {len(seeds)} seeds)",
+                          xlabel=key, ylabel=metric)
+
+    nd_rows = [{"cell": c["cell"], **c["values"], "method": m, "AUC of -value": _cell(st["auc"]),
+                "precision@n_noise": _cell(st["precision_at_n"])}
+               for c in ran for m, st in c.get("noise_detection", {}).items()]
+    if nd_rows:
+        rep.heading("Noise detection")
+        rep.table(nd_rows, caption="per cell and method, mean \u00b1 std over seeds (precision among the "
+                                   "n_noise lowest values)")
+    first_cell = next((c for c in ran if values.get(c["cell"])), None)
+    if first_cell is not None:
+        rep.heading(f"Value distributions (cell {first_cell['label']}, seed {seeds[0]})")
+        curves = {}
+        for label, tab in values[first_cell["cell"]].items():
+            v = tab.column("value").to_numpy(zero_copy_only=False)
+            if "is_noise" in tab.column_names:
+                noise = tab.column("is_noise").to_numpy(zero_copy_only=False).astype(bool)
+                rep.histogram({"clean": v[~noise], "injected noise": v[noise]}, title=f"{label} values by is_noise",
+                              xlabel="value (higher = more useful)")
+                ok = ~np.isnan(v)
+                if noise[ok].any() and (~noise[ok]).any():
+                    fpr, tpr, auc = roc_curve(-v[ok], noise[ok])
+                    curves[f"{label} (AUC {auc:.3f})"] = (fpr, tpr)
+            else:
+                rep.histogram({"all": v}, title=f"{label} values", xlabel="value (higher = more useful)")
+        if curves:
+            curves["chance"] = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+            rep.line_plot(curves, title="noise detection ROC (score = -value)", xlabel="false positive rate",
+                          ylabel="true positive rate", markers=False)
+    rep.heading("Training runs")
+    cols = ["cell", "seed", "variant", "method", "n_train", "dropped", "noise_dropped", "best_epoch",
+            "epochs_run", "best_valid", "seconds"]
+    rep.table(metrics.get("runs", []), cols)
+    return rep.html()
