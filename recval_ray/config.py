@@ -64,9 +64,10 @@ class DataConfig:
 @dataclass
 class SplitConfig:
     """``random``: interactions at random; ``user-ratio``: within each user;
-    ``leave-last``: each user's last ``n_test`` (and ``n_valid``) by timestamp;
-    ``given``: the input's own split (LightGCN / Amazon files)."""
-    kind: Literal["random", "user-ratio", "leave-last", "given"] = "user-ratio"
+    ``user-time-ratio``: within each user by time (the last ``ratios[-1]`` to test, the
+    ``ratios[1]`` before them to valid); ``leave-last``: each user's last ``n_test`` (and
+    ``n_valid``) by timestamp; ``given``: the input's own split (LightGCN / Amazon files)."""
+    kind: Literal["random", "user-ratio", "user-time-ratio", "leave-last", "given"] = "user-ratio"
     ratios: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
     rounding: Literal["half-up", "floor"] = "half-up"
     n_valid: int = 1
@@ -419,7 +420,7 @@ def check_semantics(cfg: JobConfig) -> None:
     if cfg.data.format != "synthetic" and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.format {cfg.data.format!r}")
     r = cfg.split.ratios
-    if cfg.split.kind in ("random", "user-ratio"):
+    if cfg.split.kind in ("random", "user-ratio", "user-time-ratio"):
         if len(r) not in (2, 3) or any(x < 0 for x in r) or abs(sum(r) - 1) > 1e-6:
             raise ConfigError(f"split.ratios: {r} must be 2 or 3 non-negative fractions summing to 1")
     if not 0 <= cfg.noise.ratio <= 10:
@@ -462,6 +463,9 @@ def check_semantics(cfg: JobConfig) -> None:
         raise ConfigError(f"prune.scope: entity needs an entity-level valuation (deletion), "
                           f"not {cfg.valuation.method!r}")
     _check_valuation(cfg.valuation)
+    if cfg.valuation.method == "tracin" and (cfg.model.kind != "lstm" or cfg.train.workers > 0 or cfg.train.use_gpu):
+        raise ConfigError("valuation.method tracin needs model.kind lstm trained in-process (train.workers: 0, "
+                          "train.use_gpu: false): it reads the per-epoch checkpoints")
     check_compare(cfg)
     from .sweep import check_tune   # the tune: section (recval sweep); recval run ignores it
     check_tune(cfg)

@@ -53,6 +53,8 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
         entity_section(rep, valuation, metrics)
     if "explainer" in valuation.info:
         explainer_section(rep, valuation)
+    if valuation.info.get("tracin"):
+        tracin_section(rep, valuation, metrics)
     if "loss_overlap" in valuation.info and "loss_z" in values.column_names:
         loss_overlap_section(rep, values, valuation.info["loss_overlap"])
 
@@ -129,6 +131,83 @@ def explainer_section(rep, valuation) -> None:
                     title=f"explainer vs reference Shapley values ({ref.get('users')} users)",
                     xlabel="reference value (exact or permutation sampling)", ylabel="explainer value",
                     groups=np.where(noise, "injected noise", "clean") if noise.any() else None)
+
+
+def tracin_section(rep, valuation, metrics: dict) -> None:
+    """TracIn (seed 004): settings, value and self-influence distributions, the proponents and
+    opponents of the query items (the write-up's table), the opponent-removal experiment."""
+    info = valuation.info
+    rep.heading("TracIn: influence on the validation loss")
+    kv = {"variant": info.get("variant"), "checkpoints (epochs)": ", ".join(map(str, info.get("checkpoint_epochs", []))),
+          "learning rates": ", ".join(f"{x:g}" for x in info.get("checkpoint_lrs", [])),
+          "selected epoch": info.get("selected_epoch"), "window": info.get("window"),
+          "training examples valued": info.get("training_examples"),
+          "validation examples": info.get("validation_examples"),
+          "first interactions (not valued)": info.get("first_interactions_not_valued"),
+          "proponents (value > 0) / opponents (< 0)": f"{info.get('positive_values')} / {info.get('negative_values')}",
+          "scored on": info.get("scored_on"), "scoring (s)": info.get("scoring_seconds")}
+    pc = info.get("projection_check")
+    if pc:
+        kv[f"random projection (d = {pc['projection_dim']}) vs exact, {pc['sample']} examples"] = (
+            f"Pearson {pc['pearson_value']:.3f} / Spearman {pc['spearman_value']:.3f} (values), "
+            f"Pearson {pc['pearson_queries']:.3f} (query scores), {pc['pearson_self_influence']:.3f} (self-influence)")
+    rep.key_values(kv)
+    rep.paragraph("value = sum over checkpoints of lr x grad loss(training example) . grad(total validation loss): "
+                  "positive = proponent (a step on it lowers the validation loss), negative = opponent.")
+    si = np.asarray(valuation.columns.get("self_influence", []), float)
+    if si.size:
+        ok = np.isfinite(si) & (si > 0)
+        rep.histogram({"training examples": np.log10(si[ok])}, title="self-influence",
+                      xlabel="log10 self-influence")
+        v = np.asarray(valuation.values, float)
+        both = ok & np.isfinite(v)
+        if both.any():
+            idx = np.flatnonzero(both)
+            if len(idx) > 5000:
+                idx = idx[np.linspace(0, len(idx) - 1, 5000).astype(int)]
+            rep.scatter(si[idx], v[idx], title="value vs self-influence (up to 5,000 examples)",
+                        xlabel="self-influence", ylabel="value (influence on validation loss)", logx=True)
+    q = valuation.tables.get("tracin_queries")
+    if q and len(q["kind"]):
+        rep.heading("Proponents and opponents of query items", level=3)
+        items = list(dict.fromkeys(q["query_title"]))
+        rows = []
+        for t in items:
+            sel = [i for i, x in enumerate(q["query_title"]) if x == t]
+            n_ex = q["query_examples"][sel[0]]
+            pro = [q["title"][i] for i in sel if q["kind"][i] == "proponent"][:2]
+            opp = [q["title"][i] for i in sel if q["kind"][i] == "opponent"][:2]
+            rows.append({"query item": f"{t} ({n_ex} examples)", "top 2 proponents": ", ".join(pro),
+                         "top 2 opponents": ", ".join(opp)})
+        rep.table(rows, ["query item", "top 2 proponents", "top 2 opponents"],
+                  caption=f"target items of the training examples with the highest / lowest TracIn score on the "
+                          f"query's {info.get('queries', {}).get('split', 'test')} examples (as the write-up's table)")
+        full = [{k: q[k][i] for k in ("query_title", "kind", "rank", "user_id", "title", "score")}
+                for i in range(len(q["kind"])) if q["rank"][i] <= 5]
+        rep.table(full, ["query_title", "kind", "rank", "user_id", "title", "score"],
+                  caption="top 5 proponents and opponents per query (training example = user's interaction with title)",
+                  number_format="{:.4g}")
+    rem = info.get("removal")
+    if rem:
+        rep.heading(f"Removal experiment: retrained without the {rem['n']} strongest opponents", level=3)
+        summ = rem["summary"]
+        names = list(next(iter(summ.values())))
+        head = [n for n in names if n in ("next:mrr", "next:recall@10")] + \
+            [n for n in names if n not in ("next:mrr", "next:recall@10")]
+        rows = []
+        for variant, m in summ.items():
+            row = {"train data": variant.replace("_", " ")}
+            for n in head:
+                row[n] = f"{m[n]['mean']:.4f} +- {m[n]['std']:.4f}"
+            rows.append(row)
+        rep.table(rows, ["train data"] + head,
+                  caption=f"test split, mean +- std over seeds {rem['seeds']} (opponents selected on validation; "
+                          f"next: each test interaction from its preceding items; user: the job's ranking metrics)")
+        rel = rem.get("relative_to_original", {})
+        rep.table([{"vs original": v.replace("_", " "),
+                    **{n: f"{100 * r[n]['mean']:+.2f}% +- {100 * r[n]['std']:.2f}" for n in head}}
+                   for v, r in rel.items()], ["vs original"] + head,
+                  caption="relative difference to the original data, paired by seed (mean +- std)")
 
 
 def entity_section(rep, valuation, metrics: dict) -> None:

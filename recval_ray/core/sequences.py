@@ -9,6 +9,9 @@ that order user ``u``'s items form a sequence ``s_u = (i_0, i_1, ..., i_{n_u - 1
   filled with ``PAD``. ``rows`` is the target's row in the training :class:`Interactions`,
   so per-example losses map back to training interactions (a user's first interaction is
   never a target).
+* :func:`held_out_windows` makes the same examples for the rows of a held-out part, the
+  histories read from the union of the parts up to it (validation: train + valid; test:
+  train + valid + test), so a held-out next-item loss sees the true preceding sequence.
 * :func:`last_windows` gives, per user, the last ``W`` items of the union of the given parts
   (the context a model scores from: train for validation, train + valid for test), padded
   the same way; a user without any interaction gets a row of ``PAD``.
@@ -109,3 +112,28 @@ def last_windows(parts: Sequence[Interactions], n_users: int, window: int) -> np
         raise ValueError(f"last_windows: user index {len(counts) - 1} >= n_users {n_users}")
     ends = np.cumsum(counts)
     return _gather_windows(seq, ends, ends - counts, int(window), pad_index(n_items))
+
+
+def held_out_windows(parts: Sequence[Interactions], window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Next-item examples whose targets are the rows of ``parts[-1]``, with histories over the
+    union of ``parts`` in time order (ties: earlier part first, then row order), e.g.
+    ``[train, valid]`` for validation examples, ``[train, valid, test]`` for test ones.
+
+    Returns ``(histories [N, window], targets [N], rows [N])``, ``rows`` indexing
+    ``parts[-1]``; a held-out row that is its user's first interaction overall has no
+    history and gives no example.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("held_out_windows needs at least one part")
+    n_users, n_items = parts[0].n_users, parts[0].n_items
+    for p in parts:
+        _check(p, window, "held_out_windows")
+        if (p.n_users, p.n_items) != (n_users, n_items):
+            raise ValueError("held_out_windows: parts over different index spaces")
+    union = Interactions(np.concatenate([p.user for p in parts]), np.concatenate([p.item for p in parts]),
+                         n_users, n_items, timestamp=np.concatenate([np.asarray(p.timestamp) for p in parts]))
+    hist, target, rows = build_windows(union, window)
+    offset = len(union) - len(parts[-1])
+    sel = rows >= offset
+    return hist[sel], target[sel], rows[sel] - offset

@@ -24,6 +24,11 @@ error such as ``0.1 * 5``):
   items until one train item remains. E.g. ``n_u`` = 1, 2 -> all train; 3 -> 2/0/1;
   5 -> 3/1/1; 10 -> 7/1/2. ``split.rounding: floor`` uses ``floor`` instead (RecBole's
   per-user ratio split: on ML-100K 80/10/10 gives 80,808 / 9,596 / 9,596).
+* ``user-time-ratio`` (the TracIn write-up's sequential protocol): the ``user-ratio``
+  per-user counts (same rounding, same give-back so one train item remains), but taken in
+  time order instead of at random: per user ordered by timestamp (equal timestamps: later
+  row is later), the last ``n_test`` rows to test, the ``n_valid`` before them to valid,
+  the earlier ones train. No randomness (``seed`` unused). E.g. ML-100K 80/10/10.
 * ``leave-last``: per user ordered by timestamp (equal timestamps: later row is later),
   the last ``n_test`` rows to test, the ``n_valid`` before them to valid. A user with
   ``n_u <= n_test + n_valid`` (who would be left without a train item) keeps everything
@@ -129,7 +134,9 @@ def _random_split(inter: Interactions, cfg: SplitConfig) -> np.ndarray:
     return part
 
 
-def _user_ratio_split(inter: Interactions, cfg: SplitConfig) -> np.ndarray:
+def _ratio_counts(inter: Interactions, cfg: SplitConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user ``(n_valid, n_test)`` of the ratio splits: rounded, then valid and test give
+    back items until one train item remains."""
     _, r_valid, r_test = _check_ratios(cfg.ratios)
     n_u = inter.user_counts().astype(np.int64)
     rnd = _round_half_up if cfg.rounding == "half-up" else \
@@ -138,11 +145,30 @@ def _user_ratio_split(inter: Interactions, cfg: SplitConfig) -> np.ndarray:
     n_valid = rnd(r_valid * n_u)
     excess = np.maximum(n_test + n_valid - np.maximum(n_u - 1, 0), 0)
     take_v = np.minimum(excess, n_valid)
-    n_valid = n_valid - take_v
-    n_test = n_test - (excess - take_v)
+    return n_valid - take_v, n_test - (excess - take_v)
+
+
+def _user_ratio_split(inter: Interactions, cfg: SplitConfig) -> np.ndarray:
+    n_valid, n_test = _ratio_counts(inter, cfg)
     code = _carve_per_user(inter.user, _row_keys(inter, cfg.seed), inter.n_users, n_test, n_valid)
     # _carve_per_user codes: 1 = first slice (test), 2 = second (valid), 0 = train
     return np.choose(code, [TRAIN, TEST, VALID]).astype(np.int8)
+
+
+def _user_time_ratio_split(inter: Interactions, cfg: SplitConfig) -> np.ndarray:
+    if inter.timestamp is None:
+        raise ValueError("split.kind 'user-time-ratio' needs timestamps, but the interactions have "
+                         "none; set data.columns.timestamp, or use split.kind 'user-ratio'")
+    n_valid, n_test = _ratio_counts(inter, cfg)
+    n = len(inter)
+    order = np.lexsort((np.arange(n), inter.timestamp, inter.user))
+    su = inter.user[order]
+    from_end = inter.user_counts().astype(np.int64)[su] - 1 - _group_rank(su, inter.n_users)
+    part_sorted = np.where(from_end < n_test[su], TEST,
+                           np.where(from_end < n_test[su] + n_valid[su], VALID, TRAIN)).astype(np.int8)
+    part = np.empty(n, dtype=np.int8)
+    part[order] = part_sorted
+    return part
 
 
 def _leave_last_split(inter: Interactions, cfg: SplitConfig) -> np.ndarray:
@@ -205,13 +231,15 @@ def split_interactions(inter: Interactions, cfg: SplitConfig,
         part = _random_split(inter, cfg)
     elif kind == "user-ratio":
         part = _user_ratio_split(inter, cfg)
+    elif kind == "user-time-ratio":
+        part = _user_time_ratio_split(inter, cfg)
     elif kind == "leave-last":
         part = _leave_last_split(inter, cfg)
     elif kind == "given":
         part = _given_split(inter, cfg, given_split)
     else:
         raise ValueError(f"split.kind: unknown kind {kind!r} "
-                         "(expected random, user-ratio, leave-last or given)")
+                         "(expected random, user-ratio, user-time-ratio, leave-last or given)")
     return _parts(inter, part)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -111,6 +112,23 @@ class NextItemTask(Task):
         self.rows = torch.as_tensor(rows, device=dev)
         self.n_examples = len(rows)
         model.set_context([train])
+
+    def restrict_targets(self, keep_rows: np.ndarray) -> int:
+        """Keep only the examples whose target training row is in ``keep_rows`` (a boolean
+        mask over the training rows, or row indices): the dropped interactions are no longer
+        predicted, but stay in the other examples' histories and in the scoring context (the
+        TracIn write-up's "training sequences removed"). Returns the number of examples kept."""
+        keep_rows = np.asarray(keep_rows)
+        if keep_rows.dtype != bool:
+            mask = np.zeros(self.n_train, dtype=bool)
+            mask[keep_rows.astype(np.int64)] = True
+            keep_rows = mask
+        if keep_rows.shape != (self.n_train,):
+            raise ValueError(f"restrict_targets: mask of shape {keep_rows.shape}, expected ({self.n_train},)")
+        sel = torch.as_tensor(keep_rows, device=self.rows.device)[self.rows]
+        self.hist, self.target, self.rows = self.hist[sel], self.target[sel], self.rows[sel]
+        self.n_examples = int(len(self.rows))
+        return self.n_examples
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterator[dict]:
         perm = torch.randperm(self.n_examples, generator=generator).to(self.device)
