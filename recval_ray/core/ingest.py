@@ -59,16 +59,17 @@ def load_dataset(cfg: DataConfig, storage=None) -> Dataset:
     fs, path = resolve(cfg.path, getattr(storage, "endpoint_url", None), getattr(storage, "region", None))
     tables = [(f, parse_file(read_bytes(fs, f), f, cfg, part)) for f, part in data_files(fs, path, cfg.format)]
     ds = build_dataset(tables, cfg)
-    if cfg.format == "movielens-100k":
+    if cfg.format in ("movielens-100k", "movielens-1m"):
         attach_titles(ds, load_item_titles(path, fs))
     return ds
 
 
 def load_item_titles(path: str, fs=None) -> Optional[pa.Table]:
-    """MovieLens ``u.item`` (latin-1, ``|``-separated ``id|title|...``) next to ``path``.
+    """MovieLens item titles next to ``path``: ML-100K's ``u.item`` (latin-1, ``|``-separated
+    ``id|title|...``) or ML-1M's ``movies.dat`` (latin-1, ``id::title::genres``).
 
-    ``path`` is the dataset directory or its ``u.data``; returns ``(item_id int64, title
-    string)`` or None when there is no ``u.item``.
+    ``path`` is the dataset directory or its ratings file; returns ``(item_id int64, title
+    string)`` or None when there is no such file.
     """
     import posixpath
 
@@ -83,7 +84,19 @@ def load_item_titles(path: str, fs=None) -> Optional[pa.Table]:
     base = posixpath.dirname(path) if info.type == pafs.FileType.File else path
     f = posixpath.join(base, "u.item")
     if fs.get_file_info(f).type != pafs.FileType.File:
-        return None
+        f = posixpath.join(base, "movies.dat")
+        if fs.get_file_info(f).type != pafs.FileType.File:
+            return None
+        ids, titles = [], []
+        for k, line in enumerate(read_bytes(fs, f).decode("latin-1").splitlines()):
+            if not line.strip():
+                continue
+            parts = line.split("::")
+            if len(parts) < 2 or not parts[0].strip().isdigit():
+                raise InputError(f"cannot read MovieLens item titles: line {k + 1} is not id::title::genres", file=f)
+            ids.append(int(parts[0]))
+            titles.append(parts[1])
+        return pa.table({"item_id": pa.array(ids, pa.int64()), "title": pa.array(titles, pa.string())})
     data = read_bytes(fs, f)
     try:
         t = pacsv.read_csv(pa.BufferReader(data),

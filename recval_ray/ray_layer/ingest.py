@@ -120,6 +120,6 @@ def read_dataset(cfg: DataConfig, storage=None) -> Dataset:
     if first_error is not None:
         raise first_error[1]
     dataset = build_dataset(tables, cfg)
-    if cfg.format == "movielens-100k":
+    if cfg.format in ("movielens-100k", "movielens-1m"):
         attach_titles(dataset, load_item_titles(path, fs))
     return dataset
