@@ -257,6 +257,28 @@ def entity_section(rep, valuation, metrics: dict) -> None:
                           "to the full model +- its standard error over seeds")
 
 
+def value_distributions(rep, values: dict) -> None:
+    """Per method (``label -> valued table``): the value histogram by ``is_noise`` and one ROC
+    curve of ``-value`` for ``is_noise`` per method in a shared plot."""
+    curves = {}
+    for label, tab in values.items():
+        v = tab.column("value").to_numpy(zero_copy_only=False)
+        if "is_noise" in tab.column_names:
+            noise = tab.column("is_noise").to_numpy(zero_copy_only=False).astype(bool)
+            rep.histogram({"clean": v[~noise], "injected noise": v[noise]}, title=f"{label} values by is_noise",
+                          xlabel="value (higher = more useful)")
+            ok = ~np.isnan(v)
+            if noise[ok].any() and (~noise[ok]).any():
+                fpr, tpr, auc = roc_curve(-v[ok], noise[ok])
+                curves[f"{label} (AUC {auc:.3f})"] = (fpr, tpr)
+        else:
+            rep.histogram({"all": v}, title=f"{label} values", xlabel="value (higher = more useful)")
+    if curves:
+        curves["chance"] = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+        rep.line_plot(curves, title="noise detection ROC (score = -value)", xlabel="false positive rate",
+                      ylabel="true positive rate", markers=False)
+
+
 def build_compare_report(cfg, run_id: str, metrics: dict, values: dict) -> str:
     """``recval compare``: test metrics per variant (mean +- std over seeds), relative
     differences to the full model, one bar chart per metric, noise detection per method, and
@@ -310,23 +332,7 @@ def build_compare_report(cfg, run_id: str, metrics: dict, values: dict) -> str:
                   caption="per method, mean \u00b1 std over seeds (precision among the n_noise lowest values)")
     if values:
         rep.heading(f"Value distributions (seed {seeds[0]})")
-        curves = {}
-        for label, tab in values.items():
-            v = tab.column("value").to_numpy(zero_copy_only=False)
-            if "is_noise" in tab.column_names:
-                noise = tab.column("is_noise").to_numpy(zero_copy_only=False).astype(bool)
-                rep.histogram({"clean": v[~noise], "injected noise": v[noise]}, title=f"{label} values by is_noise",
-                              xlabel="value (higher = more useful)")
-                ok = ~np.isnan(v)
-                if noise[ok].any() and (~noise[ok]).any():
-                    fpr, tpr, auc = roc_curve(-v[ok], noise[ok])
-                    curves[f"{label} (AUC {auc:.3f})"] = (fpr, tpr)
-            else:
-                rep.histogram({"all": v}, title=f"{label} values", xlabel="value (higher = more useful)")
-        if curves:
-            curves["chance"] = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
-            rep.line_plot(curves, title="noise detection ROC (score = -value)", xlabel="false positive rate",
-                          ylabel="true positive rate", markers=False)
+        value_distributions(rep, values)
     rep.heading("Training runs")
     cols = ["seed", "variant", "method", "n_train", "dropped", "noise_dropped", "best_epoch", "epochs_run",
             "best_valid", "seconds"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .report import Report, roc_curve
+from .report import Report
+from .report_builder import value_distributions
 
 
 def _cell(st: dict) -> str:
@@ -105,23 +106,7 @@ def build_compare_grid_report(cfg, run_id: str, metrics: dict, values: dict, set
     first_cell = next((c for c in ran if values.get(c["cell"])), None)
     if first_cell is not None:
         rep.heading(f"Value distributions (cell {first_cell['label']}, seed {seeds[0]})")
-        curves = {}
-        for label, tab in values[first_cell["cell"]].items():
-            v = tab.column("value").to_numpy(zero_copy_only=False)
-            if "is_noise" in tab.column_names:
-                noise = tab.column("is_noise").to_numpy(zero_copy_only=False).astype(bool)
-                rep.histogram({"clean": v[~noise], "injected noise": v[noise]}, title=f"{label} values by is_noise",
-                              xlabel="value (higher = more useful)")
-                ok = ~np.isnan(v)
-                if noise[ok].any() and (~noise[ok]).any():
-                    fpr, tpr, auc = roc_curve(-v[ok], noise[ok])
-                    curves[f"{label} (AUC {auc:.3f})"] = (fpr, tpr)
-            else:
-                rep.histogram({"all": v}, title=f"{label} values", xlabel="value (higher = more useful)")
-        if curves:
-            curves["chance"] = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
-            rep.line_plot(curves, title="noise detection ROC (score = -value)", xlabel="false positive rate",
-                          ylabel="true positive rate", markers=False)
+        value_distributions(rep, values[first_cell["cell"]])
     rep.heading("Training runs")
     cols = ["cell", "seed", "variant", "method", "n_train", "dropped", "noise_dropped", "best_epoch",
             "epochs_run", "best_valid", "seconds"]
