@@ -60,7 +60,8 @@ MODELS = Registry("model.kind", ("recval_ray.core.models.mf", "recval_ray.core.m
 VALUERS = Registry("valuation.method", ("recval_ray.core.valuers.small_loss",
                                          "recval_ray.core.valuers.deletion",
                                          "recval_ray.core.valuers.svv",
-                                         "recval_ray.core.valuers.pld"))
+                                         "recval_ray.core.valuers.pld",
+                                         "recval_ray.core.valuers.tracin"))
 
 register_model = MODELS.register
 register_valuer = VALUERS.register

@@ -171,20 +171,28 @@ def tracin_section(rep, valuation, metrics: dict) -> None:
     if q and len(q["kind"]):
         rep.heading("Proponents and opponents of query items", level=3)
         items = list(dict.fromkeys(q["query_title"]))
+        scopes = q.get("scope") or ["all"] * len(q["kind"])
         rows = []
         for t in items:
             sel = [i for i, x in enumerate(q["query_title"]) if x == t]
             n_ex = q["query_examples"][sel[0]]
-            pro = [q["title"][i] for i in sel if q["kind"][i] == "proponent"][:2]
-            opp = [q["title"][i] for i in sel if q["kind"][i] == "opponent"][:2]
-            rows.append({"query item": f"{t} ({n_ex} examples)", "top 2 proponents": ", ".join(pro),
-                         "top 2 opponents": ", ".join(opp)})
-        rep.table(rows, ["query item", "top 2 proponents", "top 2 opponents"],
-                  caption=f"target items of the training examples with the highest / lowest TracIn score on the "
-                          f"query's {info.get('queries', {}).get('split', 'test')} examples (as the write-up's table)")
-        full = [{k: q[k][i] for k in ("query_title", "kind", "rank", "user_id", "title", "score")}
+            row = {"query item": f"{t} ({n_ex} examples)"}
+            for scope, label in (("other-items", ""), ("all", " (all examples)")):
+                for kind in ("proponent", "opponent"):
+                    got = [q["title"][i] for i in sel if q["kind"][i] == kind and scopes[i] == scope]
+                    if got:
+                        row[f"top 2 {kind}s{label}"] = ", ".join(got[:2])
+            own = sum(1 for i in sel if scopes[i] == "all" and q["kind"][i] == "proponent" and q["title"][i] == t)
+            row["own item among top proponents"] = own
+            rows.append(row)
+        rep.table(rows, caption=f"target items of the training examples with the highest / lowest TracIn score on the "
+                                f"query's {info.get('queries', {}).get('split', 'test')} examples (as the write-up's "
+                                f"table: training examples whose target is another item; '(all examples)': any "
+                                f"target; last column: how many of the top proponents predict the query item itself)")
+        full = [{k: (q[k][i] if k != "scope" else scopes[i])
+                 for k in ("query_title", "scope", "kind", "rank", "user_id", "title", "score")}
                 for i in range(len(q["kind"])) if q["rank"][i] <= 5]
-        rep.table(full, ["query_title", "kind", "rank", "user_id", "title", "score"],
+        rep.table(full, ["query_title", "scope", "kind", "rank", "user_id", "title", "score"],
                   caption="top 5 proponents and opponents per query (training example = user's interaction with title)",
                   number_format="{:.4g}")
     rem = info.get("removal")
