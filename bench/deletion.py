@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from recval_ray.config import load_config  # noqa: E402
+from _data import load_job_split  # noqa: E402
 from recval_ray.core.deletion.stacked import train_reference, train_stacked  # noqa: E402
 from recval_ray.core.train import build_task  # noqa: E402
 
@@ -46,20 +46,7 @@ JOBS = {"ncf": "ml100k_deletion_ncf.yaml", "svd": "ml100k_deletion_svd.yaml"}
 
 def load_train(device: str, model: str = "ncf"):
     import dataclasses
-    data_dir = os.environ.get("RECVAL_DATA_DIR") or os.path.join(HERE, "..", "..", "shared", "data")
-    job = os.path.join(HERE, "..", "jobs", JOBS[model])
-    if os.path.isdir(os.path.join(data_dir, "ml-100k")):
-        os.environ["RECVAL_DATA_DIR"] = data_dir
-        cfg = load_config(job)
-        source = "ml-100k"
-    else:
-        os.environ.setdefault("RECVAL_DATA_DIR", "/nonexistent")
-        cfg = load_config(job, ["data={format: synthetic, synthetic: {n_users: 943, n_items: 1682, "
-                                "interactions_per_user: 106, seed: 0}}"])
-        source = "synthetic (943 x 1682)"
-    from recval_ray.pipeline import load_data, make_split
-    ds = load_data(cfg, use_ray=False)
-    split, _ = make_split(cfg, ds)
+    cfg, _, split, source = load_job_split(JOBS[model])
     cfg.train = dataclasses.replace(cfg.train, device=device)
     return cfg, split.train, source
 

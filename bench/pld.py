@@ -32,31 +32,16 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from recval_ray.config import load_config  # noqa: E402
+from _data import load_job_split  # noqa: E402
 from recval_ray.core.denoise import DenoiseConfig  # noqa: E402
-from recval_ray.core.evaluation import drop_unseen  # noqa: E402
-from recval_ray.core.ingest import load_dataset  # noqa: E402
-from recval_ray.core.split import split_interactions  # noqa: E402
 from recval_ray.core.train import build_task, fit  # noqa: E402
 
 JOBS = {"mf": "ml100k_mf.yaml", "lightgcn": "ml100k_lightgcn.yaml"}
 
 
 def load(model: str, device: str):
-    data_dir = os.environ.get("RECVAL_DATA_DIR") or os.path.join(HERE, "..", "..", "shared", "data")
-    job = os.path.join(HERE, "..", "jobs", JOBS[model])
     over = [f"train.device={device}", "train.batch_size=2048", "model.dim=64", "model.sampler=users"]
-    if os.path.isdir(os.path.join(data_dir, "ml-100k")):
-        os.environ["RECVAL_DATA_DIR"] = data_dir
-        source = "ml-100k"
-    else:
-        os.environ.setdefault("RECVAL_DATA_DIR", "/nonexistent")
-        over.append("data={format: synthetic, synthetic: {n_users: 943, n_items: 1682, "
-                    "interactions_per_user: 106, seed: 0}}")
-        source = "synthetic (943 x 1682)"
-    cfg = load_config(job, over)
-    ds = load_dataset(cfg.data, cfg.storage)
-    split, _ = drop_unseen(split_interactions(ds.interactions, cfg.split, ds.given_split))
+    cfg, _, split, source = load_job_split(JOBS[model], over)
     return cfg, split.train, source
 
 

@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from recval_ray.config import load_config  # noqa: E402
+from _data import load_job_split  # noqa: E402
 from recval_ray.core.shapley import (DAEGame, FastSHAPConfig, agreement, exact_shapley, explain,  # noqa: E402
                                      game_endpoints, interaction_players, permutation_shapley,
                                      seeded_generator, train_explainer, user_game, user_items)
@@ -60,19 +60,8 @@ _SMALL, _PERM, _TIMED = 11, 12, 13          # seed streams of the bench's draws
 
 
 def load(args):
-    data_dir = os.environ.get("RECVAL_DATA_DIR") or os.path.join(HERE, "..", "..", "shared", "data")
-    if not args.synthetic and os.path.isdir(os.path.join(data_dir, "ml-100k")):
-        os.environ["RECVAL_DATA_DIR"] = data_dir
-        cfg = load_config(JOB)
-        source = "ml-100k"
-    else:
-        os.environ.setdefault("RECVAL_DATA_DIR", "/nonexistent")
-        n_users = args.users or 943
-        cfg = load_config(JOB, [f"data={{format: synthetic, synthetic: {{n_users: {n_users}, n_items: {args.items}, "
-                                f"interactions_per_user: {args.per_user}, seed: 0}}}}"])
-        source = f"synthetic ({n_users} x {args.items}, ~{args.per_user} per user)"
-    from recval_ray.pipeline import load_data, make_split
-    split, _ = make_split(cfg, load_data(cfg, use_ray=False))
+    cfg, _, split, source = load_job_split("ml100k_svv.yaml", synthetic=args.synthetic,
+                                           n_users=args.users or 943, n_items=args.items, per_user=args.per_user)
     if args.users:
         keep = lambda part: part.take(part.user < args.users)      # noqa: E731
         split = dataclasses.replace(split, train=keep(split.train), valid=keep(split.valid), test=keep(split.test))

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from recval_ray.config import load_config  # noqa: E402
+from _data import load_job_split  # noqa: E402
 from recval_ray.core.sequences import build_windows, held_out_windows  # noqa: E402
 from recval_ray.core.tracin import Checkpoint, Examples, Queries, TracInSpec, tracin_scores  # noqa: E402
 from recval_ray.core.train import build_task, fit  # noqa: E402
@@ -52,20 +52,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load(args):
-    data_dir = os.environ.get("RECVAL_DATA_DIR") or os.path.join(HERE, "..", "..", "shared", "data")
-    job = os.path.join(HERE, "..", "jobs", "ml100k_tracin.yaml")
-    if os.path.isdir(os.path.join(data_dir, "ml-100k")):
-        os.environ["RECVAL_DATA_DIR"] = data_dir
-        cfg = load_config(job)
-        source = "ml-100k"
-    else:
-        os.environ.setdefault("RECVAL_DATA_DIR", "/nonexistent")
-        cfg = load_config(job, ["data={format: synthetic, synthetic: {n_users: 943, n_items: 1682, "
-                                "interactions_per_user: 106, seed: 0}}"])
-        source = "synthetic (943 x 1682)"
-    from recval_ray.pipeline import load_data, make_split
-    ds = load_data(cfg, use_ray=False)
-    split, _ = make_split(cfg, ds)
+    cfg, ds, split, source = load_job_split("ml100k_tracin.yaml")
     return cfg, ds, split, source
 
 
