@@ -13,7 +13,10 @@ is ``noise.ratio: [0, 0.1]``), so ``--set compare.grid.noise.ratio=[0,0.1]`` add
 scalar is a list of one value; a mapping VALUE (a whole section) must therefore sit in a list.
 A key given twice (flat and nested) keeps the later values at the first position.
 ``product`` (default): every combination, the first key varying slowest; ``zip``: the i-th
-values of every key together (equal lengths).
+values of every key together (equal lengths). Of the ``compare`` section only
+``compare.methods`` may vary (each value a list of methods): cells with different base models
+then compare the methods that apply to theirs, e.g. ``model: [mf, dae]`` zipped with
+``compare.methods: [[pld, influence], [svv]]``.
 
 Each cell is the job with the cell's values applied as ``--set KEY=VALUE`` overrides to the
 mapping the job was built from (its YAML plus the command line's overrides, see
@@ -44,6 +47,7 @@ log = logging.getLogger("recval_ray")
 
 NAME_KEYS = ("kind", "method")          # a mapping value is shown by its kind / method
 REFUSED_ROOTS = ("name", "compare", "output")
+CELL_COMPARE_KEYS = ("compare.methods",)  # a cell may compare its own methods (e.g. per base model)
 
 
 @dataclass
@@ -84,7 +88,13 @@ def grid_keys(grid: Any, prefix: str = "") -> dict:
 
 def display(values: list) -> list[str]:
     """Short strings of one key's values: a mapping by its ``kind`` / ``method`` when that tells
-    the key's values apart, else its one-line YAML; scalars as YAML writes them."""
+    the key's values apart, else its one-line YAML; scalars as YAML writes them; a list of
+    names / mappings (``compare.methods``) by its names (labels) joined with ``+``."""
+    if values and all(isinstance(v, list) and v for v in values):
+        shown = ["+".join(str(x.get("label", x.get("method"))) if isinstance(x, dict) else _text(x) for x in v)
+                 for v in values]
+        if len(set(shown)) == len(shown):
+            return shown
     for name in NAME_KEYS:
         names = [v.get(name) if isinstance(v, dict) else None for v in values]
         if all(isinstance(n, str) for n in names) and len(set(names)) == len(names):
@@ -160,7 +170,7 @@ def grid_cells(cfg) -> list[Cell]:
         return []
     for key, vals in keys.items():
         root = key.split(".")[0]
-        if root in REFUSED_ROOTS:
+        if root in REFUSED_ROOTS and key not in CELL_COMPARE_KEYS:
             raise ConfigError(f"compare.grid: {key}: {root} cannot vary within a comparison")
         if key.count(".") == 1 and key.endswith(".seed") and root in c.vary:
             raise ConfigError(f"compare.grid: {key}: set by compare.seeds (compare.vary has {root})")

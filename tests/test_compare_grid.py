@@ -268,3 +268,18 @@ def test_full_only_trains_and_evaluates_without_valuing(tmp_path, monkeypatch, v
     assert res.metrics["methods"] == (["small-loss"] if values else [])
     with pytest.raises(ConfigError, match="'detection' needs injected noise"):
         load_config(JOB, TINY + ["noise.ratio=0", "compare.variants=[full,detection]"])
+
+
+def test_cells_may_compare_their_own_methods():
+    """``compare.methods`` is the one compare key a cell may vary: each cell compares the
+    methods of its own base model."""
+    from recval_ray.config import compare_methods
+    grid = {"train.denoise.kind": ["bpr", "pld"],
+            "compare.methods": [["pld"], [{"method": "small-loss", "label": "sl"}, "pld"]]}
+    cells = grid_cells(validate_config(raw_job(grid, grid_mode="zip")))
+    assert [c.label for c in cells] == ["train.denoise.kind=bpr, compare.methods=pld",
+                                        "train.denoise.kind=pld, compare.methods=sl+pld"]
+    assert [[label for label, _ in compare_methods(c.cfg)] for c in cells] == [["small-loss", "pld"],
+                                                                                ["small-loss", "sl", "pld"]]
+    with pytest.raises(ConfigError, match="compare.grid cell 1 of 1 .*compare.methods\\[0\\]"):
+        grid_cells(validate_config(raw_job({"compare.methods": [[{"label": "x"}]]})))
