@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .core.denoise import DenoiseConfig
+from .core.explain_values import ExplainConfig
 from .errors import ConfigError
 
 DataFormat = Literal["parquet", "csv", "tsv", "movielens-100k", "movielens-1m", "lightgcn",
@@ -229,6 +230,7 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)   # surrogate Shapley explanation of the values
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -463,6 +465,10 @@ def check_semantics(cfg: JobConfig) -> None:
         raise ConfigError(f"prune.scope: entity needs an entity-level valuation (deletion), "
                           f"not {cfg.valuation.method!r}")
     _check_valuation(cfg.valuation)
+    try:
+        cfg.explain.validate("explain")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.valuation.method == "tracin" and (cfg.model.kind != "lstm" or cfg.train.workers > 0 or cfg.train.use_gpu):
         raise ConfigError("valuation.method tracin needs model.kind lstm trained in-process (train.workers: 0, "
                           "train.use_gpu: false): it reads the per-epoch checkpoints")

@@ -346,6 +346,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
 
     metrics = build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, split_warnings)
     values_tab = values_table(dataset, split, valuation, pruned.keep)
+    explanation = explain(cfg, values_tab, split, dataset, metrics, timings)
 
     t = time.perf_counter()
     log.info("writing outputs to %s", out.uri)
@@ -357,10 +358,15 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
     out.write_table("pruned", pruned_table(dataset, split.train.take(pruned.keep)), use_ray=use_ray)
     for name, part in split.parts().items():
         out.write_table(f"splits/{name}", interactions_table(dataset, part), use_ray=use_ray)
+    if explanation is not None:
+        out.write_table("explanations/attributions", explanation.attributions_table(dataset, split.train),
+                        use_ray=use_ray)
+        out.write_table("explanations/importance", explanation.importance_table(), use_ray=use_ray)
     out.write_json("metrics.json", metrics)
     if cfg.output.report:
         from .report_builder import build_report
-        out.write_text("report.html", build_report(cfg, run_id, metrics, values_tab, base, valuation))
+        out.write_text("report.html", build_report(cfg, run_id, metrics, values_tab, base, valuation,
+                                                       explanation=explanation))
     out.clear_work()
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
@@ -371,6 +377,23 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
     }
     out.write_manifest(manifest)
     return RunResult(uri=out.uri, run_id=run_id, metrics=metrics, manifest=manifest, values=values_tab)
+
+
+def explain(cfg: JobConfig, values_tab: pa.Table, split: Split, dataset: Dataset, metrics: dict,
+            timings: dict):
+    """``explain.enabled``: Shapley attributions of the values through a surrogate model
+    (:mod:`recval_ray.core.explain_values`); adds ``metrics["explain"]``. None when disabled."""
+    if not cfg.explain.enabled:
+        return None
+    from .core.explain_values import explain_values
+    t = time.perf_counter()
+    log.info("explaining the values (%s surrogate, %s Shapley values)", cfg.explain.surrogate, cfg.explain.backend)
+    explanation = explain_values(values_tab, split, dataset, cfg.explain)
+    metrics["explain"] = explanation.summary()
+    timings["explain_s"] = time.perf_counter() - t
+    log.info("explanation: surrogate held-out R^2 %.3f; top features %s", explanation.info["r2_heldout"],
+             ", ".join(explanation.top_features(3)))
+    return explanation
 
 
 def build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, warnings) -> dict:

@@ -14,7 +14,7 @@ def _fmt_setting(cfg) -> dict:
                      f"({cfg.prune.scope})"}
 
 
-def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuation) -> str:
+def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuation, explanation=None) -> str:
     rep = Report(f"recval run {run_id}", f"{cfg.valuation.method} values of {cfg.model.kind} training data")
     rep.key_values(_fmt_setting(cfg) | {k: v for k, v in metrics["data"].items() if k != "warnings"})
     for w in metrics["data"].get("warnings", []):
@@ -57,6 +57,8 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
         tracin_section(rep, valuation, metrics)
     if "loss_overlap" in valuation.info and "loss_z" in values.column_names:
         loss_overlap_section(rep, values, valuation.info["loss_overlap"])
+    if explanation is not None:
+        why_section(rep, explanation, cfg.valuation.method)
 
     hist = [h for h in base.history if any(k.startswith("valid_") for k in h)]
     if base.history:
@@ -72,6 +74,45 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
     rep.heading("Training runs")
     rep.table([{"model": k, **s} for k, s in metrics["training"].items()])
     return rep.html()
+
+
+def why_section(rep, explanation, method: str = "") -> None:
+    """Why these values: the surrogate's fit (held-out R^2, predicted vs true value), the global
+    importance (mean |Shapley value| per feature) and dependence plots (attribution against the
+    feature) of the top features; see :mod:`recval_ray.core.explain_values`."""
+    info = explanation.info
+    rep.heading("Why these values")
+    r2 = info.get("r2_heldout", float("nan"))
+    trust = ("the surrogate reproduces the values well" if r2 >= 0.7 else
+             "the surrogate reproduces the values only partly: read the attributions as trends" if r2 >= 0.3 else
+             "the surrogate explains little of the values: these features do not account for them")
+    rep.paragraph(f"A {info.get('surrogate')} surrogate is fitted to the {method} values from interpretable "
+                  f"interaction features and explained with interventional Shapley values ({info.get('backend')}, "
+                  f"{info.get('background')} background rows): each interaction's attributions sum to the "
+                  f"surrogate's prediction minus the base value {explanation.base_value:.4g}. Held-out R^2 "
+                  f"{r2:.3f}: {trust}.")
+    rep.key_values({"features": ", ".join(explanation.features),
+                    "dropped features": "; ".join(f"{k} ({v})" for k, v in explanation.dropped.items()) or "none",
+                    "imputed (rows without the field)": ", ".join(f"{k}: {v}" for k, v in info.get("imputed", {}).items())
+                    or "none",
+                    "surrogate R^2 held-out / fit": f"{r2:.4f} / {info.get('r2_fit', float('nan')):.4f} "
+                                                   f"({info.get('rows_heldout')} / {info.get('rows_fit')} rows)",
+                    "rows explained": info.get("rows_explained"),
+                    "max |sum phi - (f(x) - base)|": info.get("efficiency_max_error")})
+    imp = explanation.importance()
+    rep.bar_chart([r["feature"] for r in imp], [r["mean_abs_phi"] for r in imp],
+                  title="global importance: mean |Shapley value| per feature", xlabel="mean |phi| (value units)")
+    rep.table(imp, ["feature", "mean_abs_phi", "share", "mean_phi", "corr_x_phi"], number_format="{:.4g}",
+              caption="corr_x_phi: Pearson correlation of the feature with its attribution (the sign of its effect)")
+    if len(explanation.holdout_true):
+        rep.scatter(explanation.holdout_true, explanation.holdout_pred, title="surrogate fit on held-out interactions",
+                    xlabel="value", ylabel="surrogate prediction", max_points=3000)
+    groups = (np.where(explanation.is_noise, "injected noise", "clean")
+              if explanation.is_noise is not None and explanation.is_noise.any() else None)
+    for name in explanation.top_features(int(info.get("top_features", 3))):
+        j = explanation.features.index(name)
+        rep.scatter(explanation.X[:, j], explanation.phi[:, j], title=f"dependence: {name}", xlabel=name,
+                    ylabel=f"Shapley value of {name}", groups=groups, max_points=int(info.get("dependence_points", 2000)))
 
 
 def loss_overlap_section(rep, values: pa.Table, overlap: dict) -> None:

@@ -126,6 +126,8 @@ class Dataset:
     given_split: Optional[np.ndarray] = None
     item_titles: Optional[pa.Array] = None
     warnings: list = field(default_factory=list)
+    item_genres: Optional[np.ndarray] = None    # bool [n_items, G] item metadata (MovieLens genres)
+    genre_names: Optional[list] = None
 
     @property
     def n_users(self) -> int:

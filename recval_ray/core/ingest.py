@@ -69,7 +69,9 @@ def load_item_titles(path: str, fs=None) -> Optional[pa.Table]:
     ``id|title|...``) or ML-1M's ``movies.dat`` (latin-1, ``id::title::genres``).
 
     ``path`` is the dataset directory or its ratings file; returns ``(item_id int64, title
-    string)`` or None when there is no such file.
+    string)`` or None when there is no such file, plus ``genres`` (list of genre names) when
+    the file has them: ML-100K's 19 binary genre columns (fields 6-24, names
+    :data:`ML100K_GENRES`) or ML-1M's ``|``-separated genres (absent or malformed: no column).
     """
     import posixpath
 
@@ -87,7 +89,7 @@ def load_item_titles(path: str, fs=None) -> Optional[pa.Table]:
         f = posixpath.join(base, "movies.dat")
         if fs.get_file_info(f).type != pafs.FileType.File:
             return None
-        ids, titles = [], []
+        ids, titles, genres = [], [], []
         for k, line in enumerate(read_bytes(fs, f).decode("latin-1").splitlines()):
             if not line.strip():
                 continue
@@ -96,25 +98,58 @@ def load_item_titles(path: str, fs=None) -> Optional[pa.Table]:
                 raise InputError(f"cannot read MovieLens item titles: line {k + 1} is not id::title::genres", file=f)
             ids.append(int(parts[0]))
             titles.append(parts[1])
-        return pa.table({"item_id": pa.array(ids, pa.int64()), "title": pa.array(titles, pa.string())})
+            genres.append([g for g in parts[2].strip().split("|") if g] if len(parts) > 2 else None)
+        out = {"item_id": pa.array(ids, pa.int64()), "title": pa.array(titles, pa.string())}
+        if any(g for g in genres):
+            out["genres"] = pa.array(genres, pa.list_(pa.string()))
+        return pa.table(out)
     data = read_bytes(fs, f)
     try:
         t = pacsv.read_csv(pa.BufferReader(data),
                            read_options=pacsv.ReadOptions(autogenerate_column_names=True, encoding="latin-1"),
                            parse_options=pacsv.ParseOptions(delimiter="|", quote_char=False),
-                           convert_options=pacsv.ConvertOptions(column_types={"f0": pa.int64(), "f1": pa.string()},
-                                                                include_columns=["f0", "f1"]))
+                           convert_options=pacsv.ConvertOptions(column_types={"f0": pa.int64(), "f1": pa.string()}))
     except pa.ArrowInvalid as e:
         raise InputError(f"cannot read MovieLens item titles: {e}", file=f) from None
-    return pa.table({"item_id": t["f0"].combine_chunks(), "title": t["f1"].combine_chunks()})
+    out = {"item_id": t["f0"].combine_chunks(), "title": t["f1"].combine_chunks()}
+    if t.num_columns == 5 + len(ML100K_GENRES):     # the genre flags (optional metadata)
+        try:
+            flags = np.stack([t[f"f{5 + g}"].combine_chunks().cast(pa.int8()).to_numpy(zero_copy_only=False)
+                              for g in range(len(ML100K_GENRES))], axis=1) > 0
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+            flags = None                            # not 0/1 flags: no genres
+        if flags is not None:
+            rows, cols = np.nonzero(flags)
+            offsets = np.r_[0, np.cumsum(flags.sum(1))].astype(np.int32)
+            out["genres"] = pa.ListArray.from_arrays(pa.array(offsets),
+                                                     pa.array(np.asarray(ML100K_GENRES)[cols], pa.string()))
+    return pa.table(out)
+
+
+# the 19 genre flags of ML-100K's u.item (fields 6-24), in the order of u.genre
+ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                 "Romance", "Sci-Fi", "Thriller", "War", "Western")
 
 
 def attach_titles(ds: Dataset, titles: Optional[pa.Table]) -> Dataset:
-    """Set ``ds.item_titles`` (aligned with item indices; null where unknown)."""
+    """Set ``ds.item_titles`` (aligned with item indices; null where unknown) and, when the
+    table has ``genres``, ``ds.item_genres`` (bool ``[n_items, G]``, an item without known
+    genres all False) with ``ds.genre_names``."""
     if titles is None or not pa.types.is_integer(ds.item_ids.type):
         return ds
     pos = pc.index_in(ds.item_ids, value_set=titles["item_id"].combine_chunks())
     ds.item_titles = titles["title"].combine_chunks().take(pos)
+    if "genres" in titles.column_names:
+        lists = titles["genres"].combine_chunks().take(pos)
+        lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = pc.list_flatten(lists)
+        seen = set(pc.unique(flat).to_pylist())
+        names = [g for g in ML100K_GENRES if g in seen] + sorted(seen - set(ML100K_GENRES))
+        codes = pc.index_in(flat, value_set=pa.array(names, pa.string())).to_numpy(zero_copy_only=False)
+        genres = np.zeros((ds.n_items, len(names)), dtype=bool)
+        genres[np.repeat(np.arange(ds.n_items), lengths), codes.astype(np.int64)] = True
+        ds.item_genres, ds.genre_names = genres, names
     return ds
 
 
