@@ -1,4 +1,4 @@
-"""``recval``: run, compare, sweep and validate recval jobs.
+"""``recval``: run, compare, sweep and validate recval jobs; submit them to a Ray cluster.
 
 Exit codes: 0 success; 2 bad config, bad input or an existing complete run (a one-line
 message, nothing written); 1 any other failure (with a traceback).
@@ -78,6 +78,42 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Validate the config, read and check the data, split and inject "
                                      "noise, and print a summary. Nothing is trained or written.")
     _common(val)
+
+    sbm = sub.add_parser("submit", help="submit a job to a Ray cluster (Jobs API) and print its id",
+                         description="Validate the job here, then submit `python -m recval_ray.cli run JOB` "
+                                     "to the cluster's dashboard with a runtime_env: the working dir, the "
+                                     "package's pip dependencies (not ray and torch: the cluster image has "
+                                     "them) and the storage credentials of this environment (AWS_*, "
+                                     "RECVAL_DATA_DIR). Token auth: --token-file, RAY_AUTH_TOKEN_PATH, "
+                                     "RAY_AUTH_TOKEN, or RAY_AUTH_MODE=token with ~/.ray/auth_token.")
+    _common(sbm)
+    sbm.add_argument("--address", help="dashboard URL http://HEAD:8265 (default: RAY_ADDRESS, else ray.address)")
+    sbm.add_argument("--wait", action="store_true",
+                     help="stream the logs until the job ends; exit 0 if it succeeded, 1 if it failed or stopped")
+    sbm.add_argument("--run-id", help="run id (default: output.run_id or the job name)")
+    sbm.add_argument("--output", help="output URI as the cluster sees it: s3://bucket/prefix or a shared path "
+                                      "(default: output.uri)")
+    sbm.add_argument("--overwrite", action="store_true", help="replace a complete run with the same id")
+    sbm.add_argument("--working-dir", help="directory uploaded as the job's working dir; must contain JOB "
+                                           "(default: the current directory)")
+    pip = sbm.add_mutually_exclusive_group()
+    pip.add_argument("--pip", action="append", metavar="REQ",
+                     help="pip requirement for the job's runtime_env, replaces the default list (repeatable)")
+    pip.add_argument("--no-pip", action="store_true",
+                     help="install nothing: the cluster image already has recval_ray's dependencies")
+    for name, hlp in (("status", "print a submitted job's status (exit 0 succeeded, 1 failed/stopped, "
+                                 "3 still pending/running)"),
+                      ("logs", "print a submitted job's logs")):
+        p = sub.add_parser(name, help=hlp, description=hlp)
+        p.add_argument("job_id", help="submission id printed by `recval submit`")
+        p.add_argument("--address", help="dashboard URL http://HEAD:8265 (default: RAY_ADDRESS)")
+        p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true",
+                           help="follow until the job ends; exit 0 if it succeeded, 1 if it failed or stopped")
+    for p in (sbm, sub.choices["status"], sub.choices["logs"]):
+        p.add_argument("--token-file", help="file holding the cluster's auth token (default: "
+                                            "RAY_AUTH_TOKEN_PATH, RAY_AUTH_TOKEN; never printed)")
     return parser
 
 
@@ -87,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("recval_ray").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        if args.command in ("submit", "status", "logs"):
+            from . import submit as submit_cmd
+            return getattr(submit_cmd, args.command)(args)
         from .config import load_config
         overrides = list(args.overrides)
         if args.command == "compare" and args.seeds is not None:

@@ -16,6 +16,17 @@ def storage_env() -> dict:
     return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
 
 
+def _job_env_vars() -> dict:
+    """The env_vars of the runtime_env of the Ray job this driver was submitted as ({} if none)."""
+    import json
+
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        return dict((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
 def ensure_ray(ray_cfg=None, address: str | None = None):
     """``ray.init`` once: the given address, ``ray.address``, ``RAY_ADDRESS``, or local mode.
 
@@ -28,7 +39,10 @@ def ensure_ray(ray_cfg=None, address: str | None = None):
     if ray.is_initialized():
         return ray
     address = address or (ray_cfg.address if ray_cfg else None) or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": storage_env()} if storage_env() else None
+    # in a submitted job (`recval submit`) leave out what the job's runtime_env already sets:
+    # Ray refuses to merge the same env_vars keys from the job and from ray.init
+    env_vars = {k: v for k, v in storage_env().items() if k not in _job_env_vars()}
+    env = {"env_vars": env_vars} if env_vars else None
     kw = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env=env)
     if address:
         log.info("connecting to Ray at %s", address)
@@ -36,7 +50,9 @@ def ensure_ray(ray_cfg=None, address: str | None = None):
     else:
         num_cpus = (ray_cfg.num_cpus if ray_cfg and ray_cfg.num_cpus else max(4, os.cpu_count() or 1))
         num_gpus = ray_cfg.num_gpus if ray_cfg else None
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kw)
+        # address="local": a fresh instance of our own, never a head some other process started
+        # on this machine (`ray start`), which a bare ray.init() would join
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kw)
     try:
         from ray.data import DataContext
         ctx = DataContext.get_current()
