@@ -45,7 +45,8 @@ from .errors import ConfigError
 
 log = logging.getLogger("recval_ray")
 
-NAME_KEYS = ("kind", "method")          # a mapping value is shown by its kind / method
+NAME_KEYS = ("kind", "method")
+MAX_SHOWN = 48                          # longer mapping values are shown by position (#1, #2, ...)          # a mapping value is shown by its kind / method
 REFUSED_ROOTS = ("name", "compare", "output")
 CELL_COMPARE_KEYS = ("compare.methods",)  # a cell may compare its own methods (e.g. per base model)
 
@@ -88,18 +89,27 @@ def grid_keys(grid: Any, prefix: str = "") -> dict:
 
 def display(values: list) -> list[str]:
     """Short strings of one key's values: a mapping by its ``kind`` / ``method`` when that tells
-    the key's values apart, else its one-line YAML; scalars as YAML writes them; a list of
-    names / mappings (``compare.methods``) by its names (labels) joined with ``+``."""
-    if values and all(isinstance(v, list) and v for v in values):
+    the key's values apart, else its one-line YAML (by position, ``#1``, ``#2``, when a mapping's
+    is longer than ``MAX_SHOWN``); scalars as YAML writes them; a list of names / mappings
+    (``compare.methods``) by its names (labels) joined with ``+`` (``-``: empty). A value
+    listed more than once (``zip``) is shown the same each time."""
+    distinct = list({_vkey(v): v for v in values}.values())
+    if len(distinct) < len(values):
+        shown = dict(zip(map(_vkey, distinct), display(distinct)))
+        return [shown[_vkey(v)] for v in values]
+    if values and all(isinstance(v, list) for v in values):
         shown = ["+".join(str(x.get("label", x.get("method"))) if isinstance(x, dict) else _text(x) for x in v)
-                 for v in values]
+                 or "-" for v in values]
         if len(set(shown)) == len(shown):
             return shown
     for name in NAME_KEYS:
         names = [v.get(name) if isinstance(v, dict) else None for v in values]
         if all(isinstance(n, str) for n in names) and len(set(names)) == len(names):
             return names
-    return [_text(v) for v in values]
+    shown = [_text(v) for v in values]
+    if any(isinstance(v, dict) for v in values) and max(map(len, shown)) > MAX_SHOWN:
+        return [f"#{i + 1}" for i in range(len(values))]   # long whole sections: by position
+    return shown
 
 
 def _text(v: Any) -> str:

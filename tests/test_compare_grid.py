@@ -283,3 +283,16 @@ def test_cells_may_compare_their_own_methods():
                                                                                 ["small-loss", "sl", "pld"]]
     with pytest.raises(ConfigError, match="compare.grid cell 1 of 1 .*compare.methods\\[0\\]"):
         grid_cells(validate_config(raw_job({"compare.methods": [[{"label": "x"}]]})))
+
+
+def test_long_sections_are_shown_by_position_and_empty_method_lists_by_a_dash():
+    long = {"epochs": 60, "batch_size": 2048, "optimizer": "adamw", "lr": 0.001, "patience": 5}
+    cells = grid_cells(validate_config(raw_job({"train": [long, {"epochs": 3}], "compare.methods": [["pld"], []]},
+                                               grid_mode="zip")))
+    assert [c.label for c in cells] == ["train=#1, compare.methods=pld", "train=#2, compare.methods=-"]
+    assert cells[0].cfg.train.batch_size == 2048 and cells[1].cfg.train.epochs == 3
+    zipped = grid_cells(validate_config(raw_job({"model": [{"kind": "mf"}, {"kind": "mf", "dim": 8}, {"kind": "lightgcn"}],
+                                                 "compare.methods": [["pld"], [], []]}, grid_mode="zip")))
+    assert [c.label for c in zipped] == ["model={kind: mf}, compare.methods=pld",
+                                         "model={kind: mf, dim: 8}, compare.methods=-",
+                                         "model={kind: lightgcn}, compare.methods=-"]
