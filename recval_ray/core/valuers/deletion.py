@@ -406,6 +406,8 @@ class DeletionValuer(Valuer):
                 evaluators[part] = _Evaluator(tgt, excl, names, ctx.eval_cfg, grouping.rows[part], kind, dev,
                                               drop_removed_items=opts.removed_items == "drop")
         self._grouping = grouping
+        # keys of the work items taken from the run's store / computed by this attempt (resume)
+        self._work_log = {"work_items_resumed": [], "work_items_run": []}
         shared = {"opts": opts, "train": train, "row_group": row_group, "n_groups": n_groups,
                   "model_cfg": ctx.model_cfg, "train_cfg": ctx.train_cfg, "engine": engine,
                   "evaluators": evaluators, "threads": max(1, int(opts.actor_cpus)) if opts.actors else
@@ -444,6 +446,7 @@ class DeletionValuer(Valuer):
                 "train_seconds_sum": float(sum(float(r["seconds"]) for r in results))}
         info.update(stability(per_seed_value))
         tables = self._removal_tables(ctx, shared, seeds, engine, entities, value, names, kind, evaluators, info)
+        info.update(self._work_log)
         return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
                          entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info,
                          test_entity=grouping.rows["test"])
@@ -492,6 +495,8 @@ class DeletionValuer(Valuer):
                 results[i] = got
             else:
                 todo.append(i)
+        self._work_log["work_items_resumed"] += [keys[i] for i in range(len(items)) if results[i] is not None]
+        self._work_log["work_items_run"] += [keys[i] for i in todo]
         if len(todo) < len(items):
             log.info("deletion %s: %d of %d work items found in the run's store, resuming",
                      label, len(items) - len(todo), len(items))
