@@ -61,7 +61,9 @@ VALUERS = Registry("valuation.method", ("recval_ray.core.valuers.small_loss",
                                          "recval_ray.core.valuers.deletion",
                                          "recval_ray.core.valuers.svv",
                                          "recval_ray.core.valuers.pld",
-                                         "recval_ray.core.valuers.tracin"))
+                                         "recval_ray.core.valuers.tracin",
+                                         "recval_ray.core.valuers.influence",
+                                         "recval_ray.core.valuers.bilevel"))
 
 register_model = MODELS.register
 register_valuer = VALUERS.register
