@@ -63,7 +63,8 @@ VALUERS = Registry("valuation.method", ("recval_ray.core.valuers.small_loss",
                                          "recval_ray.core.valuers.pld",
                                          "recval_ray.core.valuers.tracin",
                                          "recval_ray.core.valuers.influence",
-                                         "recval_ray.core.valuers.bilevel"))
+                                         "recval_ray.core.valuers.bilevel",
+                                         "recval_ray.core.valuers.dvrl"))
 
 register_model = MODELS.register
 register_valuer = VALUERS.register
