@@ -24,6 +24,24 @@ from .core.denoise import DenoiseConfig
 from .core.explain_values import ExplainConfig
 from .errors import ConfigError
 
+
+class _JobLoader(yaml.SafeLoader):
+    """YAML with the booleans of YAML 1.2: only ``true`` / ``false`` (any case). PyYAML's 1.1
+    rules also read ``on``, ``off``, ``yes``, ``no``, ``y``, ``n`` as booleans, which turns an
+    option named ``on`` (``valuation.on: local``) into the key ``True``."""
+
+
+_JobLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_JobLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+
+
+def yaml_load(stream):
+    """``yaml.safe_load`` with YAML 1.2 booleans (:class:`_JobLoader`)."""
+    return yaml.load(stream, Loader=_JobLoader)  # noqa: S506 - a SafeLoader subclass
+
 DataFormat = Literal["parquet", "csv", "tsv", "movielens-100k", "movielens-1m", "lightgcn",
                      "amazon-json", "synthetic"]
 
@@ -261,7 +279,7 @@ def expand_env(value: Any, key: str = "") -> Any:
         if _ENV.fullmatch(value.strip()) and expanded.strip():
             # a value that is one whole ${VAR} takes the variable's YAML type (epochs: ${EPOCHS})
             try:
-                parsed = yaml.safe_load(expanded)
+                parsed = yaml_load(expanded)
             except yaml.YAMLError:
                 return expanded
             return parsed if isinstance(parsed, (int, float, bool)) else expanded
@@ -278,7 +296,7 @@ def apply_override(raw: dict, assignment: str) -> None:
     if not parts:
         raise ConfigError(f"--set {assignment!r}: empty key")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = yaml_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     node = raw
@@ -571,7 +589,7 @@ def load_config(path: str, overrides: list[str] | None = None) -> JobConfig:
     """Read a YAML job file, apply ``--set`` overrides, expand env vars, validate."""
     try:
         with open(path, "r", encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+            raw = yaml_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"job file {path} does not exist") from None
     except yaml.YAMLError as e:

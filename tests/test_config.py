@@ -541,3 +541,17 @@ def test_whole_value_env_var_takes_its_yaml_type(monkeypatch):
                                      {"train": {"lr": -1.0}}])
 def test_metric_names_and_lr_checked_at_load(section):
     config_error(base(**section))
+
+
+def test_yaml_booleans_are_yaml_1_2s(tmp_path):
+    """Only true/false are booleans: ``on: local`` stays the option ``on`` (PyYAML's 1.1 rules
+    would make it the key True), ``yes`` stays a string, in files and in --set alike."""
+    from recval_ray.config import yaml_load
+    assert yaml_load("{on: local, off: 1, yes: no, t: true, f: FALSE}") == \
+        {"on": "local", "off": 1, "yes": "no", "t": True, "f": False}
+    job = tmp_path / "t.yaml"
+    job.write_text("name: t\nvaluation: {method: tracin, on: local}\nmodel: {kind: lstm}\n")
+    cfg = load_config(str(job), ["output.report=false"])
+    assert cfg.valuation.on == "local" and cfg.output.report is False
+    with pytest.raises(ConfigError, match="output.report"):
+        load_config(str(job), ["output.report=yes"])
