@@ -1,4 +1,4 @@
-"""``recval``: run, compare, sweep and validate recval jobs; submit them to a Ray cluster.
+"""``recval``: run, compare, sweep, explain and validate recval jobs; submit them to a Ray cluster.
 
 Exit codes: 0 success; 2 bad config, bad input or an existing complete run (a one-line
 message, nothing written); 1 any other failure (with a traceback).
@@ -79,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      "noise, and print a summary. Nothing is trained or written.")
     _common(val)
 
+    exp = sub.add_parser("explain", help="Shapley explanations of an earlier run's values (a new output)",
+                         description="Rebuild a complete run's data and split from its manifest, fit a "
+                                     "surrogate to its values/ and write Shapley attributions: "
+                                     "explanations/, metrics.json, report.html and manifest.json (last) "
+                                     "under OUTPUT/RUN_ID/ (default: next to the run, <run id>-explain). "
+                                     "Settings: the run's explain: section and --set explain.KEY=VALUE.")
+    exp.add_argument("run", help="the run's URI: a local path or s3://bucket/prefix/RUN_ID")
+    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key of the run's config, e.g. --set explain.surrogate=gbdt "
+                          "--set data.path=/new/place (repeatable)")
+    exp.add_argument("-v", "--verbose", action="store_true", help="more logging")
+    exp.add_argument("--run-id", help="run id of the explanation (default: <run id>-explain)")
+    exp.add_argument("--output", help="output URI (default: the run's parent)")
+    exp.add_argument("--overwrite", action="store_true", help="replace a complete explanation with the same id")
+
     sbm = sub.add_parser("submit", help="submit a job to a Ray cluster (Jobs API) and print its id",
                          description="Validate the job here, then submit `python -m recval_ray.cli run JOB` "
                                      "to the cluster's dashboard with a runtime_env: the working dir, the "
@@ -126,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("submit", "status", "logs"):
             from . import submit as submit_cmd
             return getattr(submit_cmd, args.command)(args)
+        if args.command == "explain":
+            from .explain_run import explain_run
+            result = explain_run(args.run, args.overrides, output_uri=args.output, run_id=args.run_id,
+                                 overwrite=args.overwrite)
+            print(f"explanation written to {result['uri']}")
+            return 0
         from .config import load_config
         overrides = list(args.overrides)
         if args.command == "compare" and args.seeds is not None:
