@@ -4,8 +4,10 @@ One table of every cell x variant (mean +- std over seeds per metric of the job)
 differences to each cell's ``full``, and for every numeric grid key (e.g. ``noise.ratio``) a
 line plot of each metric against it: one line per combination of the other keys' values, for
 variant ``full`` (or the first variant when ``full`` is not compared). The report's line plot
-has no error bars: the lines are means, the table gives the std. Then noise detection per
-cell, the first cell's value distributions and the training runs.
+has no error bars: the lines are means, the table gives the std. With compared methods, a
+table of every (cell, method) first (:func:`method_rows`: noise AUC, pruned vs random vs full
+vs oracle). Then noise detection per cell, the first cell's value distributions and the
+training runs.
 """
 from __future__ import annotations
 
@@ -42,6 +44,33 @@ def grid_lines(metrics: dict, key: str, metric: str, variant: str) -> dict:
     return out
 
 
+def method_rows(metrics: dict) -> list[dict]:
+    """One row per cell and compared method: its noise-detection AUC and, per metric, the
+    test score after pruning by its values next to the same count of random rows, the cell's
+    full model and its oracle (means +- std over seeds): every method on one line, whatever
+    base model its cell trains."""
+    rows = []
+    names: list = []
+    for c in metrics["cells"]:
+        for st in c.get("summary", {}).values():
+            names += [k for k in st if k not in names]
+    for c in metrics["cells"]:
+        if not c.get("ran"):
+            continue
+        summ, det = c.get("summary", {}), c.get("noise_detection", {})
+        for m in c.get("methods", []):
+            row = {"cell": c["cell"], "model": c.get("model", ""), "method": m}
+            if m in det:
+                row["noise AUC"] = _cell(det[m]["auc"])
+            for variant, label in ((f"pruned:{m}", "pruned"), (f"random:{m}", "random"), ("full", "full"),
+                                   ("oracle", "oracle")):
+                for k in names:
+                    if k in summ.get(variant, {}):
+                        row[f"{label} {k}"] = _cell(summ[variant][k])
+            rows.append(row)
+    return rows
+
+
 def build_compare_grid_report(cfg, run_id: str, metrics: dict, values: dict, setting: dict) -> str:
     seeds = metrics["seeds"]
     grid = metrics["grid"]
@@ -74,6 +103,15 @@ def build_compare_grid_report(cfg, run_id: str, metrics: dict, values: dict, set
     for c in skipped:
         rep.paragraph(f"Cell {c['label']}: variant(s) {', '.join(c['skipped_variants'])} skipped (they do not "
                       f"apply to it)" + ("" if c.get("ran") else "; nothing else to run, the cell is skipped"))
+
+    mrows = method_rows(metrics)
+    if mrows and len(mrows) > 1:
+        rep.heading("Methods compared (mean \u00b1 std over seeds)")
+        cols = list(dict.fromkeys(k for r in mrows for k in r))
+        rep.table(mrows, cols, caption="each method on its cell's base model: noise-detection ROC AUC of -value, "
+                                       "test metrics after pruning by its values (pruned), after pruning as many "
+                                       "random rows (random), on all data (full) and without the injected rows "
+                                       "(oracle)")
 
     first = next((st for c in ran for st in c["summary"].values()), {})
     names = list(first)
@@ -112,3 +150,19 @@ def build_compare_grid_report(cfg, run_id: str, metrics: dict, values: dict, set
             "epochs_run", "best_valid", "seconds"]
     rep.table(metrics.get("runs", []), cols)
     return rep.html()
+
+
+def methods_markdown(metrics: dict) -> str:
+    """:func:`method_rows` as a Markdown table (the README's comparison tables)."""
+    rows = method_rows(metrics)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(k, "-")).replace("\u00b1", "+-") for k in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m recval_ray.report_grid <compare run>/metrics.json
+    import json
+    import sys
+    with open(sys.argv[1], encoding="utf-8") as fh:
+        print(methods_markdown(json.load(fh)))

@@ -296,3 +296,17 @@ def test_long_sections_are_shown_by_position_and_empty_method_lists_by_a_dash():
     assert [c.label for c in zipped] == ["model={kind: mf}, compare.methods=pld",
                                          "model={kind: mf, dim: 8}, compare.methods=-",
                                          "model={kind: lightgcn}, compare.methods=-"]
+
+
+def test_methods_table_has_one_row_per_cell_and_method(grid_run):
+    from recval_ray.report_grid import method_rows
+    rows = method_rows(grid_run["metrics"])
+    cells = [c for c in grid_run["metrics"]["cells"] if c["ran"]]
+    assert [(r["cell"], r["method"]) for r in rows] == [(c["cell"], m) for c in cells for m in c["methods"]]
+    for r, c in zip(rows, cells):
+        st = c["summary"][f"pruned:{r['method']}"]["recall@10"]
+        assert r["pruned recall@10"].startswith(f"{st['mean']:.4f}")
+        assert r["full recall@10"].startswith(f"{c['summary']['full']['recall@10']['mean']:.4f}")
+        assert ("noise AUC" in r) == (c["overrides"]["noise.ratio"] > 0)
+        assert ("oracle recall@10" in r) == (c["overrides"]["noise.ratio"] > 0)
+    assert "Methods compared" in (grid_run["dir"] / "report.html").read_text()
