@@ -31,3 +31,14 @@ def shared_data_dir() -> str | None:
         if d and os.path.isdir(os.path.join(d, "ml-100k")):
             return os.path.abspath(d)
     return None
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny tensor work is dominated by thread start-up on a busy 2-core runner."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,12 +18,7 @@ from recval_ray.core.train import build_task, epoch_generator, fit
 from recval_ray.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ragged(n_items=30, seed=0) -> Interactions:

@@ -19,12 +19,7 @@ from recval_ray.core.valuers.base import ValuationContext
 from recval_ray.registry import VALUERS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_split(n_users=10, n_items=14, per_user=6, seed=0) -> Split:

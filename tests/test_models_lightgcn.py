@@ -18,13 +18,7 @@ from recval_ray.core.train import build_task, fit, train_model
 from recval_ray.registry import MODELS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny sparse products are dominated by thread start-up on a busy 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(n_users=20, n_items=30, per_user=5, seed=0) -> Interactions:

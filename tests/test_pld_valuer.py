@@ -18,12 +18,7 @@ from recval_ray.errors import ConfigError
 from recval_ray.registry import VALUERS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_standardise_within_user_by_hand():
