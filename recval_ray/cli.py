@@ -20,6 +20,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log every training epoch")
 
 
+def _output_args(p: argparse.ArgumentParser, run_id_default: str, *, output_default: str = "output.uri",
+                 overwrite_help: str = "replace a complete run with the same id", address: bool = True,
+                 no_ray: bool = True) -> None:
+    """The output options every writing command shares (``--run-id``, ``--output``,
+    ``--overwrite``) and, for the commands that run on Ray, ``--address`` / ``--no-ray``."""
+    p.add_argument("--run-id", help=f"run id (default: {run_id_default})")
+    p.add_argument("--output", help=f"output URI, a local path or s3://bucket/prefix (default: {output_default})")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    if address:
+        p.add_argument("--address", help="Ray cluster address (default: ray.address, RAY_ADDRESS, else local)")
+    if no_ray:
+        p.add_argument("--no-ray", action="store_true",
+                       help="run the Ray-free core in this process (debugging; Ray Train paths unavailable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recval",
@@ -32,12 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and write values/, pruned/, splits/, metrics.json, report.html and "
                                      "manifest.json (last) under OUTPUT/RUN_ID/.")
     _common(run)
-    run.add_argument("--run-id", help="run id (default: output.run_id or the job name)")
-    run.add_argument("--output", help="output URI, a local path or s3://bucket/prefix (default: output.uri)")
-    run.add_argument("--overwrite", action="store_true", help="replace a complete run with the same id")
-    run.add_argument("--address", help="Ray cluster address (default: ray.address, RAY_ADDRESS, else local)")
-    run.add_argument("--no-ray", action="store_true",
-                     help="run the Ray-free core in this process (debugging; Ray Train paths unavailable)")
+    _output_args(run, "output.run_id or the job name")
 
     cmp = sub.add_parser("compare", help="run the job over several seeds and variants, mean and std",
                          description="For each seed: train the base model (full data), value the training "
@@ -51,12 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cmp)
     cmp.add_argument("--seeds", metavar="N|S,S,...",
                      help="N seeds 0..N-1, or a comma-separated list (default: compare.seeds)")
-    cmp.add_argument("--run-id", help="run id (default: <output.run_id or the job name>-compare)")
-    cmp.add_argument("--output", help="output URI, a local path or s3://bucket/prefix (default: output.uri)")
-    cmp.add_argument("--overwrite", action="store_true", help="replace a complete run with the same id")
-    cmp.add_argument("--address", help="Ray cluster address (default: ray.address, RAY_ADDRESS, else local)")
-    cmp.add_argument("--no-ray", action="store_true",
-                     help="run the Ray-free core in this process (debugging; Ray Train paths unavailable)")
+    _output_args(cmp, "<output.run_id or the job name>-compare")
 
     swp = sub.add_parser("sweep", help="a Ray Tune sweep over any config keys (the job's tune: section)",
                          description="Run one trial per point of the tune: space (train, value, prune, "
@@ -68,11 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(swp)
     swp.add_argument("--num-samples", type=int, metavar="N",
                      help="repeats of the grid / samples of the random keys (default: tune.num_samples)")
-    swp.add_argument("--run-id", help="run id (default: <output.run_id or the job name>-sweep)")
-    swp.add_argument("--output", help="output URI, a local path or s3://bucket/prefix (default: output.uri)")
-    swp.add_argument("--overwrite", action="store_true",
-                     help="replace a complete sweep with the same id (its finished trials are reused)")
-    swp.add_argument("--address", help="Ray cluster address (default: ray.address, RAY_ADDRESS, else local)")
+    _output_args(swp, "<output.run_id or the job name>-sweep", no_ray=False,
+                 overwrite_help="replace a complete sweep with the same id (its finished trials are reused)")
 
     val = sub.add_parser("validate", help="check a job's config and data without training or writing",
                          description="Validate the config, read and check the data, split and inject "
@@ -90,9 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a key of the run's config, e.g. --set explain.surrogate=gbdt "
                           "--set data.path=/new/place (repeatable)")
     exp.add_argument("-v", "--verbose", action="store_true", help="more logging")
-    exp.add_argument("--run-id", help="run id of the explanation (default: <run id>-explain)")
-    exp.add_argument("--output", help="output URI (default: the run's parent)")
-    exp.add_argument("--overwrite", action="store_true", help="replace a complete explanation with the same id")
+    _output_args(exp, "<run id>-explain", output_default="the run's parent", address=False, no_ray=False,
+                 overwrite_help="replace a complete explanation with the same id")
 
     sbm = sub.add_parser("submit", help="submit a job to a Ray cluster (Jobs API) and print its id",
                          description="Validate the job here, then submit `python -m recval_ray.cli run JOB` "
