@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Validate the job here, then submit `python -m recval_ray.cli run JOB` "
                                      "to the cluster's dashboard with a runtime_env: the working dir, the "
                                      "package's pip dependencies (not ray and torch: the cluster image has "
-                                     "them) and the storage credentials of this environment (AWS_*, "
-                                     "RECVAL_DATA_DIR). Token auth: --token-file, RAY_AUTH_TOKEN_PATH, "
+                                     "them) and where storage is (AWS_ENDPOINT_URL, AWS_REGION, "
+                                     "RECVAL_DATA_DIR; credentials only with --pass-credentials). Token auth: --token-file, RAY_AUTH_TOKEN_PATH, "
                                      "RAY_AUTH_TOKEN, or RAY_AUTH_MODE=token with ~/.ray/auth_token.")
     _common(sbm)
     sbm.add_argument("--address", help="dashboard URL http://HEAD:8265 (default: RAY_ADDRESS, else ray.address)")
@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     sbm.add_argument("--overwrite", action="store_true", help="replace a complete run with the same id")
     sbm.add_argument("--working-dir", help="directory uploaded as the job's working dir; must contain JOB "
                                            "(default: the current directory)")
+    sbm.add_argument("--pass-credentials", action="store_true",
+                     help="also hand this shell's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN to "
+                          "the job (Ray writes them into its logs and shows them on the dashboard; by "
+                          "default the job uses the cluster's own credentials: IAM role, Kubernetes Secret)")
     pip = sbm.add_mutually_exclusive_group()
     pip.add_argument("--pip", action="append", metavar="REQ",
                      help="pip requirement for the job's runtime_env, replaces the default list (repeatable)")

@@ -358,7 +358,7 @@ def run_compare(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Opt
                 address: Optional[str] = None) -> CompareResult:
     """Run the comparison and write its outputs (``manifest.json`` last). With
     ``compare.grid``, every cell is a comparison of its own (see :mod:`recval_ray.grid`)."""
-    from .ray_layer.output import WORK
+    from .output import WORK
     from .core.executor import ShardStore
     from .errors import ConfigError
 
@@ -373,87 +373,84 @@ def run_compare(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Opt
     t_all = time.perf_counter()
     run_id = run_id or (f"{cfg.output.run_id}-compare" if cfg.output.run_id else f"{cfg.name}-compare")
     out, on_cluster = open_run(cfg, run_id, output_uri, overwrite, use_ray, address)
+    with out:
+        seeds = list(cfg.compare.seeds)
+        t = time.perf_counter()
+        units = _prepare_units(cfg, cells, seeds, use_ray)
+        timings["ingest_split_s"] = time.perf_counter() - t
+        if cells is None:
+            log.info("comparing %s over seeds %s (varying %s): variants %s, methods %s", cfg.model.kind, seeds,
+                     ", ".join(cfg.compare.vary), ", ".join(compare_variants(cfg)),
+                     ", ".join(label for label, _ in compared_methods(cfg)) or "none")
+        else:
+            log.info("comparing %d cells of compare.grid (%s) over seeds %s (varying %s)", len(units),
+                     ", ".join(grid_keys(cfg.compare.grid)), seeds, ", ".join(cfg.compare.vary))
 
-    seeds = list(cfg.compare.seeds)
-    t = time.perf_counter()
-    units = _prepare_units(cfg, cells, seeds, use_ray)
-    timings["ingest_split_s"] = time.perf_counter() - t
-    out.prepare()
-    if cells is None:
-        log.info("comparing %s over seeds %s (varying %s): variants %s, methods %s", cfg.model.kind, seeds,
-                 ", ".join(cfg.compare.vary), ", ".join(compare_variants(cfg)),
-                 ", ".join(label for label, _ in compared_methods(cfg)) or "none")
-    else:
-        log.info("comparing %d cells of compare.grid (%s) over seeds %s (varying %s)", len(units),
-                 ", ".join(grid_keys(cfg.compare.grid)), seeds, ", ".join(cfg.compare.vary))
+        work_dir = tempfile.mkdtemp(prefix=f"recval-{run_id}-")
+        try:
+            for k, u in enumerate(units):
+                if u.cell is not None:
+                    log.info("cell %d of %d: %s [%s]: variants %s, methods %s", k + 1, len(units), u.cell.label,
+                             u.cell.id, ", ".join(compare_variants(u.cfg)),
+                             ", ".join(label for label, _ in compared_methods(u.cfg)) or "none")
+                cell_dir = os.path.join(work_dir, *u.sub)
+                os.makedirs(cell_dir, exist_ok=True)
+                for i, s in enumerate(seeds):
+                    t = time.perf_counter()
+                    log.info("seed %d of %d (seed %d)%s", i + 1, len(seeds), s,
+                             f", cell {u.cell.id}" if u.cell is not None else "")
+                    position = f" ({i + 1} of {len(seeds)})" + (f" cell {u.cell.id}" if u.cell is not None else "")
+                    outcome = compare_seed(
+                        u.cfg, u.dataset, s, position=position, shared_split=u.shared,
+                        use_ray=use_ray, work_dir=cell_dir,
+                        stores=lambda label, s=s, sub=u.sub: ShardStore(out.fs, out.root_path(WORK, *sub, f"seed-{s}", label)),
+                        base_storage=out.attempt_uri("checkpoints", *u.sub, f"seed-{s}") if on_cluster else None)
+                    if i > 0:   # only the first seed's valuations are written
+                        outcome.valuations = {}
+                    u.outcomes.append(outcome)
+                    timings[f"{u.cell.id}_seed_{s}_s" if u.cell is not None else f"seed_{s}_s"] = time.perf_counter() - t
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
 
-    work_dir = tempfile.mkdtemp(prefix=f"recval-{run_id}-")
-    try:
-        for k, u in enumerate(units):
-            if u.cell is not None:
-                log.info("cell %d of %d: %s [%s]: variants %s, methods %s", k + 1, len(units), u.cell.label,
-                         u.cell.id, ", ".join(compare_variants(u.cfg)),
-                         ", ".join(label for label, _ in compared_methods(u.cfg)) or "none")
-            cell_dir = os.path.join(work_dir, *u.sub)
-            os.makedirs(cell_dir, exist_ok=True)
-            for i, s in enumerate(seeds):
-                t = time.perf_counter()
-                log.info("seed %d of %d (seed %d)%s", i + 1, len(seeds), s,
-                         f", cell {u.cell.id}" if u.cell is not None else "")
-                position = f" ({i + 1} of {len(seeds)})" + (f" cell {u.cell.id}" if u.cell is not None else "")
-                outcome = compare_seed(
-                    u.cfg, u.dataset, s, position=position, shared_split=u.shared,
-                    use_ray=use_ray, work_dir=cell_dir,
-                    stores=lambda label, s=s, sub=u.sub: ShardStore(out.fs, out.path(WORK, *sub, f"seed-{s}", label)),
-                    base_storage="/".join([out.uri, "checkpoints", *u.sub, f"seed-{s}"]) if on_cluster else None)
-                if i > 0:   # only the first seed's valuations are written
-                    outcome.valuations = {}
-                u.outcomes.append(outcome)
-                timings[f"{u.cell.id}_seed_{s}_s" if u.cell is not None else f"seed_{s}_s"] = time.perf_counter() - t
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        if cells is None:
+            u = units[0]
+            table = comparison_table([r for o in u.outcomes for r in o.rows])
+            runs = pa.Table.from_pylist([r for o in u.outcomes for r in o.runs])
+            metrics = {
+                "kind": "compare", "model": cfg.model.kind,
+                "methods": [label for label, _ in compared_methods(cfg)], "variants": compare_variants(cfg),
+                "seeds": seeds, "vary": list(cfg.compare.vary), "std": STD_NOTE, "data": _data_info(u),
+                "prune": _prune_info(cfg), **summarise(table, seeds), "runs": runs.to_pylist(),
+                "valuation": {label: v.info for label, (v, _) in u.outcomes[0].valuations.items()},
+            }
+        else:
+            table, runs, metrics = _grid_results(cfg, cells, units, seeds)
 
-    if cells is None:
-        u = units[0]
-        table = comparison_table([r for o in u.outcomes for r in o.rows])
-        runs = pa.Table.from_pylist([r for o in u.outcomes for r in o.runs])
-        metrics = {
-            "kind": "compare", "model": cfg.model.kind,
-            "methods": [label for label, _ in compared_methods(cfg)], "variants": compare_variants(cfg),
-            "seeds": seeds, "vary": list(cfg.compare.vary), "std": STD_NOTE, "data": _data_info(u),
-            "prune": _prune_info(cfg), **summarise(table, seeds), "runs": runs.to_pylist(),
-            "valuation": {label: v.info for label, (v, _) in u.outcomes[0].valuations.items()},
-        }
-    else:
-        table, runs, metrics = _grid_results(cfg, cells, units, seeds)
-
-    t = time.perf_counter()
-    log.info("writing outputs to %s", out.uri)
-    out.write_table("comparison", table, use_ray=use_ray)
-    out.write_table("comparison_runs", runs, use_ray=use_ray)
-    values_tabs: dict = {}
-    for u in units:
-        first = u.outcomes[0]
-        tabs = values_tabs.setdefault(u.cell.id, {}) if u.cell is not None else values_tabs
-        for label, (valuation, keep) in first.valuations.items():
-            tabs[label] = values_table(u.dataset, first.split, valuation, keep)
-            out.write_table("/".join(["method_values", *u.sub, label]), tabs[label], use_ray=use_ray)
-        for name, part in first.split.parts().items():
-            out.write_table("/".join(["splits", *u.sub, name]), interactions_table(u.dataset, part), use_ray=use_ray)
-    out.write_json("metrics.json", metrics)
-    if cfg.output.report:
-        from .report_builder import build_compare_report
-        out.write_text("report.html", build_compare_report(cfg, run_id, metrics, values_tabs))
-    out.clear_work()
-    timings["write_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_all
-    manifest = {
-        "status": "complete", "kind": "compare", "run_id": run_id, "uri": out.uri,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": cfg.to_dict(), "versions": versions(), "row_counts": out.row_counts,
-        "timings": {k: round(v, 3) for k, v in timings.items()}, "files": out.checksums(),
-    }
-    out.write_manifest(manifest)
+        t = time.perf_counter()
+        log.info("writing outputs to %s", out.uri)
+        out.write_table("comparison", table, use_ray=use_ray)
+        out.write_table("comparison_runs", runs, use_ray=use_ray)
+        values_tabs: dict = {}
+        for u in units:
+            first = u.outcomes[0]
+            tabs = values_tabs.setdefault(u.cell.id, {}) if u.cell is not None else values_tabs
+            for label, (valuation, keep) in first.valuations.items():
+                tabs[label] = values_table(u.dataset, first.split, valuation, keep)
+                out.write_table("/".join(["method_values", *u.sub, label]), tabs[label], use_ray=use_ray)
+            for name, part in first.split.parts().items():
+                out.write_table("/".join(["splits", *u.sub, name]), interactions_table(u.dataset, part), use_ray=use_ray)
+        out.write_json("metrics.json", metrics)
+        if cfg.output.report:
+            from .report_builder import build_compare_report
+            out.write_text("report.html", build_compare_report(cfg, run_id, metrics, values_tabs))
+        timings["write_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t_all
+        manifest = out.commit({
+            "status": "complete", "kind": "compare", "run_id": run_id,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config": cfg.to_dict(), "versions": versions(),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        })
     return CompareResult(uri=out.uri, run_id=run_id, metrics=metrics, manifest=manifest, table=table,
                          runs=runs)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
 import types
@@ -76,6 +77,7 @@ class DataConfig:
     min_user: int = 0
     min_item: int = 0
     duplicates: Literal["keep-last", "keep-first", "error"] = "keep-last"
+    hidden_files: Literal["skip", "read"] = "skip"   # files/folders named .* or _* in an input folder
     strict: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -122,6 +124,7 @@ class TrainConfig:
     max_failures: int = 1
     keep_checkpoints: int = 0
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)   # BPR objective (MF, LightGCN)
+    engine: Literal["autograd", "sparse"] = "autograd"   # MF-BPR steps: autograd, or closed-form row-sparse (core/fast_bpr.py)
 
 
 @dataclass
@@ -150,6 +153,7 @@ class EvaluateConfig:
 class StorageConfig:
     endpoint_url: Optional[str] = None
     region: Optional[str] = None
+    create_bucket: bool = False     # create a missing output bucket (default: an error, as a typo would be)
 
 
 @dataclass
@@ -166,6 +170,7 @@ class RayConfig:
     address: Optional[str] = None
     num_cpus: Optional[int] = None
     num_gpus: Optional[int] = None
+    pass_credentials: bool = False   # on a cluster: hand AWS_* secrets to the workers (they land in Ray's logs)
 
 
 # the model kinds trained by BPRTask, the ones train.denoise applies to
@@ -363,10 +368,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            out = float(value)
+        elif isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            out = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+        else:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(out):   # .nan / .inf: no setting of a job means them
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, str):
             return value
@@ -425,11 +434,16 @@ def validate_config(raw: dict) -> JobConfig:
     return cfg
 
 
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def check_run_id(run_id: str, key: str = "name") -> None:
-    """A run id is one plain directory name: it may never address the output dir or its parent."""
-    if not run_id or not re.fullmatch(r"[A-Za-z0-9._-]+", run_id) or set(run_id) == {"."}:
-        raise ConfigError(f"{key}: {run_id!r} must be letters, digits, '.', '_' or '-' "
-                          f"(and not only dots)")
+    """A run id is one plain folder name: 1-128 letters, digits, ``.``, ``_``, ``-``, starting
+    with a letter or digit, so it never addresses the output folder, its parent, a hidden
+    folder (``.ssh``) or recval's own ``_``-named state (``_work``)."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"{key}: {run_id!r} must be 1-128 letters, digits, '.', '_' or '-', "
+                          f"starting with a letter or digit")
 
 
 def check_semantics(cfg: JobConfig) -> None:
@@ -453,6 +467,8 @@ def check_semantics(cfg: JobConfig) -> None:
         raise ConfigError("split.n_test and split.n_valid must be >= 0")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr: {cfg.train.lr} must be positive")
+    if cfg.train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay: {cfg.train.weight_decay} must be >= 0")
     if any(k <= 0 for k in cfg.evaluate.ks):
         raise ConfigError(f"evaluate.ks: {cfg.evaluate.ks} must be positive")
     from .core.metrics import metric_names, parse_metric
@@ -476,6 +492,9 @@ def check_semantics(cfg: JobConfig) -> None:
         cfg.train.denoise.validate("train.denoise")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.train.engine != "autograd":   # the settings train.engine: sparse supports
+        from .core.fast_bpr import check_engine
+        check_engine(cfg.train, cfg.model.kind)
     if cfg.train.denoise.kind != "bpr" and cfg.model.kind not in BPR_MODELS:
         raise ConfigError(f"train.denoise.kind: {cfg.train.denoise.kind!r} needs a BPR-trained model "
                           f"({', '.join(BPR_MODELS)}), not model.kind {cfg.model.kind!r}")

@@ -41,3 +41,18 @@ class InputError(RecvalError):
 
 class OutputExistsError(RecvalError):
     """A complete run already exists at the output location and --overwrite was not given."""
+
+
+class OutputError(RecvalError):
+    """The output location cannot take the run: not writable, a file in the way, a folder that
+    is not a recval run, a missing bucket. Raised before any work is done."""
+
+
+class OutputLockedError(OutputError):
+    """Another run of the same run id holds the run's lock."""
+
+
+class OutputVerificationError(RecvalError):
+    """Storage does not hold what the run wrote (a lost or truncated object): nothing is published."""
+
+    exit_code = 1

@@ -11,7 +11,6 @@ never modified: the explanation is a new output (default ``<run>-explain`` next 
 """
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 import time
@@ -27,11 +26,13 @@ def read_run_config(run_uri: str, overrides: list[str]):
     """The config of the complete run at ``run_uri`` with ``overrides`` applied and
     ``explain.enabled`` on; raises ConfigError for a missing or incomplete run."""
     from .config import apply_override, validate_config
+    from .output import read_manifest
     fs, root = rfs.resolve(run_uri)
     manifest_path = posixpath.join(root, "manifest.json")
-    if not rfs.exists(fs, manifest_path):
-        raise ConfigError(f"{run_uri}: not a complete run (no manifest.json); explain a finished `recval run`")
-    manifest = json.loads(rfs.read_bytes(fs, manifest_path))
+    manifest = read_manifest(fs, manifest_path)
+    if manifest is None:
+        raise ConfigError(f"{run_uri}: not a complete run (no complete manifest.json); explain a finished "
+                          f"`recval run`")
     raw = manifest.get("config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{manifest_path}: no config recorded")
@@ -51,7 +52,7 @@ def explain_run(run_uri: str, overrides: Optional[list[str]] = None, *, output_u
 
     from .core.explain_values import explain_values
     from .pipeline import load_data, make_split, versions
-    from .ray_layer.output import RunOutput
+    from .output import RunOutput
     from .report import Report
     from .report_builder import why_section
 
@@ -59,27 +60,26 @@ def explain_run(run_uri: str, overrides: Optional[list[str]] = None, *, output_u
     cfg, manifest, fs, root = read_run_config(run_uri, list(overrides or []))
     source_id = manifest.get("run_id") or posixpath.basename(root.rstrip("/"))
     parent = run_uri.rstrip("/").rsplit("/", 1)[0] if "/" in run_uri.rstrip("/") else "."
-    out = RunOutput(output_uri or parent, run_id or f"{source_id}-explain", cfg.storage)
-    out.check_writable(overwrite)
-    dataset = load_data(cfg, use_ray=False)
-    split, _ = make_split(cfg, dataset)
-    values = pq.read_table(posixpath.join(root, "values"), filesystem=fs)
-    log.info("explaining %d values of %s (%s surrogate, %s Shapley values)", values.num_rows, run_uri,
-             cfg.explain.surrogate, cfg.explain.backend)
-    explanation = explain_values(values, split, dataset, cfg.explain)
-    out.prepare()
-    out.write_table("explanations/attributions", explanation.attributions_table(dataset, split.train), use_ray=False)
-    out.write_table("explanations/importance", explanation.importance_table(), use_ray=False)
-    metrics = {"source_run": run_uri, "valuation": cfg.valuation.method, "explain": explanation.summary()}
-    out.write_json("metrics.json", metrics)
-    rep = Report(f"recval explain {source_id}", f"why the {cfg.valuation.method} values of {run_uri}")
-    why_section(rep, explanation, cfg.valuation.method)
-    out.write_text("report.html", rep.html())
-    result = {"status": "complete", "run_id": out.uri.rstrip("/").rsplit("/", 1)[-1], "uri": out.uri,
-              "source_run": run_uri, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "config": cfg.to_dict(), "versions": versions(), "row_counts": out.row_counts,
-              "timings": {"total_s": round(time.perf_counter() - t0, 3)}, "files": out.checksums()}
-    out.write_manifest(result)
+    out = RunOutput(output_uri or parent, run_id or f"{source_id}-explain", cfg.storage).open(overwrite)
+    with out:
+        dataset = load_data(cfg, use_ray=False)
+        split, _ = make_split(cfg, dataset)
+        values = pq.read_table(posixpath.join(root, "values"), filesystem=fs)
+        log.info("explaining %d values of %s (%s surrogate, %s Shapley values)", values.num_rows, run_uri,
+                 cfg.explain.surrogate, cfg.explain.backend)
+        explanation = explain_values(values, split, dataset, cfg.explain)
+        out.write_table("explanations/attributions", explanation.attributions_table(dataset, split.train),
+                        use_ray=False)
+        out.write_table("explanations/importance", explanation.importance_table(), use_ray=False)
+        metrics = {"source_run": run_uri, "valuation": cfg.valuation.method, "explain": explanation.summary()}
+        out.write_json("metrics.json", metrics)
+        rep = Report(f"recval explain {source_id}", f"why the {cfg.valuation.method} values of {run_uri}")
+        why_section(rep, explanation, cfg.valuation.method)
+        out.write_text("report.html", rep.html())
+        result = out.commit({"status": "complete", "run_id": out.run_id, "source_run": run_uri,
+                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "config": cfg.to_dict(), "versions": versions(),
+                             "timings": {"total_s": round(time.perf_counter() - t0, 3)}})
     log.info("explanation: surrogate held-out R^2 %.3f; top features %s", explanation.info["r2_heldout"],
              ", ".join(explanation.top_features(3)))
     return result

@@ -19,7 +19,10 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def s3_filesystem(endpoint_url: Optional[str] = None, region: Optional[str] = None) -> pafs.S3FileSystem:
+def s3_filesystem(endpoint_url: Optional[str] = None, region: Optional[str] = None,
+                  create_bucket: bool = False) -> pafs.S3FileSystem:
+    """An S3 filesystem; a bucket is created only with ``create_bucket`` (``storage.create_bucket``),
+    so a typo in a bucket name is an error, not a new bucket."""
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     kw = {}
     if endpoint_url:
@@ -32,14 +35,14 @@ def s3_filesystem(endpoint_url: Optional[str] = None, region: Optional[str] = No
         kw["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
         if os.environ.get("AWS_SESSION_TOKEN"):
             kw["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    return pafs.S3FileSystem(region=region, allow_bucket_creation=True, **kw)
+    return pafs.S3FileSystem(region=region, allow_bucket_creation=create_bucket, **kw)
 
 
-def resolve(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None
-            ) -> tuple[pafs.FileSystem, str]:
+def resolve(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None,
+            create_bucket: bool = False) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path)`` for a local path, ``file://`` URI or ``s3://bucket/key`` URI."""
     if uri.startswith("s3://"):
-        fs = s3_filesystem(endpoint_url, region)
+        fs = s3_filesystem(endpoint_url, region, create_bucket)
         return fs, uri[len("s3://"):].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
@@ -62,8 +65,15 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
-    """Files at ``path`` (itself if a file, else every file below it, sorted)."""
+def is_hidden(rel: str) -> bool:
+    """A path (relative to a listed folder) with a part named ``.…`` or ``_…``: hidden files,
+    ``_SUCCESS`` / ``_metadata`` markers, ``_temporary/`` and ``.staging/`` folders."""
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def list_files(fs: pafs.FileSystem, path: str, include_hidden: bool = False) -> list[str]:
+    """Files at ``path`` (itself if a file, else every file below it, sorted), without the
+    hidden ones (:func:`is_hidden`, relative to ``path``) unless ``include_hidden``."""
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return [path]
@@ -71,7 +81,7 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
         return []
     sel = pafs.FileSelector(path, recursive=True)
     return sorted(i.path for i in fs.get_file_info(sel) if i.type == pafs.FileType.File
-                  and not posixpath.basename(i.path).startswith((".", "_")))
+                  and (include_hidden or not is_hidden(posixpath.relpath(i.path, path))))
 
 
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -83,5 +93,6 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
+    """The stored bytes, as they are (no decompression by file extension)."""
+    with fs.open_input_stream(path, compression=None) as f:
         return f.read()

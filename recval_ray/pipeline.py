@@ -52,10 +52,26 @@ def make_split(cfg: JobConfig, dataset: Dataset) -> tuple[Split, list[str]]:
     split, warnings = drop_unseen(split, strict=cfg.data.strict)
     for w in warnings:
         log.warning(w)
-    if len(split.train) == 0:
-        from .errors import InputError
-        raise InputError("the training split is empty")
+    from .errors import InputError
+    for name, part in split.parts().items():
+        if len(part) == 0 and (name != "valid" or _expects_validation(cfg)):
+            raise InputError(f"the {name} split is empty ({dataset.n_users} users, {len(dataset.interactions)} "
+                             f"interactions, split {cfg.split.kind}): "
+                             + ("nothing to train on" if name == "train" else
+                                "nothing to evaluate on (every metric would be NaN)")
+                             + "; a log needs users with several interactions each")
     return split, warnings
+
+
+def _expects_validation(cfg: JobConfig) -> bool:
+    """Whether the split config asks for validation rows (a 3-way ratio, leave-last n_valid,
+    or rows carved from a pre-split input's train part)."""
+    s = cfg.split
+    if s.kind in ("random", "user-ratio", "user-time-ratio"):
+        return len(s.ratios) == 3 and s.ratios[1] > 0
+    if s.kind == "leave-last":
+        return s.n_valid > 0
+    return s.valid_from_train > 0
 
 
 def train(cfg: JobConfig, train_part: Interactions, valid: Interactions, *, tag: str,
@@ -209,7 +225,7 @@ def interactions_table(dataset: Dataset, part: Interactions, extra: Optional[dic
     """Original ids (and rating/timestamp when present) of ``part``, plus ``extra`` columns."""
     cols = {"user_id": dataset.original_users(part.user), "item_id": dataset.original_items(part.item)}
     if part.rating is not None:
-        cols["rating"] = pa.array(part.rating, pa.float64(), mask=np.isnan(part.rating))
+        cols["rating"] = dataset.original_ratings(part)
     if part.timestamp is not None:
         cols["timestamp"] = pa.array(part.timestamp, pa.int64(), mask=part.timestamp < 0)
     if part.is_noise is not None:
@@ -281,102 +297,110 @@ def versions() -> dict:
 
 
 def open_run(cfg: JobConfig, run_id: str, output_uri: Optional[str], overwrite: Optional[bool],
-             use_ray: bool, address: Optional[str]):
-    """``(RunOutput, on_cluster)``: the run's output, checked writable before any work, and
-    Ray started or joined. On a cluster, workers on other nodes cannot see this machine's
-    temp dir, so Ray Train checkpoints go to the run's own storage (``on_cluster``)."""
-    from .ray_layer.output import RunOutput
-    out = RunOutput(output_uri or cfg.output.uri, run_id, cfg.storage)
-    out.check_writable(cfg.output.overwrite if overwrite is None else overwrite)
+             use_ray: bool, address: Optional[str], public_uri: Optional[str] = None):
+    """``(RunOutput, on_cluster)``: the run's output opened (checked writable, locked, a complete
+    run refused without ``overwrite``: :meth:`~recval_ray.output.RunOutput.open`) before any
+    work, and Ray started or joined. On a cluster, workers on other nodes cannot see this
+    machine's temp dir, so Ray Train checkpoints go to the run's own storage (``on_cluster``).
+    Use the output as a context manager: a failure aborts the attempt and releases the lock."""
+    from .output import RunOutput
+    out = RunOutput(output_uri or cfg.output.uri, run_id, cfg.storage, public_uri=public_uri)
+    out.open(cfg.output.overwrite if overwrite is None else overwrite)
     on_cluster = False
     if use_ray:
         import os
         from .ray_layer.session import ensure_ray
-        ensure_ray(cfg.ray, address)
+        try:
+            ensure_ray(cfg.ray, address)
+        except BaseException:
+            out.abort()
+            raise
         on_cluster = bool(address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     return out, on_cluster
 
 
 def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optional[str] = None,
-            overwrite: Optional[bool] = None, use_ray: bool = True, address: Optional[str] = None) -> RunResult:
-    """Run the whole job; returns where the outputs are and the headline metrics."""
+            overwrite: Optional[bool] = None, use_ray: bool = True, address: Optional[str] = None,
+            public_uri: Optional[str] = None) -> RunResult:
+    """Run the whole job; returns where the outputs are and the headline metrics.
+    ``public_uri``: the run's address for its manifest when it is written inside another
+    run's attempt (a sweep's best run)."""
     timings: dict = {}
     t_all = time.perf_counter()
     run_id = run_id or cfg.output.run_id or cfg.name
-    out, on_cluster = open_run(cfg, run_id, output_uri, overwrite, use_ray, address)
-
-    t = time.perf_counter()
-    dataset = load_data(cfg, use_ray=use_ray)
-    split, split_warnings = make_split(cfg, dataset)
-    timings["ingest_split_s"] = time.perf_counter() - t
-    out.prepare()  # the input is valid: clear any earlier content of this run id
-    log.info("data: %d users, %d items; train %d (noise %d), valid %d, test %d",
-             dataset.n_users, dataset.n_items, len(split.train),
-             int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0,
-             len(split.valid), len(split.test))
-
-    work_dir = tempfile.mkdtemp(prefix=f"recval-{run_id}-")
-    try:
+    out, on_cluster = open_run(cfg, run_id, output_uri, overwrite, use_ray, address, public_uri)
+    with out:
         t = time.perf_counter()
-        log.info("training the base %s model (up to %d epochs, selecting on validation %s)",
-                 cfg.model.kind, cfg.train.epochs, cfg.train.select_metric)
-        base = train(cfg, split.train, split.valid, tag="base",
-                     checkpoint_dir=f"{work_dir}/checkpoints/base",
-                     storage_path=out.uri + "/checkpoints" if (cfg.output.checkpoints or on_cluster) else None)
-        if cfg.output.checkpoints:
-            out.upload_files(base.checkpoints, "checkpoints/base")
-        base_metrics = evaluate_ranking(base.model, split, cfg.evaluate, "test")
-        timings["train_base_s"] = time.perf_counter() - t
+        dataset = load_data(cfg, use_ray=use_ray)
+        split, split_warnings = make_split(cfg, dataset)
+        timings["ingest_split_s"] = time.perf_counter() - t
+        log.info("data: %d users, %d items; train %d (noise %d), valid %d, test %d",
+                 dataset.n_users, dataset.n_items, len(split.train),
+                 int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0,
+                 len(split.valid), len(split.test))
+
+        work_dir = tempfile.mkdtemp(prefix=f"recval-{run_id}-")
+        try:
+            t = time.perf_counter()
+            log.info("training the base %s model (up to %d epochs, selecting on validation %s)",
+                     cfg.model.kind, cfg.train.epochs, cfg.train.select_metric)
+            base = train(cfg, split.train, split.valid, tag="base",
+                         checkpoint_dir=f"{work_dir}/checkpoints/base",
+                         storage_path=out.attempt_uri("checkpoints") if (cfg.output.checkpoints or on_cluster)
+                         else None)
+            if cfg.output.checkpoints:
+                out.upload_files(base.checkpoints, "checkpoints/base")
+            base_metrics = evaluate_ranking(base.model, split, cfg.evaluate, "test")
+            timings["train_base_s"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            log.info("valuing %d training interactions with %s", len(split.train), cfg.valuation.method)
+            valuation = value(cfg, split, base, dataset, work_dir=work_dir,
+                              executor=make_executor(cfg, use_ray), store=out.work_store(), use_ray=use_ray)
+            timings["value_s"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            log.info("pruning (%s, %s) and retraining on the kept data%s", cfg.prune.strategy, cfg.prune.scope,
+                     " and on a random control" if cfg.prune.random_control else "")
+            pruned = prune_and_retrain(cfg, split, valuation, work_dir, base_model=base.model)
+            if pruned.base_metrics is not None:
+                base_metrics = pruned.base_metrics
+            timings["prune_retrain_s"] = time.perf_counter() - t
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+        metrics = build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, split_warnings)
+        values_tab = values_table(dataset, split, valuation, pruned.keep)
+        explanation = explain(cfg, values_tab, split, dataset, metrics, timings)
 
         t = time.perf_counter()
-        log.info("valuing %d training interactions with %s", len(split.train), cfg.valuation.method)
-        valuation = value(cfg, split, base, dataset, work_dir=work_dir,
-                          executor=make_executor(cfg, use_ray), store=out.work_store(), use_ray=use_ray)
-        timings["value_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        log.info("pruning (%s, %s) and retraining on the kept data%s", cfg.prune.strategy, cfg.prune.scope,
-                 " and on a random control" if cfg.prune.random_control else "")
-        pruned = prune_and_retrain(cfg, split, valuation, work_dir, base_model=base.model)
-        if pruned.base_metrics is not None:
-            base_metrics = pruned.base_metrics
-        timings["prune_retrain_s"] = time.perf_counter() - t
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-
-    metrics = build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, split_warnings)
-    values_tab = values_table(dataset, split, valuation, pruned.keep)
-    explanation = explain(cfg, values_tab, split, dataset, metrics, timings)
-
-    t = time.perf_counter()
-    log.info("writing outputs to %s", out.uri)
-    out.write_table("values", values_tab, use_ray=use_ray)
-    if valuation.entities is not None:
-        out.write_table(f"{valuation.entity_kind or 'entity'}_values", pa.table(valuation.entities), use_ray=use_ray)
-    for name, tab in valuation.tables.items():
-        out.write_table(name, pa.table(tab), use_ray=use_ray)
-    out.write_table("pruned", pruned_table(dataset, split.train.take(pruned.keep)), use_ray=use_ray)
-    for name, part in split.parts().items():
-        out.write_table(f"splits/{name}", interactions_table(dataset, part), use_ray=use_ray)
-    if explanation is not None:
-        out.write_table("explanations/attributions", explanation.attributions_table(dataset, split.train),
-                        use_ray=use_ray)
-        out.write_table("explanations/importance", explanation.importance_table(), use_ray=use_ray)
-    out.write_json("metrics.json", metrics)
-    if cfg.output.report:
-        from .report_builder import build_report
-        out.write_text("report.html", build_report(cfg, run_id, metrics, values_tab, base, valuation,
-                                                       explanation=explanation))
-    out.clear_work()
-    timings["write_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_all
-    manifest = {
-        "status": "complete", "run_id": run_id, "uri": out.uri, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": cfg.to_dict(), "versions": versions(), "row_counts": out.row_counts,
-        "timings": {k: round(v, 3) for k, v in timings.items()}, "files": out.checksums(),
-    }
-    out.write_manifest(manifest)
-    return RunResult(uri=out.uri, run_id=run_id, metrics=metrics, manifest=manifest, values=values_tab)
+        log.info("writing outputs to %s", out.uri)
+        out.write_table("values", values_tab, use_ray=use_ray)
+        if valuation.entities is not None:
+            out.write_table(f"{valuation.entity_kind or 'entity'}_values", pa.table(valuation.entities),
+                            use_ray=use_ray)
+        for name, tab in valuation.tables.items():
+            out.write_table(name, pa.table(tab), use_ray=use_ray)
+        out.write_table("pruned", pruned_table(dataset, split.train.take(pruned.keep)), use_ray=use_ray)
+        for name, part in split.parts().items():
+            out.write_table(f"splits/{name}", interactions_table(dataset, part), use_ray=use_ray)
+        if explanation is not None:
+            out.write_table("explanations/attributions", explanation.attributions_table(dataset, split.train),
+                            use_ray=use_ray)
+            out.write_table("explanations/importance", explanation.importance_table(), use_ray=use_ray)
+        out.write_json("metrics.json", metrics)
+        if cfg.output.report:
+            from .report_builder import build_report
+            out.write_text("report.html", build_report(cfg, run_id, metrics, values_tab, base, valuation,
+                                                           explanation=explanation))
+        timings["write_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t_all
+        manifest = out.commit({
+            "status": "complete", "run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config": cfg.to_dict(), "versions": versions(),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        })
+    return RunResult(uri=out.public_uri, run_id=run_id, metrics=metrics, manifest=manifest, values=values_tab)
 
 
 def explain(cfg: JobConfig, values_tab: pa.Table, split: Split, dataset: Dataset, metrics: dict,

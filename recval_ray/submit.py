@@ -93,10 +93,14 @@ def package_requirements(working_dir: str | None = None) -> list[str]:
 
 
 def build_runtime_env(working_dir: str, pip: list[str] | None = None,
-                      environ: dict | None = None, excludes: list[str] | None = None) -> dict:
+                      environ: dict | None = None, excludes: list[str] | None = None,
+                      pass_credentials: bool = False) -> dict:
     """The job's ``runtime_env``: working_dir + excludes, pip (None: the default list; []:
-    none) and the storage variables of ``STORAGE_ENV`` present in ``environ``."""
-    from .ray_layer.session import STORAGE_ENV
+    none) and the storage variables of ``STORAGE_ENV`` present in ``environ`` (where storage
+    is, no secret); the ``SECRET_ENV`` credentials only with ``pass_credentials``: a
+    runtime_env is written into Ray's logs and shown on the dashboard, so by default the job
+    uses the cluster's own credentials (IAM role, Kubernetes Secret)."""
+    from .ray_layer.session import SECRET_ENV, STORAGE_ENV
 
     environ = os.environ if environ is None else environ
     env = {"working_dir": os.path.abspath(working_dir),
@@ -104,7 +108,8 @@ def build_runtime_env(working_dir: str, pip: list[str] | None = None,
     pip = package_requirements(working_dir) if pip is None else list(pip)
     if pip:
         env["pip"] = pip
-    env_vars = {k: environ[k] for k in STORAGE_ENV if k in environ}
+    names = STORAGE_ENV + (SECRET_ENV if pass_credentials else ())
+    env_vars = {k: environ[k] for k in names if k in environ}
     if env_vars:
         env["env_vars"] = env_vars
     return env
@@ -275,7 +280,7 @@ def submit(args) -> int:
               f"job's working dir on the cluster node and lost with it (use s3://... or a shared "
               f"absolute path)", file=sys.stderr)
     pip = [] if args.no_pip else (args.pip or None)
-    runtime_env = build_runtime_env(working_dir, pip=pip)
+    runtime_env = build_runtime_env(working_dir, pip=pip, pass_credentials=args.pass_credentials)
     entrypoint = build_entrypoint(job_rel, args.overrides, args.run_id, args.output, args.overwrite, extra,
                                   args.verbose)
     client = make_client(address, args.token_file)

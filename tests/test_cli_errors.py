@@ -71,8 +71,8 @@ def error_line(err: str) -> str:
 
 
 def assert_nothing_written(out: Path):
-    assert not (out / "quickstart" / "manifest.json").exists()
-    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+    """Not even the output folder: a failed run removes what it created."""
+    assert not out.exists(), sorted(out.rglob("*"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,7 +162,66 @@ def case_duplicates_error(d: Path):
              "first at row 3", str(f), f"row {BAD_ROW})"])
 
 
+def case_float_ids_beyond_2_53(d: Path):
+    """Issue 17 (5): 1e19 and 2e19 both became int64's minimum, merging two users."""
+    f = d / "ratings.parquet"
+    users = [float(k % 150) for k in range(len(ROWS))]
+    users[BAD_ROW - 1], users[BAD_ROW] = 1e19, 2e19
+    pq.write_table(pa.table({"user": users, "item": [r[1] for r in ROWS],
+                             "rating": [int(r[2]) for r in ROWS]}), str(f))
+    return csv_job(f, fmt="parquet"), ["float id beyond 2^53", str(f), "column 'user'",
+                                       f"2 rows, first: {BAD_ROW}, {BAD_ROW + 1})"]
+
+
+def case_uint64_ids_beyond_int64(d: Path):
+    f = d / "ratings.parquet"
+    users = [k % 150 for k in range(len(ROWS))]
+    users[BAD_ROW - 1] = 2 ** 64 - 1
+    pq.write_table(pa.table({"user": pa.array(users, pa.uint64()), "item": [r[1] for r in ROWS],
+                             "rating": [int(r[2]) for r in ROWS]}), str(f))
+    return csv_job(f, fmt="parquet"), ["id above the int64 range", str(f), "column 'user'", f"row {BAD_ROW})"]
+
+
+def case_nan_rating_in_a_column_named_rating(d: Path):
+    """Issue 17 (8): a column named ``rating`` is checked even when data.columns.rating is unset."""
+    f = d / "ratings.csv"
+    f.write_text(delimited(with_row(ROWS, BAD_ROW, ("u1", "B0001X", "NaN"))))
+    return ([f"data.format=csv", f"data.path={f}", "data.columns.user=user", "data.columns.item=item"],
+            ["rating is NaN", str(f), "column 'rating'", f"row {BAD_ROW})"])
+
+
+def case_rating_beyond_float32(d: Path):
+    f = d / "ratings.csv"
+    f.write_text(delimited(with_row(ROWS, BAD_ROW, ("u1", "B0001X", "1e300"))))
+    return csv_job(f), ["rating beyond the float32 range", str(f), "column 'rating'", f"row {BAD_ROW})"]
+
+
+def case_parquet_folder_mixing_id_types(d: Path):
+    d = d / "parts"
+    d.mkdir()
+    items, ratings, n = [r[1] for r in ROWS], [int(r[2]) for r in ROWS], len(ROWS) // 2
+    pq.write_table(pa.table({"user": [k % 150 for k in range(n)], "item": items[:n],
+                             "rating": ratings[:n]}), str(d / "a.parquet"))
+    pq.write_table(pa.table({"user": [f"u{k % 150}" for k in range(n, 2 * n)], "item": items[n:2 * n],
+                             "rating": ratings[n:2 * n]}), str(d / "b.parquet"))
+    return csv_job(d, fmt="parquet"), ["user ids are integers in", str(d / "a.parquet"), "strings in",
+                                       str(d / "b.parquet"), "column 'user'"]
+
+
+def case_single_user_log(d: Path):
+    """Issue 17 (9): one user ended with every metric NaN and exit 0."""
+    f = d / "ratings.csv"
+    f.write_text(delimited([("u1", f"B{k:04d}X", "4") for k in range(60)]))
+    return csv_job(f), ["split is empty", "1 users"]
+
+
 CASES = {
+    "float-ids-beyond-2^53": case_float_ids_beyond_2_53,
+    "uint64-ids-beyond-int64": case_uint64_ids_beyond_int64,
+    "nan-rating-in-a-column-named-rating": case_nan_rating_in_a_column_named_rating,
+    "rating-beyond-float32": case_rating_beyond_float32,
+    "parquet-folder-mixing-id-types": case_parquet_folder_mixing_id_types,
+    "single-user-log": case_single_user_log,
     "missing-column": case_missing_column,
     "empty-user-id": case_empty_user_id,
     "null-user-id-parquet": case_null_user_id_parquet,
@@ -222,6 +281,12 @@ def test_bad_data_through_ray(case, tmp_path, capsys, ray_session):
     (["train.lr=fast"], ["train.lr", "expected a number", "'fast'"]),
     (["prune.strategy=sometimes"], ["prune.strategy", "'sometimes'", "'fraction'"]),
     (["train.epochs"], ["expected KEY=VALUE"]),
+    # issue 17 (7): non-finite numbers are never a setting
+    (["split.ratios=[.nan, 0.5, 0.5]"], ["split.ratios[0]", "finite", "nan"]),
+    (["prune.strategy=threshold", "prune.threshold=.nan"], ["prune.threshold", "finite"]),
+    (["train.lr=.inf"], ["train.lr", "finite", "inf"]),
+    (["train.weight_decay=-.inf"], ["train.weight_decay", "finite"]),
+    (["train.weight_decay=-0.1"], ["train.weight_decay", ">= 0"]),
 ])
 def test_bad_config_override(overrides, needles, tmp_path, capsys):
     out = tmp_path / "out"

@@ -460,14 +460,14 @@ def test_synthetic_needs_no_path():
 
 
 @pytest.mark.parametrize("bad", [".", "..", "...", "a/b", "../x", "/abs", "a b", "", "a\\b",
-                                 "é", "a\nb"])
+                                 "é", "a\nb", ".ssh", ".hidden", "_work", "_attempt-1", "-x", "a" * 129])
 def test_bad_names_refused(bad):
     assert "name" in config_error(base(name=bad))
     msg = config_error(base(output={"run_id": bad}))
     assert "output.run_id" in msg
 
 
-@pytest.mark.parametrize("good", ["a", "run-1", "run_2.v3", ".hidden", "a..b", "A9"])
+@pytest.mark.parametrize("good", ["a", "run-1", "run_2.v3", "a..b", "A9", "9_x.", "a" * 128])
 def test_good_names_accepted(good):
     cfg = validate_config(base(name=good, output={"run_id": good}))
     assert cfg.name == good and cfg.output.run_id == good

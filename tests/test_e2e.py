@@ -305,15 +305,21 @@ def test_overwrite_replaces_and_is_deterministic(synthetic_run, tmp_path, capsys
 
 @pytest.mark.ray
 def test_incomplete_run_is_replaced(synthetic_run, tmp_path):
+    """A recval run cut short while publishing (marker listing its files, no manifest) is
+    cleared and redone without --overwrite; a file recval did not write stays."""
     result, run_dir, cfg, out = synthetic_run
     stale = tmp_path / "syn"
     (stale / "values").mkdir(parents=True)
     (stale / "values" / "stale.parquet").write_bytes(b"not parquet")
     (stale / "metrics.json").write_text("{}")
+    (stale / "notes.txt").write_text("mine")
+    (stale / "_recval.json").write_text(json.dumps({"tool": "recval_ray", "run_id": "syn",
+                                                    "owned": ["values/stale.parquet", "metrics.json"]}))
     res = run_job(cfg, run_id="syn", output_uri=str(tmp_path), use_ray=False)  # no overwrite needed
     assert not (stale / "values" / "stale.parquet").exists()
+    assert (stale / "notes.txt").read_text() == "mine"
     m = manifest_of(stale)
-    assert m["status"] == "complete" and set(m["files"]) == run_files(stale)
+    assert m["status"] == "complete" and set(m["files"]) == run_files(stale) - {"notes.txt"}
     assert json.loads((stale / "metrics.json").read_text())["test"] == res.metrics["test"]
     # the in-process path on synthetic data gives the Ray run's values too
     assert read(stale, "values").equals(read(run_dir, "values"))

@@ -245,7 +245,10 @@ def test_implicit_threshold(tmp_path):
     assert pairs(ds) == {(1, 1), (2, 1)} and ds.item_ids.to_pylist() == [1]
     assert any("without a rating" in w for w in ds.warnings)
     assert len(load_dataset(DataConfig(format="csv", path=f, columns=Columns(rating="rating"))).interactions) == 4
-    raises(DataConfig(format="csv", path=f, implicit=4.0), "needs ratings")
+    # a column named rating is used (and checked) without data.columns.rating
+    assert pairs(load_dataset(DataConfig(format="csv", path=f, implicit=4.0))) == {(1, 1), (2, 1)}
+    g = write(tmp_path / "s.csv", "user_id,item_id,score\n1,1,5\n1,2,3\n2,1,4\n")
+    raises(DataConfig(format="csv", path=g, implicit=4.0), "needs ratings")
 
 
 def test_kcore_iterates(tmp_path):

@@ -122,6 +122,10 @@ def test_outputs_to_s3(s3):
     listed = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                     if i.type == pafs.FileType.File)
     rel = {posixpath.relpath(p, root) for p in listed} - {"manifest.json"}
+    # recval's own state: the marker (no lock, no attempt left once the run is complete)
+    assert {r for r in rel if r.startswith("_")} == {"_recval.json"}
+    assert read_json(fs, f"{root}/_recval.json")["owned"] == sorted(m["files"])
+    rel -= {"_recval.json"}
     assert set(m["files"]) == rel
     assert {"metrics.json", "report.html"} <= rel
     for r, info in m["files"].items():
@@ -152,9 +156,12 @@ def test_ingest_from_s3(s3):
     assert (on_ray.interactions.user == local.interactions.user).all()
     assert (on_ray.interactions.item == local.interactions.item).all()
 
-    # a whole job from S3 input to S3 output, over the leftovers of an incomplete run
+    # a whole job from S3 input to S3 output, over the leftovers of an incomplete recval run
+    # (its marker lists what it published before it was cut short)
     s3["client"].put_object(Bucket=BUCKET, Key="runs/from-s3/values/stale.parquet", Body=b"junk")
     s3["client"].put_object(Bucket=BUCKET, Key="runs/from-s3/metrics.json", Body=b"{}")
+    s3["client"].put_object(Bucket=BUCKET, Key="runs/from-s3/_recval.json", Body=json.dumps(
+        {"tool": "recval_ray", "run_id": "from-s3", "owned": ["metrics.json", "values/stale.parquet"]}).encode())
     result = run_job(cfg, run_id="from-s3", output_uri=f"s3://{BUCKET}/runs")
     fs, root = s3["fs"], f"{BUCKET}/runs/from-s3"
     m = read_json(fs, f"{root}/manifest.json")
@@ -167,7 +174,7 @@ def test_ingest_from_s3(s3):
     keys = {o["Key"] for o in s3["client"].list_objects_v2(Bucket=BUCKET, Prefix="runs/from-s3/")["Contents"]
             if not o["Key"].endswith("/")}  # pyarrow's create_dir leaves empty "dir/" marker objects
     assert "runs/from-s3/values/stale.parquet" not in keys
-    assert {k[len("runs/from-s3/"):] for k in keys} - {"manifest.json"} == set(m["files"])
+    assert {k[len("runs/from-s3/"):] for k in keys} - {"manifest.json", "_recval.json"} == set(m["files"])
     assert read_json(fs, f"{root}/metrics.json")["data"]["format"] == "csv"
 
 

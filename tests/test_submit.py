@@ -28,7 +28,7 @@ import pytest
 
 from recval_ray import submit as sub
 from recval_ray.cli import main
-from recval_ray.ray_layer.session import STORAGE_ENV
+from recval_ray.ray_layer.session import SECRET_ENV, STORAGE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "quickstart.yaml"
@@ -49,12 +49,16 @@ def test_runtime_env_working_dir_excludes_env_vars(tmp_path):
     assert env["working_dir"] == str(tmp_path.resolve())
     for pattern in (".venv/", ".git/", "recval-output/", "__pycache__/"):
         assert pattern in env["excludes"]
-    # only the STORAGE_ENV names that are set, nothing else (never the Ray token, HOME, PATH ...)
-    assert env["env_vars"] == {"AWS_ACCESS_KEY_ID": "AKIA-x", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
-                               "RECVAL_DATA_DIR": "/d"}
+    # only the STORAGE_ENV names that are set, nothing else (never a secret, the Ray token, HOME ...)
+    assert env["env_vars"] == {"RECVAL_DATA_DIR": "/d"}
     assert set(env["env_vars"]) <= set(STORAGE_ENV)
     assert "pip" not in env  # --no-pip
     assert "env_vars" not in sub.build_runtime_env(str(tmp_path), pip=[], environ={"PATH": "/bin"})
+    # the secrets only when asked for (--pass-credentials)
+    env = sub.build_runtime_env(str(tmp_path), pip=[], environ=environ, pass_credentials=True)
+    assert env["env_vars"] == {"AWS_ACCESS_KEY_ID": "AKIA-x", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+                               "RECVAL_DATA_DIR": "/d"}
+    assert set(env["env_vars"]) <= set(STORAGE_ENV + SECRET_ENV)
 
 
 def test_runtime_env_pip_default_without_torch_and_ray(tmp_path):
@@ -217,7 +221,7 @@ def test_submit_wait_exit_codes(monkeypatch, capsys, final, code):
     assert out.splitlines()[-1].startswith(f"raysubmit_fake: {final}")
     assert "never-print-me" not in out + err
     assert "never-print-me" not in client.submitted["entrypoint"]
-    assert client.submitted["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "never-print-me"
+    assert "never-print-me" not in json.dumps(client.submitted["runtime_env"])   # the cluster's own credentials
     assert "pip" not in client.submitted["runtime_env"]
     assert shlex.split(client.submitted["entrypoint"])[4:] == [
         "jobs/quickstart.yaml", "--set", "evaluate.metrics=[recall, ndcg]", "--output", "/shared/out"]
@@ -257,9 +261,10 @@ def test_driver_of_a_submitted_job_does_not_repeat_the_storage_env(monkeypatch):
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
-    for k in STORAGE_ENV:
+    for k in STORAGE_ENV + SECRET_ENV:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-the-runtime-env")
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"env_vars": {"AWS_REGION": "us-east-1"}}}')
     session.ensure_ray(address="127.0.0.1:1")
     assert seen["runtime_env"] is None
@@ -270,6 +275,14 @@ def test_driver_of_a_submitted_job_does_not_repeat_the_storage_env(monkeypatch):
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     session.ensure_ray(address="127.0.0.1:1")
     assert seen["runtime_env"] == {"env_vars": {"AWS_REGION": "us-east-1", "RECVAL_DATA_DIR": "/data"}}
+    # ray.pass_credentials: the secrets too
+    from recval_ray.config import RayConfig
+    session.ensure_ray(RayConfig(pass_credentials=True), address="127.0.0.1:1")
+    assert seen["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "not-for-the-runtime-env"
+    # local mode: no runtime_env at all (the workers inherit this environment)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    session.ensure_ray()
+    assert seen["runtime_env"] is None and seen["address"] == "local"
 
 
 # ---------------------------------------------------------------- end to end (a local head)

@@ -143,6 +143,27 @@ class Dataset:
     def original_items(self, index: np.ndarray) -> pa.Array:
         return self.item_ids.take(pa.array(np.asarray(index, dtype=np.int64)))
 
+    def original_ratings(self, part: "Interactions") -> pa.Array:
+        """``part``'s ratings for output at the input's precision: the rating column's own
+        numeric type (Parquet), or float64 parsed from the text (csv, where ``0.1`` stays
+        ``0.1``); null for rows the input did not have (injected noise). The models compute
+        in float32 (``part.rating``); outputs never show that rounding."""
+        name = self.columns.get("rating")
+        if self.source is None or name not in self.source.column_names or part.source_row is None:
+            return pa.array(part.rating, pa.float64(), mask=np.isnan(part.rating))
+        rows = np.asarray(part.source_row, dtype=np.int64)
+        real = rows >= 0
+        col = self.source.column(name).take(pa.array(np.where(real, rows, 0)))
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        if pa.types.is_dictionary(col.type):
+            col = col.dictionary_decode()
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            text = pc.utf8_trim_whitespace(col)
+            col = pc.if_else(pc.equal(pc.utf8_length(text), 0), pa.scalar(None, text.type), text).cast(pa.float64())
+        if not real.all():
+            col = pc.if_else(pa.array(real), col, pa.scalar(None, col.type))
+        return col
+
 
 @dataclass(frozen=True)
 class Split:

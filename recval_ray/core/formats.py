@@ -37,6 +37,7 @@ slow diagnostic pass over the text finds the offending rows.
 from __future__ import annotations
 
 import csv as _pycsv
+import dataclasses
 import gzip
 import io
 import json
@@ -102,8 +103,10 @@ def part_of(file: str, fmt: str) -> Optional[str]:
                      file=file)
 
 
-def data_files(fs: pafs.FileSystem, path: str, fmt: str) -> list[tuple[str, Optional[str]]]:
-    """``[(file, part)]`` a format reads under ``path`` (a file or a directory), sorted."""
+def data_files(fs: pafs.FileSystem, path: str, fmt: str,
+               include_hidden: bool = False) -> list[tuple[str, Optional[str]]]:
+    """``[(file, part)]`` a format reads under ``path`` (a file or a directory), sorted; hidden
+    files (names or folders starting with ``.`` or ``_``) only with ``include_hidden``."""
     if fmt == "synthetic":
         return []
     info = fs.get_file_info(path)
@@ -130,11 +133,22 @@ def data_files(fs: pafs.FileSystem, path: str, fmt: str) -> list[tuple[str, Opti
     exts = _FILE_EXT.get(fmt)
     if exts is None:
         raise InputError(f"unknown data format {fmt!r}")
-    files = [f for f in list_files(fs, path) if f.lower().endswith(exts)]
+    files = [f for f in list_files(fs, path, include_hidden) if f.lower().endswith(exts)]
     if not files:
         raise InputError(f"no {'/'.join('*' + e for e in exts)} files under {path} for format {fmt}",
                          file=path)
     return [(f, None) for f in files]
+
+
+def hidden_data_files(fs: pafs.FileSystem, path: str, fmt: str) -> list[str]:
+    """The files under the folder ``path`` that the format would read were they not hidden
+    (``data.hidden_files: read`` reads them); listed in a warning so no input is lost unseen."""
+    exts = _FILE_EXT.get(fmt)
+    if exts is None or fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    visible = set(list_files(fs, path))
+    return [f for f in list_files(fs, path, include_hidden=True)
+            if f not in visible and f.lower().endswith(exts)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -143,7 +157,7 @@ def data_files(fs: pafs.FileSystem, path: str, fmt: str) -> list[tuple[str, Opti
 def parse_file(data: bytes, file: str, cfg: DataConfig, part: str | None = None) -> pa.Table:
     """Parse one input file's bytes into the canonical table (see the module docstring)."""
     fmt = cfg.format
-    if file.lower().endswith(".gz"):
+    if data[:2] == b"\x1f\x8b":      # gzip by its magic bytes (a reader may already have inflated a .gz)
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as e:
@@ -193,24 +207,44 @@ def _plain(arr) -> pa.Array:
     return arr
 
 
+# floats hold every integer exactly only up to 2^53; beyond, distinct ids may collapse
+_EXACT_FLOAT_INT = 2.0 ** 53
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _ids(arr, file, column, rows, *, detect_int: bool, trim: bool = False) -> pa.Array:
-    """Validated ids: int64 or string; null / empty ids raise."""
+    """Validated ids: int64 or string; null / empty ids raise, and so do ids that int64 cannot
+    hold exactly (unsigned above 2^63 - 1; floats that are not whole or beyond 2^53).
+
+    Text ids (``detect_int``) become integers when every one of them is one; ``trim``: the
+    padding around such numbers (``"1, 2"``) is ignored, but string ids keep their value,
+    spaces included (``" a"``, ``"a"`` and ``"a "`` are three ids)."""
     arr = _plain(arr)
     t = arr.type
     if pa.types.is_integer(t):
+        if pa.types.is_unsigned_integer(t) and t.bit_width == 64:
+            bad = _mask(pc.greater(arr, pa.scalar(2 ** 63 - 1, pa.uint64())))
+            if bad.any():
+                raise _bad("id above the int64 range (2^63 - 1)", file, column, rows, bad)
         out = arr.cast(pa.int64())
     elif pa.types.is_floating(t):
-        bad = _mask(pc.or_kleene(pc.is_nan(arr), pc.not_equal(arr, pc.floor(arr))))
+        bad = _mask(pc.or_kleene(pc.invert(pc.is_finite(arr)), pc.not_equal(arr, pc.floor(arr))))
         if bad.any():
-            raise _bad("id is NaN or not a whole number", file, column, rows, bad)
+            raise _bad("id is NaN, infinite or not a whole number", file, column, rows, bad)
+        bad = _mask(pc.greater(pc.abs(arr), _EXACT_FLOAT_INT))
+        if bad.any():
+            raise _bad("float id beyond 2^53, where floats no longer hold every integer exactly (distinct "
+                       "ids could merge); store the ids as integers or strings", file, column, rows, bad)
         out = arr.cast(pa.int64(), safe=False)
     elif pa.types.is_string(t):
-        out = pc.utf8_trim_whitespace(arr) if trim else arr
-        empty = _mask(pc.equal(pc.utf8_length(out), 0))
+        trimmed = pc.utf8_trim_whitespace(arr) if trim else arr
+        empty = _mask(pc.equal(pc.utf8_length(trimmed), 0))
         if empty.any():
             raise _bad("empty id", file, column, rows, empty)
-        if detect_int and len(out):
-            out = _as_int(out) or out
+        out = arr
+        if detect_int and len(arr):
+            ints = _as_int(trimmed)
+            out = ints if ints is not None else arr
     else:
         raise InputError(f"id column has type {t}; expected integers or strings", file=file, column=column)
     if out.null_count:
@@ -263,6 +297,9 @@ def _ratings(arr, file, column, rows, *, lo: Optional[float] = None, hi: Optiona
     bad = _mask(pc.invert(pc.is_finite(out)))
     if bad.any():
         raise _bad("rating is NaN or infinite", file, column, rows, bad)
+    bad = _mask(pc.greater(pc.abs(out), _FLOAT32_MAX))
+    if bad.any():
+        raise _bad("rating beyond the float32 range (about 3.4e38) the models compute in", file, column, rows, bad)
     lo = 0.0 if lo is None else lo
     bad = _mask(pc.less(out, lo))
     if hi is not None:
@@ -345,8 +382,18 @@ def _finish(user, item, rating, timestamp, rows: np.ndarray, part: Optional[str]
 # ---------------------------------------------------------------------------------------
 # typed tables (parquet, synthetic)
 # ---------------------------------------------------------------------------------------
+def auto_columns(columns: Columns, names: list[str]) -> Columns:
+    """``columns`` with an unset rating / timestamp column taken from a column of the file
+    named ``rating`` / ``timestamp`` (so such a column is checked and used, never passed
+    through unchecked)."""
+    found = {role: role for role in ("rating", "timestamp")
+             if getattr(columns, role) is None and role in names}
+    return dataclasses.replace(columns, **found) if found else columns
+
+
 def from_table(table: pa.Table, file: str, columns: Columns, part: Optional[str] = None) -> pa.Table:
     """Canonical table from a typed table (parquet, a generated table) with ``columns``."""
+    columns = auto_columns(columns, table.column_names)
     _require(table.column_names, columns, file)
     rows = np.arange(1, table.num_rows + 1, dtype=np.int64)
     user = _ids(table[columns.user], file, columns.user, rows, detect_int=False)
@@ -472,6 +519,7 @@ def _parse_delimited(data: bytes, file: str, cfg: DataConfig, part: Optional[str
             raise InputError(f"duplicate column names in the header: {', '.join(dup)}", file=file, column=dup[0])
     else:
         names = _positional_names(cols, len(fields))
+    cols = auto_columns(cols, names) if cfg.header else cols
     _require(names, cols, file)
     table = _read_text_table(data, file, delimiter, names, cfg.header, quoting, cfg.header, len(names))
     rows = np.arange(1, table.num_rows + 1, dtype=np.int64)

@@ -22,6 +22,8 @@ goes through, so the same input always gives the same dataset. Steps, in order:
 """
 from __future__ import annotations
 
+import logging
+import posixpath
 from typing import Optional
 
 import numpy as np
@@ -31,9 +33,11 @@ import pyarrow.compute as pc
 from ..config import Columns, DataConfig
 from ..errors import InputError
 from .data import Dataset, Interactions, encode_ids
-from .formats import PARTS, SHOW, SOURCE, data_files, from_table, parse_file, source_columns
+from .formats import (PARTS, SHOW, SOURCE, data_files, from_table, hidden_data_files, parse_file,
+                      source_columns)
 
 SYNTHETIC_FILE = "<synthetic>"
+log = logging.getLogger("recval_ray")
 
 
 # ---------------------------------------------------------------------------------------
@@ -57,11 +61,28 @@ def load_dataset(cfg: DataConfig, storage=None) -> Dataset:
     if not cfg.path:
         raise InputError(f"data.path is required for format {cfg.format}")
     fs, path = resolve(cfg.path, getattr(storage, "endpoint_url", None), getattr(storage, "region", None))
-    tables = [(f, parse_file(read_bytes(fs, f), f, cfg, part)) for f, part in data_files(fs, path, cfg.format)]
+    files, warnings = input_files(cfg, fs, path)
+    tables = [(f, parse_file(read_bytes(fs, f), f, cfg, part)) for f, part in files]
     ds = build_dataset(tables, cfg)
+    ds.warnings[:0] = warnings
     if cfg.format in ("movielens-100k", "movielens-1m"):
         attach_titles(ds, load_item_titles(path, fs))
     return ds
+
+
+def input_files(cfg: DataConfig, fs, path: str) -> tuple[list[tuple[str, Optional[str]]], list[str]]:
+    """``([(file, part)], warnings)``: the files to read and, with ``data.hidden_files: skip``,
+    a warning naming the hidden files (``.*``, ``_*``) of the format that are left out."""
+    read_hidden = cfg.hidden_files == "read"
+    files = data_files(fs, path, cfg.format, include_hidden=read_hidden)
+    skipped = [] if read_hidden else hidden_data_files(fs, path, cfg.format)
+    warnings = []
+    if skipped:
+        names = ", ".join(posixpath.relpath(f, path) for f in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        warnings.append(f"skipped {len(skipped)} hidden file(s) under {path} (names or folders starting with "
+                        f"'.' or '_'): {names}; set data.hidden_files: read to read them")
+        log.warning(warnings[-1])
+    return files, warnings
 
 
 def load_item_titles(path: str, fs=None) -> Optional[pa.Table]:
@@ -182,6 +203,17 @@ def _concat_ids(arrays: list[pa.ChunkedArray]) -> pa.Array:
     return pa.concat_arrays(arrays)
 
 
+def _check_id_types(tables, role: str, column: str) -> None:
+    """Typed files must agree on an id column's kind: integers everywhere or strings everywhere."""
+    kinds: dict = {}
+    for f, t in tables:
+        kinds.setdefault("integers" if pa.types.is_integer(t[role].type) else "strings", f)
+    if len(kinds) > 1:
+        raise InputError(f"the {role} ids are integers in {kinds['integers']} but strings in {kinds['strings']}; "
+                         f"every file of a Parquet log must store its ids with one type (cast them to one "
+                         f"in the files)", file=kinds["strings"], column=column)
+
+
 def _column(tables, name: str, type_: pa.DataType) -> pa.ChunkedArray:
     return pa.chunked_array([c for _, t in tables for c in t[name].chunks], type_)
 
@@ -205,6 +237,9 @@ def build_dataset(tables: list[tuple[str, pa.Table]], cfg: DataConfig) -> Datase
     file_idx = np.repeat(np.arange(len(tables)), [t.num_rows for _, t in tables])
     offsets = np.r_[0, np.cumsum([t.num_rows for _, t in tables])]
     rows = np.concatenate([t["_row"].to_numpy() for _, t in tables]).astype(np.int64)
+    if cfg.format == "parquet":      # typed ids: 5 and "5" are different ids, not one
+        for role in ("user", "item"):
+            _check_id_types(tables, role, cols[role])
     user_codes, user_uniq = encode_ids(_concat_ids([t["user"] for _, t in tables]))
     item_codes, item_uniq = encode_ids(_concat_ids([t["item"] for _, t in tables]))
     rating = _column(tables, "rating", pa.float64())
@@ -212,6 +247,9 @@ def build_dataset(tables: list[tuple[str, pa.Table]], cfg: DataConfig) -> Datase
     rating_np = rating.to_numpy() if has_rating else None  # nulls -> NaN
     ts = _column(tables, "timestamp", pa.int64())
     ts_np = ts.fill_null(-1).to_numpy() if ts.null_count < len(ts) else None
+    for role, present in (("rating", has_rating), ("timestamp", ts_np is not None)):
+        if cols[role] is None and present:   # found by name (formats.auto_columns)
+            cols[role] = role
     parts = _column(tables, "_part", pa.string())
     split: Optional[np.ndarray] = None
     if parts.null_count < len(parts):
@@ -361,4 +399,13 @@ def _source(tables, offsets, keep) -> pa.Table:
     try:
         return pa.concat_tables(parts, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise InputError(f"the input files have incompatible columns: {e}") from None
+        (f0, t0), *rest = tables
+        odd = next(((f, t) for f, t in rest if t[SOURCE].type != t0[SOURCE].type), None)
+        where = (f"{f0} has {_describe_struct(t0[SOURCE].type)} but {odd[0]} has "
+                 f"{_describe_struct(odd[1][SOURCE].type)}" if odd else str(e))
+        raise InputError(f"the input files have incompatible columns: {where}",
+                         file=odd[0] if odd else None) from None
+
+
+def _describe_struct(t: pa.DataType) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in t)

@@ -18,8 +18,8 @@ import pyarrow as pa
 
 from ..config import DataConfig
 from ..core.data import Dataset
-from ..core.formats import data_files, parse_file
-from ..core.ingest import attach_titles, build_dataset, load_item_titles, synthetic_tables
+from ..core.formats import parse_file
+from ..core.ingest import attach_titles, build_dataset, input_files, load_item_titles, synthetic_tables
 from ..errors import InputError, RecvalError
 from ..fs import resolve
 
@@ -92,7 +92,7 @@ def read_dataset(cfg: DataConfig, storage=None) -> Dataset:
     if not cfg.path:
         raise InputError(f"data.path is required for format {cfg.format}")
     fs, path = resolve(cfg.path, getattr(storage, "endpoint_url", None), getattr(storage, "region", None))
-    files = data_files(fs, path, cfg.format)
+    files, warnings = input_files(cfg, fs, path)
     parts = {f: p for f, p in files}
     paths = [f for f, _ in files]
     try:
@@ -120,6 +120,7 @@ def read_dataset(cfg: DataConfig, storage=None) -> Dataset:
     if first_error is not None:
         raise first_error[1]
     dataset = build_dataset(tables, cfg)
+    dataset.warnings[:0] = warnings
     if cfg.format in ("movielens-100k", "movielens-1m"):
         attach_titles(dataset, load_item_titles(path, fs))
     return dataset

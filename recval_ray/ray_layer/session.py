@@ -6,14 +6,20 @@ import os
 
 log = logging.getLogger("recval_ray")
 
-# Variables the workers need to reach object storage; passed through runtime_env, never
-# written into outputs.
-STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "RECVAL_DATA_DIR")
+# Where object storage is (no secret): given to the workers of a cluster through runtime_env.
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "RECVAL_DATA_DIR")
+# Secrets: never put in a runtime_env by default. Ray writes a runtime_env, env_vars included, in
+# plain text into its session logs (runtime_env_agent.log, mode 0644, kept after the run) and
+# shows it to every dashboard user. Local workers inherit them from the driver's environment;
+# cluster workers use the cluster's own credentials (an IAM role, a Kubernetes Secret):
+# cluster/README.md. ``ray.pass_credentials: true`` / ``recval submit --pass-credentials`` opt in.
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
-def storage_env() -> dict:
-    return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
+def storage_env(with_secrets: bool = False) -> dict:
+    """The storage variables of this environment to hand to a cluster's workers."""
+    names = STORAGE_ENV + (SECRET_ENV if with_secrets else ())
+    return {k: os.environ[k] for k in names if k in os.environ}
 
 
 def _job_env_vars() -> dict:
@@ -32,17 +38,22 @@ def ensure_ray(ray_cfg=None, address: str | None = None):
 
     Local mode reserves more logical CPUs than physical cores (at least 4): every Tune trial,
     Train worker and Train controller holds one, and on a 2-core laptop they would otherwise
-    wait for each other.
+    wait for each other. Local workers are children of this process and inherit its
+    environment, so local mode passes no ``runtime_env`` at all (a runtime_env lands in Ray's
+    logs); on a cluster only :data:`STORAGE_ENV` (and the secrets with ``ray.pass_credentials``).
     """
     import ray
 
     if ray.is_initialized():
         return ray
     address = address or (ray_cfg.address if ray_cfg else None) or os.environ.get("RAY_ADDRESS")
-    # in a submitted job (`recval submit`) leave out what the job's runtime_env already sets:
-    # Ray refuses to merge the same env_vars keys from the job and from ray.init
-    env_vars = {k: v for k, v in storage_env().items() if k not in _job_env_vars()}
-    env = {"env_vars": env_vars} if env_vars else None
+    env = None
+    if address:
+        # in a submitted job (`recval submit`) leave out what the job's runtime_env already sets:
+        # Ray refuses to merge the same env_vars keys from the job and from ray.init
+        secrets = bool(ray_cfg and getattr(ray_cfg, "pass_credentials", False))
+        env_vars = {k: v for k, v in storage_env(secrets).items() if k not in _job_env_vars()}
+        env = {"env_vars": env_vars} if env_vars else None
     kw = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env=env)
     if address:
         log.info("connecting to Ray at %s", address)
