@@ -161,7 +161,10 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
     if loss_pass_all and not hasattr(task, "all_losses"):
         raise ValueError(f"train.loss_pass: all is not supported by model {type(model).__name__} "
                          f"(its task has no all_losses); use loss_pass: visited")
-    opt = make_optimizer(model.parameters(), train_cfg)
+    # a task with ``train_step(batch) -> (loss, per)`` updates its model itself (train.engine:
+    # sparse, core/fast_bpr.py); every other task is stepped by autograd and a torch optimiser
+    train_step = getattr(task, "train_step", None)
+    opt = make_optimizer(model.parameters(), train_cfg) if train_step is None else None
     best, best_epoch, best_state, bad_evals = -math.inf, -1, None, 0
     history, checkpoints = [], []
     keep = max(1, train_cfg.loss_epochs) + max(0, train_cfg.patience) * max(1, train_cfg.eval_every) + 1
@@ -180,10 +183,13 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         total, n_batches = torch.zeros((), device=dev), 0
         with (epoch_context() if epoch_context is not None else contextlib.nullcontext()):
             for batch in task.batches(epoch, gen):
-                loss, per = task.loss(batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if train_step is not None:
+                    loss, per = train_step(batch)
+                else:
+                    loss, per = task.loss(batch)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
                 total += loss.detach()
                 n_batches += 1
                 if track_losses:
@@ -209,7 +215,8 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
             best_epoch, improved = epoch, True
         if checkpoint_dir:
             path = os.path.join(checkpoint_dir, f"epoch_{epoch:04d}.pt")
-            torch.save({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "model": model.state_dict()}, path)
+            lr = opt.param_groups[0]["lr"] if opt is not None else float(train_cfg.lr)
+            torch.save({"epoch": epoch, "lr": lr, "model": model.state_dict()}, path)
             checkpoints.append(path)
             record["checkpoint"] = path
         history.append(record)

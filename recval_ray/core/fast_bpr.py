@@ -1,0 +1,341 @@
+"""Row-sparse MF-BPR training without autograd (``train.engine: sparse``).
+
+The autograd engine (:class:`~.models.mf.BPRTask` + :func:`~.train.fit`'s optimiser) builds a
+graph per batch, backpropagates into dense ``[n_rows, dim]`` gradients of both embedding tables
+and lets a dense optimiser touch every row. For MF-BPR the gradient is known in closed form and
+touches only the batch's rows, so :class:`SparseBPRTask` does one step as a handful of
+vectorised ops on preallocated buffers:
+
+1. gather the batch's user rows ``p_u`` and item rows ``q_i`` (positives) and ``q_j``
+   (negatives) with ``index_select`` into preallocated buffers;
+2. ``x = s_ui - s_uj = p_u . (q_i - q_j)``, per-example loss ``softplus(-x)`` and
+   ``sigmoid(-x)``, no autograd;
+3. the gradient rows of :mod:`.models.mf`'s loss ``mean_b l_b + reg * mean_b l2_b`` (``l2 =
+   (|p_u|^2 + |q_i|^2 + mean_k |q_jk|^2) / 2``), with ``g = -sigmoid(-x)`` and ``n``
+   negatives per example::
+
+       dL/dp_u  = (sum_k g_k (q_i - q_jk) / n + reg p_u) / B
+       dL/dq_i  = (sum_k g_k p_u / n         + reg q_i) / B
+       dL/dq_jk = (-g_k p_u / n              + reg q_jk / n) / B
+
+   summed over a row's occurrences in the batch (``index_add_``, deterministic on the CPU);
+4. a row-sparse optimiser step on the touched rows only:
+
+   * ``sgd``: ``w -= lr * grad``, scattered straight into the table (SGD is linear in the
+     gradient, so this equals accumulating the gradient first). Identical, up to float
+     rounding, to the autograd engine with ``optimizer: sgd`` and ``weight_decay: 0``: the
+     batches are the same (see below) and rows a batch does not touch have zero gradient.
+   * ``adam``: the "lazy" Adam of ``torch.optim.SparseAdam``: first and second moments of a
+     row are updated only on steps that touch it (with the gradient summed over its
+     occurrences); the bias correction uses the table's step count (every step counts),
+     ``w -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``. This differs from the
+     autograd engine's dense ``torch.optim.Adam`` (which keeps moving rows with stale momentum
+     when they are not in the batch, and places eps after the bias correction).
+
+Batches and negatives come from :class:`~.models.mf.BPRTask`'s own per-epoch stream (the
+``(seed, epoch)`` generator of :func:`~.train.fit`), with a faster exact sampler
+(:class:`FastNegativeSampler`) that returns exactly the same negatives as
+:class:`~.models.mf.NegativeSampler`. Nothing is nondeterministic: the same seed gives the same
+weights bit for bit (CPU), there is no Hogwild. The engine runs inside the generic
+:func:`~.train.fit` loop (epochs, validation, early stopping, checkpoints, per-interaction loss
+tracking) through the task's ``train_step`` hook.
+
+Supported: ``model.kind: mf``, ``train.denoise.kind: bpr``, ``train.optimizer`` ``sgd`` or
+``adam``, ``train.weight_decay: 0`` (regularise with ``model.reg``), in-process or one Ray Train
+worker. :func:`check_engine` raises a :class:`~recval_ray.errors.ConfigError` otherwise.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .data import Interactions
+from .denoise import DenoiseConfig
+from .models.mf import BPRTask, NegativeSampler
+
+ENGINES = ("autograd", "sparse")
+SPARSE_OPTIMIZERS = ("sgd", "adam")
+CHUNK_ROWS = 1 << 18      # rows whose batches (users, items, negatives) are drawn at once
+
+
+def check_engine(train_cfg, model_kind: str = "mf") -> None:
+    """Raise :class:`ConfigError` (naming the key) when ``train.engine: sparse`` cannot run the
+    job's settings; nothing for ``autograd``."""
+    engine = getattr(train_cfg, "engine", "autograd")
+    if engine not in ENGINES:
+        raise ConfigError(f"train.engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine == "autograd":
+        return
+    if model_kind != "mf":
+        raise ConfigError(f"train.engine: sparse trains model.kind mf only, not {model_kind!r}; "
+                          f"use train.engine: autograd")
+    denoise = getattr(train_cfg, "denoise", None)
+    kind = getattr(denoise, "kind", "bpr")
+    if kind != "bpr":
+        raise ConfigError(f"train.engine: sparse implements plain BPR only, not train.denoise.kind "
+                          f"{kind!r}; use train.engine: autograd for {kind}")
+    if train_cfg.optimizer not in SPARSE_OPTIMIZERS:
+        raise ConfigError(f"train.engine: sparse supports train.optimizer sgd or adam (lazy, "
+                          f"SparseAdam semantics), not {train_cfg.optimizer!r}")
+    if float(train_cfg.weight_decay) != 0.0:
+        raise ConfigError(f"train.engine: sparse needs train.weight_decay: 0 (a decay of every row "
+                          f"on every step is not row-sparse; regularise with model.reg), got "
+                          f"{train_cfg.weight_decay}")
+    if int(getattr(train_cfg, "workers", 0)) > 1:
+        raise ConfigError(f"train.engine: sparse trains in one process (train.workers 0 or 1), not "
+                          f"{train_cfg.workers} data-parallel workers")
+
+
+class FastNegativeSampler(NegativeSampler):
+    """:class:`~.models.mf.NegativeSampler` with the same draws and the same negatives, found
+    by a branchless binary search restricted to the user's own keys.
+
+    The parent maps a uniform rank ``r`` to the r-th non-positive item with one global
+    ``searchsorted`` over all training keys (~20 dependent cache misses per draw). The keys are
+    sorted globally and user u's lie in ``[u * n_items, (u + 1) * n_items)``, so the count of
+    u's keys ``<= u * n_items + r`` is found by ``L = bit_length(max positives of a user)``
+    vectorised steps starting at u's first key: per step ``cand = pos + 2^s``, advance where
+    ``keys[cand - 1] <= query``. Every draw of a batch takes the same steps, so the loads of
+    a step are independent and overlap.
+    """
+
+    def __init__(self, train: Interactions, device: torch.device):
+        super().__init__(train, device)
+        counts = self.n_items - self.free
+        self.levels = int(counts.max()).bit_length() if len(counts) else 0
+        n = len(self.qkeys)
+        big = torch.iinfo(torch.int64).max
+        # shifted[x] = qkeys[x - 1]; shifted[0] = -inf; padded with +inf past the end
+        pad = 1 << self.levels
+        shifted = torch.full((n + 1 + pad,), big, dtype=torch.int64, device=device)
+        shifted[0] = torch.iinfo(torch.int64).min
+        shifted[1:n + 1] = self.qkeys
+        self.shifted = shifted
+
+    def sample(self, users: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+        u = users[:, None].expand(-1, n)
+        rand = torch.rand(u.shape, generator=generator, dtype=torch.float64).to(users.device)
+        free = _lookup(self.free, u)
+        r = torch.minimum((rand * free.clamp_min(1)).long(), (free - 1).clamp_min(0))
+        query = u * self.n_items + r
+        start = _lookup(self.start, u)
+        pos = start.clone()
+        cand = torch.empty_like(pos)
+        key = torch.empty_like(pos)
+        ok = torch.empty(pos.shape, dtype=torch.bool, device=pos.device)
+        for s in reversed(range(self.levels)):
+            torch.add(pos, 1 << s, out=cand)
+            torch.index_select(self.shifted, 0, cand.view(-1), out=key.view(-1))
+            torch.le(key, query, out=ok)
+            pos.add_(ok, alpha=1 << s)
+        neg = r.add_(pos).sub_(start)
+        return torch.where(free > 0, neg, (rand * self.n_items).long())
+
+
+def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return table.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
+class SparseRowOptimizer:
+    """A row-sparse optimiser over 2-D tables. :meth:`step` gets, per table, the rows touched
+    (with repeats) and their gradient rows *already scaled by* :attr:`grad_scale`."""
+
+    grad_scale: float = 1.0
+
+    def step(self, table: int, idx: torch.Tensor, rows: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+class SparseSGD(SparseRowOptimizer):
+    """``w[idx] -= lr * grad``: gradient rows arrive scaled by ``-lr`` and are scattered into
+    the table directly (``index_add_`` sums repeated rows)."""
+
+    def __init__(self, tables: list[torch.Tensor], lr: float):
+        self.tables, self.lr = tables, float(lr)
+        self.grad_scale = -self.lr
+
+    def step(self, table: int, idx: torch.Tensor, rows: torch.Tensor) -> None:
+        self.tables[table].index_add_(0, idx, rows)
+
+
+class SparseAdam(SparseRowOptimizer):
+    """Lazy Adam with ``torch.optim.SparseAdam``'s update (see the module docstring).
+
+    Per table: a dense gradient accumulator (zero outside a step), the moments ``[m | v]`` in
+    one ``[rows, 2 * dim]`` table (one gather per step) and a step count. A step sums the
+    gradient rows into the accumulator, gathers the accumulated rows for every occurrence of a
+    touched row, updates moments and weights of each occurrence from the same old values, and
+    writes them back with ``index_copy_`` (repeats write identical values, so the result does
+    not depend on the write order), then zeroes the accumulator's touched rows. No sort, no
+    ``unique``.
+    """
+
+    def __init__(self, tables: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.tables, self.lr, self.eps = tables, float(lr), float(eps)
+        self.b1, self.b2 = (float(b) for b in betas)
+        self.acc = [torch.zeros_like(t) for t in tables]
+        self.moments = [torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device) for t in tables]
+        self.steps = [0 for _ in tables]
+        self._buf: dict = {}
+
+    def _buffers(self, table: int, n: int, d: int, like: torch.Tensor):
+        have = self._buf.get(table)
+        if have is None or have[0].shape[0] < n:
+            have = (torch.empty(n, d, dtype=like.dtype, device=like.device),
+                    torch.empty(n, 2 * d, dtype=like.dtype, device=like.device),
+                    torch.empty(n, d, dtype=like.dtype, device=like.device))
+            self._buf[table] = have
+        return tuple(b[:n] for b in have)
+
+    def step(self, table: int, idx: torch.Tensor, rows: torch.Tensor) -> None:
+        w, acc, mom = self.tables[table], self.acc[table], self.moments[table]
+        self.steps[table] += 1
+        t = self.steps[table]
+        d = w.shape[1]
+        g, mv, p = self._buffers(table, len(idx), d, w)
+        acc.index_add_(0, idx, rows)
+        torch.index_select(acc, 0, idx, out=g)
+        acc.index_fill_(0, idx, 0.0)
+        torch.index_select(mom, 0, idx, out=mv)
+        torch.index_select(w, 0, idx, out=p)
+        m, v = mv[:, :d], mv[:, d:]
+        # SparseAdam: m += (1 - b1) (g - m); v += (1 - b2) (g^2 - v)
+        m.lerp_(g, 1.0 - self.b1)
+        v.mul_(self.b2).addcmul_(g, g, value=1.0 - self.b2)
+        step_size = self.lr * math.sqrt(1.0 - self.b2 ** t) / (1.0 - self.b1 ** t)
+        torch.sqrt(v, out=g).add_(self.eps)
+        p.addcdiv_(m, g, value=-step_size)
+        w.index_copy_(0, idx, p)
+        mom.index_copy_(0, idx, mv)
+
+    def state_dict(self) -> dict:
+        return {"steps": list(self.steps), "moments": [m.clone() for m in self.moments]}
+
+
+def make_sparse_optimizer(kind: str, tables: list[torch.Tensor], lr: float) -> SparseRowOptimizer:
+    if kind == "sgd":
+        return SparseSGD(tables, lr)
+    if kind == "adam":
+        return SparseAdam(tables, lr)
+    raise ConfigError(f"train.engine: sparse supports train.optimizer sgd or adam, not {kind!r}")
+
+
+class SparseBPRTask(BPRTask):
+    """:class:`~.models.mf.BPRTask` (plain BPR, MF) trained by closed-form row-sparse steps.
+
+    Same batches as the parent (same sampler, same generator stream, same negatives). The
+    trainer calls :meth:`train_step` instead of ``loss`` + backward + optimiser. Buffers are
+    allocated once for ``batch_size`` rows; the returned loss and per-example losses are views
+    of them, valid until the next step (the trainer consumes them at once).
+    """
+
+    def __init__(self, model, train: Interactions, batch_size: int, reg: float, num_negatives: int = 1,
+                 sampler: str = "interactions", *, optimizer: str = "adam", lr: float = 1e-3,
+                 denoise: Optional[DenoiseConfig] = None):
+        if denoise is not None and denoise.kind != "bpr":
+            raise ConfigError(f"train.engine: sparse implements plain BPR only, not train.denoise.kind "
+                              f"{denoise.kind!r}; use train.engine: autograd")
+        super().__init__(model, train, batch_size, reg, num_negatives, sampler, denoise=None)
+        self.negatives = FastNegativeSampler(train, self.device)
+        self.Wu = model.user_emb.weight.detach()
+        self.Wi = model.item_emb.weight.detach()
+        self.opt = make_sparse_optimizer(optimizer, [self.Wu, self.Wi], lr)
+        B, n, d = batch_size, max(1, int(num_negatives)), self.Wu.shape[1]
+        dev, dt = self.device, self.Wu.dtype
+        self._n = n
+        self._iidx = torch.empty(B * (1 + n), dtype=torch.int64, device=dev)
+        self._U = torch.empty(B, d, dtype=dt, device=dev)
+        self._IJ = torch.empty(B * (1 + n), d, dtype=dt, device=dev)
+        self._D = torch.empty(B, n, d, dtype=dt, device=dev)
+        self._GU = torch.empty(B, d, dtype=dt, device=dev)
+        self._x = torch.empty(B, n, dtype=dt, device=dev)
+        self._e = torch.empty(B, n, dtype=dt, device=dev)
+        self._sp = torch.empty(B, n, dtype=dt, device=dev)
+        self._per = torch.empty(B, dtype=dt, device=dev)
+        self._loss = torch.zeros((), dtype=dt, device=dev)
+
+    def _batches(self, epoch: int, generator: torch.Generator):
+        """The parent's batches; with the interactions sampler drawn a chunk of ~``CHUNK_ROWS``
+        rows (whole batches) at a time: one gather and one negative draw per chunk instead of
+        per batch, the same generator calls in the same order (``torch.rand`` of a chunk equals
+        the concatenation of its batches' draws), so the same batches."""
+        if self.sampler_kind != "interactions":
+            yield from super()._batches(epoch, generator)
+            return
+        B = self.batch_size
+        chunk = max(1, CHUNK_ROWS // B) * B
+        perm = self.visit_order(generator)
+        for c in range(0, len(perm), chunk):
+            idx = perm[c:c + chunk]
+            users = self.users.index_select(0, idx)
+            pos = self.items.index_select(0, idx)
+            neg = self.negatives.sample(users, self.num_negatives, generator)
+            for s in range(0, len(idx), B):
+                yield {"idx": idx[s:s + B], "user": users[s:s + B], "pos": pos[s:s + B], "neg": neg[s:s + B]}
+
+    @torch.no_grad()
+    def train_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One BPR step on ``batch`` (``user [B]``, ``pos [B]``, ``neg [B, n]``): updates the
+        model's tables in place; returns ``(loss, per-example losses)`` as :meth:`loss` would."""
+        users, pos, neg = batch["user"], batch["pos"], batch["neg"]
+        B, n = users.shape[0], self._n
+        d = self.Wu.shape[1]
+        iidx = self._iidx[:B * (1 + n)]
+        torch.cat([pos, neg.reshape(-1)], out=iidx)
+        U, IJ = self._U[:B], self._IJ[:B * (1 + n)]
+        torch.index_select(self.Wu, 0, users, out=U)
+        torch.index_select(self.Wi, 0, iidx, out=IJ)
+        I, J = IJ[:B], IJ[B:].view(B, n, d)
+        D, x, e, sp, per = self._D[:B], self._x[:B], self._e[:B], self._sp[:B], self._per[:B]
+        torch.sub(I[:, None, :], J, out=D)                                       # q_i - q_jk
+        torch.bmm(D, U[:, :, None], out=x[:, :, None])                           # x = s_ui - s_uj
+        # per-example loss softplus(-x) (mean over the negatives) and the loss the trainer logs
+        torch.neg(x, out=sp)
+        torch._C._nn.softplus(sp, 1, 20, out=sp)                               # F.softplus, out=
+        torch.mean(sp, 1, out=per)
+        loss = torch.mean(per, out=self._loss)
+        reg = self.reg
+        if reg:
+            l2 = (torch.linalg.vector_norm(U).square() + torch.linalg.vector_norm(I).square()
+                  + torch.linalg.vector_norm(J).square() / n) / (2 * B)
+            loss = loss + reg * l2
+        # e = scale * g / (n B), g = -sigmoid(-x); rho = scale * reg / B
+        scale = self.opt.grad_scale
+        torch.neg(x, out=e)
+        torch.sigmoid(e, out=e)
+        e.mul_(-scale / (n * B))
+        rho = scale * reg / B
+        GU = self._GU[:B]
+        if n == 1:
+            torch.mul(D.view(B, d), e, out=GU)                                   # e (q_i - q_j)
+            if reg:
+                GU.add_(U, alpha=rho)
+            # item rows in place: rho q + (+e p_u for the positive, -e p_u for the negative)
+            if reg:
+                IJ.mul_(rho)
+                I.addcmul_(U, e)
+                J.view(B, d).addcmul_(U, e, value=-1.0)
+            else:
+                torch.mul(U, e, out=I)
+                torch.mul(U, e, out=J.view(B, d)).neg_()
+        else:
+            torch.bmm(e[:, None, :], D, out=GU[:, None, :])                      # sum_k e_k (q_i - q_jk)
+            if reg:
+                GU.add_(U, alpha=rho)
+                I.mul_(rho)
+                J.mul_(rho / n)
+                I.addcmul_(U, e.sum(1, keepdim=True))
+                J.addcmul_(U[:, None, :], e[:, :, None], value=-1.0)
+            else:
+                torch.mul(U, e.sum(1, keepdim=True), out=I)
+                torch.mul(U[:, None, :], e[:, :, None], out=J).neg_()
+        self.opt.step(0, users, GU)
+        self.opt.step(1, iidx, IJ)
+        return loss, per
