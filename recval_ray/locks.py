@@ -154,10 +154,11 @@ class LeaseLock:
 
     def check(self) -> None:
         """Raise if the lease was taken over (this run stalled past its expiry) or is gone."""
-        if self.lost is not None:
-            raise self._locked(self.lost or None)
-        cur = self._read()
-        if cur is None or cur.get("owner") != self.info["owner"]:
+        cur = self._read() if self.lost is None else (self.lost or None)
+        if cur is None:
+            raise OutputLockedError(f"{self.what}: this run's lease ({self.path}) is gone from storage (the "
+                                    f"store lost objects, or someone removed it); nothing was published")
+        if cur.get("owner") != self.info["owner"]:
             raise self._locked(cur)
 
     def release(self) -> None:

@@ -21,7 +21,8 @@ import pytest
 
 from recval_ray.config import SyntheticConfig, load_config
 from recval_ray.core.synthetic import generate
-from recval_ray.errors import InputError, OutputExistsError
+from recval_ray.errors import (InputError, OutputError, OutputExistsError, OutputLockedError,
+                               OutputVerificationError)
 from recval_ray.pipeline import load_data, run_job
 
 pytest.importorskip("moto.server")
@@ -203,3 +204,74 @@ def test_bad_input_on_s3_names_the_s3_file(s3, tmp_path):
     assert "NaN" in msg and f"{BUCKET}/bad/ratings.csv" in msg and "'score'" in msg
     assert f"row {table.num_rows}" in msg
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# issue 17: what storage holds, not what the run meant to write
+# ---------------------------------------------------------------------------------------
+def _keys(s3, prefix: str) -> dict:
+    """{key: etag} of the objects under ``prefix`` (directory markers left out)."""
+    resp = s3["client"].list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for o in resp.get("Contents", []) if not o["Key"].endswith("/")}
+
+
+@pytest.mark.ray
+def test_a_missing_bucket_is_an_error_not_a_new_bucket(s3):
+    cfg = load_config(JOB, TINY + [f"storage.endpoint_url={s3['endpoint']}"])
+    before = {b["Name"] for b in s3["client"].list_buckets()["Buckets"]}
+    with pytest.raises(OutputError, match="bucket 'recval-tset' .* does not exist"):
+        run_job(cfg, run_id="typo", output_uri="s3://recval-tset/runs", use_ray=False)
+    assert {b["Name"] for b in s3["client"].list_buckets()["Buckets"]} == before
+    # asked for: created
+    cfg = load_config(JOB, TINY + [f"storage.endpoint_url={s3['endpoint']}", "storage.create_bucket=true",
+                                   "train.epochs=1", "prune.random_control=false"])
+    run_job(cfg, run_id="made", output_uri="s3://recval-new/runs", use_ray=False)
+    assert s3["client"].head_object(Bucket="recval-new", Key="runs/made/manifest.json")
+
+
+def _lose_values_when_metrics_are_written(monkeypatch, lose):
+    """Simulate storage losing ``values/`` after it was written (e.g. an endpoint restarted)."""
+    from recval_ray.output import RunOutput
+    real = RunOutput.write_json
+
+    def write_json(self, name, obj):
+        if name == "metrics.json":
+            lose(self)
+        return real(self, name, obj)
+    monkeypatch.setattr(RunOutput, "write_json", write_json)
+
+
+@pytest.mark.ray
+def test_lost_objects_give_no_manifest_and_keep_the_earlier_run(s3, monkeypatch):
+    cfg = load_config(JOB, TINY + [f"storage.endpoint_url={s3['endpoint']}", "train.epochs=1",
+                                   "prune.random_control=false"])
+    first = run_job(cfg, run_id="lossy", output_uri=f"s3://{BUCKET}/runs", use_ray=False)
+    before = _keys(s3, "runs/lossy/")
+    assert "runs/lossy/manifest.json" in before
+
+    def lose(out):
+        for key in _keys(s3, f"runs/lossy/{out._attempt}/values/"):
+            s3["client"].delete_object(Bucket=BUCKET, Key=key)
+    _lose_values_when_metrics_are_written(monkeypatch, lose)
+    with pytest.raises(OutputVerificationError, match=r"values/: storage holds 0 rows, \d+ were written"):
+        run_job(cfg, run_id="lossy", output_uri=f"s3://{BUCKET}/runs", overwrite=True, use_ray=False)
+    # the earlier complete run is untouched: same objects, same manifest
+    assert _keys(s3, "runs/lossy/") == before
+    assert read_json(s3["fs"], f"{BUCKET}/runs/lossy/manifest.json") == first.manifest
+
+
+@pytest.mark.ray
+def test_an_endpoint_restart_mid_run_gives_no_manifest(s3, monkeypatch):
+    """moto's reset drops every bucket and object, as a restarted in-memory endpoint does."""
+    import urllib.request
+    cfg = load_config(JOB, TINY + [f"storage.endpoint_url={s3['endpoint']}", "train.epochs=1",
+                                   "prune.random_control=false"])
+
+    def restart(out):
+        urllib.request.urlopen(urllib.request.Request(f"{s3['endpoint']}/moto-api/reset", method="POST"))
+        s3["client"].create_bucket(Bucket=BUCKET)   # the endpoint is back, empty
+    _lose_values_when_metrics_are_written(monkeypatch, restart)
+    with pytest.raises((OutputVerificationError, OutputLockedError),
+                       match="storage does not hold what the run wrote|lease .* is gone from storage"):
+        run_job(cfg, run_id="restarted", output_uri=f"s3://{BUCKET}/runs", use_ray=False)
+    assert "runs/restarted/manifest.json" not in _keys(s3, "runs/restarted/")
