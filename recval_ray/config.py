@@ -147,6 +147,8 @@ class EvaluateConfig:
     recall_variant: Literal["test", "min-k"] = "test"
     users: Literal["nonempty", "all"] = "nonempty"
     batch_users: int = 1024
+    sample_users: int = 0    # > 0: validation and test metrics on a seeded sample of this many users (core/evaluation.py)
+    sample_seed: int = 0
 
 
 @dataclass
@@ -469,6 +471,10 @@ def check_semantics(cfg: JobConfig) -> None:
         raise ConfigError(f"train.lr: {cfg.train.lr} must be positive")
     if cfg.train.weight_decay < 0:
         raise ConfigError(f"train.weight_decay: {cfg.train.weight_decay} must be >= 0")
+    if cfg.evaluate.sample_users < 0:
+        raise ConfigError(f"evaluate.sample_users: {cfg.evaluate.sample_users} must be >= 0 (0: every user)")
+    if cfg.train.eval_every < 1:
+        raise ConfigError(f"train.eval_every: {cfg.train.eval_every} must be >= 1")
     if any(k <= 0 for k in cfg.evaluate.ks):
         raise ConfigError(f"evaluate.ks: {cfg.evaluate.ks} must be positive")
     from .core.metrics import metric_names, parse_metric
