@@ -21,7 +21,7 @@ import pyarrow as pa
 from . import __version__
 from .config import JobConfig
 from .core.data import Dataset, Interactions, Split
-from .core.evaluation import drop_unseen, evaluate_ranking, noise_detection
+from .core.evaluation import drop_unseen, evaluate_ranking, noise_detection, sample_note, sample_summary
 from .core.noise import inject_noise
 from .core.prune import prune_mask, random_prune_mask
 from .core.split import split_interactions
@@ -132,6 +132,7 @@ class PruneOutcome:
     training: dict = field(default_factory=dict)
     base_metrics: Optional[dict] = None     # the base model on the same test rows (entity pruning)
     test_rows_left_out: int = 0
+    evaluation: Optional[dict] = None       # the user sample of those test rows (evaluate.sample_users)
 
 
 def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_dir: str,
@@ -165,6 +166,7 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
         test_keep = ~np.isin(test_entity, removed)
         target = Split(split.train, split.valid, split.test.take(test_keep))
         out.test_rows_left_out = int((~test_keep).sum())
+        out.evaluation = sample_summary(cfg.evaluate, target)
         if valuation.entity_kind == "item" and valuation.info.get("removed_items", "drop") == "drop":
             # removed items also leave every model's candidates (see the deletion valuer's
             # removed_items): the base model would otherwise waste top-K slots on them
@@ -429,12 +431,14 @@ def build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, wa
             relative[f"{tag}_vs_base"] = {k: (test[tag][k] - v) / v if v else float("nan")
                                           for k, v in base_metrics.items()}
     n_noise = int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0
+    # evaluate.sample_users: the seeded sample the test (and validation) metrics are on
+    sample = pruned.evaluation or sample_summary(cfg.evaluate, split)
     m = {
         "method": cfg.valuation.method, "model": cfg.model.kind,
         "data": {"format": cfg.data.format, "users": dataset.n_users, "items": dataset.n_items,
                  "train": len(split.train), "valid": len(split.valid), "test": len(split.test),
                  "injected_noise": n_noise, "warnings": list(dataset.warnings) + list(warnings)},
-        "test": test, "relative": relative,
+        "test": test, **({"evaluation": sample} if sample else {}), "relative": relative,
         "training": {"base": training_summary(base)} | pruned.training,
         "prune": {"strategy": cfg.prune.strategy, "scope": cfg.prune.scope, "dropped": int((~pruned.keep).sum()),
                   "kept": int(pruned.keep.sum()), "test_rows_left_out": pruned.test_rows_left_out},
@@ -464,6 +468,8 @@ def headline(cfg: JobConfig, result: RunResult) -> str:
     for tag in ("base", "pruned", "random_pruned"):
         if tag in m["test"]:
             lines.append(f"{tag:<15}" + "".join(f"{m['test'][tag][k]:>12.4f}" for k in keys))
+    if sample_note(m.get("evaluation")):
+        lines.append(f"({sample_note(m['evaluation'])}, seed {m['evaluation']['seed']})")
     if "noise_detection" in m:
         nd = m["noise_detection"]
         lines.append(f"noise detection ({m['method']}): AUC {nd['auc']:.4f}, precision@{nd['n_noise']} "

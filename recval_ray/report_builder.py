@@ -25,6 +25,13 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
     keys = list(test["base"])
     rows = [{"model": tag, **test[tag]} for tag in ("base", "pruned", "random_pruned") if tag in test]
     rep.table(rows, ["model"] + keys, highlight_best={k: "max" for k in keys})
+    ev = metrics.get("evaluation")
+    if ev and ev["sampled_users"] < ev["eligible_users"]:      # evaluate.sample_users
+        va = ev.get("valid", {})
+        rep.paragraph(f"Ranking metrics are on a seeded sample of {ev['sampled_users']} of {ev['eligible_users']} "
+                      f"test users (evaluate.sample_users, sample_seed {ev['seed']}), the same users for every "
+                      f"model" + (f"; validation (early stopping) used {va['sampled_users']} of "
+                                  f"{va['eligible_users']} users" if va else "") + ".")
     rel = metrics.get("relative", {})
     if rel:
         rep.table([{"comparison": tag.replace("_vs_", " vs "), **{k: 100 * v for k, v in r.items()}}

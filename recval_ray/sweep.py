@@ -323,7 +323,10 @@ def valid_score(cfg, model, split, metric: str, context=None) -> float:
 
 class EpochReporter:
     """``on_epoch`` hook of the trainer: the validation objective of every epoch, and the
-    best so far (what early stopping would select), handed to ``report`` (ASHA's rungs)."""
+    best so far (what early stopping would select), handed to ``report`` (ASHA's rungs).
+    Validates only where the trainer does (every ``train.eval_every``-th epoch); the epochs
+    between report the best so far without ``valid_epoch`` (NaN before the first
+    validation: ASHA lets a trial pass a rung it reaches with NaN)."""
 
     def __init__(self, cfg, split, metric: str, mode: str, report: Callable[[dict], None], context=None):
         self.cfg, self.split, self.metric, self.report = cfg, split, metric, report
@@ -332,6 +335,11 @@ class EpochReporter:
         self.best = -math.inf
 
     def __call__(self, record: dict, task) -> None:
+        every = max(1, int(getattr(self.cfg.train, "eval_every", 1)))
+        if (int(record["epoch"]) + 1) % every:
+            best = self.sign * self.best if math.isfinite(self.best) else float("nan")
+            self.report({"objective": best, "epoch": int(record["epoch"]) + 1, "final": 0})
+            return
         score = valid_score(self.cfg, task.model, self.split, self.metric, self.context)
         if math.isfinite(score) and self.sign * score > self.best:
             self.best = self.sign * score

@@ -5,6 +5,16 @@
   (an error in strict mode).
 * :func:`evaluate_ranking`: the configured ranking metrics on a held-out part, full ranking,
   with the training and validation items excluded (test) or the training items (validation).
+* :func:`evaluation_users` / :func:`sample_users`: with ``evaluate.sample_users: N`` > 0, the
+  metrics of a held-out part (validation during training, test at the end) average over a
+  seeded sample of N of its eligible users (those with at least one row in that part, or
+  every user for ``evaluate.users: all``) instead of all of them. The sample is a function
+  of ``evaluate.sample_seed`` and the part's eligible users only (never of the model or of
+  the call order), so the base, pruned and random-control models are scored on the same
+  users: each user gets a priority, a 64-bit hash of ``(sample_seed, user index)``, and the
+  N eligible users of lowest priority are taken (a bottom-N sample: the sample of N is
+  contained in the sample of N + 1, and a user sampled for test is preferred for validation
+  too). With N >= the number of eligible users the evaluation is the full one, exactly.
 * :func:`noise_detection`: how well low values find the injected interactions: ROC AUC of
   ``-value`` for ``is_noise`` (Mann-Whitney, ties averaged) and precision among the
   ``n_noise`` lowest values.
@@ -43,6 +53,79 @@ def drop_unseen(split: Split, strict: bool = False) -> tuple[Split, list[str]]:
     return Split(split.train, parts["valid"], parts["test"]), warnings
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 that scrambles every bit."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def eligible_users(target: Interactions, users: str = "nonempty") -> np.ndarray:
+    """The users a full evaluation of ``target`` averages over, ascending: those with at
+    least one row (``"nonempty"``) or every user (``"all"``)."""
+    if users == "all":
+        return np.arange(target.n_users, dtype=np.int64)
+    if users != "nonempty":
+        raise ValueError(f"users must be 'nonempty' or 'all', got {users!r}")
+    return np.flatnonzero(target.user_counts() > 0).astype(np.int64)
+
+
+def sample_users(eligible: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The ``n`` users of ``eligible`` with the lowest seeded priority, ascending (all of
+    them, in order, when ``n`` >= their number). Priorities are distinct, so the sample is
+    a deterministic function of ``(seed, set of eligible users, n)``."""
+    eligible = np.asarray(eligible, dtype=np.int64)
+    n = int(n)
+    if n >= len(eligible):
+        return np.sort(eligible)
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    key = np.random.SeedSequence([int(seed), 0x5A3B1E]).generate_state(1, dtype=np.uint64)[0]
+    prio = _mix64(eligible.astype(np.uint64) ^ key)
+    return np.sort(eligible[np.argpartition(prio, n - 1)[:n]])
+
+
+def evaluation_users(eval_cfg, target: Interactions):
+    """``(users, info)`` for evaluating ``target`` under ``eval_cfg``: ``users`` is what
+    :func:`~.metrics.ranking_metrics` takes (``evaluate.users``, or the seeded sample's
+    indices); ``info`` is None without sampling, else ``{"sampled_users", "eligible_users",
+    "seed"}``. A sample that would hold every eligible user is the full evaluation itself."""
+    mode = getattr(eval_cfg, "users", "nonempty") if eval_cfg is not None else "nonempty"
+    n = int(getattr(eval_cfg, "sample_users", 0) or 0) if eval_cfg is not None else 0
+    if n <= 0:
+        return mode, None
+    eligible = eligible_users(target, mode)
+    seed = int(getattr(eval_cfg, "sample_seed", 0))
+    info = {"sampled_users": min(n, len(eligible)), "eligible_users": int(len(eligible)), "seed": seed}
+    if n >= len(eligible):
+        return mode, info
+    return sample_users(eligible, n, seed), info
+
+
+def sample_summary(eval_cfg, split: Split) -> Optional[dict]:
+    """What ``metrics.json`` records of the sample (None without ``evaluate.sample_users``):
+    the test sample's size, its eligible users and the seed, and the same counts of the
+    validation sample used for early stopping."""
+    _, info = evaluation_users(eval_cfg, split.test)
+    if info is None:
+        return None
+    _, vinfo = evaluation_users(eval_cfg, split.valid)
+    info["valid"] = {"sampled_users": vinfo["sampled_users"], "eligible_users": vinfo["eligible_users"]}
+    return info
+
+
+def sample_note(info: Optional[dict]) -> Optional[str]:
+    """``"sampled: N of M users"`` when the test metrics are on a proper sample, else None."""
+    if not info or info.get("sampled_users", 0) >= info.get("eligible_users", 0):
+        return None
+    return f"sampled: {info['sampled_users']} of {info['eligible_users']} users"
+
+
 def set_context(model, parts: Sequence[Interactions]) -> None:
     """Sequential models condition their scores on the interactions before the target part
     (train for validation, train + validation for test); others ignore this."""
@@ -59,9 +142,12 @@ def evaluate_ranking(model, split: Split, eval_cfg, part: str = "test",
     histories; by default the parts before the target (train, + valid for test). A model
     retrained on pruned data reads the kept rows (+ valid), while ``exclude`` stays the full
     training set so every variant is ranked against the same candidates.
-    Rating models (``model.explicit``) on rated data also get MAE, RMSE and explained variance.
+    Rating models (``model.explicit``) on rated data also get MAE, RMSE and explained variance
+    (over every row of the part; the user sample, ``evaluate.sample_users``, applies to the
+    ranking metrics).
     """
     target = getattr(split, part)
+    users, _ = evaluation_users(eval_cfg, target)
     if exclude is None:
         exclude = [split.train] if part == "valid" else [split.train, split.valid]
     if context is None:
@@ -77,7 +163,7 @@ def evaluate_ranking(model, split: Split, eval_cfg, part: str = "test",
     with torch.no_grad():
         out = ranking_metrics(model.score_users, target, list(exclude), metrics=list(eval_cfg.metrics),
                               ks=list(eval_cfg.ks), ndcg_variant=eval_cfg.ndcg_variant,
-                              recall_variant=eval_cfg.recall_variant, users=eval_cfg.users,
+                              recall_variant=eval_cfg.recall_variant, users=users,
                               batch_users=eval_cfg.batch_users, device=dev)
     model.train(was)
     return {k: float(v) for k, v in out.items()} | {k: float(v) for k, v in rating.items()}

@@ -51,6 +51,13 @@ RECALL_VARIANTS = ("test", "min-k")
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 UsersArg = Union[str, Sequence[int], np.ndarray]
 
+# Working memory of one batch of ``ranking_metrics``, per (user, item) cell: the scores and
+# their excluded copy (2 x 4 B), the test mask (1 B), then the larger of the top-K selection
+# (ties: a bool mask, an int64 running count and two more masks) and the full-ranking sort
+# (sorted float32 values, int64 order, three bool masks): about 25 B, rounded up.
+BYTES_PER_CELL = 32
+MAX_BATCH_BYTES = 2 << 30      # default bound on a batch's working memory (2 GiB)
+
 
 # ----------------------------------------------------------------------------- names
 def parse_metric(name: str) -> tuple[str, int | None]:
@@ -145,16 +152,31 @@ def _check_spaces(test: Interactions, exclude: list[Interactions]) -> None:
         raise ValueError("no items to rank")
 
 
-def _exclusion_csr(test: Interactions, exclude: list[Interactions]) -> sp.csr_matrix:
-    users = np.concatenate([e.user for e in exclude]) if exclude else np.zeros(0, np.int64)
-    items = np.concatenate([e.item for e in exclude]) if exclude else np.zeros(0, np.int64)
+def _exclusion_csr(test: Interactions, exclude: list[Interactions],
+                   only: np.ndarray | None = None) -> sp.csr_matrix:
+    """Excluded (user, item) pairs as a CSR matrix; ``only``: a bool mask over users, the
+    rows of other users left out (a sample of users never copies the whole training set)."""
+    parts = [e if only is None else e.take(only[e.user]) for e in exclude]
+    users = np.concatenate([e.user for e in parts]) if parts else np.zeros(0, np.int64)
+    items = np.concatenate([e.item for e in parts]) if parts else np.zeros(0, np.int64)
     m = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)),
                       shape=(test.n_users, test.n_items))
     m.sum_duplicates()
     return m
 
 
-def _eval_users(test: Interactions, n_test: np.ndarray, users: UsersArg) -> np.ndarray:
+def batch_size_for(n_items: int, batch_users: int = 1024,
+                   max_batch_bytes: int | None = MAX_BATCH_BYTES) -> int:
+    """Users per batch of :func:`ranking_metrics`: ``batch_users``, lowered so that a batch's
+    working memory (about ``BYTES_PER_CELL`` bytes per user x item) stays within
+    ``max_batch_bytes`` (None: no bound); at least 1."""
+    bs = max(1, int(batch_users))
+    if max_batch_bytes is not None and max_batch_bytes > 0:
+        bs = min(bs, max(1, int(max_batch_bytes) // (BYTES_PER_CELL * max(1, int(n_items)))))
+    return bs
+
+
+def _eval_users(test: Interactions, n_test: np.ndarray | None, users: UsersArg) -> np.ndarray:
     if isinstance(users, str):
         if users == "nonempty":
             return np.flatnonzero(n_test > 0)
@@ -229,11 +251,16 @@ def ranking_metrics(score_fn: ScoreFn, test: Interactions,
                     metrics: Iterable[str] = ("recall", "ndcg"), ks: Iterable[int] = (20,),
                     ndcg_variant: str = "truncated", recall_variant: str = "test",
                     users: UsersArg = "nonempty", batch_users: int = 1024, device="cpu",
-                    per_user: bool = False) -> dict:
+                    per_user: bool = False, max_batch_bytes: int | None = MAX_BATCH_BYTES) -> dict:
     """Mean ranking metrics over users (see the module docstring for the definitions).
 
     ``score_fn(users: LongTensor[B]) -> Tensor[B, n_items]`` gives scores on ``device``
-    (higher is better). Users are scored in batches of ``batch_users``; the batch's test
+    (higher is better). Users are scored in batches of ``batch_users``, fewer when a batch
+    would need more than ``max_batch_bytes`` of working memory (:func:`batch_size_for`;
+    None: no bound): peak memory is O(batch x n_items) plus the CSR structure of the test
+    and excluded rows, and no ``n_users x n_items`` array is ever built. With an explicit
+    array of ``users`` (a sample), only those users' test and excluded rows are indexed.
+    The batch size never changes a user's values. The batch's test
     and exclusion masks are dense ``B x n_items`` booleans built from CSR structure. One
     ``topk`` at the largest K serves every @K metric; a full stable sort of the rows is
     done only when the full-ranking ``"map"`` / ``"mrr"`` are requested. ``score_fn`` runs
@@ -251,11 +278,18 @@ def ranking_metrics(score_fn: ScoreFn, test: Interactions,
     dev = _resolve_device(device)
     n_items = test.n_items
 
-    test_csr = test.csr()
-    n_test = np.diff(test_csr.indptr)
-    eval_users = _eval_users(test, n_test, users)
+    if isinstance(users, str):
+        test_csr = test.csr()
+        eval_users = _eval_users(test, np.diff(test_csr.indptr), users)
+        excl_csr = _exclusion_csr(test, exclude)
+    else:               # explicit users: index only their rows
+        eval_users = _eval_users(test, None, users)
+        only = np.zeros(test.n_users, dtype=bool)
+        only[eval_users] = True
+        test_csr = test.take(only[test.user]).csr()
+        excl_csr = _exclusion_csr(test, exclude, only)
     test_rows = _CSRRows(test_csr, dev)
-    excl_rows = _CSRRows(_exclusion_csr(test, exclude), dev)
+    excl_rows = _CSRRows(excl_csr, dev)
 
     at_k = [k for _, k in parsed if k is not None]
     k_eff = min(max(at_k), n_items) if at_k else 0
@@ -265,7 +299,7 @@ def ranking_metrics(score_fn: ScoreFn, test: Interactions,
     idcg_cum = (1.0 / torch.log2(torch.arange(2, n_items + 2, device=dev, dtype=f64))).cumsum(0)
 
     chunks = []
-    bs = max(1, int(batch_users))
+    bs = batch_size_for(n_items, batch_users, max_batch_bytes)
     for b0 in range(0, len(eval_users), bs):
         u = torch.as_tensor(eval_users[b0:b0 + bs], device=dev)
         with torch.no_grad():

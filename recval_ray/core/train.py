@@ -24,6 +24,7 @@ import torch
 
 from ..registry import MODELS
 from .data import Interactions
+from .evaluation import evaluation_users
 from .metrics import parse_metric, ranking_metrics
 from .models.base import Task
 
@@ -102,7 +103,9 @@ def predict_ratings(model, part: Interactions, batch: int = 65536) -> np.ndarray
 def validation_score(model, valid: Interactions, exclude: Sequence[Interactions], metric: str,
                      eval_cfg=None, users: Optional[np.ndarray] = None) -> float:
     """The selection metric of ``model`` on the validation split: a ranking metric (e.g.
-    ``ndcg@20``, training items excluded) or, for rating models, ``rmse`` / ``mae``."""
+    ``ndcg@20``, training items excluded) or, for rating models, ``rmse`` / ``mae``.
+    ``users``: the users to average over (default: ``evaluation_users(eval_cfg, valid)``,
+    i.e. ``evaluate.users`` or the seeded sample of ``evaluate.sample_users``)."""
     if metric in RATING_METRICS:
         if valid.rating is None:
             raise ValueError(f"select_metric {metric} needs ratings in the data")
@@ -112,10 +115,12 @@ def validation_score(model, valid: Interactions, exclude: Sequence[Interactions]
         model.train(model_was_training)
         return float(np.sqrt(np.mean(err ** 2)) if metric == "rmse" else np.mean(np.abs(err)))
     name, k = parse_metric(metric)
-    kw = {}
+    if users is None:
+        users, _ = evaluation_users(eval_cfg, valid)
+    kw = {"users": users}
     if eval_cfg is not None:
-        kw = dict(ndcg_variant=eval_cfg.ndcg_variant, recall_variant=eval_cfg.recall_variant,
-                  users=eval_cfg.users, batch_users=eval_cfg.batch_users)
+        kw.update(ndcg_variant=eval_cfg.ndcg_variant, recall_variant=eval_cfg.recall_variant,
+                  batch_users=eval_cfg.batch_users)
     model_was_training = model.training
     model.eval()
     if hasattr(model, "set_context"):
@@ -148,7 +153,10 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
     (``task.all_losses``, ``train.loss_negatives`` seeded negatives per row, no update), so
     rows a sampler visits rarely (PLD's high-loss rows) are measured like the others.
     ``epoch_context()`` wraps each epoch's batch loop (data-parallel ranks with uneven batch
-    counts use DDP's ``Join`` there).
+    counts use DDP's ``Join`` there). Validation runs after every ``train.eval_every``-th
+    epoch (``patience`` counts validations), on ``evaluate.sample_users`` seeded users when
+    set (:func:`.evaluation.evaluation_users`: the same users every epoch and for every
+    model trained on this split).
     """
     model = task.model
     dev = task.device
@@ -172,6 +180,8 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
     t0 = time.perf_counter()
     if checkpoint_dir:
         os.makedirs(checkpoint_dir, exist_ok=True)
+    # the validation users (the seeded sample of evaluate.sample_users), drawn once
+    valid_users = evaluation_users(eval_cfg, valid)[0] if use_valid and metric not in RATING_METRICS else None
     epoch = -1
     for epoch in range(train_cfg.epochs):
         te = time.perf_counter()
@@ -204,7 +214,7 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
                   "epoch_seconds": time.perf_counter() - te}
         improved = False
         if use_valid and (epoch + 1) % train_cfg.eval_every == 0:
-            score = validation_score(model, valid, exclude, metric, eval_cfg)
+            score = validation_score(model, valid, exclude, metric, eval_cfg, users=valid_users)
             record[f"valid_{metric}"] = score
             if sign * score > best:
                 best, best_epoch, bad_evals, improved = sign * score, epoch, 0, True

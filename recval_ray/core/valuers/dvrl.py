@@ -34,7 +34,7 @@ import torch
 from ...registry import register_valuer
 from ..dvrl import (MovingBaseline, Selector, interaction_features, reinforce_loss,
                     train_selected_mf)
-from ..evaluation import noise_detection
+from ..evaluation import evaluation_users, noise_detection
 from ..metrics import parse_metric, ranking_metrics
 from ..models.mf import MF, BPRTask
 from ..train import build_task, fit, loss_generator, validation_score
@@ -213,10 +213,10 @@ class DVRLValuer(Valuer):
                        int(inner_cfg.num_negatives), getattr(ctx.model_cfg, "sampler", "interactions"))
         dev = u0.device
         name, k = parse_metric(metric)
-        kw = {}
+        kw = {"users": evaluation_users(ctx.eval_cfg, valid)[0]}   # evaluate.sample_users: the seeded sample
         if ctx.eval_cfg is not None:
-            kw = dict(ndcg_variant=ctx.eval_cfg.ndcg_variant, recall_variant=ctx.eval_cfg.recall_variant,
-                      users=ctx.eval_cfg.users, batch_users=ctx.eval_cfg.batch_users)
+            kw.update(ndcg_variant=ctx.eval_cfg.ndcg_variant, recall_variant=ctx.eval_cfg.recall_variant,
+                      batch_users=ctx.eval_cfg.batch_users)
 
         def rewarder(masks: torch.Tensor) -> np.ndarray:
             U, I = train_selected_mf(task, masks.to(dev), u0, i0, inner_cfg, int(o.inner_epochs),
@@ -240,6 +240,7 @@ class DVRLValuer(Valuer):
         # stay those of the selection
         state = ({n: p.detach().clone() for n, p in ctx.base.model.named_parameters()}
                  if o.init == "base" else None)
+        users = evaluation_users(ctx.eval_cfg, ctx.split.valid)[0]   # drawn once
 
         def rewarder(masks: torch.Tensor) -> np.ndarray:
             out = []
@@ -248,7 +249,7 @@ class DVRLValuer(Valuer):
                 if state is not None:
                     task.model.load_state_dict(state, strict=False)
                 res = fit(task, inner_cfg, track_losses=False)
-                out.append(validation_score(res.model, ctx.split.valid, [train], metric, ctx.eval_cfg))
+                out.append(validation_score(res.model, ctx.split.valid, [train], metric, ctx.eval_cfg, users=users))
             return np.asarray(out, dtype=np.float64)
 
         return rewarder
