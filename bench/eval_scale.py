@@ -22,7 +22,8 @@ median time is kept (peak RSS: the largest). Under glibc's default allocator the
 freed heap the allocator kept, which varies from run to run; ``MALLOC_MMAP_THRESHOLD_=1048576``
 in the environment returns every large buffer at once, so the peak is the live memory (and the
 evaluation slower). Prints both modes and how far the sample's metrics are from the full ones;
-ends with one JSON line: ``ratio`` = full seconds / sampled seconds.
+ends with one JSON line: ``ratio`` = full seconds / sampled seconds (wall clock; ``ratio_cpu``: the same with the
+workers' process CPU time, steadier when other jobs share the cores).
 """
 from __future__ import annotations
 
@@ -128,11 +129,11 @@ def worker(args) -> None:
         pass
     peak_reset = _reset_peak_rss()
     rss0 = _status_mb("VmRSS") or 0.0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     metrics = evaluate_ranking(model, split, cfg, "test", exclude=[train])
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     users, info = evaluation_users(cfg, test)
-    out = {"mode": args.worker, "seconds": seconds, "data_seconds": gen_s, "metrics": metrics,
+    out = {"mode": args.worker, "seconds": seconds, "cpu_seconds": cpu_seconds, "data_seconds": gen_s, "metrics": metrics,
            "evaluated_users": int((test.user_counts() > 0).sum()) if isinstance(users, str) else int(len(users)),
            "sample": info, "peak_rss_mb": _peak_rss_mb(), "rss_before_eval_mb": rss0,
            "peak_is_evaluation_only": peak_reset,
@@ -178,7 +179,7 @@ def main() -> None:
                 raise SystemExit(f"{mode} failed (exit {proc.returncode})")
             r = json.loads(line[-1][len("RESULT "):])
             runs.setdefault(mode, []).append(r)
-            print(f"{mode:8s} {r['seconds']:8.2f} s  {r['evaluated_users']:>7d} users  "
+            print(f"{mode:8s} {r['seconds']:8.2f} s (CPU {r['cpu_seconds']:.2f} s)  {r['evaluated_users']:>7d} users  "
                   f"{r['evaluated_users'] / r['seconds']:9.0f} users/s  peak RSS {r['peak_rss_mb']:.0f} MB "
                   f"(before evaluation {r['rss_before_eval_mb']:.0f} MB)  ndcg@20 {r['metrics']['ndcg@20']:.5f}  "
                   f"recall@20 {r['metrics']['recall@20']:.5f}", flush=True)
@@ -186,23 +187,27 @@ def main() -> None:
     for mode, rs in runs.items():
         assert all(x["metrics"] == rs[0]["metrics"] for x in rs), "metrics differ between repeats"
         results[mode] = dict(rs[0], seconds=float(np.median([x["seconds"] for x in rs])),
+                             cpu_seconds=float(np.median([x["cpu_seconds"] for x in rs])),
                              all_seconds=[x["seconds"] for x in rs],
                              peak_rss_mb=max(x["peak_rss_mb"] for x in rs),
                              rss_before_eval_mb=min(x["rss_before_eval_mb"] for x in rs))
     full, sampled = results.get("full"), results.get("sampled")
     ratio = full["seconds"] / sampled["seconds"] if full and sampled else None
+    ratio_cpu = full["cpu_seconds"] / sampled["cpu_seconds"] if full and sampled else None
     rel_err = ({k: (sampled["metrics"][k] - v) / v if v else None for k, v in full["metrics"].items()}
                if full and sampled else None)
     if rel_err:
         print("sampled vs full, relative difference: " + ", ".join(
             f"{k} {100 * v:+.2f}%" for k, v in rel_err.items() if v is not None), flush=True)
     out = {"name": "sampled_eval", "ratio": None if ratio is None else round(ratio, 3),
-           "comparison": "full-ranking evaluation seconds / sampled evaluation seconds",
+           "ratio_cpu": None if ratio_cpu is None else round(ratio_cpu, 3),
+           "comparison": "full-ranking evaluation seconds / sampled evaluation seconds (wall; ratio_cpu: process CPU time)",
            "users": args.users, "items": args.items, "dim": args.dim, "sample": args.sample,
            "sample_seed": args.sample_seed, "batch_users": args.batch_users, "threads": args.threads,
            "evaluated_users": {k: v["evaluated_users"] for k, v in results.items()},
            "repeats": max(1, args.repeats), "seconds": {k: round(v["seconds"], 3) for k, v in results.items()},
            "all_seconds": {k: [round(x, 3) for x in v["all_seconds"]] for k, v in results.items()},
+           "cpu_seconds": {k: round(v["cpu_seconds"], 3) for k, v in results.items()},
            "users_per_s": {k: round(v["evaluated_users"] / v["seconds"]) for k, v in results.items()},
            "peak_rss_mb": {k: round(v["peak_rss_mb"]) for k, v in results.items()},
            "rss_before_eval_mb": {k: round(v["rss_before_eval_mb"]) for k, v in results.items()},
