@@ -303,6 +303,34 @@ class RunOutput:
             self.fs.create_dir(target, recursive=True)
             pq.write_table(table, posixpath.join(target, "part-0.parquet"), filesystem=self.fs)
 
+    def write_chunks(self, name: str, chunks) -> None:
+        """A Parquet dataset under ``<name>/`` from an iterator of tables, one file per chunk
+        (``part-00000.parquet``, ...): never more than one chunk in memory. An iterator with no
+        rows still writes one empty file (with the first chunk's schema)."""
+        import pyarrow.parquet as pq
+        target = self.path(name)
+        self.fs.create_dir(target, recursive=True)
+        rows, k, empty = 0, 0, None
+        for t in chunks:
+            if t.num_rows == 0:
+                empty = empty or t
+                continue
+            pq.write_table(t, posixpath.join(target, f"part-{k:05d}.parquet"), filesystem=self.fs)
+            rows += t.num_rows
+            k += 1
+        if k == 0 and empty is not None:
+            pq.write_table(empty, posixpath.join(target, "part-00000.parquet"), filesystem=self.fs)
+        self.row_counts[name] = rows
+        self._tables[name] = rows
+
+    def write_dataset(self, name: str, ds, rows: int) -> None:
+        """A Ray Dataset written by Ray Data under ``<name>/`` (``rows``: what it holds, checked
+        at commit like every table)."""
+        target = self.path(name)
+        self.row_counts[name] = rows
+        self._tables[name] = rows
+        ds.write_parquet(target, filesystem=self.fs, mode="overwrite")
+
     def work_store(self):
         """A :class:`~recval_ray.core.executor.ShardStore` under ``<run>/_work/``: finished
         work items of a valuation, kept across interrupted attempts, removed by the commit."""

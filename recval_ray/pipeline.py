@@ -237,22 +237,30 @@ def interactions_table(dataset: Dataset, part: Interactions, extra: Optional[dic
     return pa.table(cols)
 
 
-def values_table(dataset: Dataset, split: Split, valuation: Valuation, keep: np.ndarray) -> pa.Table:
-    """The valued-data schema: user_id, item_id, value, <method columns>, kept, is_noise."""
-    extra = {"value": valuation.values}
-    extra.update({k: np.asarray(v) for k, v in valuation.columns.items()})
-    extra["kept"] = keep
-    t = interactions_table(dataset, split.train, extra)
+def values_table(dataset: Dataset, split: Split, valuation: Valuation, keep: np.ndarray,
+                 rows: Optional[np.ndarray] = None) -> pa.Table:
+    """The valued-data schema: user_id, item_id, value, <method columns>, kept, is_noise
+    (``rows``: only those training rows, for chunked writing)."""
+    sel = (lambda a: np.asarray(a)) if rows is None else (lambda a: np.asarray(a)[rows])
+    extra = {"value": sel(valuation.values)}
+    extra.update({k: sel(v) for k, v in valuation.columns.items()})
+    extra["kept"] = sel(keep)
+    t = interactions_table(dataset, split.train if rows is None else split.train.take(rows), extra)
     order = ["user_id", "item_id", "value"] + list(valuation.columns) + ["kept"] + \
         [c for c in ("rating", "timestamp", "is_noise") if c in t.column_names]
     return t.select(order)
 
 
 def pruned_table(dataset: Dataset, kept: Interactions) -> pa.Table:
-    """The kept interactions with the input's own columns and ids (noise rows: ids only)."""
+    """The kept interactions with the input's own columns and ids, in the input's order, then
+    the injected ones (ids only): the same rows, in the same order, as the streamed
+    pass-through writes (:mod:`recval_ray.ray_layer.tables`)."""
     src = dataset.source
     if src is None:
         return interactions_table(dataset, kept)
+    if kept.source_row is not None:
+        kept = kept.take(np.argsort(np.where(kept.source_row >= 0, kept.source_row, np.iinfo(np.int64).max),
+                                    kind="stable"))
     rows = kept.source_row if kept.source_row is not None else np.arange(len(kept))
     real = rows >= 0
     cols = {}
@@ -326,95 +334,144 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
             public_uri: Optional[str] = None) -> RunResult:
     """Run the whole job; returns where the outputs are and the headline metrics.
     ``public_uri``: the run's address for its manifest when it is written inside another
-    run's attempt (a sweep's best run)."""
+    run's attempt (a sweep's best run). Every stage is profiled (``metrics["profile"]``)."""
+    from .profile import Profiler
     timings: dict = {}
     t_all = time.perf_counter()
     run_id = run_id or cfg.output.run_id or cfg.name
     out, on_cluster = open_run(cfg, run_id, output_uri, overwrite, use_ray, address, public_uri)
-    with out:
-        t = time.perf_counter()
-        dataset = load_data(cfg, use_ray=use_ray)
-        split, split_warnings = make_split(cfg, dataset)
-        timings["ingest_split_s"] = time.perf_counter() - t
-        log.info("data: %d users, %d items; train %d (noise %d), valid %d, test %d",
-                 dataset.n_users, dataset.n_items, len(split.train),
-                 int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0,
-                 len(split.valid), len(split.test))
+    prof = Profiler()
+    try:
+        with out:
+            with prof.stage("ingest") as st:
+                dataset = load_data(cfg, use_ray=use_ray)
+                st.rows = len(dataset.interactions)
+            with prof.stage("split", rows=len(dataset.interactions)):
+                split, split_warnings = make_split(cfg, dataset)
+                dataset.release_interactions()     # the split holds every row the run needs now
+            log.info("data: %d users, %d items; train %d (noise %d), valid %d, test %d",
+                     dataset.n_users, dataset.n_items, len(split.train),
+                     int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0,
+                     len(split.valid), len(split.test))
 
-        work_dir = tempfile.mkdtemp(prefix=f"recval-{run_id}-")
-        try:
-            t = time.perf_counter()
-            log.info("training the base %s model (up to %d epochs, selecting on validation %s)",
-                     cfg.model.kind, cfg.train.epochs, cfg.train.select_metric)
-            base = train(cfg, split.train, split.valid, tag="base",
-                         checkpoint_dir=f"{work_dir}/checkpoints/base",
-                         storage_path=out.attempt_uri("checkpoints") if (cfg.output.checkpoints or on_cluster)
-                         else None)
-            if cfg.output.checkpoints:
-                out.upload_files(base.checkpoints, "checkpoints/base")
-            base_metrics = evaluate_ranking(base.model, split, cfg.evaluate, "test")
-            timings["train_base_s"] = time.perf_counter() - t
+            work_dir = tempfile.mkdtemp(prefix=f"recval-{run_id}-")
+            try:
+                with prof.stage("train", rows=len(split.train)):
+                    log.info("training the base %s model (up to %d epochs, selecting on validation %s)",
+                             cfg.model.kind, cfg.train.epochs, cfg.train.select_metric)
+                    base = train(cfg, split.train, split.valid, tag="base",
+                                 checkpoint_dir=f"{work_dir}/checkpoints/base",
+                                 storage_path=out.attempt_uri("checkpoints")
+                                 if (cfg.output.checkpoints or on_cluster) else None)
+                    if cfg.output.checkpoints:
+                        out.upload_files(base.checkpoints, "checkpoints/base")
+                    base_metrics = evaluate_ranking(base.model, split, cfg.evaluate, "test")
 
-            t = time.perf_counter()
-            log.info("valuing %d training interactions with %s", len(split.train), cfg.valuation.method)
-            valuation = value(cfg, split, base, dataset, work_dir=work_dir,
-                              executor=make_executor(cfg, use_ray), store=out.work_store(), use_ray=use_ray)
-            timings["value_s"] = time.perf_counter() - t
+                with prof.stage("value", rows=len(split.train)):
+                    log.info("valuing %d training interactions with %s", len(split.train), cfg.valuation.method)
+                    valuation = value(cfg, split, base, dataset, work_dir=work_dir,
+                                      executor=make_executor(cfg, use_ray), store=out.work_store(),
+                                      use_ray=use_ray)
 
-            t = time.perf_counter()
-            log.info("pruning (%s, %s) and retraining on the kept data%s", cfg.prune.strategy, cfg.prune.scope,
-                     " and on a random control" if cfg.prune.random_control else "")
-            pruned = prune_and_retrain(cfg, split, valuation, work_dir, base_model=base.model)
-            if pruned.base_metrics is not None:
-                base_metrics = pruned.base_metrics
-            timings["prune_retrain_s"] = time.perf_counter() - t
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+                with prof.stage("prune+retrain", rows=len(split.train)):
+                    log.info("pruning (%s, %s) and retraining on the kept data%s", cfg.prune.strategy,
+                             cfg.prune.scope, " and on a random control" if cfg.prune.random_control else "")
+                    pruned = prune_and_retrain(cfg, split, valuation, work_dir, base_model=base.model)
+                    if pruned.base_metrics is not None:
+                        base_metrics = pruned.base_metrics
+            finally:
+                shutil.rmtree(work_dir, ignore_errors=True)
 
-        metrics = build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, split_warnings)
-        values_tab = values_table(dataset, split, valuation, pruned.keep)
-        explanation = explain(cfg, values_tab, split, dataset, metrics, timings)
+            metrics = build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, split_warnings)
+            explanation = explain(cfg, split, dataset, valuation, metrics, timings)
+            small = len(split.train) <= CHUNK_ROWS
+            values_tab = values_table(dataset, split, valuation, pruned.keep) if small else None
 
-        t = time.perf_counter()
-        log.info("writing outputs to %s", out.uri)
-        out.write_table("values", values_tab, use_ray=use_ray)
-        if valuation.entities is not None:
-            out.write_table(f"{valuation.entity_kind or 'entity'}_values", pa.table(valuation.entities),
-                            use_ray=use_ray)
-        for name, tab in valuation.tables.items():
-            out.write_table(name, pa.table(tab), use_ray=use_ray)
-        out.write_table("pruned", pruned_table(dataset, split.train.take(pruned.keep)), use_ray=use_ray)
-        for name, part in split.parts().items():
-            out.write_table(f"splits/{name}", interactions_table(dataset, part), use_ray=use_ray)
-        if explanation is not None:
-            out.write_table("explanations/attributions", explanation.attributions_table(dataset, split.train),
-                            use_ray=use_ray)
-            out.write_table("explanations/importance", explanation.importance_table(), use_ray=use_ray)
-        out.write_json("metrics.json", metrics)
-        if cfg.output.report:
-            from .report_builder import build_report
-            out.write_text("report.html", build_report(cfg, run_id, metrics, values_tab, base, valuation,
-                                                           explanation=explanation))
-        timings["write_s"] = time.perf_counter() - t
-        timings["total_s"] = time.perf_counter() - t_all
-        manifest = out.commit({
-            "status": "complete", "run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "config": cfg.to_dict(), "versions": versions(),
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-        })
+            with prof.stage("write", rows=len(split.train) + len(split.valid) + len(split.test)):
+                log.info("writing outputs to %s", out.uri)
+                write_outputs(out, cfg, dataset, split, valuation, pruned, values_tab, use_ray)
+                if explanation is not None:
+                    out.write_table("explanations/attributions",
+                                    explanation.attributions_table(dataset, split.train), use_ray=use_ray)
+                    out.write_table("explanations/importance", explanation.importance_table(), use_ray=use_ray)
+            for s_ in prof.stages:
+                timings[f"{s_.name}_s"] = s_.seconds
+            metrics["profile"] = prof.summary()
+            out.write_json("metrics.json", metrics)
+            if cfg.output.report:
+                from .report_builder import build_report
+                numeric = values_tab if values_tab is not None else valued_columns(split, valuation, pruned.keep)
+                out.write_text("report.html", build_report(cfg, run_id, metrics, numeric, base, valuation,
+                                                               explanation=explanation))
+            timings["total_s"] = time.perf_counter() - t_all
+            manifest = out.commit({
+                "status": "complete", "run_id": run_id,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "config": cfg.to_dict(), "versions": versions(),
+                "timings": {k: round(v, 3) for k, v in timings.items()},
+            })
+    finally:
+        prof.close()
     return RunResult(uri=out.public_uri, run_id=run_id, metrics=metrics, manifest=manifest, values=values_tab)
 
 
-def explain(cfg: JobConfig, values_tab: pa.Table, split: Split, dataset: Dataset, metrics: dict,
+# tables of more rows than this are written chunk by chunk (one Parquet file per chunk)
+CHUNK_ROWS = 1 << 20
+
+
+def write_outputs(out, cfg: JobConfig, dataset: Dataset, split: Split, valuation: Valuation,
+                  pruned: "PruneOutcome", values_tab: Optional[pa.Table], use_ray: bool) -> None:
+    """``values/``, entity and method tables, ``pruned/`` and ``splits/``. Small tables are
+    written whole (Ray Data on Ray); large ones chunk by chunk, never a whole table on the
+    driver; the pass-through of a streamed input (``pruned/``) is Ray Data end to end."""
+    if values_tab is not None:
+        out.write_table("values", values_tab, use_ray=use_ray)
+    else:
+        out.write_chunks("values", (values_table(dataset, split, valuation, pruned.keep, rows=sl)
+                                    for sl in _chunks(len(split.train))))
+    if valuation.entities is not None:
+        out.write_table(f"{valuation.entity_kind or 'entity'}_values", pa.table(valuation.entities),
+                        use_ray=use_ray)
+    for name, tab in valuation.tables.items():
+        out.write_table(name, pa.table(tab), use_ray=use_ray)
+    kept = split.train.take(pruned.keep)
+    if dataset.stream is not None and use_ray:
+        from .ray_layer.tables import write_pass_through
+        write_pass_through(out, "pruned", dataset, kept)
+    elif len(kept) <= CHUNK_ROWS:
+        out.write_table("pruned", pruned_table(dataset, kept), use_ray=use_ray)
+    else:
+        out.write_chunks("pruned", (pruned_table(dataset, kept.take(sl)) for sl in _chunks(len(kept))))
+    for name, part in split.parts().items():
+        if len(part) <= CHUNK_ROWS:
+            out.write_table(f"splits/{name}", interactions_table(dataset, part), use_ray=use_ray)
+        else:
+            out.write_chunks(f"splits/{name}", (interactions_table(dataset, part.take(sl))
+                                                for sl in _chunks(len(part))))
+
+
+def _chunks(n: int, rows: int = CHUNK_ROWS):
+    return (np.arange(s, min(s + rows, n)) for s in range(0, n, rows))
+
+
+def valued_columns(split: Split, valuation: Valuation, keep: np.ndarray) -> pa.Table:
+    """The numeric columns of the valued data (no ids), for the report on large runs."""
+    cols = {"value": valuation.values, "kept": keep}
+    if split.train.is_noise is not None:
+        cols["is_noise"] = split.train.is_noise
+    return pa.table(cols)
+
+
+def explain(cfg: JobConfig, split: Split, dataset: Dataset, valuation: Valuation, metrics: dict,
             timings: dict):
     """``explain.enabled``: Shapley attributions of the values through a surrogate model
     (:mod:`recval_ray.core.explain_values`); adds ``metrics["explain"]``. None when disabled."""
     if not cfg.explain.enabled:
         return None
-    from .core.explain_values import explain_values
+    from .core.explain_values import explain_array
     t = time.perf_counter()
     log.info("explaining the values (%s surrogate, %s Shapley values)", cfg.explain.surrogate, cfg.explain.backend)
-    explanation = explain_values(values_tab, split, dataset, cfg.explain)
+    explanation = explain_array(np.asarray(valuation.values, dtype=np.float64), split.train, dataset, cfg.explain)
     metrics["explain"] = explanation.summary()
     timings["explain_s"] = time.perf_counter() - t
     log.info("explanation: surrogate held-out R^2 %.3f; top features %s", explanation.info["r2_heldout"],

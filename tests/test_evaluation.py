@@ -222,8 +222,15 @@ def inter(n=6, **fields):
 
 
 def test_interactions_validates_lengths_and_casts():
-    x = Interactions(np.array([0, 1], dtype=np.int32), [1, 0], 2, 2)
-    assert x.user.dtype == np.int64 and x.item.dtype == np.int64 and len(x) == 2
+    # compact indices: int32 whenever the index space fits (4 bytes a row), int64 beyond
+    x = Interactions(np.array([0, 1], dtype=np.int64), [1, 0], 2, 2)
+    assert x.user.dtype == np.int32 and x.item.dtype == np.int32 and len(x) == 2
+    assert x.user.flags.c_contiguous and x.item.flags.c_contiguous
+    big = Interactions([0, 2 ** 31 + 5], [1, 0], 2 ** 31 + 6, 2)
+    assert big.user.dtype == np.int64 and big.user.tolist() == [0, 2 ** 31 + 5] and big.item.dtype == np.int32
+    # pair keys never overflow: user * n_items passes 2^31 here
+    keys = Interactions([70_000], [30_000], 100_000, 40_000).pair_keys()
+    assert keys.dtype == np.int64 and keys.tolist() == [70_000 * 40_000 + 30_000]
     with pytest.raises(ValueError):
         Interactions([0, 1], [0], 2, 2)
     with pytest.raises(ValueError, match="rating"):

@@ -227,7 +227,9 @@ def test_duplicates(tmp_path):
     assert load_dataset(cfg("keep-last")).interactions.rating.tolist() == [2, 3, 4]
     ds = load_dataset(cfg("keep-first"))
     assert ds.interactions.rating.tolist() == [1, 2, 3]
-    assert ds.source["rating"].to_pylist() == ["1", "2", "3"]  # csv text passes through verbatim
+    # csv text passes through verbatim; source holds every input row, source_row points into it
+    kept_text = ds.source["rating"].take(pa.array(ds.interactions.source_row)).to_pylist()
+    assert kept_text == ["1", "2", "3"] and ds.interactions.source_row.tolist() == [0, 1, 3]
     e = raises(cfg("error"), "d.csv", "2 rows repeat", "first: 3, 5", "row 1")
     assert e.rows == [3, 5] and e.count == 2
 
@@ -258,7 +260,7 @@ def test_kcore_iterates(tmp_path):
     f = write(tmp_path / "k.csv", "user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in rows))
     ds = load_dataset(DataConfig(format="csv", path=f, min_user=2, min_item=2))
     assert pairs(ds) == {(1, 1), (1, 2), (2, 1), (2, 2)}
-    assert ds.source["user_id"].to_pylist() == ["1", "1", "2", "2"]
+    assert ds.source["user_id"].take(pa.array(ds.interactions.source_row)).to_pylist() == ["1", "1", "2", "2"]
     assert len(load_dataset(DataConfig(format="csv", path=f, min_user=2)).interactions) == 6
     assert len(load_dataset(DataConfig(format="csv", path=f, min_item=2)).interactions) == 5
     raises(DataConfig(format="csv", path=f, min_user=5), "no interactions left")
@@ -311,7 +313,11 @@ def test_ray_reader_matches_plain_path_and_surfaces_errors(tmp_path, ray_session
     a, b = read_dataset(cfg, None), load_dataset(cfg)
     assert np.array_equal(a.interactions.user, b.interactions.user)
     assert np.array_equal(a.interactions.item, b.interactions.item)
-    assert a.source.equals(b.source) and a.user_ids.equals(b.user_ids)
+    assert a.user_ids.equals(b.user_ids) and a.item_ids.equals(b.item_ids)
+    assert np.array_equal(a.interactions.source_row, b.interactions.source_row)
+    # streamed: no source table on the driver; the input's own rows are re-read in order
+    assert a.source is None
+    assert pa.concat_tables(ray_session.get(a.stream.read().to_arrow_refs())).equals(b.source)
     write(d / "p1.csv", "user_id,item_id,rating,extra\n1,2,3,x\n1,3,oops,y\n")
     with pytest.raises(InputError) as info:
         read_dataset(cfg, None)

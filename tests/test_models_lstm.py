@@ -117,7 +117,7 @@ def test_shapes_batches_and_loss_alignment():
     seen = []
     for batch in task.batches(0, epoch_generator(0, 0)):
         assert batch["hist"].shape == (len(batch["idx"]), 4)
-        torch.testing.assert_close(batch["target"], torch.as_tensor(data.item)[batch["idx"]])
+        torch.testing.assert_close(batch["target"], torch.as_tensor(data.item, dtype=torch.long)[batch["idx"]])
         loss, per = task.loss(batch)
         assert loss.ndim == 0 and per.shape == batch["idx"].shape and not per.requires_grad
         assert torch.allclose(loss, per.mean())

@@ -16,6 +16,11 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 
+def index_dtype(n: int) -> type:
+    """int32 when indices ``0..n-1`` fit in it, else int64."""
+    return np.int32 if n <= np.iinfo(np.int32).max else np.int64
+
+
 @dataclass(frozen=True)
 class Interactions:
     """A bag of (user, item) interactions over contiguous indices.
@@ -35,8 +40,10 @@ class Interactions:
     source_row: Optional[np.ndarray] = None
 
     def __post_init__(self):
-        object.__setattr__(self, "user", np.asarray(self.user, dtype=np.int64))
-        object.__setattr__(self, "item", np.asarray(self.item, dtype=np.int64))
+        # compact indices: int32 (4 bytes a row each) whenever the index space fits, which is
+        # every realistic catalogue; arithmetic that can exceed 2^31 (pair keys) goes via int64
+        object.__setattr__(self, "user", np.ascontiguousarray(self.user, dtype=index_dtype(self.n_users)))
+        object.__setattr__(self, "item", np.ascontiguousarray(self.item, dtype=index_dtype(self.n_items)))
         n = len(self.user)
         if len(self.item) != n:
             raise ValueError("user and item arrays differ in length")
@@ -128,6 +135,10 @@ class Dataset:
     warnings: list = field(default_factory=list)
     item_genres: Optional[np.ndarray] = None    # bool [n_items, G] item metadata (MovieLens genres)
     genre_names: Optional[list] = None
+    # ratings at the input's precision, by input row, when float32 would change one (e.g. 0.1)
+    rating_exact: Optional[np.ndarray] = None
+    rating_type: Optional[pa.DataType] = None     # the input's numeric rating type (Parquet), for outputs
+    stream: Optional[object] = None   # a streamed input's read plan (ray_layer.ingest.StreamPlan): no ``source``
 
     @property
     def n_users(self) -> int:
@@ -137,6 +148,13 @@ class Dataset:
     def n_items(self) -> int:
         return self.interactions.n_items
 
+    def release_interactions(self) -> None:
+        """Drop the ingested rows once split (the split's parts hold every row a run uses), so
+        the driver does not keep the log twice; ``n_users``, ``n_items`` and the id maps stay."""
+        i = self.interactions
+        empty = np.zeros(0, dtype=np.int64)
+        self.interactions = Interactions(empty, empty, i.n_users, i.n_items)
+
     def original_users(self, index: np.ndarray) -> pa.Array:
         return self.user_ids.take(pa.array(np.asarray(index, dtype=np.int64)))
 
@@ -144,25 +162,20 @@ class Dataset:
         return self.item_ids.take(pa.array(np.asarray(index, dtype=np.int64)))
 
     def original_ratings(self, part: "Interactions") -> pa.Array:
-        """``part``'s ratings for output at the input's precision: the rating column's own
-        numeric type (Parquet), or float64 parsed from the text (csv, where ``0.1`` stays
-        ``0.1``); null for rows the input did not have (injected noise). The models compute
-        in float32 (``part.rating``); outputs never show that rounding."""
-        name = self.columns.get("rating")
-        if self.source is None or name not in self.source.column_names or part.source_row is None:
-            return pa.array(part.rating, pa.float64(), mask=np.isnan(part.rating))
-        rows = np.asarray(part.source_row, dtype=np.int64)
-        real = rows >= 0
-        col = self.source.column(name).take(pa.array(np.where(real, rows, 0)))
-        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-        if pa.types.is_dictionary(col.type):
-            col = col.dictionary_decode()
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            text = pc.utf8_trim_whitespace(col)
-            col = pc.if_else(pc.equal(pc.utf8_length(text), 0), pa.scalar(None, text.type), text).cast(pa.float64())
-        if not real.all():
-            col = pc.if_else(pa.array(real), col, pa.scalar(None, col.type))
-        return col
+        """``part``'s ratings for output at the input's precision and type: the Parquet column's
+        own numeric type (an int16 column stays int16), else float64 with the input's values
+        (``0.1`` stays ``0.1``: the models compute in float32, outputs never show its rounding);
+        null for rows the input did not have (injected noise)."""
+        rows = part.source_row
+        if self.rating_exact is not None and rows is not None:
+            real = rows >= 0
+            vals = np.where(real, self.rating_exact[np.where(real, rows, 0)], np.nan)
+        else:
+            vals = part.rating.astype(np.float64)
+        out = pa.array(vals, pa.float64(), mask=np.isnan(vals))
+        if self.rating_type is not None and self.rating_type != pa.float64():
+            out = out.cast(self.rating_type)      # exact: the values came from that type
+        return out
 
 
 @dataclass(frozen=True)

@@ -505,22 +505,48 @@ def _positional_names(columns: Columns, n: int) -> list[str]:
     return configured[:n] + [str(k) for k in range(len(configured), n)]
 
 
-def _parse_delimited(data: bytes, file: str, cfg: DataConfig, part: Optional[str]) -> pa.Table:
-    delimiter = cfg.delimiter or ("\t" if cfg.format == "tsv" else ",")
-    quoting = cfg.format == "csv"
-    cols = cfg.columns
+def text_layout(data: bytes, file: str, cfg: DataConfig) -> tuple[list[str], Columns]:
+    """``(column names, columns used)`` of a csv/tsv file from its first bytes (the header,
+    or the first record's field count without one); header problems raise here."""
+    delimiter, quoting = delimited_options(cfg)
     if not data.strip():
         raise InputError("file is empty", file=file)
     fields = _header_fields(data, file, delimiter, quoting)
+    cols = cfg.columns
     if cfg.header:
         names = [f.strip() for f in fields]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise InputError(f"duplicate column names in the header: {', '.join(dup)}", file=file, column=dup[0])
+        cols = auto_columns(cols, names)
     else:
         names = _positional_names(cols, len(fields))
-    cols = auto_columns(cols, names) if cfg.header else cols
     _require(names, cols, file)
+    return names, cols
+
+
+def delimited_options(cfg: DataConfig) -> tuple[str, bool]:
+    """``(delimiter, quoting)`` of a csv/tsv input."""
+    return cfg.delimiter or ("\t" if cfg.format == "tsv" else ","), cfg.format == "csv"
+
+
+def canonical_block(table: pa.Table, file: str, cols: Columns, *, text: bool, row0: int = 1) -> pa.Table:
+    """The canonical ``user``, ``item``, ``rating``, ``timestamp`` of a block of a parquet
+    (``text`` False: typed) or csv/tsv (``text`` True: every column a string) file whose first
+    row is data row ``row0``: the block-wise form of :func:`parse_file` (same checks, same
+    messages); errors name ``file`` and the rows as ``row0``-based record numbers."""
+    n = table.num_rows
+    rows = np.arange(row0, row0 + n, dtype=np.int64)
+    user = _ids(table[cols.user], file, cols.user, rows, detect_int=text, trim=text)
+    item = _ids(table[cols.item], file, cols.item, rows, detect_int=text, trim=text)
+    rating = _ratings(table[cols.rating], file, cols.rating, rows) if cols.rating else pa.nulls(n, pa.float64())
+    ts = _timestamps(table[cols.timestamp], file, cols.timestamp, rows) if cols.timestamp else pa.nulls(n, pa.int64())
+    return pa.table({"user": user, "item": item, "rating": rating, "timestamp": ts})
+
+
+def _parse_delimited(data: bytes, file: str, cfg: DataConfig, part: Optional[str]) -> pa.Table:
+    delimiter, quoting = delimited_options(cfg)
+    names, cols = text_layout(data, file, cfg)
     table = _read_text_table(data, file, delimiter, names, cfg.header, quoting, cfg.header, len(names))
     rows = np.arange(1, table.num_rows + 1, dtype=np.int64)
     user = _ids(table[cols.user], file, cols.user, rows, detect_int=True, trim=True)

@@ -314,10 +314,10 @@ def model_objective(task, train: Interactions, valid: Interactions, *, seed: int
         flat.append(p.detach().to(dtype).reshape(-1))
     theta = torch.cat(flat).to(dev)
     n_neg = int(negatives if negatives is not None else getattr(task, "num_negatives", 1))
-    users = torch.as_tensor(train.user, device=dev)
-    items = torch.as_tensor(train.item, device=dev)
-    vu = torch.as_tensor(valid.user, device=dev)
-    vi = torch.as_tensor(valid.item, device=dev)
+    users = torch.as_tensor(train.user, dtype=torch.long, device=dev)
+    items = torch.as_tensor(train.item, dtype=torch.long, device=dev)
+    vu = torch.as_tensor(valid.user, dtype=torch.long, device=dev)
+    vi = torch.as_tensor(valid.item, dtype=torch.long, device=dev)
     data = {"user": users, "item": items}
     if kind != "ncf-explicit":
         data["neg"] = NegativeSampler(train, dev).sample(users, n_neg, seeded_generator(seed, 0))

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from ..config import Columns, DataConfig
 from ..errors import InputError
-from .data import Dataset, Interactions, encode_ids
+from .data import Dataset, Interactions, encode_ids, index_dtype
 from .formats import (PARTS, SHOW, SOURCE, data_files, from_table, hidden_data_files, parse_file,
                       source_columns)
 
@@ -175,7 +175,7 @@ def attach_titles(ds: Dataset, titles: Optional[pa.Table]) -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------
-# building
+# building, block by block
 # ---------------------------------------------------------------------------------------
 def _order(tables: list[tuple[str, pa.Table]]) -> list[tuple[str, pa.Table]]:
     """Tables sorted by (part, file); rows of each sorted by ``_row`` (stable)."""
@@ -193,175 +193,295 @@ def _order(tables: list[tuple[str, pa.Table]]) -> list[tuple[str, pa.Table]]:
     return out
 
 
-def _concat_ids(arrays: list[pa.ChunkedArray]) -> pa.Array:
-    """One id array; int64 only if every file's ids are int64, else strings."""
-    arrays = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays]
-    if any(not pa.types.is_integer(a.type) for a in arrays):
-        arrays = [a.cast(pa.string()) for a in arrays]
-    else:
-        arrays = [a.cast(pa.int64()) for a in arrays]
-    return pa.concat_arrays(arrays)
+def build_dataset(tables: list[tuple[str, pa.Table]], cfg: DataConfig) -> Dataset:
+    """Validated, filtered, encoded :class:`Dataset` from ``[(file, parsed table)]``, in the
+    canonical order of :func:`_order` (whatever order the tables come in)."""
+    builder = DatasetBuilder(cfg)
+    for f, t in _order(tables):
+        builder.add(f, t)
+    return builder.build()
 
 
-def _check_id_types(tables, role: str, column: str) -> None:
+class _Block:
+    """One block of canonical rows, held compactly: the ids as int32 codes into the block's
+    own sorted unique ids, ratings as float32 (float64 only when float32 would change a value)."""
+    __slots__ = ("file", "part", "n", "row0", "rows", "users", "user_codes", "items", "item_codes",
+                 "rating", "passes", "timestamp", "source")
+
+
+class DatasetBuilder:
+    """A :class:`Dataset` from canonical blocks (:mod:`recval_ray.core.formats`) added in input
+    order: file by file (sorted), rows in file order; several blocks per file are fine (a
+    streaming reader's). Per block only compact arrays are kept (8 bytes a row of id codes, 4 of
+    rating, 8 of timestamp when there is one); the original ids live once, in the id maps.
+
+    ``keep_source``: keep each block's ``_source`` struct (the input's own columns) for
+    pass-through outputs; a streaming reader passes False and re-reads the input instead.
+
+    :meth:`build`, in order (the rules of the module docstring): ids encoded (sorted original
+    ids, int64 only when every block's ids are integers), duplicates, the implicit threshold,
+    unseen valid/test rows of pre-split inputs, k-core, compaction. ``Interactions.source_row``
+    is each kept row's position in the input (0-based, over all rows added).
+    """
+
+    def __init__(self, cfg: DataConfig, keep_source: bool = True):
+        self.cfg, self.keep_source = cfg, keep_source
+        self.blocks: list[_Block] = []
+        self.threshold = None if cfg.implicit == "all" else float(cfg.implicit)
+
+    def add(self, file: str, table: pa.Table, row0: Optional[int] = None) -> None:
+        """Add one canonical block of ``file``. ``row0``: the ``_row`` of its first row when
+        its rows are numbered consecutively (a streamed block; ``_row`` may then be absent)."""
+        b = _Block()
+        b.file, b.n = file, table.num_rows
+        part = table["_part"][0].as_py() if "_part" in table.column_names and table.num_rows else None
+        b.part = PARTS.index(part) if part in PARTS else -1
+        if row0 is not None:
+            b.row0, b.rows = int(row0), None
+        else:
+            rows = table["_row"].to_numpy().astype(np.int64)
+            consecutive = len(rows) == 0 or bool((np.diff(rows) == 1).all())
+            b.row0, b.rows = (int(rows[0]) if len(rows) else 1, None) if consecutive else (None, rows)
+        codes, b.users = encode_ids(table["user"])
+        b.user_codes = codes.astype(np.int32)
+        codes, b.items = encode_ids(table["item"])
+        b.item_codes = codes.astype(np.int32)
+        r = table["rating"]
+        if r.null_count == len(r):
+            b.rating, b.passes = None, None
+        else:
+            r64 = r.to_numpy(zero_copy_only=False) if not isinstance(r, pa.ChunkedArray) else \
+                r.combine_chunks().to_numpy(zero_copy_only=False)
+            r64 = np.asarray(r64, dtype=np.float64)       # nulls -> NaN
+            r32 = r64.astype(np.float32)
+            exact = np.array_equal(r32.astype(np.float64), r64, equal_nan=True)
+            b.rating = r32 if exact else r64
+            if self.threshold is not None:
+                with np.errstate(invalid="ignore"):
+                    b.passes = r64 >= self.threshold
+            else:
+                b.passes = None
+        ts = table["timestamp"]
+        b.timestamp = None if ts.null_count == len(ts) else \
+            np.asarray(ts.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
+        b.source = table[SOURCE].combine_chunks() if self.keep_source and SOURCE in table.column_names else None
+        self.blocks.append(b)
+
+    # -- positions: (file, row) of global row indices, for error messages -----------------
+    def _locate(self, idx: np.ndarray) -> tuple[str, list[int]]:
+        """The file of the first index and its rows (of that file) among ``idx``."""
+        blk = np.searchsorted(self._starts, idx, side="right") - 1
+        fid = self._file_ids[blk]
+        same = idx[fid == fid[0]][:SHOW]
+        return self.blocks[int(blk[0])].file, [self._row_of(int(j)) for j in same]
+
+    def _row_of(self, j: int) -> int:
+        k = int(np.searchsorted(self._starts, j, side="right") - 1)
+        b = self.blocks[k]
+        off = j - int(self._starts[k])
+        return int(b.rows[off]) if b.rows is not None else b.row0 + off
+
+    def _file_of(self, j: int) -> str:
+        return self.blocks[int(np.searchsorted(self._starts, j, side="right") - 1)].file
+
+    # -- build ---------------------------------------------------------------------------
+    def build(self) -> Dataset:
+        cfg = self.cfg
+        blocks = self.blocks
+        n_total = sum(b.n for b in blocks)
+        files = list(dict.fromkeys(b.file for b in blocks))
+        if not blocks or n_total == 0:
+            raise InputError("the input has no interactions" + (f" ({len(files)} files read)" if files else ""),
+                             file=files[0] if len(files) == 1 else None)
+        cols = source_columns(cfg)
+        self._starts = np.r_[0, np.cumsum([b.n for b in blocks])[:-1]].astype(np.int64)
+        self._file_ids = np.array([files.index(b.file) for b in blocks], dtype=np.int64)
+        if cfg.format == "parquet":      # typed ids: 5 and "5" are different ids, not one
+            for role in ("user", "item"):
+                _check_id_types([(b.file, getattr(b, role + "s")) for b in blocks], role, cols[role])
+        user_codes, user_uniq = self._global_codes("user")
+        item_codes, item_uniq = self._global_codes("item")
+        has_rating = any(b.rating is not None for b in blocks)
+        rating = None
+        if has_rating:
+            wide = any(b.rating is not None and b.rating.dtype == np.float64 for b in blocks)
+            rating = self._concat("rating", np.float64 if wide else np.float32, np.nan)
+        ts_np = None
+        if any(b.timestamp is not None for b in blocks):
+            ts_np = self._concat("timestamp", np.int64, -1)
+        split: Optional[np.ndarray] = None
+        if any(b.part >= 0 for b in blocks):
+            split = np.repeat(np.array([b.part for b in blocks], dtype=np.int8), [b.n for b in blocks])
+        warnings: list[str] = []
+        for role, present in (("rating", has_rating), ("timestamp", ts_np is not None)):
+            if cols[role] is None and present:   # found by name (formats.auto_columns)
+                cols[role] = role
+
+        # duplicates
+        key = user_codes.astype(np.int64) * np.int64(len(item_uniq)) + item_codes
+        keep = self._dedup(key, cfg.duplicates, user_uniq, item_uniq, user_codes, item_codes, split)
+        del key
+
+        # implicit threshold
+        if self.threshold is not None:
+            if not has_rating:
+                raise InputError(f"data.implicit={cfg.implicit} needs ratings, but the input has no rating "
+                                 f"column" + ("" if cols["rating"] else " (set data.columns.rating)"),
+                                 file=files[0], column=cols["rating"])
+            missing = keep & np.isnan(rating)
+            if missing.any():
+                warnings.append(f"{int(missing.sum())} interactions without a rating were dropped by "
+                                f"the implicit threshold {cfg.implicit}")
+            keep &= self._concat("passes", bool, False)
+
+        # given splits: unseen users/items; k-core
+        dropped_unseen = 0
+        if split is not None:
+            if not (keep & (split == 0)).any():
+                raise InputError("the input has no train part (pre-split formats need one)", file=files[0])
+            drop = _unseen(keep, split, user_codes, item_codes)
+            if drop.any():
+                if cfg.strict:
+                    f, r = self._locate(np.flatnonzero(drop))
+                    raise InputError(f"{int(drop.sum())} valid/test interactions have a user or item that "
+                                     f"the train part does not have", file=f, rows=r, count=int(drop.sum()))
+                keep &= ~drop
+            dropped_unseen = int(drop.sum())
+        if cfg.min_user > 0 or cfg.min_item > 0:
+            while True:
+                k = _kcore(keep, user_codes, item_codes, len(user_uniq), len(item_uniq), cfg.min_user, cfg.min_item)
+                changed = (k != keep).any()
+                keep = k
+                if split is not None:
+                    drop = _unseen(keep, split, user_codes, item_codes)
+                    dropped_unseen += int(drop.sum())
+                    keep &= ~drop
+                    changed = changed or drop.any()
+                if not changed:
+                    break
+        if dropped_unseen:
+            warnings.append(f"dropped {dropped_unseen} valid/test interactions whose user or item is not "
+                            f"in the train part")
+        if not keep.any():
+            raise InputError(f"no interactions left after filtering ({n_total} read; implicit={cfg.implicit}, "
+                             f"min_user={cfg.min_user}, min_item={cfg.min_item})")
+
+        # encode the kept rows
+        kept = np.flatnonzero(keep).astype(index_dtype(n_total))
+        del keep
+        u_used, u = _compact(user_codes[kept], len(user_uniq))
+        del user_codes
+        i_used, i = _compact(item_codes[kept], len(item_uniq))
+        del item_codes
+        rating_exact = None
+        if rating is not None and rating.dtype == np.float64:
+            rating_exact = rating           # float32 would change some value (e.g. 0.1): outputs use these
+        inter = Interactions(
+            u, i, len(u_used), len(i_used),
+            rating=rating[kept].astype(np.float32) if has_rating else None,
+            timestamp=ts_np[kept] if ts_np is not None else None,
+            source_row=kept)
+        source, rating_type = None, None
+        if self.keep_source and all(b.source is not None for b in blocks):
+            source = _source(blocks)
+            if cols["rating"] in source.column_names:
+                t = source.schema.field(cols["rating"]).type
+                rating_type = t if (pa.types.is_integer(t) or pa.types.is_floating(t)) else None
+        self.blocks = []
+        return Dataset(
+            interactions=inter,
+            user_ids=user_uniq.take(pa.array(u_used)),
+            item_ids=item_uniq.take(pa.array(i_used)),
+            source=source,
+            columns=cols,
+            given_split=split[kept] if split is not None else None,
+            warnings=warnings,
+            rating_exact=rating_exact,
+            rating_type=rating_type)
+
+    def _concat(self, field: str, dtype, fill) -> np.ndarray:
+        """One array of the blocks' ``field`` (``fill`` where a block has none), each block's
+        array released once copied (so the two never coexist whole)."""
+        out = np.empty(sum(b.n for b in self.blocks), dtype=dtype)
+        pos = 0
+        for b in self.blocks:
+            a = getattr(b, field)
+            out[pos:pos + b.n] = fill if a is None else a
+            pos += b.n
+            setattr(b, field, None)
+        return out
+
+    def _global_codes(self, role: str) -> tuple[np.ndarray, pa.Array]:
+        """One int32 code array over all blocks (codes into the sorted global unique ids) and
+        those ids: int64 when every block's ids are integers, else strings. Block arrays are
+        released as they are used."""
+        uniq = [getattr(b, role + "s") for b in self.blocks]
+        if any(not pa.types.is_integer(u.type) for u in uniq):
+            uniq = [u.cast(pa.string()) if not pa.types.is_string(u.type) else u for u in uniq]
+        else:
+            uniq = [u.cast(pa.int64()) for u in uniq]
+        glob = pc.unique(pa.chunked_array(uniq).combine_chunks()) if uniq else pa.array([], pa.int64())
+        glob = glob.take(pc.sort_indices(glob))
+        dtype = index_dtype(len(glob))
+        out = np.empty(sum(b.n for b in self.blocks), dtype=dtype)
+        pos = 0
+        for b, u in zip(self.blocks, uniq):
+            remap = pc.index_in(u, value_set=glob).to_numpy(zero_copy_only=False).astype(dtype)
+            codes = getattr(b, role + "_codes")
+            out[pos:pos + b.n] = remap[codes]
+            pos += b.n
+            setattr(b, role + "_codes", None)
+            setattr(b, role + "s", None)
+        return out, glob
+
+    def _dedup(self, key, policy, user_uniq, item_uniq, user_codes, item_codes, split):
+        """Mask of the rows kept under the duplicates policy (rows are in canonical order)."""
+        n = len(key)
+        ks = np.sort(key)
+        if not (ks[1:] == ks[:-1]).any():  # the common case: no duplicates, no stable sort needed
+            return np.ones(n, dtype=bool)
+        del ks
+        order = np.argsort(key, kind="stable")
+        ks = key[order]
+        repeat = np.r_[False, ks[1:] == ks[:-1]]
+        if policy == "error":
+            later = np.sort(order[repeat])                # every occurrence after the first
+            first = int(order[np.searchsorted(ks, key[later[0]])])
+            f, r = self._locate(later)
+            where = (f"{self._file_of(first)} row {self._row_of(first)}" if self._file_of(first) != f
+                     else f"row {self._row_of(first)}")
+            also = " (a pair in two parts of a pre-split input counts too)" if split is not None else ""
+            raise InputError(f"{len(later)} rows repeat an earlier (user, item) pair{also}: e.g. user "
+                             f"{user_uniq[int(user_codes[later[0]])].as_py()!r}, item "
+                             f"{item_uniq[int(item_codes[later[0]])].as_py()!r} first at {where}; set "
+                             f"data.duplicates to keep-first or keep-last to keep one",
+                             file=f, rows=r, count=int(len(later)))
+        keep = np.zeros(n, dtype=bool)
+        if policy == "keep-first":
+            keep[order[~repeat]] = True
+        else:  # keep-last: the last of each run of equal keys
+            last = np.r_[ks[1:] != ks[:-1], True]
+            keep[order[last]] = True
+        return keep
+
+
+def _check_id_types(blocks, role: str, column: str) -> None:
     """Typed files must agree on an id column's kind: integers everywhere or strings everywhere."""
     kinds: dict = {}
-    for f, t in tables:
-        kinds.setdefault("integers" if pa.types.is_integer(t[role].type) else "strings", f)
+    for f, ids in blocks:
+        kinds.setdefault("integers" if pa.types.is_integer(ids.type) else "strings", f)
     if len(kinds) > 1:
         raise InputError(f"the {role} ids are integers in {kinds['integers']} but strings in {kinds['strings']}; "
                          f"every file of a Parquet log must store its ids with one type (cast them to one "
                          f"in the files)", file=kinds["strings"], column=column)
 
 
-def _column(tables, name: str, type_: pa.DataType) -> pa.ChunkedArray:
-    return pa.chunked_array([c for _, t in tables for c in t[name].chunks], type_)
-
-
-def _where(files: np.ndarray, rows: np.ndarray, names: list[str], idx: np.ndarray) -> tuple[str, list[int]]:
-    """The file of the first index and the rows (of that file) among ``idx``."""
-    f = files[idx[0]]
-    same = idx[files[idx] == f]
-    return names[f], [int(r) for r in rows[same[:SHOW]]]
-
-
-def build_dataset(tables: list[tuple[str, pa.Table]], cfg: DataConfig) -> Dataset:
-    """Validated, filtered, encoded :class:`Dataset` from ``[(file, parsed table)]``."""
-    tables = _order([(f, t) for f, t in tables])
-    n_total = sum(t.num_rows for _, t in tables)
-    if not tables or n_total == 0:
-        raise InputError("the input has no interactions" + (f" ({len(tables)} files read)" if tables else ""),
-                         file=tables[0][0] if len(tables) == 1 else None)
-    names = [f for f, _ in tables]
-    cols = source_columns(cfg)
-    file_idx = np.repeat(np.arange(len(tables)), [t.num_rows for _, t in tables])
-    offsets = np.r_[0, np.cumsum([t.num_rows for _, t in tables])]
-    rows = np.concatenate([t["_row"].to_numpy() for _, t in tables]).astype(np.int64)
-    if cfg.format == "parquet":      # typed ids: 5 and "5" are different ids, not one
-        for role in ("user", "item"):
-            _check_id_types(tables, role, cols[role])
-    user_codes, user_uniq = encode_ids(_concat_ids([t["user"] for _, t in tables]))
-    item_codes, item_uniq = encode_ids(_concat_ids([t["item"] for _, t in tables]))
-    rating = _column(tables, "rating", pa.float64())
-    has_rating = rating.null_count < len(rating)
-    rating_np = rating.to_numpy() if has_rating else None  # nulls -> NaN
-    ts = _column(tables, "timestamp", pa.int64())
-    ts_np = ts.fill_null(-1).to_numpy() if ts.null_count < len(ts) else None
-    for role, present in (("rating", has_rating), ("timestamp", ts_np is not None)):
-        if cols[role] is None and present:   # found by name (formats.auto_columns)
-            cols[role] = role
-    parts = _column(tables, "_part", pa.string())
-    split: Optional[np.ndarray] = None
-    if parts.null_count < len(parts):
-        split = pc.index_in(parts, value_set=pa.array(PARTS)).fill_null(-1).to_numpy().astype(np.int8)
-    warnings: list[str] = []
-    keep = np.ones(n_total, dtype=bool)
-
-    # duplicates
-    key = user_codes * np.int64(len(item_uniq)) + item_codes
-    keep &= _dedup(key, cfg.duplicates, file_idx, rows, names, user_uniq, item_uniq,
-                   user_codes, item_codes, split)
-
-    # implicit threshold
-    if cfg.implicit != "all":
-        if not has_rating:
-            raise InputError(f"data.implicit={cfg.implicit} needs ratings, but the input has no rating "
-                             f"column" + ("" if cols["rating"] else " (set data.columns.rating)"),
-                             file=names[0], column=cols["rating"])
-        missing = keep & np.isnan(rating_np)
-        if missing.any():
-            warnings.append(f"{int(missing.sum())} interactions without a rating were dropped by "
-                            f"the implicit threshold {cfg.implicit}")
-        with np.errstate(invalid="ignore"):
-            keep &= rating_np >= float(cfg.implicit)
-
-    # given splits: unseen users/items; k-core
-    if split is not None:
-        if not (keep & (split == 0)).any():
-            raise InputError("the input has no train part (pre-split formats need one)", file=names[0])
-        drop = _unseen(keep, split, user_codes, item_codes)
-        if drop.any():
-            if cfg.strict:
-                f, r = _where(file_idx, rows, names, np.flatnonzero(drop))
-                raise InputError(f"{int(drop.sum())} valid/test interactions have a user or item that "
-                                 f"the train part does not have", file=f, rows=r, count=int(drop.sum()))
-            keep &= ~drop
-    dropped_unseen = int(drop.sum()) if split is not None else 0
-    if cfg.min_user > 0 or cfg.min_item > 0:
-        while True:
-            k = _kcore(keep, user_codes, item_codes, len(user_uniq), len(item_uniq), cfg.min_user, cfg.min_item)
-            changed = (k != keep).any()
-            keep = k
-            if split is not None:
-                drop = _unseen(keep, split, user_codes, item_codes)
-                dropped_unseen += int(drop.sum())
-                keep &= ~drop
-                changed = changed or drop.any()
-            if not changed:
-                break
-    if dropped_unseen:
-        warnings.append(f"dropped {dropped_unseen} valid/test interactions whose user or item is not "
-                        f"in the train part")
-    if not keep.any():
-        raise InputError(f"no interactions left after filtering ({n_total} read; implicit={cfg.implicit}, "
-                         f"min_user={cfg.min_user}, min_item={cfg.min_item})")
-
-    # encode the kept rows
-    kept = np.flatnonzero(keep)
-    u_used, u = _compact(user_codes[kept], len(user_uniq))
-    i_used, i = _compact(item_codes[kept], len(item_uniq))
-    inter = Interactions(
-        u.astype(np.int64), i.astype(np.int64), len(u_used), len(i_used),
-        rating=rating_np[kept].astype(np.float32) if has_rating else None,
-        timestamp=ts_np[kept] if ts_np is not None else None,
-        source_row=np.arange(len(kept), dtype=np.int64))
-    return Dataset(
-        interactions=inter,
-        user_ids=user_uniq.take(pa.array(u_used)),
-        item_ids=item_uniq.take(pa.array(i_used)),
-        source=_source(tables, offsets, keep),
-        columns=cols,
-        given_split=split[kept] if split is not None else None,
-        warnings=warnings)
-
-
 def _compact(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``(used, new)``: the sorted codes in use and each code's rank among them."""
     present = np.zeros(n, dtype=bool)
     present[codes] = True
-    return np.flatnonzero(present), (np.cumsum(present) - 1)[codes]
-
-
-def _dedup(key, policy, file_idx, rows, names, user_uniq, item_uniq, user_codes, item_codes, split):
-    """Mask of the rows kept under the duplicates policy (rows are in canonical order)."""
-    n = len(key)
-    ks = np.sort(key)
-    if not (ks[1:] == ks[:-1]).any():  # the common case: no duplicates, no stable sort needed
-        return np.ones(n, dtype=bool)
-    order = np.argsort(key, kind="stable")
-    ks = key[order]
-    repeat = np.r_[False, ks[1:] == ks[:-1]]
-    if not repeat.any():
-        return np.ones(n, dtype=bool)
-    if policy == "error":
-        later = np.sort(order[repeat])                # every occurrence after the first
-        first = order[np.searchsorted(ks, key[later[0]])]
-        f, r = _where(file_idx, rows, names, later)
-        where = (f"{names[file_idx[first]]} row {rows[first]}" if file_idx[first] != file_idx[later[0]]
-                 else f"row {rows[first]}")
-        also = " (a pair in two parts of a pre-split input counts too)" if split is not None else ""
-        raise InputError(f"{len(later)} rows repeat an earlier (user, item) pair{also}: e.g. user "
-                         f"{user_uniq[user_codes[later[0]]].as_py()!r}, item "
-                         f"{item_uniq[item_codes[later[0]]].as_py()!r} first at {where}; set "
-                         f"data.duplicates to keep-first or keep-last to keep one",
-                         file=f, rows=r, count=int(len(later)))
-    keep = np.zeros(n, dtype=bool)
-    if policy == "keep-first":
-        keep[order[~repeat]] = True
-    else:  # keep-last: the last of each run of equal keys
-        last = np.r_[ks[1:] != ks[:-1], True]
-        keep[order[last]] = True
-    return keep
+    rank = np.cumsum(present, dtype=np.int64) - 1
+    return np.flatnonzero(present), rank.astype(index_dtype(int(present.sum())))[codes]
 
 
 def _unseen(keep, split, user_codes, item_codes) -> np.ndarray:
@@ -386,25 +506,18 @@ def _kcore(keep, u, i, nu, ni, min_user, min_item) -> np.ndarray:
         keep &= ~bad
 
 
-def _source(tables, offsets, keep) -> pa.Table:
-    """The kept rows with the input's own columns (from each table's ``_source`` struct)."""
-    parts = []
-    for k, (_, t) in enumerate(tables):
-        m = keep[offsets[k]:offsets[k + 1]]
-        if not m.any():
-            continue
-        struct = t[SOURCE].combine_chunks()
-        src = pa.Table.from_struct_array(struct)
-        parts.append(src if m.all() else src.filter(pa.array(m)))
+def _source(blocks) -> pa.Table:
+    """Every input row with the input's own columns (from each block's ``_source`` struct)."""
+    parts = [pa.Table.from_struct_array(b.source) for b in blocks if b.n]
     try:
         return pa.concat_tables(parts, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        (f0, t0), *rest = tables
-        odd = next(((f, t) for f, t in rest if t[SOURCE].type != t0[SOURCE].type), None)
-        where = (f"{f0} has {_describe_struct(t0[SOURCE].type)} but {odd[0]} has "
-                 f"{_describe_struct(odd[1][SOURCE].type)}" if odd else str(e))
+        b0 = blocks[0]
+        odd = next((b for b in blocks[1:] if b.source.type != b0.source.type), None)
+        where = (f"{b0.file} has {_describe_struct(b0.source.type)} but {odd.file} has "
+                 f"{_describe_struct(odd.source.type)}" if odd is not None else str(e))
         raise InputError(f"the input files have incompatible columns: {where}",
-                         file=odd[0] if odd else None) from None
+                         file=odd.file if odd is not None else None) from None
 
 
 def _describe_struct(t: pa.DataType) -> str:

@@ -79,7 +79,7 @@ def build_windows(train: Interactions, window: int) -> tuple[np.ndarray, np.ndar
     _check(train, window, "build_windows")
     order = _time_order(train)
     su = train.user[order]
-    seq = train.item[order]
+    seq = train.item[order].astype(np.int64)
     counts = np.bincount(su, minlength=train.n_users).astype(np.int64)
     starts = np.cumsum(counts) - counts                       # first sorted position of each user
     rank = np.arange(len(su), dtype=np.int64) - starts[su]   # position within the user's sequence
@@ -103,7 +103,7 @@ def last_windows(parts: Sequence[Interactions], n_users: int, window: int) -> np
         if p.n_items != n_items:
             raise ValueError("last_windows: parts over different item index spaces")
     user = np.concatenate([p.user for p in parts])
-    item = np.concatenate([p.item for p in parts])
+    item = np.concatenate([p.item for p in parts]).astype(np.int64)
     ts = np.concatenate([np.asarray(p.timestamp) for p in parts])
     order = np.lexsort((np.arange(len(user)), ts, user))
     seq = item[order]

@@ -94,8 +94,8 @@ def predict_ratings(model, part: Interactions, batch: int = 65536) -> np.ndarray
     out = []
     with torch.no_grad():
         for s in range(0, len(part), batch):
-            u = torch.as_tensor(part.user[s:s + batch], device=dev)
-            i = torch.as_tensor(part.item[s:s + batch], device=dev)
+            u = torch.as_tensor(part.user[s:s + batch], dtype=torch.long, device=dev)
+            i = torch.as_tensor(part.item[s:s + batch], dtype=torch.long, device=dev)
             out.append(model.predict(u, i).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 

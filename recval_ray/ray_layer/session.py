@@ -69,6 +69,9 @@ def ensure_ray(ray_cfg=None, address: str | None = None):
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        # blocks in input order, always: streamed ingestion numbers rows by arrival and the
+        # pass-through of the input's own columns is aligned by position
+        ctx.execution_options.preserve_order = True
     except Exception:  # pragma: no cover - cosmetic only
         pass
     return ray

@@ -114,7 +114,7 @@ class NegativeSampler:
         self.free = torch.as_tensor(train.n_items - counts, device=device)
 
     def sample(self, users: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-        u = users[:, None].expand(-1, n)
+        u = users.long()[:, None].expand(-1, n)     # int64: u * n_items can pass 2^31
         rand = torch.rand(u.shape, generator=generator, dtype=torch.float64).to(users.device)
         free = self.free[u]
         r = torch.minimum((rand * free.clamp_min(1)).long(), (free - 1).clamp_min(0))
@@ -181,8 +181,8 @@ class BPRTask(Task):
         self.sampler_kind = sampler
         self.stats: dict = {"kind": self.kind}
         dev = self.device
-        self.users = torch.as_tensor(train.user, device=dev)
-        self.items = torch.as_tensor(train.item, device=dev)
+        self.users = torch.as_tensor(train.user, dtype=torch.long, device=dev)
+        self.items = torch.as_tensor(train.item, dtype=torch.long, device=dev)
         self.negatives = NegativeSampler(train, dev)
         if sampler == "users":
             order = np.lexsort((train.item, train.user))

@@ -185,8 +185,8 @@ class NCFTask(Task):
         self.n_train = len(train)
         self.num_negatives = int(num_negatives)
         dev = self.device
-        self.users = torch.as_tensor(train.user, device=dev)
-        self.items = torch.as_tensor(train.item, device=dev)
+        self.users = torch.as_tensor(train.user, dtype=torch.long, device=dev)
+        self.items = torch.as_tensor(train.item, dtype=torch.long, device=dev)
         if explicit:
             self.ratings = torch.as_tensor(train.rating, dtype=torch.float32, device=dev)
             self.per_batch = max(1, int(batch_size))

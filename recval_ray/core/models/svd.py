@@ -132,8 +132,8 @@ class PureSVDTask(Task):
         out = []
         with torch.no_grad():
             for s in range(0, self.n_train, batch):
-                u = torch.as_tensor(self.train.user[s:s + batch], device=dev)
-                i = torch.as_tensor(self.train.item[s:s + batch], device=dev)
+                u = torch.as_tensor(self.train.user[s:s + batch], dtype=torch.long, device=dev)
+                i = torch.as_tensor(self.train.item[s:s + batch], dtype=torch.long, device=dev)
                 out.append((1.0 - self.model.predict(u, i)).pow(2).cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -229,8 +229,8 @@ class SVDTask(Task):
         self.batch_size = max(1, int(batch_size))
         self.reg = float(reg)
         dev = self.device
-        self.users = torch.as_tensor(train.user, device=dev)
-        self.items = torch.as_tensor(train.item, device=dev)
+        self.users = torch.as_tensor(train.user, dtype=torch.long, device=dev)
+        self.items = torch.as_tensor(train.item, dtype=torch.long, device=dev)
         self.ratings = torch.as_tensor(train.rating, dtype=torch.float32, device=dev)
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterator[dict]:

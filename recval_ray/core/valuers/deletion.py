@@ -220,8 +220,8 @@ class _Evaluator:
             return np.zeros(0)
         t = self.target
         with torch.no_grad():
-            u = torch.as_tensor(t.user, device=self.device)
-            i = torch.as_tensor(t.item, device=self.device)
+            u = torch.as_tensor(t.user, dtype=torch.long, device=self.device)
+            i = torch.as_tensor(t.item, dtype=torch.long, device=self.device)
             p = model.predict(u, i).float()
             if not getattr(model, "explicit", False) and hasattr(model, "out"):
                 p = torch.sigmoid(p)         # an implicit NCF's "rating": its probability
