@@ -241,3 +241,47 @@ def test_engine_config_key():
     with pytest.raises(ConfigError, match="plain BPR only"):
         build_task(MFConfig(dim=4), random_log(), dataclasses.replace(sparse_cfg(), denoise=DenoiseConfig(kind="rce")))
     check_engine(TrainConfig(), "lightgcn")   # autograd: nothing to check
+
+
+def test_prefetching_producer_thread_gives_the_same_weights(monkeypatch):
+    """With >= 2 torch threads the batches are drawn by a producer thread: same batches, same
+    weights bit for bit, and the thread count is restored after each epoch."""
+    calls = []
+    real = fast_bpr._prefetched
+    monkeypatch.setattr(fast_bpr, "_prefetched", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = random_log(n_users=80, n_items=60, n=1500)
+    cfg = sparse_cfg(epochs=3, batch_size=50, optimizer="sgd", lr=5.0)
+
+    def weights(prefetch):
+        task = build_task(MFConfig(dim=8), data, cfg)
+        task.prefetch = prefetch
+        fit(task, cfg, valid=None)
+        return task.model.state_dict()
+
+    torch.set_num_threads(2)   # the one_thread fixture restores the original count
+    try:
+        a = weights(True)
+        assert len(calls) == 3 and torch.get_num_threads() == 2
+        b = weights(False)
+        assert len(calls) == 3
+    finally:
+        torch.set_num_threads(1)
+    for k in a:
+        assert torch.equal(a[k], b[k])
+
+
+def test_an_error_in_the_producer_reaches_the_trainer():
+    data = random_log()
+    task = SparseBPRTask(MF(data.n_users, data.n_items, 4), data, 32, 0.0)
+
+    def broken(*_):
+        raise RuntimeError("sampler failed")
+
+    task.negatives.sample = broken
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="sampler failed"):
+            list(task.batches(0, torch.Generator().manual_seed(0)))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

@@ -92,52 +92,127 @@ def check_engine(train_cfg, model_kind: str = "mf") -> None:
 
 class FastNegativeSampler(NegativeSampler):
     """:class:`~.models.mf.NegativeSampler` with the same draws and the same negatives, found
-    by a branchless binary search restricted to the user's own keys.
+    with a few loads per draw instead of a global binary search.
 
-    The parent maps a uniform rank ``r`` to the r-th non-positive item with one global
-    ``searchsorted`` over all training keys (~20 dependent cache misses per draw). The keys are
-    sorted globally and user u's lie in ``[u * n_items, (u + 1) * n_items)``, so the count of
-    u's keys ``<= u * n_items + r`` is found by ``L = bit_length(max positives of a user)``
-    vectorised steps starting at u's first key: per step ``cand = pos + 2^s``, advance where
-    ``keys[cand - 1] <= query``. Every draw of a batch takes the same steps, so the loads of
-    a step are independent and overlap.
+    The parent maps a uniform rank ``r`` in ``[0, free_u)`` to the r-th non-positive item
+    ``r + #{j : key_j <= u * n_items + r}`` with one ``searchsorted`` over all training keys
+    (sorted; user u's lie in ``[u * n_items, (u + 1) * n_items)``): ~20 dependent cache misses
+    per draw. Here each user with ``c`` positives has a directory of ``c`` buckets of equal width
+    over ``[0, free_u)``; ``dir[b]`` is the position of u's first key ``>= u * n_items +
+    ceil(b * free_u / c)``. A draw looks up its bucket ``b = r * c // free_u`` and walks
+    ``SCAN`` keys forward from there; whatever is still left to walk (a bucket holding several
+    keys below ``r``; rare: the expected walk is under one key whatever the item ids) finishes
+    with a branchless binary search of ``bit_length(max c)`` steps on those draws only. Exact:
+    the same count as the parent's ``searchsorted``, so the same negatives.
     """
+
+    SCAN = 2
 
     def __init__(self, train: Interactions, device: torch.device):
         super().__init__(train, device)
-        counts = self.n_items - self.free
+        free = self.free.cpu().numpy()
+        counts = self.n_items - free
         self.levels = int(counts.max()).bit_length() if len(counts) else 0
         n = len(self.qkeys)
         big = torch.iinfo(torch.int64).max
-        # shifted[x] = qkeys[x - 1]; shifted[0] = -inf; padded with +inf past the end
-        pad = 1 << self.levels
-        shifted = torch.full((n + 1 + pad,), big, dtype=torch.int64, device=device)
+        # shifted[x] = qkeys[x - 1]; shifted[0] = -inf; +inf past the end (room for any walk)
+        shifted = torch.full((n + 2 + (1 << self.levels) + self.SCAN,), big, dtype=torch.int64, device=device)
         shifted[0] = torch.iinfo(torch.int64).min
         shifted[1:n + 1] = self.qkeys
         self.shifted = shifted
+        self.count = torch.as_tensor(counts, device=device)
+        # the bucket directory, one entry per training key (bucket b of the key's user)
+        start = self.start.cpu().numpy()
+        user = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        b = np.arange(n, dtype=np.int64) - start[user]
+        lower = (b * free[user] + counts[user] - 1) // np.maximum(counts[user], 1)   # ceil(b f / c)
+        qkeys = self.qkeys.cpu().numpy()
+        self.dir = torch.as_tensor(np.searchsorted(qkeys, user * self.n_items + lower, side="left"), device=device)
 
     def sample(self, users: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-        u = users[:, None].expand(-1, n)
-        rand = torch.rand(u.shape, generator=generator, dtype=torch.float64).to(users.device)
+        u = users[:, None].expand(-1, n).reshape(-1)
+        rand = torch.rand((len(users), n), generator=generator, dtype=torch.float64).to(users.device).view(-1)
         free = _lookup(self.free, u)
         r = torch.minimum((rand * free.clamp_min(1)).long(), (free - 1).clamp_min(0))
         query = u * self.n_items + r
         start = _lookup(self.start, u)
-        pos = start.clone()
-        cand = torch.empty_like(pos)
-        key = torch.empty_like(pos)
+        count = _lookup(self.count, u)
+        has = (count > 0) & (free > 0)
+        b = (r * count).div_(free.clamp_min(1), rounding_mode="floor")
+        entry = torch.where(has, start + b, 0)
+        pos = torch.where(has, _lookup(self.dir, entry), start)
+        nxt = torch.empty_like(pos)
         ok = torch.empty(pos.shape, dtype=torch.bool, device=pos.device)
-        for s in reversed(range(self.levels)):
-            torch.add(pos, 1 << s, out=cand)
-            torch.index_select(self.shifted, 0, cand.view(-1), out=key.view(-1))
-            torch.le(key, query, out=ok)
-            pos.add_(ok, alpha=1 << s)
+        for _ in range(self.SCAN):
+            torch.index_select(self.shifted, 0, pos + 1, out=nxt)
+            torch.le(nxt, query, out=ok)
+            pos.add_(ok)
+        torch.index_select(self.shifted, 0, pos + 1, out=nxt)
+        left = torch.le(nxt, query, out=ok).nonzero().view(-1)
+        if len(left):   # keys still to walk: binary search from pos on those draws only
+            p, q = pos.index_select(0, left), query.index_select(0, left)
+            for s in reversed(range(self.levels)):
+                p.add_(torch.le(_lookup(self.shifted, p + (1 << s)), q), alpha=1 << s)
+            pos.index_copy_(0, left, p)
         neg = r.add_(pos).sub_(start)
-        return torch.where(free > 0, neg, (rand * self.n_items).long())
+        out = torch.where(free > 0, neg, (rand * self.n_items).long())
+        return out.view(len(users), n)
 
 
 def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
+def _openmp() -> bool:
+    return "OpenMP" in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]
+
+
+def _prefetched(make, threads: int, depth: int = 2):
+    """Iterate ``make()`` in a producer thread (one intra-op thread) ``depth`` items ahead, the
+    consumer on ``threads - 1`` intra-op threads; OpenMP's thread count is per calling thread,
+    and a new thread takes the global count at its first parallel op, hence the order below."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    ready, stop = threading.Event(), threading.Event()
+    done = object()
+
+    def run():
+        try:
+            torch.get_num_threads()          # take the current global count (1) for this thread
+            ready.set()
+            for item in make():
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:          # handed to the consumer
+            ready.set()
+            q.put(e)
+
+    torch.set_num_threads(1)
+    worker = threading.Thread(target=run, name="recval-bpr-batches", daemon=True)
+    try:
+        worker.start()
+        ready.wait()
+        torch.set_num_threads(max(1, threads - 1))
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+        torch.set_num_threads(threads)
 
 
 class SparseRowOptimizer:
@@ -244,6 +319,7 @@ class SparseBPRTask(BPRTask):
                               f"{denoise.kind!r}; use train.engine: autograd")
         super().__init__(model, train, batch_size, reg, num_negatives, sampler, denoise=None)
         self.negatives = FastNegativeSampler(train, self.device)
+        self.prefetch = True
         self.Wu = model.user_emb.weight.detach()
         self.Wi = model.item_emb.weight.detach()
         self.opt = make_sparse_optimizer(optimizer, [self.Wu, self.Wi], lr)
@@ -257,9 +333,24 @@ class SparseBPRTask(BPRTask):
         self._GU = torch.empty(B, d, dtype=dt, device=dev)
         self._x = torch.empty(B, n, dtype=dt, device=dev)
         self._e = torch.empty(B, n, dtype=dt, device=dev)
+        self._e2 = torch.empty(2, B, dtype=dt, device=dev)
         self._sp = torch.empty(B, n, dtype=dt, device=dev)
         self._per = torch.empty(B, dtype=dt, device=dev)
         self._loss = torch.zeros((), dtype=dt, device=dev)
+
+    def batches(self, epoch: int, generator: torch.Generator):
+        """The epoch's batches; with ``torch.get_num_threads() >= 2`` (OpenMP backend) drawn one
+        chunk ahead by a producer thread on one intra-op thread while the steps run on the rest
+        (the total stays ``torch.get_num_threads()``; restored after the epoch). The producer
+        alone advances ``generator`` and the steps take the batches in order: the same batches
+        and the same weights as without it."""
+        threads = torch.get_num_threads()
+        if not self.prefetch or threads < 2 or not _openmp():
+            yield from super().batches(epoch, generator)
+            return
+        per_chunk = max(1, CHUNK_ROWS // self.batch_size)   # a chunk is drawn at once: buffer two
+        yield from _prefetched(lambda: super(SparseBPRTask, self).batches(epoch, generator), threads,
+                               depth=2 * per_chunk)
 
     def _batches(self, epoch: int, generator: torch.Generator):
         """The parent's batches; with the interactions sampler drawn a chunk of ~``CHUNK_ROWS``
@@ -317,14 +408,15 @@ class SparseBPRTask(BPRTask):
             torch.mul(D.view(B, d), e, out=GU)                                   # e (q_i - q_j)
             if reg:
                 GU.add_(U, alpha=rho)
-            # item rows in place: rho q + (+e p_u for the positive, -e p_u for the negative)
+            # item rows in place, one op for both halves: rho q + (+e p_u positive, -e p_u negative)
+            e2 = self._e2[:, :B]
+            torch.cat([e.view(1, B), e.view(1, B)], out=e2)
+            e2[1].neg_()
             if reg:
                 IJ.mul_(rho)
-                I.addcmul_(U, e)
-                J.view(B, d).addcmul_(U, e, value=-1.0)
+                IJ.view(2, B, d).addcmul_(U[None], e2[:, :, None])
             else:
-                torch.mul(U, e, out=I)
-                torch.mul(U, e, out=J.view(B, d)).neg_()
+                torch.mul(U[None], e2[:, :, None], out=IJ.view(2, B, d))
         else:
             torch.bmm(e[:, None, :], D, out=GU[:, None, :])                      # sum_k e_k (q_i - q_jk)
             if reg:
