@@ -326,17 +326,18 @@ class SparseBPRTask(BPRTask):
         B, n, d = batch_size, max(1, int(num_negatives)), self.Wu.shape[1]
         dev, dt = self.device, self.Wu.dtype
         self._n = n
-        self._iidx = torch.empty(B * (1 + n), dtype=torch.int64, device=dev)
-        self._U = torch.empty(B, d, dtype=dt, device=dev)
-        self._IJ = torch.empty(B * (1 + n), d, dtype=dt, device=dev)
-        self._D = torch.empty(B, n, d, dtype=dt, device=dev)
-        self._GU = torch.empty(B, d, dtype=dt, device=dev)
-        self._x = torch.empty(B, n, dtype=dt, device=dev)
-        self._e = torch.empty(B, n, dtype=dt, device=dev)
-        self._e2 = torch.empty(2, B, dtype=dt, device=dev)
-        self._sp = torch.empty(B, n, dtype=dt, device=dev)
-        self._per = torch.empty(B, dtype=dt, device=dev)
+        # flat buffers, viewed per batch as contiguous [.., b, ..] tensors (a last, smaller batch
+        # takes a prefix): IJ holds the item rows in blocks q_i, q_j1, .., q_jn
+        self._flat = {name: torch.empty(size, dtype=torch.int64 if name == "iidx" else dt, device=dev)
+                      for name, size in (("iidx", (1 + n) * B), ("U", B * d), ("IJ", (1 + n) * B * d),
+                                         ("D", B * d), ("GU", B * d), ("sc", (1 + n) * B), ("x", n * B),
+                                         ("c", (1 + n) * B), ("sp", n * B), ("per", B))}
         self._loss = torch.zeros((), dtype=dt, device=dev)
+        # the L2 weights of the item blocks: 1 for the positive, 1/n for each negative
+        self._rvec = torch.tensor([1.0] + [1.0 / n] * n, dtype=dt, device=dev)
+
+    def _buf(self, name: str, *shape: int) -> torch.Tensor:
+        return self._flat[name][:math.prod(shape)].view(shape)
 
     def batches(self, epoch: int, generator: torch.Generator):
         """The epoch's batches; with ``torch.get_num_threads() >= 2`` (OpenMP backend) drawn one
@@ -369,65 +370,73 @@ class SparseBPRTask(BPRTask):
             pos = self.items.index_select(0, idx)
             neg = self.negatives.sample(users, self.num_negatives, generator)
             for s in range(0, len(idx), B):
-                yield {"idx": idx[s:s + B], "user": users[s:s + B], "pos": pos[s:s + B], "neg": neg[s:s + B]}
+                p, q = pos[s:s + B], neg[s:s + B]
+                # the step's item rows, positives then each negative, drawn here (producer thread)
+                yield {"idx": idx[s:s + B], "user": users[s:s + B], "pos": p, "neg": q,
+                       "items": torch.cat([p[None], q.T])}
 
     @torch.no_grad()
     def train_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """One BPR step on ``batch`` (``user [B]``, ``pos [B]``, ``neg [B, n]``): updates the
-        model's tables in place; returns ``(loss, per-example losses)`` as :meth:`loss` would."""
-        users, pos, neg = batch["user"], batch["pos"], batch["neg"]
+        """One BPR step on ``batch`` (``user [B]``, ``pos [B]``, ``neg [B, n]``; optional
+        ``items [1 + n, B]`` = the positives, then each column of negatives): updates the model's
+        tables in place; returns ``(loss, per-example losses)`` as :meth:`loss` would.
+
+        Item rows in blocks ``IJ [1 + n, B, d]`` (positive, negatives); ``x_k = s_ui - s_ujk``;
+        ``e_k = scale * g_k / (n B)``; coefficients ``c = (sum_k e_k, -e_1, .., -e_n)``: user rows
+        ``sum_k c_k IJ_k + rho p_u`` (one negative: ``e (q_i - q_j)``, reusing ``q_i - q_j`` of
+        the scores), item rows ``c_k p_u + rho_k q_k`` written over ``IJ``.
+        """
+        users = batch["user"]
         B, n = users.shape[0], self._n
         d = self.Wu.shape[1]
-        iidx = self._iidx[:B * (1 + n)]
-        torch.cat([pos, neg.reshape(-1)], out=iidx)
-        U, IJ = self._U[:B], self._IJ[:B * (1 + n)]
+        items = batch.get("items")
+        if items is None:
+            items = torch.cat([batch["pos"][None], batch["neg"].view(B, n).T], out=self._buf("iidx", 1 + n, B))
+        iidx = items.reshape(-1)
+        U, IJ = self._buf("U", B, d), self._buf("IJ", 1 + n, B, d)
         torch.index_select(self.Wu, 0, users, out=U)
-        torch.index_select(self.Wi, 0, iidx, out=IJ)
-        I, J = IJ[:B], IJ[B:].view(B, n, d)
-        D, x, e, sp, per = self._D[:B], self._x[:B], self._e[:B], self._sp[:B], self._per[:B]
-        torch.sub(I[:, None, :], J, out=D)                                       # q_i - q_jk
-        torch.bmm(D, U[:, :, None], out=x[:, :, None])                           # x = s_ui - s_uj
+        torch.index_select(self.Wi, 0, iidx, out=IJ.view((1 + n) * B, d))
+        x, c, sp = self._buf("x", n, B), self._buf("c", 1 + n, B), self._buf("sp", n, B)
+        per, GU = self._buf("per", B), self._buf("GU", B, d)
+        if n == 1:
+            D = self._buf("D", B, d)
+            torch.sub(IJ[0], IJ[1], out=D)                                      # q_i - q_j
+            torch.bmm(D[:, None, :], U[:, :, None], out=x.view(B, 1, 1))        # x = s_ui - s_uj
+        else:
+            sc = self._buf("sc", 1 + n, B)
+            for k in range(1 + n):
+                torch.bmm(IJ[k][:, None, :], U[:, :, None], out=sc[k].view(B, 1, 1))
+            torch.sub(sc[:1], sc[1:], out=x)
         # per-example loss softplus(-x) (mean over the negatives) and the loss the trainer logs
         torch.neg(x, out=sp)
         torch._C._nn.softplus(sp, 1, 20, out=sp)                               # F.softplus, out=
-        torch.mean(sp, 1, out=per)
+        torch.mean(sp, 0, out=per)
         loss = torch.mean(per, out=self._loss)
         reg = self.reg
         if reg:
-            l2 = (torch.linalg.vector_norm(U).square() + torch.linalg.vector_norm(I).square()
-                  + torch.linalg.vector_norm(J).square() / n) / (2 * B)
+            l2 = (torch.linalg.vector_norm(U).square() + torch.linalg.vector_norm(IJ[0]).square()
+                  + torch.linalg.vector_norm(IJ[1:]).square() / n) / (2 * B)
             loss = loss + reg * l2
-        # e = scale * g / (n B), g = -sigmoid(-x); rho = scale * reg / B
+        # e = scale * g / (n B), g = -sigmoid(-x); c = (sum_k e_k, -e_1..-e_n); rho = scale * reg / B
         scale = self.opt.grad_scale
-        torch.neg(x, out=e)
-        torch.sigmoid(e, out=e)
-        e.mul_(-scale / (n * B))
+        ce = c[1:]
+        torch.neg(x, out=ce)
+        torch.sigmoid(ce, out=ce)
+        ce.mul_(scale / (n * B))                                                # -e
+        torch.sum(ce, 0, keepdim=True, out=c[:1]).neg_()                        # sum_k e_k
         rho = scale * reg / B
-        GU = self._GU[:B]
         if n == 1:
-            torch.mul(D.view(B, d), e, out=GU)                                   # e (q_i - q_j)
-            if reg:
-                GU.add_(U, alpha=rho)
-            # item rows in place, one op for both halves: rho q + (+e p_u positive, -e p_u negative)
-            e2 = self._e2[:, :B]
-            torch.cat([e.view(1, B), e.view(1, B)], out=e2)
-            e2[1].neg_()
-            if reg:
-                IJ.mul_(rho)
-                IJ.view(2, B, d).addcmul_(U[None], e2[:, :, None])
-            else:
-                torch.mul(U[None], e2[:, :, None], out=IJ.view(2, B, d))
+            torch.mul(D, c[0][:, None], out=GU)                                # e (q_i - q_j)
         else:
-            torch.bmm(e[:, None, :], D, out=GU[:, None, :])                      # sum_k e_k (q_i - q_jk)
-            if reg:
-                GU.add_(U, alpha=rho)
-                I.mul_(rho)
-                J.mul_(rho / n)
-                I.addcmul_(U, e.sum(1, keepdim=True))
-                J.addcmul_(U[:, None, :], e[:, :, None], value=-1.0)
-            else:
-                torch.mul(U, e.sum(1, keepdim=True), out=I)
-                torch.mul(U[:, None, :], e[:, :, None], out=J).neg_()
+            torch.mul(IJ[0], c[0][:, None], out=GU)
+            for k in range(1, 1 + n):
+                GU.addcmul_(IJ[k], c[k][:, None])
+        if reg:
+            GU.add_(U, alpha=rho)
+            IJ.mul_((self._rvec * rho)[:, None, None])
+            IJ.addcmul_(c[:, :, None], U[None])
+        else:
+            torch.mul(c[:, :, None], U[None], out=IJ)
         self.opt.step(0, users, GU)
-        self.opt.step(1, iidx, IJ)
+        self.opt.step(1, iidx, IJ.view((1 + n) * B, d))
         return loss, per
