@@ -181,6 +181,7 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
             continue
         out.metrics[tag], res = retrain_and_evaluate(cfg, split, mask, tag=tag, target=target, extra_exclude=extra)
         out.training[tag] = training_summary(res)
+        del res                                    # one retrained model at a time
     return out
 
 
@@ -372,6 +373,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                     valuation = value(cfg, split, base, dataset, work_dir=work_dir,
                                       executor=make_executor(cfg, use_ray), store=out.work_store(),
                                       use_ray=use_ray)
+                    base.task.release_data()       # the base model only scores from here on
 
                 with prof.stage("prune+retrain", rows=len(split.train)):
                     log.info("pruning (%s, %s) and retraining on the kept data%s", cfg.prune.strategy,

@@ -81,6 +81,18 @@ class Task:
     def on_epoch_start(self, epoch: int) -> None:
         """Hook for schedules (e.g. warm-up, drop-rate ramps)."""
 
+    def release_data(self) -> None:
+        """Drop what the task built from its training rows (index tensors, samplers, graphs,
+        optimiser-side buffers) once training and valuation are done: the model still scores
+        and predicts; :meth:`batches` and :meth:`loss` no longer work. Large per-row state is
+        what goes: every tensor / array attribute, and helper objects holding them."""
+        for name, value in list(vars(self).items()):
+            if name in ("model", "_module") or isinstance(value, (int, float, str, bool, dict, type(None))):
+                continue
+            if isinstance(value, (torch.Tensor, np.ndarray)) or hasattr(value, "__dict__"):
+                setattr(self, name, None)
+        self.released = True
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
