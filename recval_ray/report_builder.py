@@ -80,7 +80,21 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
                           ylabel=key[6:])
     rep.heading("Training runs")
     rep.table([{"model": k, **s} for k, s in metrics["training"].items()])
+    if metrics.get("profile"):
+        profile_section(rep, metrics["profile"])
     return rep.html()
+
+
+def profile_section(rep, profile: dict) -> None:
+    """Per stage: wall seconds, rows/s and the driver's peak memory (``metrics.profile``)."""
+    rep.heading("Where the time and memory went")
+    stages = profile["stages"]
+    rep.table([{"stage": s["stage"], "seconds": s["seconds"], "rows": s["rows"], "rows/s": s["rows_per_s"],
+                "peak RSS MB": s["peak_rss_mb"], "peak private MB": s.get("peak_private_mb"),
+                "private bytes/row": s.get("private_bytes_per_row")} for s in stages])
+    rep.bar_chart([s["stage"] for s in stages], [s["seconds"] for s in stages], title="wall seconds per stage",
+                  xlabel="seconds")
+    rep.paragraph(profile.get("note", ""))
 
 
 def why_section(rep, explanation, method: str = "") -> None:

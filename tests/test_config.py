@@ -46,6 +46,7 @@ def test_there_are_job_files():
 @pytest.mark.parametrize("path", JOB_FILES, ids=os.path.basename)
 def test_every_job_file_validates(path, monkeypatch):
     monkeypatch.setenv("RECVAL_DATA_DIR", "/nonexistent/recval-data")
+    monkeypatch.setenv("RECVAL_SCALE_DATA", "/nonexistent/recval-scale")
     cfg = load_config(path)
     assert isinstance(cfg, JobConfig)
     assert cfg.name == os.path.splitext(os.path.basename(path))[0]
