@@ -366,8 +366,8 @@ class SparseBPRTask(BPRTask):
         perm = self.visit_order(generator)
         for c in range(0, len(perm), chunk):
             idx = perm[c:c + chunk]
-            users = self.users.index_select(0, idx)
-            pos = self.items.index_select(0, idx)
+            users = self.users.index_select(0, idx).long()
+            pos = self.items.index_select(0, idx).long()
             neg = self.negatives.sample(users, self.num_negatives, generator)
             for s in range(0, len(idx), B):
                 p, q = pos[s:s + B], neg[s:s + B]

@@ -103,13 +103,19 @@ class NegativeSampler:
     """
 
     def __init__(self, train: Interactions, device: torch.device):
-        keys = np.unique(train.pair_keys())
-        users, items = keys // train.n_items, keys % train.n_items
+        keys = train.pair_keys()                  # a fresh int64 array: sorted and reused in place
+        keys.sort()
+        if len(keys) > 1 and (keys[1:] == keys[:-1]).any():
+            keys = keys[np.r_[True, keys[1:] != keys[:-1]]]
+        users = (keys // train.n_items).astype(np.int32 if train.n_users < 2 ** 31 else np.int64)
         counts = np.bincount(users, minlength=train.n_users)
         start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        rank = np.arange(len(keys)) - start[users]
+        # q = u * n_items + (i - rank) = key - rank, rank = position within the user's keys
+        keys -= np.arange(len(keys), dtype=np.int64)
+        keys += start[users]
+        del users
         self.n_items = train.n_items
-        self.qkeys = torch.as_tensor(users * train.n_items + (items - rank), device=device)
+        self.qkeys = torch.from_numpy(keys).to(device)
         self.start = torch.as_tensor(start, device=device)
         self.free = torch.as_tensor(train.n_items - counts, device=device)
 
@@ -181,8 +187,9 @@ class BPRTask(Task):
         self.sampler_kind = sampler
         self.stats: dict = {"kind": self.kind}
         dev = self.device
-        self.users = torch.as_tensor(train.user, dtype=torch.long, device=dev)
-        self.items = torch.as_tensor(train.item, dtype=torch.long, device=dev)
+        # the split's int32 index arrays, shared (zero-copy on the CPU); batches are made int64
+        self.users = torch.from_numpy(np.ascontiguousarray(train.user)).to(dev)
+        self.items = torch.from_numpy(np.ascontiguousarray(train.item)).to(dev)
         self.negatives = NegativeSampler(train, dev)
         if sampler == "users":
             order = np.lexsort((train.item, train.user))
@@ -234,8 +241,8 @@ class BPRTask(Task):
                 yield self._batch(perm[start:start + self.batch_size], generator)
 
     def _batch(self, idx: torch.Tensor, generator: torch.Generator) -> dict:
-        users = self.users[idx]
-        return {"idx": idx, "user": users, "pos": self.items[idx],
+        users = self.users[idx].long()
+        return {"idx": idx, "user": users, "pos": self.items[idx].long(),
                 "neg": self.negatives.sample(users, self.num_negatives, generator)}
 
     def _pld_batch(self, u: torch.Tensor, generator: torch.Generator) -> dict:
@@ -247,7 +254,8 @@ class BPRTask(Task):
         off = pld_pool_offsets(_lookup(self.user_count, u), k, uni[:, :k], self._pool_small)
         rows = _lookup(self.by_user, _lookup(self.user_start, u)[:, None] + off)
         neg = self.negatives.sample(u, self.num_negatives, generator)
-        return {"user": u, "pool": rows, "pos": _lookup(self.items, rows), "neg": neg, "noise": uni[:, k:]}
+        return {"user": u.long(), "pool": rows, "pos": _lookup(self.items, rows).long(), "neg": neg,
+                "noise": uni[:, k:]}
 
     @torch.no_grad()
     def all_losses(self, generator: torch.Generator, negatives: int = 1, chunk: int = 65536) -> torch.Tensor:
