@@ -124,6 +124,7 @@ class TrainConfig:
     max_failures: int = 1
     keep_checkpoints: int = 0
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)   # BPR objective (MF, LightGCN)
+    shard: Literal["auto", "user"] = "auto"   # Ray Train: "user" sends each worker only its users' rows
     engine: Literal["autograd", "sparse"] = "autograd"   # MF-BPR steps: autograd, or closed-form row-sparse (core/fast_bpr.py)
 
 

@@ -216,9 +216,11 @@ def retrain_and_evaluate(cfg: JobConfig, split: Split, mask: np.ndarray, *, tag:
 
 
 def training_summary(res: TrainResult) -> dict:
-    return {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "best_valid": res.best_valid,
-            "seconds": round(res.seconds, 3),
-            "seconds_per_epoch": round(res.seconds / max(1, res.epochs_run), 4)}
+    out = {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "best_valid": res.best_valid,
+           "seconds": round(res.seconds, 3), "seconds_per_epoch": round(res.seconds / max(1, res.epochs_run), 4)}
+    if res.rows_held is not None:
+        out["rows_held_per_worker"] = res.rows_held
+    return out
 
 
 # ---------------------------------------------------------------------------------------

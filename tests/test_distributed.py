@@ -240,3 +240,35 @@ def test_driver_killed_mid_job_resumes_without_redoing_stored_items(tmp_path):
     pd.testing.assert_frame_equal(_table(root / "user_values", ["user_id"]),
                                   _table(out / "ref" / "user_values", ["user_id"]))
     assert np.isfinite(_table(root / "user_values", ["user_id"])["value"]).all()
+
+
+# ---------------------------------------------------------------------------------------
+# the whole job on a multi-node cluster (issue 18): blocks read on the workers, data-local
+# Ray Train shards, the same values as one process
+# ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_job_on_a_cluster_with_data_local_train_shards(tmp_path):
+    import pyarrow.parquet as pq
+
+    from recval_ray.config import load_config
+    from recval_ray.pipeline import run_job
+    sys.path.insert(0, HERE)
+    from _cluster_scale import JOB, SETS
+
+    out = tmp_path / "cluster"
+    proc = _run_group([sys.executable, os.path.join(HERE, "_cluster_scale.py"), str(out)], timeout=900,
+                      env=_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    result = json.loads((out / "result.json").read_text())
+    # the head has no CPU: every read, map and training task ran on the two worker nodes
+    assert sorted(n["cpus"] for n in result["nodes"]) == [0, 3, 3]
+    n_train = result["w2"]["metrics"]["data"]["train"]
+    held = result["w2"]["metrics"]["training"]["base"]["rows_held_per_worker"]
+    assert len(held) == 2 and sum(held) == n_train and max(held) < n_train   # each rank: its shard only
+    assert result["w1"]["metrics"]["training"]["base"]["rows_held_per_worker"] == [n_train]
+    # one Ray Train worker on the cluster = the run in this process, without Ray
+    cfg = load_config(JOB, SETS + [f"data.path={out / 'log'}", "train.workers=0"])
+    local = run_job(cfg, run_id="local", output_uri=str(tmp_path), use_ray=False)
+    remote = pq.read_table(str(out / "w1" / "values"))
+    np.testing.assert_allclose(remote["value"].to_numpy(), local.values["value"].to_numpy(), rtol=1e-5, atol=1e-6)
+    assert remote["user_id"].to_pylist() == local.values["user_id"].to_pylist()

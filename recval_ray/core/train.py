@@ -75,6 +75,7 @@ class TrainResult:
     checkpoints: list = field(default_factory=list)
     seconds: float = 0.0
     epochs_run: int = 0
+    rows_held: Optional[list] = None    # Ray Train: the training rows each rank's task was built from
 
     @property
     def model(self) -> torch.nn.Module:

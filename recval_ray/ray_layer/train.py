@@ -10,6 +10,12 @@ exactly. Shards differ by at most one key, so DDP (``prepare_model``) runs each 
 rate) every epoch; the final report carries the selected weights, the history and the
 per-interaction losses gathered from every rank.
 
+``train.shard: user`` makes the shards data-local for every model: the driver splits the rows
+by user (:func:`shard_rows`) and puts each rank's rows in the object store on their own, so a
+worker receives and builds from its shard only (its users' positives are all in it, so the
+negative sampler stays exact); the whole set travels once, shared read-only, for excluding
+training items during validation.
+
 Why not ``get_dataset_shard``: Ray Data's streaming split hands blocks to whichever worker asks
 first (shards are not reproducible) and, with ``equal=True``, drops the remainder rows.
 """
@@ -50,8 +56,12 @@ def _train_loop(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    full: Interactions = config["train"]
     valid: Interactions = config["valid"]
+    if "shards" in config:   # data-local: this rank gets its own users' rows only
+        rows, local = ray.get(config["shards"][rank])
+        full = ray.get(config["train"])           # shared read-only (zero-copy): exclusion only
+    else:
+        full = config["train"]
     train_cfg = config["train_cfg"]
     if config.get("device") == "cuda":
         train_cfg = dataclasses.replace(train_cfg, device=str(ray.train.torch.get_device()))
@@ -59,13 +69,17 @@ def _train_loop(config: dict) -> None:
         train_cfg = dataclasses.replace(train_cfg, device="cpu")
     local_cfg = dataclasses.replace(train_cfg, batch_size=max(1, train_cfg.batch_size // world),
                                     seed=train_cfg.seed + rank)
-    rows, keys = shard_rows(full, config["shard_by"], rank, world)
     # identical initial weights on every rank (base seed); per-rank batch order (seed + rank)
     init_cfg = dataclasses.replace(local_cfg, seed=train_cfg.seed)
-    if config["shard_by"] == "user":
+    if "shards" in config:
+        task = build_task(config["model_cfg"], local, init_cfg)
+        restricted = False
+    elif config["shard_by"] == "user":
+        rows, keys = shard_rows(full, config["shard_by"], rank, world)
         task = build_task(config["model_cfg"], full.take(rows), init_cfg)
         restricted = False
     else:   # the whole training set (sampler, graph), visiting this rank's rows
+        rows, keys = shard_rows(full, config["shard_by"], rank, world)
         task = build_task(config["model_cfg"], full, init_cfg)
         restricted = world > 1 and not task.closed_form
         if restricted:
@@ -94,16 +108,17 @@ def _train_loop(config: dict) -> None:
     loss = result.interaction_loss if result.interaction_loss is not None else np.full(len(rows), np.nan)
     if restricted:   # the task spans the whole training set: keep this rank's rows
         loss = loss[rows]
-    parts = [(rows, loss)]
+    parts = [(rows, loss, task.n_train)]
     if world > 1 and dist.is_initialized():
         parts = [None] * world
-        dist.all_gather_object(parts, (rows, loss))
+        dist.all_gather_object(parts, (rows, loss, task.n_train))
     final = {k: v for k, v in dataclasses.asdict(dataclasses.replace(result, task=None)).items()
              if k not in ("task", "interaction_loss", "checkpoints")}
     if rank == 0:
         merged = np.full(len(full), np.nan)
-        for r, l in parts:
+        for r, l, _ in parts:
             merged[r] = l
+        final["rows_held"] = [int(n) for _, _, n in parts]     # the training rows each rank's task holds
         with tempfile.TemporaryDirectory() as d:
             torch.save({"model": task.model.state_dict(), "lr": float(config["train_cfg"].lr)},
                        os.path.join(d, "model.pt"))
@@ -124,9 +139,23 @@ def train_with_ray(cfg, train_part: Interactions, valid: Interactions, *, tag: s
 
     from ..registry import MODELS
 
+    import ray
+
     workers = max(1, cfg.train.workers)
     use_gpu = bool(cfg.train.use_gpu)
     shard_by = (MODELS.get(cfg.model.kind).meta or {}).get("shard_by", "row")
+    if cfg.train.shard == "user":
+        shard_by = "user"
+    loop_config = {"valid": valid, "train_cfg": cfg.train, "model_cfg": cfg.model, "eval_cfg": cfg.evaluate,
+                   "shard_by": shard_by, "device": "cuda" if use_gpu else "cpu"}
+    if cfg.train.shard == "user":
+        # data-local shards: each rank receives only its users' rows through the object store;
+        # the whole set is shared once, read-only, for excluding training items in validation
+        loop_config["train"] = ray.put(train_part)
+        loop_config["shards"] = [ray.put((rows, train_part.take(rows))) for rows in
+                                 (shard_rows(train_part, "user", r, workers)[0] for r in range(workers))]
+    else:
+        loop_config["train"] = train_part
     storage_path = storage_path or checkpoint_dir or tempfile.mkdtemp(prefix="recval-train-")
     storage_path = os.path.abspath(storage_path) if "://" not in storage_path else storage_path
     storage_fs = None
@@ -135,9 +164,7 @@ def train_with_ray(cfg, train_part: Interactions, valid: Interactions, *, tag: s
         storage_fs, storage_path = resolve(storage_path, cfg.storage.endpoint_url, cfg.storage.region)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"train": train_part, "valid": valid, "train_cfg": cfg.train,
-                           "model_cfg": cfg.model, "eval_cfg": cfg.evaluate, "shard_by": shard_by,
-                           "device": "cuda" if use_gpu else "cpu"},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         run_config=RunConfig(name=f"{cfg.name}-{tag}", storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -157,4 +184,4 @@ def train_with_ray(cfg, train_part: Interactions, valid: Interactions, *, tag: s
     s = extra["summary"]
     return TrainResult(task=task, history=s["history"], best_epoch=s["best_epoch"], best_valid=s["best_valid"],
                        interaction_loss=extra["interaction_loss"], checkpoints=[storage_path],
-                       seconds=s["seconds"], epochs_run=s["epochs_run"])
+                       seconds=s["seconds"], epochs_run=s["epochs_run"], rows_held=s.get("rows_held"))
