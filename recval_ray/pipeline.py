@@ -114,7 +114,7 @@ def value(cfg: JobConfig, split: Split, base: TrainResult, dataset: Dataset,
     valuer = entry.factory(cfg.valuation)
     ctx = ValuationContext(split=split, base=base, model_cfg=cfg.model, train_cfg=cfg.train,
                            eval_cfg=cfg.evaluate, seed=cfg.train.seed, executor=executor,
-                           work_dir=work_dir, dataset=dataset, store=store, ray=use_ray)
+                           work_dir=work_dir, dataset=dataset, store=store, distributed=_ports(use_ray))
     t0 = time.perf_counter()
     valuation = valuer.value(ctx)
     valuation.info.setdefault("seconds", time.perf_counter() - t0)
@@ -122,6 +122,14 @@ def value(cfg: JobConfig, split: Split, base: TrainResult, dataset: Dataset,
         raise RuntimeError(f"valuer {cfg.valuation.method} returned {len(valuation.values)} values "
                            f"for {len(split.train)} training interactions")
     return valuation
+
+
+def _ports(use_ray: bool):
+    """The Ray layer's :class:`~recval_ray.core.ports.Distributed` port when the job runs on Ray."""
+    if not use_ray:
+        return None
+    from .ray_layer.ports import RayPorts
+    return RayPorts()
 
 
 @dataclass

@@ -92,8 +92,9 @@ def test_svv_valuer_uses_ray_when_the_job_runs_on_ray(ray_session, trained):
                      inference_gpus=0, reference_group=2)
 
     def ctx(ray: bool) -> ValuationContext:
+        from recval_ray.ray_layer.ports import RayPorts
         return ValuationContext(split=split, base=base, model_cfg=DAEConfig(hidden=[8]), train_cfg=tc(),
-                                eval_cfg=None, seed=0, ray=ray)
+                                eval_cfg=None, seed=0, distributed=RayPorts() if ray else None)
 
     on_ray = SVVValuer(opts).value(ctx(True))
     local = SVVValuer(opts).value(ctx(False))      # auto: in-process without the job's Ray
@@ -108,16 +109,14 @@ def test_svv_valuer_uses_ray_when_the_job_runs_on_ray(ray_session, trained):
     assert forced.info["explainer"]["inference"] == "local" and forced.info["reference"]["on"] == "local"
 
 
-def test_ray_paths_need_ray_and_options_are_checked(monkeypatch):
-    import ray
-
+def test_ray_paths_need_ray_and_options_are_checked():
     from recval_ray.core.valuers import svv
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    from recval_ray.ray_layer.ports import RayPorts
     with pytest.raises(ValueError, match="inference: ray-data needs Ray"):
-        svv._resolve("ray-data", "ray-data", False, svv._ray_available(ValuationContext(
-            split=None, base=None, model_cfg=None, train_cfg=None, eval_cfg=None)), "inference")
-    assert svv._resolve("auto", "ray-data", True, True, "inference") == "ray-data"
-    assert svv._resolve("auto", "ray", False, False, "reference_on") == "local"
+        svv._resolve("ray-data", "ray-data", None, "inference")
+    assert svv._resolve("auto", "ray-data", RayPorts(), "inference") == "ray-data"
+    assert svv._resolve("auto", "ray", None, "reference_on") == "local"
+    assert svv._resolve("local", "ray", RayPorts(), "reference_on") == "local"
     cfg = validate_config({"name": "t", "model": {"kind": "dae"},
                            "valuation": {"method": "svv", "inference": "ray-data", "inference_actors": 3,
                                          "reference_on": "ray", "reference_group": 5}})

@@ -437,10 +437,11 @@ def test_valuer_on_ray_actors_equals_in_process(tmp_path, ray_session):
     base = train_model(cfg.model, split.train, cfg.train, valid=split.valid, eval_cfg=cfg.evaluate,
                        checkpoint_dir=str(tmp_path / "ckpt"))
     out = {}
+    from recval_ray.ray_layer.ports import RayPorts
     for on in ("local", "ray"):
         opts = TracInConfig(on=on, checkpoints=2, removal_n=0, projection_check=0, top_k=3)
         ctx = ValuationContext(split=split, base=base, model_cfg=cfg.model, train_cfg=cfg.train,
-                               eval_cfg=cfg.evaluate, dataset=ds, ray=on == "ray")
+                               eval_cfg=cfg.evaluate, dataset=ds, distributed=RayPorts() if on == "ray" else None)
         out[on] = TracInValuer(opts).value(ctx)
     assert out["ray"].info["scored_on"] == "ray" and out["local"].info["scored_on"] == "local"
     np.testing.assert_allclose(out["ray"].values, out["local"].values, rtol=1e-6, atol=1e-9, equal_nan=True)

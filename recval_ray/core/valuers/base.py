@@ -22,8 +22,9 @@ class ValuationContext:
     of the base model trained on ``split.train``; ``executor`` (optional) runs independent
     work items in parallel (the Ray layer provides one; ``None`` means in-process); ``store``
     (optional) persists finished work items under the run's output so a rerun resumes;
-    ``ray``: the job runs on Ray, so a valuer may hand work to the Ray layer (e.g. Ray Data
-    batch inference)."""
+    ``distributed`` (optional): the :class:`~recval_ray.core.ports.Distributed` port of the
+    runtime the job runs on (batch inference, grouped tasks on a cluster); ``None``: this
+    process only. The core never imports Ray: the Ray layer supplies both ports."""
 
     split: Split
     base: Any
@@ -36,7 +37,7 @@ class ValuationContext:
     progress: Optional[Callable[[str], None]] = None
     dataset: Optional[Any] = None
     store: Optional[Any] = None     # a ShardStore for resumable work (None: no resume)
-    ray: bool = False               # the job runs on Ray
+    distributed: Optional[Any] = None   # a core.ports.Distributed (None: in this process)
 
 
 @dataclass

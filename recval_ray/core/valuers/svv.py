@@ -15,7 +15,7 @@ drawn with ``seed`` (exact enumeration up to ``reference_exact_max`` interaction
 permutation sampling to a standard error below ``reference_tolerance`` x the mean absolute
 value otherwise) and reports the explainer's agreement with them in ``info["reference"]``.
 
-On Ray (``ctx.ray``, set by the pipeline when the job runs with Ray), ``inference: auto``
+On Ray (the context's ``distributed`` port, passed by the pipeline when the job runs with Ray), ``inference: auto``
 runs the explainer's inference over all users as Ray Data ``map_batches`` on a pool of
 ``inference_actors`` actors (GPU actors when the cluster has GPUs), and the reference values as
 Ray tasks of ``reference_group`` users each (:mod:`recval_ray.ray_layer.explain`); the values
@@ -95,22 +95,12 @@ class SVVConfig(FastSHAPConfig):
             raise ValueError(f"valuation.inference_gpus: {self.inference_gpus} must be >= 0 (or null)")
 
 
-def _ray_available(ctx: ValuationContext) -> bool:
-    """The job runs on Ray (``ctx.ray``), or a Ray instance is already up in this process."""
-    if getattr(ctx, "ray", False):
-        return True
-    try:
-        import ray
-    except ImportError:  # pragma: no cover
-        return False
-    return ray.is_initialized()
-
-
-def _resolve(choice: str, ray_name: str, on_ray: bool, ray_available: bool, key: str) -> str:
-    """``auto`` -> the Ray path when the job runs on Ray; an explicit Ray path needs Ray."""
+def _resolve(choice: str, ray_name: str, distributed, key: str) -> str:
+    """``auto`` -> the distributed path when the job runs on Ray (the context's
+    ``distributed`` port); an explicit Ray path needs that port."""
     if choice == "auto":
-        return ray_name if on_ray else "local"
-    if choice == ray_name and not ray_available:
+        return ray_name if distributed is not None else "local"
+    if choice == ray_name and distributed is None:
         raise ValueError(f"valuation.{key}: {ray_name} needs Ray (run the job with Ray, or set {key}: local)")
     return choice
 
@@ -140,14 +130,13 @@ class SVVValuer(Valuer):
         players, player_of_row = interaction_players(train, dev)
         config = FastSHAPConfig(**{f.name: copy.deepcopy(getattr(o, f.name)) for f in dataclasses.fields(FastSHAPConfig)})
         explainer = train_explainer(game, players, config, seed=seed, device=dev, progress=ctx.progress)
-        on_ray, ray_ok = bool(getattr(ctx, "ray", False)), _ray_available(ctx)
-        inference = _resolve(o.inference, "ray-data", on_ray, ray_ok, "inference")
+        dist = ctx.distributed
+        inference = _resolve(o.inference, "ray-data", dist, "inference")
         t = time.perf_counter()
         if inference == "ray-data":
-            from ...ray_layer.explain import explain_with_ray_data
-            per_player = explain_with_ray_data(explainer, actors=o.inference_actors,
-                                               batch_users=o.inference_batch_users, num_cpus=o.inference_cpus,
-                                               num_gpus=o.inference_gpus).numpy()
+            per_player = dist.explain_batches(explainer, actors=o.inference_actors,
+                                              batch_users=o.inference_batch_users, num_cpus=o.inference_cpus,
+                                              num_gpus=o.inference_gpus).numpy()
         else:
             per_player = explain(explainer).cpu().numpy()
         explain_s = time.perf_counter() - t
@@ -166,12 +155,12 @@ class SVVValuer(Valuer):
             info["explainer"]["inference_actors"] = o.inference_actors
         tables = {}
         if o.reference:
-            where = _resolve(o.reference_on, "ray", on_ray, ray_ok, "reference_on")
-            info["reference"], refs, est = self._reference(game, players, explainer, seed, where)
+            where = _resolve(o.reference_on, "ray", dist, "reference_on")
+            info["reference"], refs, est = self._reference(game, players, explainer, seed, where, dist)
             tables["shapley_reference"] = _reference_table(ctx, players, player_of_row, refs, est)
         return Valuation(method=self.name, values=values, columns={"user_gain": gain}, tables=tables, info=info)
 
-    def _reference(self, game, players, explainer, seed: int, where: str = "local"):
+    def _reference(self, game, players, explainer, seed: int, where: str = "local", dist=None):
         """Agreement of the explainer with reference values on ``reference_users`` users
         (``where``: ``local`` in this process, ``ray`` as Ray tasks): ``(agreement, the
         references, the explainer's values at the same players)``."""
@@ -181,9 +170,8 @@ class SVVValuer(Valuer):
         kw = dict(exact_max=o.reference_exact_max, rel_tolerance=o.reference_tolerance,
                   max_permutations=o.reference_max_permutations, seed=seed, batch_size=o.value_batch)
         if where == "ray":
-            from ...ray_layer.explain import reference_with_ray
-            refs = reference_with_ray(game, players, users, group=o.reference_group,
-                                      num_cpus=o.reference_cpus, num_gpus=o.reference_gpus, **kw)
+            refs = dist.reference_shapley(game, players, users, group=o.reference_group,
+                                          num_cpus=o.reference_cpus, num_gpus=o.reference_gpus, **kw)
         else:
             refs = reference_shapley(game, players, users, **kw)
         ref_s = time.perf_counter() - t

@@ -397,13 +397,7 @@ class TracInValuer(Valuer):
         o: TracInConfig = self.options
         if o.on == "local":
             return "local"
-        ray_up = bool(getattr(ctx, "ray", False))
-        if not ray_up:
-            try:
-                import ray
-                ray_up = ray.is_initialized() and o.on == "ray"
-            except ImportError:  # pragma: no cover
-                ray_up = False
+        ray_up = ctx.distributed is not None
         if o.on == "ray" and not ray_up:
             raise ValueError("valuation.on: ray needs Ray (run the job with Ray, or set on: local)")
         return "ray" if ray_up else "local"
@@ -434,10 +428,10 @@ class TracInValuer(Valuer):
             log.info("tracin: checkpoint epoch %d scored in %.1f s", checkpoints[i].epoch, float(res["seconds"]))
         if todo:
             if where == "ray":
-                from ...ray_layer.tracin import checkpoint_scores_on_ray
-                checkpoint_scores_on_ray([checkpoints[i] for i in todo], [i for i in todo], train_ex, queries, spec,
-                                         num_cpus=o.checkpoint_cpus, num_gpus=o.checkpoint_gpus,
-                                         device=o.device, max_concurrent=o.checkpoint_actors, on_result=done)
+                ctx.distributed.checkpoint_scores([checkpoints[i] for i in todo], [i for i in todo], train_ex,
+                                                  queries, spec, num_cpus=o.checkpoint_cpus,
+                                                  num_gpus=o.checkpoint_gpus, device=o.device,
+                                                  max_concurrent=o.checkpoint_actors, on_result=done)
             else:
                 shared = {"train": train_ex, "queries": queries, "spec": spec, "device": device,
                           "threads": torch.get_num_threads()}
