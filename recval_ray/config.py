@@ -300,20 +300,30 @@ def apply_override(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
     key, text = assignment.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"--set {assignment!r}: empty key")
     try:
         value = yaml_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    try:
+        set_dotted(raw, key, value)
+    except ConfigError as e:
+        raise ConfigError(f"--set {e}") from None
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """``raw[a][b][c] = value`` for the dotted ``key`` ``a.b.c`` (missing sections created):
+    the one override mechanism of ``--set``, ``compare.grid`` cells and ``tune.space`` trials.
+    A part of the path that holds a value rather than a section is a :class:`ConfigError`."""
+    parts = [p for p in str(key).strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"{key!r}: empty key")
     node = raw
     for i, p in enumerate(parts[:-1]):
         nxt = node.get(p)
         if nxt is None:
             nxt = node[p] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+            raise ConfigError(f"{key}: {'.'.join(parts[:i + 1])} is not a section")
         node = nxt
     node[parts[-1]] = value
 

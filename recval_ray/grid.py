@@ -134,17 +134,9 @@ def cell_id(overrides: dict) -> str:
 
 
 def _assign(raw: dict, key: str, value: Any) -> None:
-    """``--set key=value`` with ``value`` already parsed: the same override code, fed the
-    value's YAML text."""
-    from .config import apply_override
-    try:
-        text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=2 ** 31 - 1)
-    except yaml.YAMLError:
-        raise ConfigError(f"{key}: {value!r} is not a YAML value") from None
-    try:
-        apply_override(raw, f"{key}={text}")
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("--set ", "", 1)) from None
+    """``key: value`` of a cell: the one override mechanism (:func:`recval_ray.config.set_dotted`)."""
+    from .config import set_dotted
+    set_dotted(raw, key, value)
 
 
 def _base_raw(cfg) -> dict:

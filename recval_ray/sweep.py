@@ -91,11 +91,9 @@ def _lookup(raw: dict, key: str) -> tuple[bool, Any]:
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = raw
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = _plain(value)
+    """A trial's ``key: value``: the one override mechanism (:func:`recval_ray.config.set_dotted`)."""
+    from .config import set_dotted as assign
+    assign(raw, key, _plain(value))
 
 
 def apply_overrides(cfg, overrides: dict, *, keep_tune: bool = True):
