@@ -205,10 +205,9 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
 # summaries
 # ---------------------------------------------------------------------------------------
 def _stats(x: np.ndarray) -> dict:
-    x = np.asarray(x, dtype=np.float64)
-    return {"mean": float(np.mean(x)) if len(x) else float("nan"),
-            "std": float(np.std(x, ddof=1)) if len(x) > 1 else float("nan"),
-            "n": int(len(x)), "values": [float(v) for v in x]}
+    from .core.stats import over_seeds
+    s = over_seeds(x)
+    return {"mean": s["mean"], "std": s["std"], "n": s["n"], "values": [float(v) for v in np.asarray(x, float)]}
 
 
 def comparison_table(rows: list) -> pa.Table:

@@ -40,7 +40,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
@@ -54,6 +53,7 @@ from ...registry import register_valuer
 from ..data import Interactions, Split
 from ..executor import LocalExecutor
 from ..metrics import ranking_metrics, rating_metrics, scores_fn_from_matrix
+from ..stats import standard_error
 from .base import Valuation, ValuationContext, Valuer
 
 log = logging.getLogger("recval_ray.deletion")
@@ -630,11 +630,8 @@ def stability(per_seed: np.ndarray) -> dict:
 
 
 def _se(x: np.ndarray) -> np.ndarray:
-    """Standard error over axis 0 (ddof 1); NaN with a single seed."""
-    S = x.shape[0]
-    if S < 2:
-        return np.full(x.shape[1:], np.nan)
-    return np.nanstd(x, axis=0, ddof=1) / math.sqrt(S)
+    """Standard error over axis 0 (ddof 1); NaN with a single seed (:mod:`..stats`)."""
+    return standard_error(x, axis=0)
 
 
 def _check_metrics(names: list) -> None:

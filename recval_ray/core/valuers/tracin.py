@@ -63,6 +63,7 @@ import torch
 from ...registry import register_valuer
 from ..data import Interactions, Split
 from ..executor import LocalExecutor
+from ..stats import over_seeds
 from ..sequences import _gather_windows, build_windows, held_out_windows, pad_index
 from ..tracin import (VARIANTS, Checkpoint, Examples, Queries, TracInSpec, checkpoint_scores, select_checkpoints,
                       sum_partials, top_k)
@@ -531,8 +532,7 @@ class TracInValuer(Valuer):
         for variant in ("original", "opponents_removed", "random_removed"):
             idx = [i for i, it in enumerate(items) if it["variant"] == variant]
             M = np.stack([np.asarray(results[i]["values"], np.float64) for i in idx])
-            summary[variant] = {name: {"mean": float(M[:, k].mean()),
-                                       "std": float(M[:, k].std(ddof=1)) if len(idx) > 1 else float("nan"),
+            summary[variant] = {name: {"mean": (st := over_seeds(M[:, k]))["mean"], "std": st["std"],
                                        "values": [float(x) for x in M[:, k]]} for k, name in enumerate(names)}
         orig = {k: np.asarray(summary["original"][k]["values"]) for k in names}
         rel = {}
@@ -540,8 +540,8 @@ class TracInValuer(Valuer):
             rel[variant] = {}
             for k in names:
                 d = (np.asarray(summary[variant][k]["values"]) - orig[k]) / np.where(orig[k] == 0, np.nan, orig[k])
-                rel[variant][k] = {"mean": float(np.nanmean(d)),
-                                   "std": float(np.nanstd(d, ddof=1)) if len(d) > 1 else float("nan")}
+                st = over_seeds(d, nan=True)
+                rel[variant][k] = {"mean": st["mean"], "std": st["std"] if len(d) > 1 else float("nan")}
         info["removal"] = {"n": n, "seeds": seeds, "summary": summary, "relative_to_original": rel,
                            "opponents_negative": int((values[opp] < 0).sum()),
                            "opponent_value_max": float(values[opp].max()),
