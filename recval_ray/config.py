@@ -176,10 +176,6 @@ class RayConfig:
     pass_credentials: bool = False   # on a cluster: hand AWS_* secrets to the workers (they land in Ray's logs)
 
 
-# the model kinds trained by BPRTask, the ones train.denoise applies to
-BPR_MODELS = ("mf", "lightgcn")
-
-
 CompareVariant = Literal["full", "pruned", "random", "oracle", "detection"]
 COMPARE_VARIANTS = ("full", "pruned", "random", "oracle")
 
@@ -431,7 +427,7 @@ def _registered_section(raw: Any, registry, selector: str, default: str, key: st
 
 def validate_config(raw: dict) -> JobConfig:
     """Validate a raw (already overridden and env-expanded) mapping into a JobConfig."""
-    from .registry import MODELS, VALUERS
+    from .registry import DEFAULT_MODEL, DEFAULT_VALUER, MODELS, VALUERS
 
     if not isinstance(raw, dict):
         raise ConfigError("the job file must hold a mapping at its top level")
@@ -439,8 +435,8 @@ def validate_config(raw: dict) -> JobConfig:
     source = copy.deepcopy(raw)
     model_raw, val_raw = raw.pop("model", None), raw.pop("valuation", None)
     cfg = build_dataclass(JobConfig, raw)
-    cfg.model = _registered_section(model_raw, MODELS, "kind", "mf", "model")
-    cfg.valuation = _registered_section(val_raw, VALUERS, "method", "small-loss", "valuation")
+    cfg.model = _registered_section(model_raw, MODELS, "kind", DEFAULT_MODEL, "model")
+    cfg.valuation = _registered_section(val_raw, VALUERS, "method", DEFAULT_VALUER, "valuation")
     # what the job was built from: the cells of compare.grid are --set overrides of it
     cfg.__dict__["_source"] = (source, cfg.to_dict())
     check_semantics(cfg)
@@ -502,8 +498,11 @@ def check_semantics(cfg: JobConfig) -> None:
         raise ConfigError("train.epochs and train.batch_size must be positive")
     if cfg.train.loss_negatives < 1:
         raise ConfigError(f"train.loss_negatives: {cfg.train.loss_negatives} must be >= 1")
-    if cfg.train.loss_pass == "all" and cfg.model.kind not in BPR_MODELS:
-        raise ConfigError(f"train.loss_pass: all needs a BPR-trained model ({', '.join(BPR_MODELS)}), "
+    from .registry import MODELS, VALUERS
+    caps = set(MODELS.meta(cfg.model.kind).get("capabilities", ()))
+    bpr = ", ".join(MODELS.having("capabilities", "bpr"))
+    if cfg.train.loss_pass == "all" and "bpr" not in caps:
+        raise ConfigError(f"train.loss_pass: all needs a BPR-trained model ({bpr}), "
                           f"not model.kind {cfg.model.kind!r}")
     try:
         cfg.train.denoise.validate("train.denoise")
@@ -512,20 +511,28 @@ def check_semantics(cfg: JobConfig) -> None:
     if cfg.train.engine != "autograd":   # the settings train.engine: sparse supports
         from .core.fast_bpr import check_engine
         check_engine(cfg.train, cfg.model.kind)
-    if cfg.train.denoise.kind != "bpr" and cfg.model.kind not in BPR_MODELS:
+    if cfg.train.denoise.kind != "bpr" and "bpr" not in caps:
         raise ConfigError(f"train.denoise.kind: {cfg.train.denoise.kind!r} needs a BPR-trained model "
-                          f"({', '.join(BPR_MODELS)}), not model.kind {cfg.model.kind!r}")
-    if cfg.prune.scope == "entity" and cfg.valuation.method != "deletion":
-        raise ConfigError(f"prune.scope: entity needs an entity-level valuation (deletion), "
-                          f"not {cfg.valuation.method!r}")
+                          f"({bpr}), not model.kind {cfg.model.kind!r}")
+    method = VALUERS.meta(cfg.valuation.method)
+    if cfg.prune.scope == "entity" and not method.get("entity_level"):
+        raise ConfigError(f"prune.scope: entity needs an entity-level valuation "
+                          f"({', '.join(VALUERS.having('entity_level'))}), not {cfg.valuation.method!r}")
     _check_valuation(cfg.valuation)
     try:
         cfg.explain.validate("explain")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.valuation.method == "tracin" and (cfg.model.kind != "lstm" or cfg.train.workers > 0 or cfg.train.use_gpu):
-        raise ConfigError("valuation.method tracin needs model.kind lstm trained in-process (train.workers: 0, "
-                          "train.use_gpu: false): it reads the per-epoch checkpoints")
+    missing = [c for c in method.get("requires", ()) if c not in caps]
+    if missing:
+        fits = [k for k in MODELS.names() if set(method.get("requires", ())) <=
+                set(MODELS.meta(k).get("capabilities", ()))]
+        raise ConfigError(f"valuation.method {cfg.valuation.method} needs a model with {', '.join(missing)} "
+                          f"(model.kind: {', '.join(fits) or 'none registered'}), not model.kind {cfg.model.kind!r}")
+    if method.get("in_process_training") and (cfg.train.workers > 0 or cfg.train.use_gpu):
+        raise ConfigError(f"valuation.method {cfg.valuation.method} needs the model trained in-process "
+                          f"(train.workers: 0, train.use_gpu: false): it reads what the in-process trainer "
+                          f"leaves (per-epoch checkpoints)")
     check_compare(cfg)
     from .sweep import check_tune   # the tune: section (recval sweep); recval run ignores it
     check_tune(cfg)
@@ -550,7 +557,7 @@ def compare_methods(cfg: JobConfig) -> list[tuple[str, Any]]:
     """The valuations ``recval compare`` runs: ``(label, options)``, the job's own ``valuation``
     first (label: its method name), then each ``compare.methods`` entry not naming it again.
     An entry is a method name (its default options) or ``{method, label, <options>}``."""
-    from .registry import VALUERS
+    from .registry import DEFAULT_VALUER, VALUERS
 
     out = [(cfg.valuation.method, cfg.valuation)]
     for i, item in enumerate(cfg.compare.methods):
@@ -571,7 +578,7 @@ def compare_methods(cfg: JobConfig) -> list[tuple[str, Any]]:
             raise ConfigError(f"{key}: label {label!r} must be letters, digits, '.', '_' or '-'")
         if any(label == other for other, _ in out):
             raise ConfigError(f"{key}: method label {label!r} is used twice (give a distinct `label:`)")
-        opts = _registered_section(raw, VALUERS, "method", "small-loss", key)
+        opts = _registered_section(raw, VALUERS, "method", DEFAULT_VALUER, key)
         _check_valuation(opts, key)
         out.append((label, opts))
     return out

@@ -175,9 +175,9 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
         target = Split(split.train, split.valid, split.test.take(test_keep))
         out.test_rows_left_out = int((~test_keep).sum())
         out.evaluation = sample_summary(cfg.evaluate, target)
-        if valuation.entity_kind == "item" and valuation.info.get("removed_items", "drop") == "drop":
-            # removed items also leave every model's candidates (see the deletion valuer's
-            # removed_items): the base model would otherwise waste top-K slots on them
+        if valuation.entity_kind == "item" and valuation.drop_removed_items:
+            # removed items also leave every model's candidates: the base model would otherwise
+            # waste top-K slots on them
             n_u = split.train.n_users
             extra = [Interactions(np.repeat(np.arange(n_u), len(removed)), np.tile(removed, n_u),
                                   n_u, split.train.n_items)]

@@ -31,8 +31,15 @@ class Registry:
         self._loaded = False
 
     def register(self, name: str, options: type, **meta) -> Callable:
-        """Register ``factory`` under ``name``; ``meta`` holds facts the Ray layer needs before
-        building (e.g. ``shard_by="user"`` for user-batched models)."""
+        """Register ``factory`` under ``name``; ``meta`` holds what the rest of the job needs to
+        know before building, so no other module names a model or a method:
+
+        * models: ``capabilities`` (``"bpr"``: trained by the BPR task, so ``train.denoise``
+          and ``train.loss_pass: all`` apply; ``"checkpoints"``: per-epoch checkpoints a valuer
+          can read; ``"sequential"``), ``shard_by`` (``"user"`` for user-batched models);
+        * valuers: ``requires`` (model capabilities), ``entity_level`` (values of users, items
+          or groups: ``prune.scope: entity`` applies), ``in_process_training`` (reads what the
+          in-process trainer leaves, e.g. its checkpoints: no Ray Train)."""
         def deco(factory):
             self._entries[name] = Entry(name, options, factory, dict(meta))
             return factory
@@ -47,6 +54,19 @@ class Registry:
     def names(self) -> list[str]:
         self._load()
         return sorted(self._entries)
+
+    def meta(self, name: str) -> dict:
+        """The registered facts of ``name`` (empty when none)."""
+        return dict(self.get(name).meta or {})
+
+    def having(self, key: str, value: Any = True) -> list[str]:
+        """Names whose meta ``key`` is ``value`` or, for a list of capabilities, contains it."""
+        out = []
+        for n in self.names():
+            v = self._entries[n].meta.get(key)
+            if v == value or (isinstance(v, (tuple, list, set, frozenset)) and value in v):
+                out.append(n)
+        return out
 
     def get(self, name: str) -> Entry:
         self._load()
@@ -68,3 +88,7 @@ VALUERS = Registry("valuation.method", ("recval_ray.core.valuers.small_loss",
 
 register_model = MODELS.register
 register_valuer = VALUERS.register
+
+# what a job gets when its config names no model kind / valuation method
+DEFAULT_MODEL = "mf"
+DEFAULT_VALUER = "small-loss"

@@ -56,14 +56,8 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
     else:
         rep.histogram({"all": v}, title="values", xlabel="value (higher = more useful)")
 
-    if valuation.entities is not None:
-        entity_section(rep, valuation, metrics)
-    if "explainer" in valuation.info:
-        explainer_section(rep, valuation)
-    if valuation.info.get("tracin"):
-        tracin_section(rep, valuation, metrics)
-    if "loss_overlap" in valuation.info and "loss_z" in values.column_names:
-        loss_overlap_section(rep, values, valuation.info["loss_overlap"])
+    for section in method_sections(valuation.method):
+        section(rep, valuation, metrics, values)
     if explanation is not None:
         why_section(rep, explanation, cfg.valuation.method)
 
@@ -83,6 +77,45 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
     if metrics.get("profile"):
         profile_section(rep, metrics["profile"])
     return rep.html()
+
+
+def method_sections(method: str) -> list:
+    """The report sections a valuation method registered (``report_sections``: callables or
+    ``"module:function"`` paths, each ``section(rep, valuation, metrics, values)``): the
+    report names no method, every valuer brings its own."""
+    import importlib
+
+    from .registry import VALUERS
+    out = []
+    for s in VALUERS.meta(method).get("report_sections", ()):
+        if isinstance(s, str):
+            mod, _, fn = s.partition(":")
+            s = getattr(importlib.import_module(mod), fn)
+        out.append(s)
+    return out
+
+
+def entity_values_section(rep, valuation, metrics: dict, values) -> None:
+    """Entity-level values (users, items, groups): the deletion diagnostics."""
+    if valuation.entities is not None:
+        entity_section(rep, valuation, metrics)
+
+
+def shapley_explainer_section(rep, valuation, metrics: dict, values) -> None:
+    """The amortised Shapley explainer: training curve, agreement with references."""
+    if "explainer" in valuation.info:
+        explainer_section(rep, valuation)
+
+
+def checkpoint_influence_section(rep, valuation, metrics: dict, values) -> None:
+    """Influence over training checkpoints: queries, proponents, removal experiment."""
+    tracin_section(rep, valuation, metrics)
+
+
+def personal_loss_section(rep, valuation, metrics: dict, values) -> None:
+    """Per-user loss distributions of injected vs clean interactions."""
+    if "loss_overlap" in valuation.info and "loss_z" in values.column_names:
+        loss_overlap_section(rep, values, valuation.info["loss_overlap"])
 
 
 def profile_section(rep, profile: dict) -> None:
@@ -300,7 +333,7 @@ def entity_section(rep, valuation, metrics: dict) -> None:
                      f"{info['stability_spearman_halves']:.3f}" if "stability_spearman_halves" in info else ""))
     rep.scatter(np.asarray(ent["n_ratings"], float), value, title="influence vs number of ratings",
                 xlabel=f"training interactions of the {kind}", ylabel=f"influence on {metric}", logx=True)
-    rep.histogram({f"{kind}s": value}, title=f"influence on {metric}", xlabel="influence")
+    rep.histogram({f"{kind}s": value}, title=f"influence on {metric}", xlabel="influence (metric with - without the entity)")
     cols = [id_col, "value", "value_se", "n_ratings"] + \
         [c for c in ("mean_rating", "std_rating") if c in ent]
     order = np.argsort(-np.where(np.isnan(value), -np.inf, value), kind="stable")

@@ -329,7 +329,7 @@ class BPRTask(Task):
         return per.mean() + self.reg * l2.mean(), per.detach()
 
 
-@register_model("mf", MFConfig)
+@register_model("mf", MFConfig, capabilities=("bpr",))
 def build_mf(opts: MFConfig, train: Interactions, train_cfg, device: str = "auto") -> BPRTask:
     dev = resolve_device(device)
     model = MF(train.n_users, train.n_items, opts.dim, opts.init_std, opts.init).to(dev)

@@ -58,8 +58,13 @@ class Valuation:
     entity_kind: Optional[str] = None
     row_entity: Optional[np.ndarray] = None     # entity index of each training row (entity methods)
     test_entity: Optional[np.ndarray] = None    # entity index of each test row (-1: none)
+    # item entities pruned whole: also leave every model's ranking candidates (``False``: they
+    # stay rankable); what entity pruning's evaluation reads, typed rather than in ``info``
+    drop_removed_items: bool = True
     tables: dict = field(default_factory=dict)  # extra output tables (name -> dict of arrays)
     info: dict = field(default_factory=dict)
+    value_se: Optional[np.ndarray] = None       # standard error of each value (repeated estimates)
+    n_estimates: Optional[int] = None           # how many estimates (seeds, samples) each value averages
 
     def __post_init__(self):
         self.values = np.asarray(self.values, dtype=np.float64)

@@ -449,6 +449,8 @@ class DeletionValuer(Valuer):
         info.update(self._work_log)
         return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
                          entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info,
+                         drop_removed_items=opts.removed_items == "drop",
+                         value_se=_row_values(entities, se, n_groups, row_group), n_estimates=len(seeds),
                          test_entity=grouping.rows["test"])
 
     def _from_earlier(self, ctx, shared, seeds, engine, names, grouping, evaluators):
@@ -481,6 +483,7 @@ class DeletionValuer(Valuer):
         tables = self._removal_tables(ctx, shared, seeds, engine, entities, value, names, kind, evaluators, info)
         return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
                          entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info,
+                         drop_removed_items=opts.removed_items == "drop",
                          test_entity=grouping.rows["test"])
 
     # -- execution with resume -----------------------------------------------------------
@@ -670,7 +673,8 @@ def _fmt(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-@register_valuer("deletion", DeletionConfig)
+@register_valuer("deletion", DeletionConfig, entity_level=True,
+                 report_sections=("recval_ray.report_builder:entity_values_section",))
 def build_deletion(opts: DeletionConfig) -> DeletionValuer:
     if opts.seeds < 1:
         raise ValueError("valuation.seeds must be >= 1")

@@ -63,6 +63,6 @@ class PLDValuer(Valuer):
         return Valuation(method=self.name, values=-z, columns={"train_loss": loss, "loss_z": z}, info=info)
 
 
-@register_valuer("pld", PLDValuerConfig)
+@register_valuer("pld", PLDValuerConfig, report_sections=("recval_ray.report_builder:personal_loss_section",))
 def build_pld(opts: PLDValuerConfig) -> PLDValuer:
     return PLDValuer(opts)

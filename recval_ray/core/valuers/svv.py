@@ -211,6 +211,6 @@ def _reference_table(ctx: ValuationContext, players: UserRows, player_of_row: np
     return table
 
 
-@register_valuer("svv", SVVConfig)
+@register_valuer("svv", SVVConfig, report_sections=("recval_ray.report_builder:shapley_explainer_section",))
 def build_svv(opts: SVVConfig) -> SVVValuer:
     return SVVValuer(opts)

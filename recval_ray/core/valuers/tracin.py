@@ -574,7 +574,8 @@ def fingerprint(ctx: ValuationContext, opts: TracInConfig, scores_only: bool = F
     return "tracin-" + h.hexdigest()[:16]
 
 
-@register_valuer("tracin", TracInConfig)
+@register_valuer("tracin", TracInConfig, requires=("sequential", "checkpoints"), in_process_training=True,
+                 report_sections=("recval_ray.report_builder:checkpoint_influence_section",))
 def build_tracin(opts: TracInConfig) -> TracInValuer:
     opts.validate()
     return TracInValuer(opts)
