@@ -68,7 +68,7 @@ from .core.data import Split
 from .core.evaluation import evaluate_ranking, noise_detection
 from .core.valuers.base import Valuation
 from .pipeline import (load_data, open_run, make_executor, make_split, prune_masks, retrain_and_evaluate,
-                       train, training_summary, values_table, interactions_table, versions)
+                       train, training_summary, values_table, interactions_table)
 
 log = logging.getLogger("recval_ray")
 
@@ -444,12 +444,7 @@ def run_compare(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Opt
             out.write_text("report.html", build_compare_report(cfg, run_id, metrics, values_tabs))
         timings["write_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t_all
-        manifest = out.commit({
-            "status": "complete", "kind": "compare", "run_id": run_id,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "config": cfg.to_dict(), "versions": versions(),
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-        })
+        manifest = out.complete(kind="compare", config=cfg.to_dict(), timings=timings)
     return CompareResult(uri=out.uri, run_id=run_id, metrics=metrics, manifest=manifest, table=table,
                          runs=runs)
 

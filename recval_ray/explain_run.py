@@ -51,7 +51,7 @@ def explain_run(run_uri: str, overrides: Optional[list[str]] = None, *, output_u
     import pyarrow.parquet as pq
 
     from .core.explain_values import explain_values
-    from .pipeline import load_data, make_split, versions
+    from .pipeline import load_data, make_split
     from .output import RunOutput
     from .report import Report
     from .report_builder import why_section
@@ -76,10 +76,8 @@ def explain_run(run_uri: str, overrides: Optional[list[str]] = None, *, output_u
         rep = Report(f"recval explain {source_id}", f"why the {cfg.valuation.method} values of {run_uri}")
         why_section(rep, explanation, cfg.valuation.method)
         out.write_text("report.html", rep.html())
-        result = out.commit({"status": "complete", "run_id": out.run_id, "source_run": run_uri,
-                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                             "config": cfg.to_dict(), "versions": versions(),
-                             "timings": {"total_s": round(time.perf_counter() - t0, 3)}})
+        result = out.complete(kind="explain", config=cfg.to_dict(), source_run=run_uri,
+                              timings={"total_s": time.perf_counter() - t0})
     log.info("explanation: surrogate held-out R^2 %.3f; top features %s", explanation.info["r2_heldout"],
              ", ".join(explanation.top_features(3)))
     return result

@@ -394,6 +394,15 @@ class RunOutput:
                 + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
         return files
 
+    def complete(self, *, config: dict, timings: dict, kind: Optional[str] = None, **extra) -> dict:
+        """Commit with the manifest every kind of run writes: ``status``, ``kind`` (compare,
+        sweep, ...; none for a plain run), ``run_id``, ``created``, ``config``, ``versions``,
+        ``timings`` (rounded), the ``extra`` fields, then ``uri``, ``row_counts`` and ``files``."""
+        head = {"status": "complete"} | ({"kind": kind} if kind else {}) | {
+            "run_id": self.run_id, "created": timestamp()}
+        return self.commit(head | extra | {"config": config, "versions": versions(),
+                                           "timings": {k: round(v, 3) for k, v in timings.items()}})
+
     def commit(self, manifest: dict) -> dict:
         """Verify, publish and write ``manifest.json`` last (see the module docstring); returns
         the manifest written (``files``, ``row_counts`` and ``uri`` filled in)."""
@@ -493,3 +502,21 @@ def _json_default(o):
 
 def timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def versions() -> dict:
+    """The versions a manifest records."""
+    import platform
+
+    import numpy
+    import torch
+
+    from . import __version__
+    v = {"recval_ray": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "pyarrow": pa.__version__, "numpy": numpy.__version__}
+    try:
+        import ray
+        v["ray"] = ray.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return v

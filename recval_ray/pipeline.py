@@ -8,7 +8,6 @@ written last and only then is the run complete.
 from __future__ import annotations
 
 import logging
-import platform
 import shutil
 import tempfile
 import time
@@ -18,7 +17,6 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 
-from . import __version__
 from .config import JobConfig
 from .core.data import Dataset, Interactions, Split
 from .core.evaluation import drop_unseen, evaluate_ranking, noise_detection, sample_note, sample_summary
@@ -303,20 +301,6 @@ class RunResult:
     values: Optional[pa.Table] = None
 
 
-def versions() -> dict:
-    import numpy
-    import pyarrow
-    import torch
-    v = {"recval_ray": __version__, "python": platform.python_version(), "torch": torch.__version__,
-         "pyarrow": pyarrow.__version__, "numpy": numpy.__version__}
-    try:
-        import ray
-        v["ray"] = ray.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return v
-
-
 def open_run(cfg: JobConfig, run_id: str, output_uri: Optional[str], overwrite: Optional[bool],
              use_ray: bool, address: Optional[str], public_uri: Optional[str] = None):
     """``(RunOutput, on_cluster)``: the run's output opened (checked writable, locked, a complete
@@ -416,12 +400,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                 out.write_text("report.html", build_report(cfg, run_id, metrics, numeric, base, valuation,
                                                                explanation=explanation))
             timings["total_s"] = time.perf_counter() - t_all
-            manifest = out.commit({
-                "status": "complete", "run_id": run_id,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "config": cfg.to_dict(), "versions": versions(),
-                "timings": {k: round(v, 3) for k, v in timings.items()},
-            })
+            manifest = out.complete(config=cfg.to_dict(), timings=timings)
     finally:
         prof.close()
     return RunResult(uri=out.public_uri, run_id=run_id, metrics=metrics, manifest=manifest, values=values_tab)

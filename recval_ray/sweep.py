@@ -535,7 +535,7 @@ def run_sweep(cfg, *, run_id: Optional[str] = None, output_uri: Optional[str] = 
     import tempfile
 
     from . import fs as rfs
-    from .pipeline import load_data, make_split, open_run, run_job, versions
+    from .pipeline import load_data, make_split, open_run, run_job
     from .ray_layer.tune import TUNE_DIR, run_tune
 
     t_all = time.perf_counter()
@@ -616,13 +616,8 @@ def run_sweep(cfg, *, run_id: Optional[str] = None, output_uri: Optional[str] = 
             out.write_text("report.html", build_sweep_report(cfg, run_id, metrics, rows, dims))
         timings["write_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t_all
-        manifest = out.commit({
-            "status": "complete", "kind": "sweep", "run_id": run_id,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "config": cfg.to_dict(), "versions": versions(),
-            "tune_storage": posixpath.join(storage, exp),
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-        })
+        manifest = out.complete(kind="sweep", config=cfg.to_dict(), timings=timings,
+                                tune_storage=posixpath.join(storage, exp))
     return SweepResult(uri=out.uri, run_id=run_id, metrics=metrics, manifest=manifest, rows=rows,
                        best_config=best_cfg)
 
