@@ -120,14 +120,21 @@ class FastNegativeSampler(NegativeSampler):
         shifted[0] = torch.iinfo(torch.int64).min
         shifted[1:n + 1] = self.qkeys
         self.shifted = shifted
+        self.qkeys = shifted[1:n + 1]          # a view: the keys are held once
         self.count = torch.as_tensor(counts, device=device)
-        # the bucket directory, one entry per training key (bucket b of the key's user)
+        # the bucket directory, one entry per training key (bucket b of the key's user), built in
+        # chunks of keys (bounded temporaries)
         start = self.start.cpu().numpy()
-        user = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-        b = np.arange(n, dtype=np.int64) - start[user]
-        lower = (b * free[user] + counts[user] - 1) // np.maximum(counts[user], 1)   # ceil(b f / c)
         qkeys = self.qkeys.cpu().numpy()
-        self.dir = torch.as_tensor(np.searchsorted(qkeys, user * self.n_items + lower, side="left"), device=device)
+        user = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        directory = np.empty(n, dtype=np.int64)
+        for a in range(0, n, 1 << 20):
+            u = user[a:a + (1 << 20)]
+            b = np.arange(a, a + len(u), dtype=np.int64) - start[u]
+            lower = (b * free[u] + counts[u] - 1) // np.maximum(counts[u], 1)   # ceil(b f / c)
+            directory[a:a + len(u)] = np.searchsorted(qkeys, u * self.n_items + lower, side="left")
+        del user
+        self.dir = torch.as_tensor(directory, device=device)
 
     def sample(self, users: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
         u = users[:, None].expand(-1, n).reshape(-1)
