@@ -37,8 +37,6 @@ variant) with relative differences to the full model and their standard errors o
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -51,7 +49,7 @@ import torch
 
 from ...registry import register_valuer
 from ..data import Interactions, Split
-from ..executor import LocalExecutor
+from ..executor import run_items, work_fingerprint
 from ..metrics import ranking_metrics, rating_metrics, scores_fn_from_matrix
 from ..stats import standard_error
 from .base import Valuation, ValuationContext, Valuer
@@ -488,40 +486,13 @@ class DeletionValuer(Valuer):
 
     # -- execution with resume -----------------------------------------------------------
     def _run(self, ctx, shared, items, keys, label, n_models) -> list:
-        store = ctx.store
         fp = fingerprint(ctx, self.options)
-        results: list = [None] * len(items)
-        todo = []
-        for i, key in enumerate(keys):
-            got = store.get(f"{fp}/{key}") if store is not None else None
-            if got is not None:
-                results[i] = got
-            else:
-                todo.append(i)
-        self._work_log["work_items_resumed"] += [keys[i] for i in range(len(items)) if results[i] is not None]
-        self._work_log["work_items_run"] += [keys[i] for i in todo]
-        if len(todo) < len(items):
-            log.info("deletion %s: %d of %d work items found in the run's store, resuming",
-                     label, len(items) - len(todo), len(items))
-        per_item = n_models / max(1, len(items))
-        t0 = time.perf_counter()
-        done = [0]
-
-        def on_result(j, res):
-            i = todo[j]
-            results[i] = res
-            if store is not None:
-                store.put(f"{fp}/{keys[i]}", res)
-            done[0] += 1
-            el = time.perf_counter() - t0
-            rate = done[0] * per_item / max(el, 1e-9)
-            eta = (len(todo) - done[0]) * per_item / max(rate, 1e-9)
-            log.info("deletion %s: %d/%d work items (%d/%d models), %.2f models/s, ETA %s",
-                     label, len(items) - len(todo) + done[0], len(items),
-                     int((len(items) - len(todo) + done[0]) * per_item), n_models, rate, _fmt(eta))
-        executor = ctx.executor or LocalExecutor()
-        if todo:
-            executor.map(run_work_item, shared, [items[i] for i in todo], on_result)
+        results, log_ = run_items(run_work_item, shared, items, [f"{fp}/{k}" for k in keys], executor=ctx.executor,
+                                  store=ctx.store, label=f"deletion {label}", units=n_models / max(1, len(items)),
+                                  unit="models", logger=log)
+        strip = len(fp) + 1
+        self._work_log["work_items_resumed"] += [k[strip:] for k in log_["resumed"]]
+        self._work_log["work_items_run"] += [k[strip:] for k in log_["run"]]
         return results
 
     # -- removal experiment --------------------------------------------------------------
@@ -649,28 +620,9 @@ def _check_metrics(names: list) -> None:
 
 
 def fingerprint(ctx: ValuationContext, opts: DeletionConfig) -> str:
-    """What a work item's result depends on: data, split, model, training, valuation settings
-    (not the number of actors). Stored results are reused only under the same fingerprint."""
-    o = dataclasses.asdict(opts)
-    for k in ("actors", "actor_cpus", "actor_gpus"):
-        o.pop(k, None)
-    split = ctx.split
-    h = hashlib.sha256()
-    for part in (split.train, split.valid, split.test):
-        h.update(np.ascontiguousarray(part.user).tobytes())
-        h.update(np.ascontiguousarray(part.item).tobytes())
-        if part.rating is not None:
-            h.update(np.ascontiguousarray(part.rating).tobytes())
-    blob = json.dumps({"valuation": o, "model": dataclasses.asdict(ctx.model_cfg),
-                       "train": dataclasses.asdict(ctx.train_cfg),
-                       "evaluate": dataclasses.asdict(ctx.eval_cfg)}, sort_keys=True, default=str)
-    h.update(blob.encode())
-    return "deletion-" + h.hexdigest()[:16]
-
-
-def _fmt(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    """What a work item's result depends on (:func:`..executor.work_fingerprint`): data, split,
+    model, training, valuation settings, not the number of actors."""
+    return work_fingerprint("deletion", ctx, dataclasses.asdict(opts), ignore=("actors", "actor_cpus", "actor_gpus"))
 
 
 @register_valuer("deletion", DeletionConfig, entity_level=True,

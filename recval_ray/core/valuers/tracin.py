@@ -50,8 +50,6 @@ has one, so an interrupted job resumes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -62,7 +60,7 @@ import torch
 
 from ...registry import register_valuer
 from ..data import Interactions, Split
-from ..executor import LocalExecutor
+from ..executor import LocalExecutor, run_items, work_fingerprint
 from ..stats import over_seeds
 from ..sequences import _gather_windows, build_windows, held_out_windows, pad_index
 from ..tracin import (VARIANTS, Checkpoint, Examples, Queries, TracInSpec, checkpoint_scores, select_checkpoints,
@@ -405,39 +403,20 @@ class TracInValuer(Valuer):
 
     def _checkpoint_partials(self, ctx, checkpoints, train_ex, queries, spec, device, where, fp) -> list:
         o: TracInConfig = self.options
-        store = ctx.store
         keys = [f"{fp}/checkpoint-{c.epoch:04d}" for c in checkpoints]
-        partials: list = [None] * len(checkpoints)
-        todo = []
-        for i, key in enumerate(keys):
-            got = store.get(key) if store is not None else None
-            if got is not None and got["scores"].shape == (len(train_ex), queries.n_groups):
-                partials[i] = got
-            else:
-                todo.append(i)
-        if len(todo) < len(keys):
-            log.info("tracin: %d of %d checkpoints found in the run's store, resuming", len(keys) - len(todo), len(keys))
         log.info("tracin (%s): %d checkpoints (epochs %s) x %d training examples x %d queries, %s",
                  spec.variant, len(checkpoints), [c.epoch for c in checkpoints], len(train_ex), queries.n_groups,
                  "one Ray actor per checkpoint" if where == "ray" else "in-process")
-
-        def done(j, res):
-            i = todo[j]
-            partials[i] = res
-            if store is not None:
-                store.put(keys[i], res)
-            log.info("tracin: checkpoint epoch %d scored in %.1f s", checkpoints[i].epoch, float(res["seconds"]))
-        if todo:
-            if where == "ray":
-                ctx.distributed.checkpoint_scores([checkpoints[i] for i in todo], [i for i in todo], train_ex,
-                                                  queries, spec, num_cpus=o.checkpoint_cpus,
-                                                  num_gpus=o.checkpoint_gpus, device=o.device,
-                                                  max_concurrent=o.checkpoint_actors, on_result=done)
-            else:
-                shared = {"train": train_ex, "queries": queries, "spec": spec, "device": device,
-                          "threads": torch.get_num_threads()}
-                LocalExecutor().map(_checkpoint_item, shared,
-                                    [{"checkpoint": checkpoints[i], "index": i} for i in todo], done)
+        items = [{"checkpoint": c, "index": i} for i, c in enumerate(checkpoints)]
+        shared = {"train": train_ex, "queries": queries, "spec": spec, "device": device,
+                  "threads": torch.get_num_threads()}
+        executor = _CheckpointActors(ctx.distributed, o) if where == "ray" else LocalExecutor()
+        partials, _ = run_items(
+            _checkpoint_item, shared, items, keys, executor=executor, store=ctx.store, label="tracin checkpoints",
+            unit="checkpoints", logger=log,
+            accept=lambda got: got["scores"].shape == (len(train_ex), queries.n_groups),
+            on_result=lambda i, res: log.info("tracin: checkpoint epoch %d scored in %.1f s",
+                                              checkpoints[i].epoch, float(res["seconds"])))
         return partials
 
     # -- random projection vs exact --------------------------------------------------------
@@ -491,30 +470,16 @@ class TracInValuer(Valuer):
         shared = {"split": ctx.split, "model_cfg": ctx.model_cfg, "train_cfg": ctx.train_cfg,
                   "eval_cfg": ctx.eval_cfg, "ks": list(o.removal_ks), "exclude_seen": bool(o.exclude_seen),
                   "threads": max(1, int(o.actor_cpus)) if o.actors else torch.get_num_threads()}
-        store = ctx.store
-        results: list = [None] * len(items)
-        todo = []
-        for i, k in enumerate(keys):
-            got = store.get(k) if store is not None else None
-            if got is not None:
-                results[i] = got
-            else:
-                todo.append(i)
+        log.info("tracin removal experiment: %d trainings (%d seeds x original / %d opponents removed / %d random "
+                 "removed)", len(items), len(seeds), n, n)
         t0 = time.perf_counter()
 
-        def done(j, res):
-            i = todo[j]
-            results[i] = res
-            if store is not None:
-                store.put(keys[i], res)
+        def trained(i, res):
             log.info("tracin removal: %s seed %d trained (%d epochs, selected %d) in %.1f s",
                      items[i]["variant"], items[i]["seed"], int(res["epochs_run"]), int(res["best_epoch"]),
                      float(res["seconds"]))
-        log.info("tracin removal experiment: %d trainings (%d seeds x original / %d opponents removed / %d random "
-                 "removed)", len(items), len(seeds), n, n)
-        executor = ctx.executor or LocalExecutor()
-        if todo:
-            executor.map(run_removal_item, shared, [items[i] for i in todo], done)
+        results, _ = run_items(run_removal_item, shared, items, keys, executor=ctx.executor, store=ctx.store,
+                               label="tracin removal", unit="trainings", logger=log, on_result=trained)
         names = [str(x) for x in results[0]["names"]]
         table = {"variant": [], "seed": [], "protocol": [], "metric": [], "value": [], "examples": [],
                  "best_epoch": []}
@@ -551,27 +516,28 @@ class TracInValuer(Valuer):
 
 
 def fingerprint(ctx: ValuationContext, opts: TracInConfig, scores_only: bool = False) -> str:
-    """What stored work items depend on: data, split, model, training and TracIn settings (not
-    where or how they run); ``scores_only``: the checkpoint scores', which the removal
-    experiment's settings do not change."""
-    o = dataclasses.asdict(opts)
-    for k in ("actors", "actor_cpus", "actor_gpus", "on", "checkpoint_cpus", "checkpoint_gpus", "checkpoint_actors",
-              "device", "tile", "query_tile", "projection_check", "engine", "top_k"):
-        o.pop(k, None)
+    """What stored work items depend on (:func:`..executor.work_fingerprint`): data, split,
+    model, training and TracIn settings, not where or how they run; ``scores_only``: the
+    checkpoint scores', which the removal experiment's settings do not change."""
+    ignore = ("actors", "actor_cpus", "actor_gpus", "on", "checkpoint_cpus", "checkpoint_gpus", "checkpoint_actors",
+              "device", "tile", "query_tile", "projection_check", "engine", "top_k")
     if scores_only:
-        for k in ("removal_n", "removal_seeds", "removal_ks", "exclude_seen"):
-            o.pop(k, None)
-    h = hashlib.sha256()
-    for part in (ctx.split.train, ctx.split.valid, ctx.split.test):
-        h.update(np.ascontiguousarray(part.user).tobytes())
-        h.update(np.ascontiguousarray(part.item).tobytes())
-        if part.timestamp is not None:
-            h.update(np.ascontiguousarray(part.timestamp).tobytes())
-    blob = json.dumps({"valuation": o, "model": dataclasses.asdict(ctx.model_cfg),
-                       "train": dataclasses.asdict(ctx.train_cfg), "evaluate": dataclasses.asdict(ctx.eval_cfg)},
-                      sort_keys=True, default=str)
-    h.update(blob.encode())
-    return "tracin-" + h.hexdigest()[:16]
+        ignore += ("removal_n", "removal_seeds", "removal_ks", "exclude_seen")
+    return work_fingerprint("tracin", ctx, dataclasses.asdict(opts), ignore=ignore)
+
+
+class _CheckpointActors:
+    """The executor port over the distributed port's checkpoint actors (one per checkpoint)."""
+
+    def __init__(self, distributed, options):
+        self.distributed, self.o = distributed, options
+
+    def map(self, fn, shared, items, on_result) -> None:
+        o = self.o
+        self.distributed.checkpoint_scores([it["checkpoint"] for it in items], [it["index"] for it in items],
+                                           shared["train"], shared["queries"], shared["spec"],
+                                           num_cpus=o.checkpoint_cpus, num_gpus=o.checkpoint_gpus, device=o.device,
+                                           max_concurrent=o.checkpoint_actors, on_result=on_result)
 
 
 @register_valuer("tracin", TracInConfig, requires=("sequential", "checkpoints"), in_process_training=True,
