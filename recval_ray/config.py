@@ -43,58 +43,8 @@ def yaml_load(stream):
     """``yaml.safe_load`` with YAML 1.2 booleans (:class:`_JobLoader`)."""
     return yaml.load(stream, Loader=_JobLoader)  # noqa: S506 - a SafeLoader subclass
 
-DataFormat = Literal["parquet", "csv", "tsv", "movielens-100k", "movielens-1m", "lightgcn",
-                     "amazon-json", "synthetic"]
-
-
-@dataclass
-class Columns:
-    user: str = "user_id"
-    item: str = "item_id"
-    rating: Optional[str] = None
-    timestamp: Optional[str] = None
-
-
-@dataclass
-class SyntheticConfig:
-    """Low-rank users x items with popularity skew; see :mod:`recval_ray.core.synthetic`."""
-    n_users: int = 300
-    n_items: int = 400
-    interactions_per_user: int = 30
-    rank: int = 8
-    popularity_exponent: float = 1.0
-    seed: int = 0
-
-
-@dataclass
-class DataConfig:
-    format: DataFormat = "synthetic"
-    path: Optional[str] = None
-    columns: Columns = field(default_factory=Columns)
-    delimiter: Optional[str] = None
-    header: bool = True
-    implicit: Union[Literal["all"], float] = "all"
-    min_user: int = 0
-    min_item: int = 0
-    duplicates: Literal["keep-last", "keep-first", "error"] = "keep-last"
-    hidden_files: Literal["skip", "read"] = "skip"   # files/folders named .* or _* in an input folder
-    strict: bool = False
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-
-
-@dataclass
-class SplitConfig:
-    """``random``: interactions at random; ``user-ratio``: within each user;
-    ``user-time-ratio``: within each user by time (the last ``ratios[-1]`` to test, the
-    ``ratios[1]`` before them to valid); ``leave-last``: each user's last ``n_test`` (and
-    ``n_valid``) by timestamp; ``given``: the input's own split (LightGCN / Amazon files)."""
-    kind: Literal["random", "user-ratio", "user-time-ratio", "leave-last", "given"] = "user-ratio"
-    ratios: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
-    rounding: Literal["half-up", "floor"] = "half-up"
-    n_valid: int = 1
-    n_test: int = 1
-    valid_from_train: float = 0.1
-    seed: int = 0
+from .core.options import Columns, DataConfig, DataFormat, SplitConfig, SyntheticConfig  # noqa: E402,F401
+from .output import check_run_id  # noqa: E402,F401 - run ids are the output's rule
 
 
 @dataclass
@@ -441,18 +391,6 @@ def validate_config(raw: dict) -> JobConfig:
     cfg.__dict__["_source"] = (source, cfg.to_dict())
     check_semantics(cfg)
     return cfg
-
-
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def check_run_id(run_id: str, key: str = "name") -> None:
-    """A run id is one plain folder name: 1-128 letters, digits, ``.``, ``_``, ``-``, starting
-    with a letter or digit, so it never addresses the output folder, its parent, a hidden
-    folder (``.ssh``) or recval's own ``_``-named state (``_work``)."""
-    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
-        raise ConfigError(f"{key}: {run_id!r} must be 1-128 letters, digits, '.', '_' or '-', "
-                          f"starting with a letter or digit")
 
 
 def check_semantics(cfg: JobConfig) -> None:

@@ -47,9 +47,10 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+import re
+
 from . import fs as rfs
-from .config import check_run_id
-from .errors import OutputError, OutputExistsError, OutputVerificationError
+from .errors import ConfigError, OutputError, OutputExistsError, OutputVerificationError
 from .locks import run_lock
 
 log = logging.getLogger("recval_ray")
@@ -60,6 +61,18 @@ LOCK = "_lock"
 WORK = "_work"
 ATTEMPT = "_attempt-"
 CHUNK = 8 << 20
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_id(run_id: str, key: str = "name") -> None:
+    """A run id is one plain folder name: 1-128 letters, digits, ``.``, ``_``, ``-``, starting
+    with a letter or digit, so it never addresses the output folder, its parent, a hidden
+    folder (``.ssh``) or recval's own ``_``-named state (``_work``)."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"{key}: {run_id!r} must be 1-128 letters, digits, '.', '_' or '-', "
+                          f"starting with a letter or digit")
 
 
 def read_manifest(fs: pafs.FileSystem, path: str) -> Optional[dict]:

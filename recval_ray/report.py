@@ -1069,6 +1069,39 @@ def _demo_report() -> Report:
     return rep
 
 
+def value_distributions(rep, values: dict) -> None:
+    """Per method (``label -> valued table``): the value histogram by ``is_noise`` and one ROC
+    curve of ``-value`` for ``is_noise`` per method in a shared plot."""
+    curves = {}
+    for label, tab in values.items():
+        v = tab.column("value").to_numpy(zero_copy_only=False)
+        if "is_noise" in tab.column_names:
+            noise = tab.column("is_noise").to_numpy(zero_copy_only=False).astype(bool)
+            rep.histogram({"clean": v[~noise], "injected noise": v[noise]}, title=f"{label} values by is_noise",
+                          xlabel="value (higher = more useful)")
+            ok = ~np.isnan(v)
+            if noise[ok].any() and (~noise[ok]).any():
+                fpr, tpr, auc = roc_curve(-v[ok], noise[ok])
+                curves[f"{label} (AUC {auc:.3f})"] = (fpr, tpr)
+        else:
+            rep.histogram({"all": v}, title=f"{label} values", xlabel="value (higher = more useful)")
+    if curves:
+        curves["chance"] = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+        rep.line_plot(curves, title="noise detection ROC (score = -value)", xlabel="false positive rate",
+                      ylabel="true positive rate", markers=False)
+
+
+def fmt_value(v: Any) -> str:
+    """A short, stable text of a swept value (names, tables, labels)."""
+    if isinstance(v, bool) or v is None:
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v, separators=(",", ":"), default=str)
+    return str(v)
+
+
 if __name__ == "__main__":  # pragma: no cover
     import sys
     out = sys.argv[1] if len(sys.argv) > 1 else "report_example.html"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .report import Report, roc_curve
+from .report import Report, roc_curve, value_distributions
 
 
 def _fmt_setting(cfg) -> dict:
@@ -360,28 +360,6 @@ def entity_section(rep, valuation, metrics: dict) -> None:
                           "to the full model +- its standard error over seeds")
 
 
-def value_distributions(rep, values: dict) -> None:
-    """Per method (``label -> valued table``): the value histogram by ``is_noise`` and one ROC
-    curve of ``-value`` for ``is_noise`` per method in a shared plot."""
-    curves = {}
-    for label, tab in values.items():
-        v = tab.column("value").to_numpy(zero_copy_only=False)
-        if "is_noise" in tab.column_names:
-            noise = tab.column("is_noise").to_numpy(zero_copy_only=False).astype(bool)
-            rep.histogram({"clean": v[~noise], "injected noise": v[noise]}, title=f"{label} values by is_noise",
-                          xlabel="value (higher = more useful)")
-            ok = ~np.isnan(v)
-            if noise[ok].any() and (~noise[ok]).any():
-                fpr, tpr, auc = roc_curve(-v[ok], noise[ok])
-                curves[f"{label} (AUC {auc:.3f})"] = (fpr, tpr)
-        else:
-            rep.histogram({"all": v}, title=f"{label} values", xlabel="value (higher = more useful)")
-    if curves:
-        curves["chance"] = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
-        rep.line_plot(curves, title="noise detection ROC (score = -value)", xlabel="false positive rate",
-                      ylabel="true positive rate", markers=False)
-
-
 def build_compare_report(cfg, run_id: str, metrics: dict, values: dict) -> str:
     """``recval compare``: test metrics per variant (mean +- std over seeds), relative
     differences to the full model, one bar chart per metric, noise detection per method, and
@@ -447,7 +425,7 @@ def build_sweep_report(cfg, run_id: str, metrics: dict, rows: list, dims: list) 
     """``recval sweep``: the best trial, the trials sorted by the validation objective, the
     objective against each swept key, and a heat map of the best objective when exactly two
     keys are swept. Test metrics are shown, never used to choose."""
-    from .sweep import fmt_value
+    from .report import fmt_value
 
     col, metric, mode = metrics["objective_column"], metrics["metric"], metrics["mode"]
     sign = 1.0 if mode == "max" else -1.0

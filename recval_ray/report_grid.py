@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .report import Report
-from .report_builder import value_distributions
+from .report import Report, value_distributions
 
 
 def _cell(st: dict) -> str:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .errors import ConfigError
+from .report import fmt_value  # noqa: F401 - names, tables, labels (also imported from here)
 
 log = logging.getLogger("recval_ray")
 
@@ -273,17 +274,6 @@ def max_epochs(cfg, dims: list[Dimension]) -> int:
 # ---------------------------------------------------------------------------------------
 # trials
 # ---------------------------------------------------------------------------------------
-def fmt_value(v: Any) -> str:
-    """A short, stable text of a swept value (names, tables, labels)."""
-    if isinstance(v, bool) or v is None:
-        return str(v).lower()
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    if isinstance(v, (list, tuple, dict)):
-        return json.dumps(v, separators=(",", ":"), default=str)
-    return str(v)
-
-
 def trial_name(index: int, overrides: dict) -> str:
     """``t003_prune.fraction=0.1_model.dim=16``: the trial's position in Tune's (deterministic)
     generation order and its overrides, file-name safe."""

@@ -137,3 +137,12 @@ def test_a_toy_valuer_gets_runs_reports_compare_rows_and_sweeps(toy_valuer, tmp_
     # a sweep over the toy's own option
     sw = load_config(job, tiny + ["tune.space={valuation.scale: {grid: [1.0, 3.0]}}"])
     assert [d.key for d in sweep_space(sw)] == ["valuation.scale"]
+
+
+@pytest.mark.parametrize("path", CORE, ids=lambda p: str(p.relative_to(PKG)))
+def test_core_module_imports_only_the_core(path):
+    """The core never reaches up: of this package it imports only ``recval_ray.core``
+    (the config's stage options, the registries, errors and storage paths live there)."""
+    up = [m for m in imported_modules(path)
+          if m.startswith("recval_ray") and not (m == "recval_ray.core" or m.startswith("recval_ray.core."))]
+    assert not up, f"{path.relative_to(PKG)} imports {up}"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from ..errors import InputError
+from .errors import InputError
 from .data import Interactions, Split
 from .metrics import ranking_metrics, rating_metrics
 

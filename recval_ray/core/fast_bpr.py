@@ -52,7 +52,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from .errors import ConfigError
 from .data import Interactions
 from .denoise import DenoiseConfig
 from .models.mf import BPRTask, NegativeSampler

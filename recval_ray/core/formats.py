@@ -52,9 +52,9 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..config import Columns, DataConfig
-from ..errors import InputError
-from ..fs import list_files
+from .options import Columns, DataConfig
+from .errors import InputError
+from .fs import list_files
 
 PARTS = ("train", "valid", "test")
 CANONICAL = ("user", "item", "rating", "timestamp", "_row", "_part")

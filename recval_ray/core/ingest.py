@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import Columns, DataConfig
-from ..errors import InputError
+from .options import Columns, DataConfig
+from .errors import InputError
 from .data import Dataset, Interactions, encode_ids, index_dtype
 from .formats import (PARTS, SHOW, SOURCE, data_files, from_table, hidden_data_files, parse_file,
                       source_columns)
@@ -54,7 +54,7 @@ def synthetic_tables(cfg: DataConfig) -> list[tuple[str, pa.Table]]:
 
 def load_dataset(cfg: DataConfig, storage=None) -> Dataset:
     """Read, parse and build a dataset in this process (no Ray)."""
-    from ..fs import read_bytes, resolve
+    from .fs import read_bytes, resolve
 
     if cfg.format == "synthetic":
         return build_dataset(synthetic_tables(cfg), cfg)
@@ -99,7 +99,7 @@ def load_item_titles(path: str, fs=None) -> Optional[pa.Table]:
     import pyarrow.csv as pacsv
     import pyarrow.fs as pafs
 
-    from ..fs import read_bytes, resolve
+    from .fs import read_bytes, resolve
 
     if fs is None:
         fs, path = resolve(path)

@@ -43,7 +43,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import SplitConfig
+from .options import SplitConfig
 from .data import Interactions, Split
 
 TRAIN, VALID, TEST = 0, 1, 2

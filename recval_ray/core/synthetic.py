@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ..config import SyntheticConfig
+from .options import SyntheticConfig
 
 AFFINITY_SCALE = 2.0          # logit weight of the true affinity against log popularity
 RATING_QUANTILES = (0.06, 0.17, 0.44, 0.78)  # shares below 2, 3, 4, 5 stars (MovieLens-like)

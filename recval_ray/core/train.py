@@ -22,7 +22,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 import numpy as np
 import torch
 
-from ..registry import MODELS
+from .registry import MODELS
 from .data import Interactions
 from .evaluation import evaluation_users
 from .metrics import parse_metric, ranking_metrics

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import DataConfig
+from ..core.options import DataConfig
 from ..core.data import Dataset
 from ..core.formats import parse_file
 from ..core.ingest import attach_titles, build_dataset, input_files, load_item_titles, synthetic_tables

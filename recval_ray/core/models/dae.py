@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...registry import register_model
+from ..registry import register_model
 from ..data import Interactions
 from .base import Task, resolve_device
 

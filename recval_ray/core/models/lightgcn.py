@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...registry import register_model
+from ..registry import register_model
 from ..data import Interactions
 from .base import resolve_device
 from .mf import BPRTask, choose_positive, init_embeddings

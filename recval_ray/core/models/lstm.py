@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...errors import ConfigError
-from ...registry import register_model
+from ..errors import ConfigError
+from ..registry import register_model
 from ..data import Interactions
 from ..sequences import build_windows, last_windows, pad_index
 from .base import Task, resolve_device

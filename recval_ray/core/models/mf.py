@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...registry import register_model
+from ..registry import register_model
 from ..data import Interactions
 from ..denoise import (DenoiseConfig, pld_choice, pld_pool_offsets, rce_weights, tce_drop_rate,
                        tce_keep_count, tce_keep_mask)

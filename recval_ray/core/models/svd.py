@@ -40,7 +40,7 @@ import torch
 from scipy.sparse.linalg import svds
 from torch import nn
 
-from ...registry import register_model
+from ..registry import register_model
 from ..data import Interactions
 from .base import Task, resolve_device
 

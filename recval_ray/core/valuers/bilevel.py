@@ -19,7 +19,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from ...registry import register_valuer
+from ..registry import register_valuer
 from ..bilevel import bilevel_weights
 from .base import Valuation, ValuationContext, Valuer
 from .influence import objective_of

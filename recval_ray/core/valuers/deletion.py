@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ...registry import register_valuer
+from ..registry import register_valuer
 from ..data import Interactions, Split
 from ..executor import run_items, work_fingerprint
 from ..metrics import ranking_metrics, rating_metrics, scores_fn_from_matrix
@@ -455,7 +455,7 @@ class DeletionValuer(Valuer):
         """Values read from an earlier run's entity table; only the removal experiment runs."""
         import pyarrow.parquet as pq
 
-        from ...fs import resolve
+        from ..fs import resolve
         opts: DeletionConfig = self.options
         fs, path = resolve(opts.values_from)
         tab = pq.read_table(path, filesystem=fs)

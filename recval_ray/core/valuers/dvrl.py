@@ -31,7 +31,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from ...registry import register_valuer
+from ..registry import register_valuer
 from ..dvrl import (MovingBaseline, Selector, interaction_features, reinforce_loss,
                     train_selected_mf)
 from ..evaluation import evaluation_users, noise_detection

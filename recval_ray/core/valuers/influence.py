@@ -20,7 +20,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from ...registry import register_valuer
+from ..registry import register_valuer
 from ..influence import influence_values, model_objective, refine
 from .base import Valuation, ValuationContext, Valuer
 

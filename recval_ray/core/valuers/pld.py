@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...registry import register_valuer
+from ..registry import register_valuer
 from ..loss_overlap import loss_overlap, standardise_within_user
 from ..train import loss_generator
 from .base import Valuation, ValuationContext, Valuer

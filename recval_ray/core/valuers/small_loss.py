@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...registry import register_valuer
+from ..registry import register_valuer
 from .base import Valuation, ValuationContext, Valuer
 
 

@@ -33,7 +33,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from ...registry import register_valuer
+from ..registry import register_valuer
 from ..models.dae import AutoEncoder, UserRows
 from ..shapley.exact import MAX_EXACT_PLAYERS
 from ..shapley.fastshap import FastSHAPConfig, explain, train_explainer

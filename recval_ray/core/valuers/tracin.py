@@ -58,7 +58,7 @@ from typing import Literal, Optional, Union
 import numpy as np
 import torch
 
-from ...registry import register_valuer
+from ..registry import register_valuer
 from ..data import Interactions, Split
 from ..executor import LocalExecutor, run_items, work_fingerprint
 from ..stats import over_seeds
