@@ -133,6 +133,18 @@ def set_context(model, parts: Sequence[Interactions]) -> None:
         model.set_context(list(parts))
 
 
+def predict_ratings(model, part: Interactions, batch: int = 65536) -> np.ndarray:
+    """``model.predict(users, items)`` over the rows of ``part``, batched, as numpy."""
+    dev = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(part), batch):
+            u = torch.as_tensor(part.user[s:s + batch], dtype=torch.long, device=dev)
+            i = torch.as_tensor(part.item[s:s + batch], dtype=torch.long, device=dev)
+            out.append(model.predict(u, i).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
 def evaluate_ranking(model, split: Split, eval_cfg, part: str = "test",
                      exclude: Optional[Sequence[Interactions]] = None,
                      context: Optional[Sequence[Interactions]] = None) -> dict:
@@ -158,7 +170,6 @@ def evaluate_ranking(model, split: Split, eval_cfg, part: str = "test",
     set_context(model, context)
     rating = {}
     if getattr(model, "explicit", False) and target.rating is not None and len(target):
-        from .train import predict_ratings
         rating = rating_metrics(predict_ratings(model, target), target.rating)
     with torch.no_grad():
         out = ranking_metrics(model.score_users, target, list(exclude), metrics=list(eval_cfg.metrics),

@@ -24,7 +24,7 @@ import torch
 
 from .registry import MODELS
 from .data import Interactions
-from .evaluation import evaluation_users
+from .evaluation import evaluation_users, predict_ratings  # noqa: F401 - predict_ratings re-exported
 from .metrics import parse_metric, ranking_metrics
 from .models.base import Task
 
@@ -87,18 +87,6 @@ RATING_METRICS = ("rmse", "mae")
 
 def higher_is_better(metric: str) -> bool:
     return metric not in RATING_METRICS
-
-
-def predict_ratings(model, part: Interactions, batch: int = 65536) -> np.ndarray:
-    """``model.predict(users, items)`` over the rows of ``part``, batched, as numpy."""
-    dev = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(part), batch):
-            u = torch.as_tensor(part.user[s:s + batch], dtype=torch.long, device=dev)
-            i = torch.as_tensor(part.item[s:s + batch], dtype=torch.long, device=dev)
-            out.append(model.predict(u, i).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 def validation_score(model, valid: Interactions, exclude: Sequence[Interactions], metric: str,
