@@ -29,7 +29,8 @@ epoch of our trainers, total fit time / epochs for implicit (it has no per-epoch
 ``--repeats R`` the fastest of R alternating runs of each (the machine may be shared; every run's
 time and the load average around it are in the JSON). Recall@20: full ranking over all items with
 the user's training items excluded, the project's metrics code, over ``--eval-users`` sampled
-held-out users (the median over the runs). Ends with one
+held-out users (the median over the runs). CPU seconds per epoch (all threads, user + system; the
+smallest over runs) are less sensitive to other work on the machine than wall-clock time. Ends with one
 JSON line: ``ratio`` = implicit's seconds per epoch / the sparse engine's, ``ratio_vs_autograd`` =
 autograd's / sparse's.
 """
@@ -134,6 +135,12 @@ def _reset_peak() -> float:
     return _status_mb("VmRSS")
 
 
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process so far (all its threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _rss_mb() -> float:
     """Peak RSS in MB since the last :func:`_reset_peak` (``ru_maxrss`` where /proc is absent)."""
     peak = _status_mb("VmHWM")
@@ -171,15 +178,16 @@ def run_ours(engine: str, data: dict, args) -> dict:
     mcfg = MFConfig(dim=args.dim, reg=args.reg, init_std=args.init_std)
     rss0 = _reset_peak()
     task = build_task(mcfg, train, tcfg)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     res = fit(task, tcfg, valid=None, track_losses=True)
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, _cpu_s() - c0
     per_epoch = float(np.median([h["epoch_seconds"] for h in res.history]))
     full = epochs == args.epochs
     rss_train = _rss_mb()
     recall = _recall20(task.model.score_users, train, test) if full else None
     return {"engine": engine, "epochs_run": res.epochs_run, "extrapolated": not full,
             "s_per_epoch": per_epoch, "fit_s": total, "samples_per_s": len(train) / per_epoch,
+            "cpu_s_per_epoch": cpu / res.epochs_run,
             "recall@20": recall, "final_train_loss": res.history[-1]["train_loss"],
             "peak_rss_mb": rss_train, "rss_before_train_mb": rss0,
             "hyper": {"optimizer": args.optimizer, "lr": args.lr, "batch": args.batch, "reg": args.reg,
@@ -209,9 +217,9 @@ def run_implicit(data: dict, args) -> dict:
                                         regularization=args.implicit_reg, iterations=args.epochs,
                                         num_threads=args.threads, random_state=args.seed)
     with threadpool_limits(args.threads):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         model.fit(X, show_progress=False)
-        total = time.perf_counter() - t0
+        total, cpu = time.perf_counter() - t0, _cpu_s() - c0
     rss_train = _rss_mb()
     U = torch.as_tensor(np.asarray(model.user_factors))
     V = torch.as_tensor(np.asarray(model.item_factors))
@@ -219,6 +227,7 @@ def run_implicit(data: dict, args) -> dict:
     return {"engine": "implicit", "version": implicit.__version__, "epochs_run": args.epochs,
             "extrapolated": False, "s_per_epoch": total / args.epochs, "fit_s": total,
             "samples_per_s": len(train) * args.epochs / total, "recall@20": recall,
+            "cpu_s_per_epoch": cpu / args.epochs,
             "peak_rss_mb": rss_train, "rss_before_train_mb": rss0,
             "hyper": {"learning_rate": args.implicit_lr, "regularization": args.implicit_reg,
                       "factors": args.dim, "columns": int(V.shape[1]),
@@ -311,7 +320,8 @@ def main() -> None:
                 runs[engine].append(r)
                 extra = " (extrapolated from %d epochs)" % r["epochs_run"] if r["extrapolated"] else ""
                 rec = "-" if r["recall@20"] is None else f"{r['recall@20']:.4f}"
-                print(f"{engine:9s} {r['s_per_epoch']:8.3f} s/epoch {r['samples_per_s'] / 1e6:7.3f} M samples/s{extra}  "
+                print(f"{engine:9s} {r['s_per_epoch']:8.3f} s/epoch (CPU {r['cpu_s_per_epoch']:.3f} s) "
+                      f"{r['samples_per_s'] / 1e6:7.3f} M samples/s{extra}  "
                       f"Recall@20 {rec}  peak RSS in training {r['peak_rss_mb']:.0f} MB (before "
                       f"{r['rss_before_train_mb']:.0f} MB), load average {r['load'][0]} -> {r['load'][1]}", flush=True)
         # the fastest run of each trainer (the least disturbed by other work on the machine);
@@ -334,6 +344,7 @@ def main() -> None:
            "eval": "valid" if args.valid else "test", "eval_users": int(eval_mask.sum()),
            "samples_per_s": {k: round(v["samples_per_s"]) for k, v in results.items()},
            "s_per_epoch": {k: round(v["s_per_epoch"], 4) for k, v in results.items()},
+           "cpu_s_per_epoch": {k: round(min(r["cpu_s_per_epoch"] for r in runs[k]), 4) for k in results},
            "recall@20": {k: None if v["recall@20"] is None else round(v["recall@20"], 4) for k, v in results.items()},
            "peak_rss_mb": {k: round(v["peak_rss_mb"]) for k, v in results.items()},
            "extrapolated": {k: v["extrapolated"] for k, v in results.items()},
