@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from _data import load_job_split  # noqa: E402
+from recval_ray.core.valuers.base import Resources  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +58,7 @@ def main() -> None:
                                            **sizes)
     opts = dataclasses.replace(cfg.valuation, entities="top", n_entities=args.users, seeds=args.seeds,
                                shard_size=args.shard_size, epochs=args.epochs, removal_n=0,
-                               actors=1, actor_cpus=1.0)     # one torch thread per work item
+                               resources=Resources(actors=1, cpus=1.0))     # one torch thread per work item
     n_users = min(args.users, int(np.count_nonzero(np.bincount(split.train.user))))
     n_items = args.seeds * -(-n_users // args.shard_size)
     n_trained = args.seeds * n_users + n_items     # one model per valued user and seed + each item's full model

@@ -367,6 +367,12 @@ def build_dataclass(cls: type, raw: Any, key: str = "") -> Any:
 def _registered_section(raw: Any, registry, selector: str, default: str, key: str):
     raw = dict(raw or {})
     name = raw.get(selector, default)
+    if registry is not None and registry.kind == "valuation.method":
+        from .core.valuers.base import MOVED_TO_RESOURCES
+        moved = sorted(k for k in raw if k in MOVED_TO_RESOURCES)
+        if moved:
+            raise ConfigError(f"{key}.{moved[0]} is now {key}.resources.{MOVED_TO_RESOURCES[moved[0]]} (one "
+                              f"resources section for every method: actors, cpus, gpus, max_concurrent)")
     try:
         entry = registry.get(name)
     except KeyError as e:

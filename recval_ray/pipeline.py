@@ -95,13 +95,15 @@ def train(cfg: JobConfig, train_part: Interactions, valid: Interactions, *, tag:
 
 
 def make_executor(cfg: JobConfig, use_ray: bool):
-    """Ray actors for a valuer's work items when ``valuation.actors`` > 0 (and Ray is on)."""
-    n = int(getattr(cfg.valuation, "actors", 0) or 0)
+    """Ray actors for a valuer's work items when it has some (``work_items`` at registration),
+    ``valuation.resources.actors`` > 0 and Ray is on."""
+    from .registry import VALUERS
+    res = getattr(cfg.valuation, "resources", None)
+    n = int(res.actors) if res is not None and VALUERS.meta(cfg.valuation.method).get("work_items") else 0
     if not use_ray or n <= 0:
         return None
     from .ray_layer.actors import ActorPoolExecutor
-    return ActorPoolExecutor(n, getattr(cfg.valuation, "actor_cpus", 1.0),
-                             getattr(cfg.valuation, "actor_gpus", 0.0))
+    return ActorPoolExecutor(n, res.cpus, res.gpus or 0.0)
 
 
 def value(cfg: JobConfig, split: Split, base: TrainResult, dataset: Dataset,

@@ -43,7 +43,8 @@ def job():
     from recval_ray.core.valuers.deletion import DeletionConfig
     mc, tc = FAMILIES["svd-sgd"]
     tc = dataclasses.replace(tc, epochs=60)
-    opts = DeletionConfig(entity="user", entities="sample", n_entities=12, sample_seed=1, actors=2,
+    from recval_ray.core.valuers.base import Resources
+    opts = DeletionConfig(entity="user", entities="sample", n_entities=12, sample_seed=1, resources=Resources(actors=2),
                           **(OPTS | {"shard_size": 2, "removal_n": 0}))
     return split_of(data(n_users=24)), mc, tc, opts
 

@@ -427,9 +427,10 @@ def test_results_do_not_depend_on_the_number_of_actors(ray_session):
     from recval_ray.ray_layer.actors import ActorPoolExecutor
     mc, tc = FAMILIES["ncf-implicit-dropout"]
     sp = split_of(data())
-    opts = DeletionConfig(entity="item", actors=1, **OPTS)
+    from recval_ray.core.valuers.base import Resources
+    opts = DeletionConfig(entity="item", resources=Resources(actors=1), **OPTS)
     one = DeletionValuer(opts).value(ctx_for(sp, mc, tc, executor=ActorPoolExecutor(1)))
-    two = DeletionValuer(dataclasses.replace(opts, actors=2)).value(
+    two = DeletionValuer(dataclasses.replace(opts, resources=Resources(actors=2))).value(
         ctx_for(sp, mc, tc, executor=ActorPoolExecutor(2)))
     np.testing.assert_array_equal(one.values, two.values)
     np.testing.assert_array_equal(one.entities["value_se"], two.entities["value_se"])

@@ -160,7 +160,7 @@ split: {kind: random, ratios: [0.65, 0.1, 0.25], seed: 0}
 model: {kind: svd, n_factors: 4}
 train: {epochs: 2, batch_size: 32, lr: 0.01, optimizer: sgd, select_metric: rmse}
 valuation: {method: deletion, entity: user, seeds: 2, shard_size: 5, removal_n: 3, epochs: 30,
-            metrics: [map, ndcg@5, mae], actors: 2, actor_cpus: 1}
+            metrics: [map, ndcg@5, mae], resources: {actors: 2, cpus: 1}}
 prune: {strategy: count, count: 4, scope: entity, random_control: false}
 evaluate: {metrics: [ndcg], ks: [5]}
 output: {uri: OUT, report: false}

@@ -15,7 +15,7 @@ from recval_ray.core.models.dae import DAEConfig
 from recval_ray.core.shapley import (DAEGame, FastSHAPConfig, explain, interaction_players, reference_shapley,
                                      train_explainer)
 from recval_ray.core.train import train_model
-from recval_ray.core.valuers.base import ValuationContext
+from recval_ray.core.valuers.base import Resources, ValuationContext
 from recval_ray.core.valuers.svv import SVVConfig, SVVValuer
 from recval_ray.errors import ConfigError
 
@@ -88,8 +88,8 @@ def test_svv_valuer_uses_ray_when_the_job_runs_on_ray(ray_session, trained):
     split = Split(data, data.take(np.zeros(len(data), bool)), data.take(np.zeros(len(data), bool)))
     opts = SVVConfig(hidden=[16], samples=4, epochs=3, batch_size=8, valid_samples=4, reference=True,
                      reference_users=6, reference_exact_max=8, reference_tolerance=0.2,
-                     reference_max_permutations=400, inference_actors=2, inference_batch_users=8,
-                     inference_gpus=0, reference_group=2)
+                     reference_max_permutations=400, inference_batch_users=8,
+                     resources=Resources(actors=2, gpus=0), reference_group=2)
 
     def ctx(ray: bool) -> ValuationContext:
         from recval_ray.ray_layer.ports import RayPorts
@@ -118,11 +118,17 @@ def test_ray_paths_need_ray_and_options_are_checked():
     assert svv._resolve("auto", "ray", None, "reference_on") == "local"
     assert svv._resolve("local", "ray", RayPorts(), "reference_on") == "local"
     cfg = validate_config({"name": "t", "model": {"kind": "dae"},
-                           "valuation": {"method": "svv", "inference": "ray-data", "inference_actors": 3,
+                           "valuation": {"method": "svv", "inference": "ray-data", "resources": {"actors": 3},
                                          "reference_on": "ray", "reference_group": 5}})
-    assert cfg.valuation.inference_actors == 3 and cfg.valuation.reference_group == 5
-    with pytest.raises(ConfigError, match="valuation.inference_actors"):
-        validate_config({"name": "t", "valuation": {"method": "svv", "inference_actors": 0}})
+    assert cfg.valuation.resources.actors == 3 and cfg.valuation.reference_group == 5
+    with pytest.raises(ConfigError, match="valuation.resources.cpus"):
+        validate_config({"name": "t", "valuation": {"method": "svv", "resources": {"cpus": 0}}})
+    # the old per-method placement keys name their new place
+    for old, new in (("inference_actors", "resources.actors"), ("reference_gpus", "resources.gpus")):
+        with pytest.raises(ConfigError, match=f"valuation.{old} is now valuation.{new}"):
+            validate_config({"name": "t", "valuation": {"method": "svv", old: 1}})
+    with pytest.raises(ConfigError, match="valuation.actor_cpus is now valuation.resources.cpus"):
+        validate_config({"name": "t", "valuation": {"method": "deletion", "actor_cpus": 2}})
     with pytest.raises(ConfigError, match="valuation.inference"):
         validate_config({"name": "t", "valuation": {"method": "svv", "inference": "spark"}})
 

@@ -41,6 +41,37 @@ class ValuationContext:
 
 
 @dataclass
+class Resources:
+    """Where a valuer's parallel work runs: one ``valuation.resources`` section for every method.
+
+    ``actors``: Ray actors working at once on the method's work items (deletion's retraining
+    shards, TracIn's removal trainings, the SVV explainer's inference pool; 0: in the driver's
+    process); ``cpus`` / ``gpus``: per actor or task (``gpus`` null: one per actor when the
+    cluster has GPUs, else 0); ``max_concurrent``: at most this many per-item actors alive at once
+    (TracIn's checkpoint actors; 0: as many as the cluster admits). Where the work runs at all
+    (``on``, ``inference``, ``reference_on``) stays each method's choice."""
+    actors: int = 0
+    cpus: float = 1.0
+    gpus: Optional[float] = 0.0
+    max_concurrent: int = 0
+
+    def validate(self, key: str = "valuation.resources") -> None:
+        if self.actors < 0 or self.max_concurrent < 0:
+            raise ValueError(f"{key}.actors and {key}.max_concurrent must be >= 0")
+        if self.cpus <= 0:
+            raise ValueError(f"{key}.cpus: {self.cpus} must be > 0")
+        if self.gpus is not None and self.gpus < 0:
+            raise ValueError(f"{key}.gpus: {self.gpus} must be >= 0 (or null)")
+
+
+# the placement keys each method had before valuation.resources (an error names the new key)
+MOVED_TO_RESOURCES = {"actors": "actors", "actor_cpus": "cpus", "actor_gpus": "gpus",
+                      "checkpoint_cpus": "cpus", "checkpoint_gpus": "gpus", "checkpoint_actors": "max_concurrent",
+                      "inference_actors": "actors", "inference_cpus": "cpus", "inference_gpus": "gpus",
+                      "reference_cpus": "cpus", "reference_gpus": "gpus"}
+
+
+@dataclass
 class Valuation:
     """Values of the training interactions, aligned with ``split.train`` rows.
 

@@ -52,7 +52,7 @@ from ..data import Interactions, Split
 from ..executor import run_items, work_fingerprint
 from ..metrics import ranking_metrics, rating_metrics, scores_fn_from_matrix
 from ..stats import standard_error
-from .base import Valuation, ValuationContext, Valuer
+from .base import Resources, Valuation, ValuationContext, Valuer
 
 log = logging.getLogger("recval_ray.deletion")
 
@@ -77,7 +77,7 @@ class DeletionConfig:
     ``engine``: ``auto`` (batched for NCF and SVD, closed form for PureSVD, else sequential),
     ``batched``, ``closed-form`` or ``sequential``; ``epochs``: training epochs of every
     retrained model (null: ``train.epochs``); ``shard_size``: entities per work item;
-    ``actors``: Ray actors (0: in-process), each with ``actor_cpus`` CPUs and ``actor_gpus``
+    ``resources``: ``actors`` Ray actors (0: in-process), each with ``cpus`` CPUs and ``gpus``
     GPUs; ``protocol``: ``validation`` (influence on validation, removal effect on test) or
     ``test-same`` (both on test, the paper's); ``self_eval``: ``exclude`` or ``include``;
     ``removal_n``: entities per group of the removal experiment (0: no experiment);
@@ -103,9 +103,7 @@ class DeletionConfig:
     engine: Literal["auto", "batched", "closed-form", "sequential"] = "auto"
     epochs: Optional[int] = None
     shard_size: int = 128
-    actors: int = 0
-    actor_cpus: float = 1.0
-    actor_gpus: float = 0.0
+    resources: Resources = field(default_factory=Resources)
     protocol: Literal["validation", "test-same"] = "validation"
     self_eval: Literal["exclude", "include"] = "exclude"
     removal_n: int = 10
@@ -119,8 +117,9 @@ class DeletionConfig:
             raise ValueError("valuation.seeds, valuation.shard_size and valuation.n_entities must be >= 1")
         if (self.entity == "column") != bool(self.group_column):
             raise ValueError("valuation.group_column is needed with valuation.entity: column, and only then")
-        if self.removal_n < 0 or self.actors < 0:
-            raise ValueError("valuation.removal_n and valuation.actors must be >= 0")
+        if self.removal_n < 0:
+            raise ValueError("valuation.removal_n must be >= 0")
+        self.resources.validate()
 
 
 @dataclass
@@ -408,7 +407,7 @@ class DeletionValuer(Valuer):
         self._work_log = {"work_items_resumed": [], "work_items_run": []}
         shared = {"opts": opts, "train": train, "row_group": row_group, "n_groups": n_groups,
                   "model_cfg": ctx.model_cfg, "train_cfg": ctx.train_cfg, "engine": engine,
-                  "evaluators": evaluators, "threads": max(1, int(opts.actor_cpus)) if opts.actors else
+                  "evaluators": evaluators, "threads": max(1, int(opts.resources.cpus)) if opts.resources.actors else
                   torch.get_num_threads()}
         if opts.values_from:
             return self._from_earlier(ctx, shared, seeds, engine, names, grouping, evaluators)
@@ -440,7 +439,7 @@ class DeletionValuer(Valuer):
                 "influence_split": infl_part, "self_eval": opts.self_eval, "removed_items": opts.removed_items,
                 "epochs": None if engine == "closed-form" else int(opts.epochs or ctx.train_cfg.epochs),
                 "shard_size": opts.shard_size,
-                "actors": opts.actors, "work_items": len(items),
+                "actors": opts.resources.actors, "work_items": len(items),
                 "train_seconds_sum": float(sum(float(r["seconds"]) for r in results))}
         info.update(stability(per_seed_value))
         tables = self._removal_tables(ctx, shared, seeds, engine, entities, value, names, kind, evaluators, info)
@@ -622,10 +621,10 @@ def _check_metrics(names: list) -> None:
 def fingerprint(ctx: ValuationContext, opts: DeletionConfig) -> str:
     """What a work item's result depends on (:func:`..executor.work_fingerprint`): data, split,
     model, training, valuation settings, not the number of actors."""
-    return work_fingerprint("deletion", ctx, dataclasses.asdict(opts), ignore=("actors", "actor_cpus", "actor_gpus"))
+    return work_fingerprint("deletion", ctx, dataclasses.asdict(opts), ignore=("resources",))
 
 
-@register_valuer("deletion", DeletionConfig, entity_level=True,
+@register_valuer("deletion", DeletionConfig, entity_level=True, work_items=True,
                  report_sections=("recval_ray.report_builder:entity_values_section",))
 def build_deletion(opts: DeletionConfig) -> DeletionValuer:
     if opts.seeds < 1:

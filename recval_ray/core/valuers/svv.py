@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
@@ -39,7 +39,7 @@ from ..shapley.exact import MAX_EXACT_PLAYERS
 from ..shapley.fastshap import FastSHAPConfig, explain, train_explainer
 from ..shapley.games import DAEGame, interaction_players
 from ..shapley.reference import agreement, reference_shapley, sample_users
-from .base import Valuation, ValuationContext, Valuer
+from .base import Resources, Valuation, ValuationContext, Valuer
 
 
 @dataclass
@@ -57,11 +57,12 @@ class SVVConfig(FastSHAPConfig):
     ``reference_max_permutations``.
 
     Ray: ``inference`` (``auto``: Ray Data when the job runs on Ray, else in-process;
-    ``local``; ``ray-data``), ``inference_actors`` (the actor pool's size),
-    ``inference_batch_users`` (user ids per batch), ``inference_cpus`` and ``inference_gpus``
-    per actor (null: 1 GPU when the cluster has one, else 0); ``reference_on`` (``auto``: Ray
-    tasks when the job runs on Ray; ``local``; ``ray``), ``reference_group`` (users per task),
-    ``reference_cpus`` and ``reference_gpus`` per task.
+    ``local``; ``ray-data``), ``inference_batch_users`` (user ids per batch); ``reference_on``
+    (``auto``: Ray tasks when the job runs on Ray; ``local``; ``ray``), ``reference_group``
+    (users per task). Placement, ``valuation.resources``: ``actors`` (the inference pool's
+    size, default 2), ``cpus`` and ``gpus`` per inference actor and reference task (``gpus``
+    null: 1 GPU per inference actor when the cluster has one, else 0; reference tasks use no GPU
+    unless ``gpus`` is set).
     """
     method: str = "svv"
     variant: Literal["recon-error", "mean-score", "valid-margin"] = "recon-error"
@@ -74,25 +75,17 @@ class SVVConfig(FastSHAPConfig):
     reference_tolerance: float = 0.05
     reference_max_permutations: int = 1000
     inference: Literal["auto", "local", "ray-data"] = "auto"
-    inference_actors: int = 2
     inference_batch_users: int = 256
-    inference_cpus: float = 1.0
-    inference_gpus: Optional[float] = None
     reference_on: Literal["auto", "local", "ray"] = "auto"
     reference_group: int = 1
-    reference_cpus: float = 1.0
-    reference_gpus: float = 0.0
+    resources: Resources = field(default_factory=lambda: Resources(actors=2, gpus=None))
 
     def validate(self) -> None:
-        for key in ("inference_actors", "inference_batch_users", "reference_group") + \
+        for key in ("inference_batch_users", "reference_group") + \
                 (("reference_users",) if self.reference else ()):
             if getattr(self, key) < 1:
                 raise ValueError(f"valuation.{key}: {getattr(self, key)} must be >= 1")
-        for key in ("inference_cpus", "reference_cpus", "reference_gpus"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"valuation.{key}: {getattr(self, key)} must be >= 0")
-        if self.inference_gpus is not None and self.inference_gpus < 0:
-            raise ValueError(f"valuation.inference_gpus: {self.inference_gpus} must be >= 0 (or null)")
+        self.resources.validate()
 
 
 def _resolve(choice: str, ray_name: str, distributed, key: str) -> str:
@@ -134,9 +127,9 @@ class SVVValuer(Valuer):
         inference = _resolve(o.inference, "ray-data", dist, "inference")
         t = time.perf_counter()
         if inference == "ray-data":
-            per_player = dist.explain_batches(explainer, actors=o.inference_actors,
-                                              batch_users=o.inference_batch_users, num_cpus=o.inference_cpus,
-                                              num_gpus=o.inference_gpus).numpy()
+            per_player = dist.explain_batches(explainer, actors=max(1, o.resources.actors),
+                                              batch_users=o.inference_batch_users, num_cpus=o.resources.cpus,
+                                              num_gpus=o.resources.gpus).numpy()
         else:
             per_player = explain(explainer).cpu().numpy()
         explain_s = time.perf_counter() - t
@@ -152,7 +145,7 @@ class SVVValuer(Valuer):
                               "best_valid_loss": explainer.best_valid, "train_s": explainer.seconds,
                               "explain_s": explain_s, "inference": inference, "history": explainer.history}}
         if inference == "ray-data":
-            info["explainer"]["inference_actors"] = o.inference_actors
+            info["explainer"]["inference_actors"] = max(1, o.resources.actors)
         tables = {}
         if o.reference:
             where = _resolve(o.reference_on, "ray", dist, "reference_on")
@@ -171,7 +164,7 @@ class SVVValuer(Valuer):
                   max_permutations=o.reference_max_permutations, seed=seed, batch_size=o.value_batch)
         if where == "ray":
             refs = dist.reference_shapley(game, players, users, group=o.reference_group,
-                                          num_cpus=o.reference_cpus, num_gpus=o.reference_gpus, **kw)
+                                          num_cpus=o.resources.cpus, num_gpus=o.resources.gpus or 0.0, **kw)
         else:
             refs = reference_shapley(game, players, users, **kw)
         ref_s = time.perf_counter() - t

@@ -65,7 +65,7 @@ from ..stats import over_seeds
 from ..sequences import _gather_windows, build_windows, held_out_windows, pad_index
 from ..tracin import (VARIANTS, Checkpoint, Examples, Queries, TracInSpec, checkpoint_scores, select_checkpoints,
                       sum_partials, top_k)
-from .base import Valuation, ValuationContext, Valuer
+from .base import Resources, Valuation, ValuationContext, Valuer
 
 log = logging.getLogger("recval_ray.tracin")
 
@@ -86,17 +86,17 @@ class TracInConfig:
     ``engine``: per-example gradients by ``vmap`` (``torch.func.vmap(grad)``) or ``batched``
     (one ``torch.func.grad`` of a tile's summed loss; the same numbers);
     ``device`` (null: the base model's); ``on``: ``auto`` (one Ray actor per checkpoint when the
-    job runs on Ray), ``local`` or ``ray``; ``checkpoint_cpus`` / ``checkpoint_gpus`` per actor
-    (null GPUs: the cluster's GPUs shared by the checkpoint actors, 0 without GPUs), at most
-    ``checkpoint_actors`` alive at once (0: as many as the cluster admits).
+    job runs on Ray), ``local`` or ``ray``; ``resources.cpus`` / ``resources.gpus`` per checkpoint
+    actor (null GPUs: the cluster's GPUs shared by the checkpoint actors, 0 without GPUs), at most
+    ``resources.max_concurrent`` alive at once (0: as many as the cluster admits).
     ``query_items``: titles or item ids (empty: the write-up's seven movies when titles are
     known, else the five most frequent ``query_split`` targets); ``top_k`` proponents and
     opponents per query. ``projection_check``: training examples (seeded sample) on which the
     other kind of scores (random projection for an exact variant, exact for the projection) is
     computed and correlated (0: off). Removal experiment: ``removal_n`` examples (0: off),
     ``removal_seeds`` (empty: ``train.seed + 1, + 2, + 3``), ``removal_ks`` cut-offs of the
-    next-item metrics, ``exclude_seen``; ``actors`` / ``actor_cpus`` / ``actor_gpus``: Ray
-    actors for the removal trainings (0: in-process).
+    next-item metrics, ``exclude_seen``; ``resources.actors``: Ray actors for the removal
+    trainings (0: in-process).
     """
     method: str = "tracin"
     variant: Literal["all", "last-layer", "random-projection"] = "all"
@@ -108,9 +108,6 @@ class TracInConfig:
     engine: Literal["vmap", "batched"] = "vmap"
     device: Optional[str] = None
     on: Literal["auto", "local", "ray"] = "auto"
-    checkpoint_cpus: float = 1.0
-    checkpoint_gpus: Optional[float] = None
-    checkpoint_actors: int = 0
     query_items: list[Union[int, str]] = field(default_factory=list)
     query_split: Literal["valid", "test"] = "test"
     top_k: int = 10
@@ -119,9 +116,7 @@ class TracInConfig:
     removal_seeds: list[int] = field(default_factory=list)
     removal_ks: list[int] = field(default_factory=lambda: [10, 20])
     exclude_seen: bool = True
-    actors: int = 0
-    actor_cpus: float = 1.0
-    actor_gpus: float = 0.0
+    resources: Resources = field(default_factory=lambda: Resources(gpus=None))
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
@@ -129,13 +124,12 @@ class TracInConfig:
         for key in ("projection_dim", "tile", "query_tile", "top_k"):
             if getattr(self, key) < 1:
                 raise ValueError(f"valuation.{key}: {getattr(self, key)} must be >= 1")
-        for key in ("checkpoints", "projection_check", "removal_n", "actors", "checkpoint_actors"):
+        self.resources.validate()
+        for key in ("checkpoints", "projection_check", "removal_n"):
             if getattr(self, key) < 0:
                 raise ValueError(f"valuation.{key}: {getattr(self, key)} must be >= 0")
         if any(k < 1 for k in self.removal_ks):
             raise ValueError(f"valuation.removal_ks: {self.removal_ks} must be positive")
-        if self.checkpoint_cpus <= 0 or (self.checkpoint_gpus is not None and self.checkpoint_gpus < 0):
-            raise ValueError("valuation.checkpoint_cpus must be > 0 and checkpoint_gpus >= 0 (or null)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -469,7 +463,7 @@ class TracInValuer(Valuer):
                 keys.append(f"{fp}/removal-{variant}-seed{s}")
         shared = {"split": ctx.split, "model_cfg": ctx.model_cfg, "train_cfg": ctx.train_cfg,
                   "eval_cfg": ctx.eval_cfg, "ks": list(o.removal_ks), "exclude_seen": bool(o.exclude_seen),
-                  "threads": max(1, int(o.actor_cpus)) if o.actors else torch.get_num_threads()}
+                  "threads": max(1, int(o.resources.cpus)) if o.resources.actors else torch.get_num_threads()}
         log.info("tracin removal experiment: %d trainings (%d seeds x original / %d opponents removed / %d random "
                  "removed)", len(items), len(seeds), n, n)
         t0 = time.perf_counter()
@@ -519,7 +513,7 @@ def fingerprint(ctx: ValuationContext, opts: TracInConfig, scores_only: bool = F
     """What stored work items depend on (:func:`..executor.work_fingerprint`): data, split,
     model, training and TracIn settings, not where or how they run; ``scores_only``: the
     checkpoint scores', which the removal experiment's settings do not change."""
-    ignore = ("actors", "actor_cpus", "actor_gpus", "on", "checkpoint_cpus", "checkpoint_gpus", "checkpoint_actors",
+    ignore = ("resources", "on",
               "device", "tile", "query_tile", "projection_check", "engine", "top_k")
     if scores_only:
         ignore += ("removal_n", "removal_seeds", "removal_ks", "exclude_seen")
@@ -536,11 +530,12 @@ class _CheckpointActors:
         o = self.o
         self.distributed.checkpoint_scores([it["checkpoint"] for it in items], [it["index"] for it in items],
                                            shared["train"], shared["queries"], shared["spec"],
-                                           num_cpus=o.checkpoint_cpus, num_gpus=o.checkpoint_gpus, device=o.device,
-                                           max_concurrent=o.checkpoint_actors, on_result=on_result)
+                                           num_cpus=o.resources.cpus, num_gpus=o.resources.gpus, device=o.device,
+                                           max_concurrent=o.resources.max_concurrent, on_result=on_result)
 
 
 @register_valuer("tracin", TracInConfig, requires=("sequential", "checkpoints"), in_process_training=True,
+                 work_items=True,
                  report_sections=("recval_ray.report_builder:checkpoint_influence_section",))
 def build_tracin(opts: TracInConfig) -> TracInValuer:
     opts.validate()
