@@ -56,6 +56,7 @@ from .errors import ConfigError
 from .data import Interactions
 from .denoise import DenoiseConfig
 from .models.mf import BPRTask, NegativeSampler
+from .registry import MODELS
 
 ENGINES = ("autograd", "sparse")
 SPARSE_OPTIMIZERS = ("sgd", "adam")
@@ -447,3 +448,17 @@ class SparseBPRTask(BPRTask):
         self.opt.step(0, users, GU)
         self.opt.step(1, iidx, IJ.view((1 + n) * B, d))
         return loss, per
+
+
+def build_sparse_mf(opts, train: Interactions, train_cfg, device: str = "auto") -> SparseBPRTask:
+    """``model.kind: mf`` with ``train.engine: sparse``: the MF model, row-sparse steps."""
+    from .models.base import resolve_device
+    from .models.mf import MF
+    check_engine(train_cfg, "mf")
+    dev = resolve_device(device)
+    model = MF(train.n_users, train.n_items, opts.dim, opts.init_std, opts.init).to(dev)
+    return SparseBPRTask(model, train, train_cfg.batch_size, opts.reg, train_cfg.num_negatives, opts.sampler,
+                         optimizer=train_cfg.optimizer, lr=train_cfg.lr, denoise=getattr(train_cfg, "denoise", None))
+
+
+MODELS.register_engine("mf", "sparse", build_sparse_mf)

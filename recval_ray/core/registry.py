@@ -28,6 +28,7 @@ class Registry:
         self.kind = kind
         self._modules = modules  # imported lazily, so registration happens on first lookup
         self._entries: dict[str, Entry] = {}
+        self._engines: dict[str, dict] = {}
         self._loaded = False
 
     def register(self, name: str, options: type, **meta) -> Callable:
@@ -55,6 +56,21 @@ class Registry:
         self._load()
         return sorted(self._entries)
 
+    def register_engine(self, name: str, engine: str, factory: Callable) -> None:
+        """Another way to build model ``name`` (``train.engine``), registered by the module that
+        implements it (e.g. the row-sparse MF-BPR steps), so the model's module never imports it."""
+        self._engines.setdefault(name, {})[engine] = factory
+
+    def engine(self, name: str, engine: str) -> Callable:
+        """The factory of model ``name`` for ``train.engine: engine`` (``autograd``: the model's own)."""
+        entry = self.get(name)
+        if engine == "autograd":
+            return entry.factory
+        try:
+            return self._engines[name][engine]
+        except KeyError:
+            raise KeyError(f"train.engine {engine!r} is not available for model.kind {name!r}") from None
+
     def meta(self, name: str) -> dict:
         """The registered facts of ``name`` (empty when none)."""
         return dict(self.get(name).meta or {})
@@ -76,7 +92,7 @@ class Registry:
             raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
 
 
-MODELS = Registry("model.kind", ("recval_ray.core.models.mf", "recval_ray.core.models.lightgcn", "recval_ray.core.models.lstm", "recval_ray.core.models.dae", "recval_ray.core.models.ncf", "recval_ray.core.models.svd",))
+MODELS = Registry("model.kind", ("recval_ray.core.models.mf", "recval_ray.core.models.lightgcn", "recval_ray.core.models.lstm", "recval_ray.core.models.dae", "recval_ray.core.models.ncf", "recval_ray.core.models.svd", "recval_ray.core.fast_bpr",))
 VALUERS = Registry("valuation.method", ("recval_ray.core.valuers.small_loss",
                                          "recval_ray.core.valuers.deletion",
                                          "recval_ray.core.valuers.svv",

@@ -48,10 +48,10 @@ def loss_generator(seed: int, epoch: Optional[int] = None) -> torch.Generator:
 
 def build_task(model_cfg, train: Interactions, train_cfg) -> Task:
     """Build the registered model of ``model_cfg.kind``; initialisation seeded by ``train.seed``."""
-    entry = MODELS.get(model_cfg.kind)
+    factory = MODELS.engine(model_cfg.kind, getattr(train_cfg, "engine", "autograd"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(train_cfg.seed))
-        return entry.factory(model_cfg, train, train_cfg, train_cfg.device)
+        return factory(model_cfg, train, train_cfg, train_cfg.device)
 
 
 def make_optimizer(params, train_cfg) -> torch.optim.Optimizer:

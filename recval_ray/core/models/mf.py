@@ -333,11 +333,5 @@ class BPRTask(Task):
 def build_mf(opts: MFConfig, train: Interactions, train_cfg, device: str = "auto") -> BPRTask:
     dev = resolve_device(device)
     model = MF(train.n_users, train.n_items, opts.dim, opts.init_std, opts.init).to(dev)
-    if getattr(train_cfg, "engine", "autograd") != "autograd":   # row-sparse closed-form steps
-        from ..fast_bpr import check_engine, SparseBPRTask
-        check_engine(train_cfg, "mf")
-        return SparseBPRTask(model, train, train_cfg.batch_size, opts.reg, train_cfg.num_negatives, opts.sampler,
-                             optimizer=train_cfg.optimizer, lr=train_cfg.lr,
-                             denoise=getattr(train_cfg, "denoise", None))
     return BPRTask(model, train, train_cfg.batch_size, opts.reg, train_cfg.num_negatives, opts.sampler,
                    denoise=getattr(train_cfg, "denoise", None))
