@@ -52,8 +52,13 @@ def synthetic_tables(cfg: DataConfig) -> list[tuple[str, pa.Table]]:
     return [(SYNTHETIC_FILE, from_table(table, SYNTHETIC_FILE, cols))]
 
 
-def load_dataset(cfg: DataConfig, storage=None) -> Dataset:
-    """Read, parse and build a dataset in this process (no Ray)."""
+def load_dataset(cfg: DataConfig, storage=None, *, parse_files=None, stream=None) -> Dataset:
+    """Read, parse and build a dataset: the one loader, whatever runs the reading.
+
+    ``parse_files(cfg, fs, files) -> [(file, canonical table)]`` parses the files (default: in
+    this process, :func:`parse_file`); ``stream(cfg, fs, paths) -> Dataset | None`` may build
+    the dataset block by block instead (None: it cannot, the files are parsed). The Ray layer
+    passes both (:func:`recval_ray.ray_layer.ingest.read_dataset`)."""
     from .fs import read_bytes, resolve
 
     if cfg.format == "synthetic":
@@ -62,8 +67,11 @@ def load_dataset(cfg: DataConfig, storage=None) -> Dataset:
         raise InputError(f"data.path is required for format {cfg.format}")
     fs, path = resolve(cfg.path, getattr(storage, "endpoint_url", None), getattr(storage, "region", None))
     files, warnings = input_files(cfg, fs, path)
-    tables = [(f, parse_file(read_bytes(fs, f), f, cfg, part)) for f, part in files]
-    ds = build_dataset(tables, cfg)
+    ds = stream(cfg, fs, [f for f, _ in files]) if stream is not None else None
+    if ds is None:
+        tables = parse_files(cfg, fs, files) if parse_files is not None else \
+            [(f, parse_file(read_bytes(fs, f), f, cfg, part)) for f, part in files]
+        ds = build_dataset(tables, cfg)
     ds.warnings[:0] = warnings
     if cfg.format in ("movielens-100k", "movielens-1m"):
         attach_titles(ds, load_item_titles(path, fs))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pickle
 import traceback
+from typing import Optional
 
 import numpy as np
 
@@ -28,9 +29,8 @@ import pyarrow.compute as pc
 from ..core.options import DataConfig
 from ..core.data import Dataset
 from ..core.formats import parse_file
-from ..core.ingest import attach_titles, build_dataset, input_files, load_item_titles, synthetic_tables
+from ..core.ingest import load_dataset
 from ..errors import InputError, RecvalError
-from ..fs import resolve
 
 _SCHEMA = pa.schema([("path", pa.string()), ("table", pa.large_binary()), ("error", pa.large_binary())])
 
@@ -96,21 +96,23 @@ STREAMED = ("parquet", "csv", "tsv")
 
 
 def read_dataset(cfg: DataConfig, storage=None) -> Dataset:
-    """Read, parse (in Ray tasks) and build the dataset; errors surface as InputError."""
+    """Read, parse (in Ray tasks) and build the dataset; errors surface as InputError. The
+    core's loader with the Ray layer's readers: streamed blocks for parquet/csv/tsv, one Ray
+    task per file for the fixed formats."""
+    return load_dataset(cfg, storage, parse_files=_parse_files_on_ray, stream=_stream)
+
+
+def _stream(cfg: DataConfig, fs, paths: list) -> Optional[Dataset]:
+    if cfg.format not in STREAMED:
+        return None
+    plan = plan_stream(cfg, fs, paths)
+    return stream_dataset(cfg, fs, plan) if plan is not None else None
+
+
+def _parse_files_on_ray(cfg: DataConfig, fs, files: list) -> list:
+    """``[(file, canonical table)]``: each file parsed by :func:`parse_file` in a Ray task."""
     import ray
 
-    if cfg.format == "synthetic":
-        return build_dataset(synthetic_tables(cfg), cfg)
-    if not cfg.path:
-        raise InputError(f"data.path is required for format {cfg.format}")
-    fs, path = resolve(cfg.path, getattr(storage, "endpoint_url", None), getattr(storage, "region", None))
-    files, warnings = input_files(cfg, fs, path)
-    if cfg.format in STREAMED:
-        plan = plan_stream(cfg, fs, [f for f, _ in files])
-        if plan is not None:
-            dataset = stream_dataset(cfg, fs, plan)
-            dataset.warnings[:0] = warnings
-            return dataset
     parts = {f: p for f, p in files}
     paths = [f for f, _ in files]
     try:
@@ -137,11 +139,7 @@ def read_dataset(cfg: DataConfig, storage=None) -> Dataset:
             tables.append((p, _from_ipc(block["table"][k].as_py())))
     if first_error is not None:
         raise first_error[1]
-    dataset = build_dataset(tables, cfg)
-    dataset.warnings[:0] = warnings
-    if cfg.format in ("movielens-100k", "movielens-1m"):
-        attach_titles(dataset, load_item_titles(path, fs))
-    return dataset
+    return tables
 
 
 # ---------------------------------------------------------------------------------------
