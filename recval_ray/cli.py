@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             return _validate(cfg)
         if args.command == "sweep":
-            from .sweep import headline as sweep_headline, run_sweep
+            from .sweep_job import headline as sweep_headline, run_sweep
             result = run_sweep(cfg, run_id=args.run_id, output_uri=args.output,
                                overwrite=True if args.overwrite else None, address=args.address)
             print(sweep_headline(result))

@@ -135,7 +135,7 @@ def cell_id(overrides: dict) -> str:
 
 def _assign(raw: dict, key: str, value: Any) -> None:
     """``key: value`` of a cell: the one override mechanism (:func:`recval_ray.config.set_dotted`)."""
-    from .config import set_dotted
+    from .schema import set_dotted
     set_dotted(raw, key, value)
 
 
@@ -164,7 +164,12 @@ def applicable_variants(cfg, listed: list) -> tuple[list, list]:
 def grid_cells(cfg) -> list[Cell]:
     """Every cell of ``compare.grid`` (product or zip), validated; raises ConfigError naming
     the cell and key of the first bad one."""
-    from .config import expand_env, validate_config
+    from .schema import check_compare, expand_env, validate_schema
+
+    def validate_config(raw):   # a cell is a job: its schema and its compare section (no nested grid)
+        cell = validate_schema(raw)
+        check_compare(cell)
+        return cell
 
     c = cfg.compare
     keys = grid_keys(c.grid)

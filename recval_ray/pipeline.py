@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 
-from .config import JobConfig
+from .schema import JobConfig
 from .core.data import Dataset, Interactions, Split
 from .core.evaluation import drop_unseen, evaluate_ranking, noise_detection, sample_note, sample_summary
 from .core.noise import inject_noise

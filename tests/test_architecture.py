@@ -146,3 +146,61 @@ def test_core_module_imports_only_the_core(path):
     up = [m for m in imported_modules(path)
           if m.startswith("recval_ray") and not (m == "recval_ray.core" or m.startswith("recval_ray.core."))]
     assert not up, f"{path.relative_to(PKG)} imports {up}"
+
+
+# ---------------------------------------------------------------------------------------
+# no import cycle among the package's modules, function-level imports included
+# ---------------------------------------------------------------------------------------
+def _module_graph() -> dict:
+    mods = {}
+    for p in PKG.rglob("*.py"):
+        name = ".".join(p.relative_to(PKG.parent).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = p
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        for target in imported_modules(p):
+            while target and target not in mods:
+                target = target.rsplit(".", 1)[0] if "." in target else ""
+            if target and target != m:
+                graph[m].add(target)
+    return graph
+
+
+def _cycles(graph: dict) -> list:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle():
+    cycles = _cycles(_module_graph())
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
