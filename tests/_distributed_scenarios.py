@@ -11,9 +11,10 @@ nodes), runs :func:`job`'s deletion valuation with two actors once per scenario 
 
 * ``clean``: nothing happens;
 * ``kill-worker``: at the first result that comes in while another actor is running an item,
-  the driver SIGKILLs that actor's process;
-* ``remove-node``: at the first result that comes in while another actor is running an item,
-  that actor's node is removed (``allow_graceful=False``); the other worker node finishes the job.
+  that actor is made to hold its finished result (so the fault cannot come too late) and the
+  driver SIGKILLs its process;
+* ``remove-node``: the same, but that actor's node is removed (``allow_graceful=False``); the
+  other worker node finishes the job.
 
 The cluster is shut down in any case; the test kills this process's group if it hangs.
 """
@@ -59,7 +60,11 @@ def outcome(val) -> dict:
 
 def _tracked(fn, marks: str):
     """``fn`` that leaves ``marks/<pid>`` (the actor's node id) while it runs an item, so the
-    driver knows which process / node is busy, and appends the node id to ``marks.nodes``."""
+    driver knows which process / node is busy, and appends the node id to ``marks.nodes``.
+
+    While ``marks.freeze`` exists, a finished item is held (``marks/<pid>.held`` written)
+    until ``marks.released`` exists: the driver can then fault an actor that is certain to
+    be still inside its item (its result not yet sent), whatever the timing."""
     def run(shared, item):
         import ray
         node = ray.get_runtime_context().get_node_id()
@@ -69,10 +74,39 @@ def _tracked(fn, marks: str):
         with open(path, "w") as fh:
             fh.write(node)
         try:
-            return fn(shared, item)
+            res = fn(shared, item)
+            if os.path.exists(marks + ".freeze"):
+                open(path + ".held", "w").close()
+                while not os.path.exists(marks + ".released"):
+                    time.sleep(0.01)
+            return res
         finally:
-            os.remove(path)
+            for p in (path, path + ".held"):
+                if os.path.exists(p):
+                    os.remove(p)
     return run
+
+
+def _hold_busy_actor(marks: str, timeout: float = 60.0):
+    """Ask running items to hold their results (``marks.freeze``) and return the pid of an
+    actor that holds one, or ``None`` when no item is running any more (try again later)."""
+    open(marks + ".freeze", "w").close()
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        names = os.listdir(marks)
+        held = sorted(n[:-5] for n in names if n.endswith(".held"))
+        if held:
+            return int(held[0])
+        if not [n for n in names if not n.endswith(".held")]:
+            os.remove(marks + ".freeze")
+            return None
+        time.sleep(0.01)
+    raise RuntimeError("a running item neither finished nor held its result")
+
+
+def _release(marks: str) -> None:
+    open(marks + ".released", "w").close()
+    os.remove(marks + ".freeze")
 
 
 class _Retries(logging.Handler):
@@ -103,22 +137,22 @@ def run_scenario(cluster, name: str, outdir: str) -> None:
     t = time.perf_counter()
 
     def fault():
-        busy = sorted(os.listdir(marks))
-        if not busy:
+        pid = _hold_busy_actor(marks)
+        if pid is None:                    # nothing running now: try at the next result
             return
-        events["busy_at_fault"] = len(busy)
+        events["busy_at_fault"] = len([n for n in os.listdir(marks) if not n.endswith(".held")])
         events["fault_at_s"] = round(time.perf_counter() - t, 2)
-        pid = int(busy[0])
         if name == "kill-worker":
             os.kill(pid, signal.SIGKILL)
             events["killed_pid"] = pid
         elif name == "remove-node":
-            node_id = open(os.path.join(marks, busy[0])).read()
+            node_id = open(os.path.join(marks, str(pid))).read()
             node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
             t1 = time.perf_counter()
             cluster.remove_node(node, allow_graceful=False)
             events["removed_node"] = node_id
             events["remove_node_s"] = round(time.perf_counter() - t1, 2)
+        _release(marks)
 
     class FaultyPool(ActorPoolExecutor):
         """The pool, with the scenario's fault injected once, after a result."""
