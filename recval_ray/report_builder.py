@@ -291,26 +291,35 @@ def tracin_section(rep, valuation, metrics: dict) -> None:
                   caption="top 5 proponents and opponents per query (training example = user's interaction with title)",
                   number_format="{:.4g}")
     rem = info.get("removal")
-    if rem:
-        rep.heading(f"Removal experiment: retrained without the {rem['n']} strongest opponents", level=3)
-        summ = rem["summary"]
-        names = list(next(iter(summ.values())))
-        head = [n for n in names if n in ("next:mrr", "next:recall@10")] + \
-            [n for n in names if n not in ("next:mrr", "next:recall@10")]
-        rows = []
-        for variant, m in summ.items():
-            row = {"train data": variant.replace("_", " ")}
-            for n in head:
-                row[n] = f"{m[n]['mean']:.4f} +- {m[n]['std']:.4f}"
-            rows.append(row)
-        rep.table(rows, ["train data"] + head,
-                  caption=f"test split, mean +- std over seeds {rem['seeds']} (opponents selected on validation; "
-                          f"next: each test interaction from its preceding items; user: the job's ranking metrics)")
-        rel = rem.get("relative_to_original", {})
-        rep.table([{"vs original": v.replace("_", " "),
-                    **{n: f"{100 * r[n]['mean']:+.2f}% +- {100 * r[n]['std']:.2f}" for n in head}}
-                   for v, r in rel.items()], ["vs original"] + head,
-                  caption="relative difference to the original data, paired by seed (mean +- std)")
+    if rem and "removal_summary" in valuation.tables:
+        removal_section(rep, valuation.tables["removal_summary"],
+                        f"Removal experiment: retrained without the {rem['n']} strongest opponents",
+                        first=("next:mrr", "next:recall@10"),
+                        note=f"seeds {rem['seeds']}; opponents selected on validation; next: each test interaction "
+                             f"from its preceding items; user: the job's ranking metrics")
+
+
+def removal_section(rep, summary: dict, title: str, first: tuple = (), note: str = "") -> None:
+    """A removal experiment's summary (:mod:`recval_ray.core.removal`, any method): the baseline
+    variant's test metrics (mean +- standard error over seeds) and each other variant's relative
+    difference to it, paired by seed (mean +- standard error)."""
+    rep.heading(title, level=3)
+    names = list(dict.fromkeys(summary["metric"]))
+    names = [n for n in first if n in names] + [n for n in names if n not in first]
+    variants = list(dict.fromkeys(summary["variant"]))
+    cells = {(v, m): i for i, (v, m) in enumerate(zip(summary["variant"], summary["metric"]))}
+    rows = []
+    for j, variant in enumerate(variants):
+        row = {"train data": variant.replace("_", " ")}
+        for m in names:
+            i = cells[(variant, m)]
+            row[m] = (f"{summary['mean'][i]:.4f} +- {summary['se'][i]:.4f}" if j == 0 else
+                      f"{100 * summary['relative_diff'][i]:+.2f}% +- {100 * summary['relative_se'][i]:.2f}")
+        rows.append(row)
+    n = max(summary["n_seeds"]) if summary["n_seeds"] else 0
+    rep.table(rows, ["train data"] + names,
+              caption=f"test split, {n} seeds. First row: mean +- standard error over seeds; others: relative "
+                      f"difference to the first row, paired by seed, +- its standard error" + (f" ({note})" if note else ""))
 
 
 def entity_section(rep, valuation, metrics: dict) -> None:
@@ -341,23 +350,12 @@ def entity_section(rep, valuation, metrics: dict) -> None:
                        ("least influential", order[::-1][:5][np.isfinite(value[order[::-1][:5]])])):
         rows = [{c: (ids[i] if c == id_col else np.asarray(ent[c])[i]) for c in cols} for i in idx]
         rep.table(rows, cols, caption=f"the 5 {title} {kind}s")
-    rem = metrics.get("removal_experiment")
-    if rem:
+    summary = valuation.tables.get("removal_summary")
+    if summary:
         groups = info.get("removal", {})
         n = len(next(iter(groups.values()), []))
-        rep.heading(f"Removal experiment: retrained without {n} {kind}s (test split)", level=3)
-        names = list(dict.fromkeys(r["metric"] for r in rem))
-        rows = []
-        for variant in dict.fromkeys(r["variant"] for r in rem):
-            row = {"variant": variant}
-            for r in rem:
-                if r["variant"] == variant:
-                    row[r["metric"]] = (f"{r['mean']:.4f} +- {r['se']:.4f}" if variant == "full" else
-                                        f"{100 * r['relative_diff']:+.2f}% +- {100 * r['relative_se']:.2f}")
-            rows.append(row)
-        rep.table(rows, ["variant"] + names,
-                  caption="full model: mean +- standard error over seeds; others: relative difference "
-                          "to the full model +- its standard error over seeds")
+        removal_section(rep, summary, f"Removal experiment: retrained without {n} {kind}s (test split)",
+                        note=f"rows of every removed {kind} excluded for every variant")
 
 
 def build_compare_report(cfg, run_id: str, metrics: dict, values: dict) -> str:

@@ -293,12 +293,23 @@ def test_removal_experiment_table_and_groups():
     top = set(ids[np.argsort(-values, kind="stable")[:3]])
     assert set(groups["most_influential"]) == top
     assert set(groups["least_influential"]) == set(ids[np.argsort(values, kind="stable")[:3]])
-    assert len(rem["variant"]) == 4 * len(val.info["metrics"])
-    full = [i for i, v in enumerate(rem["variant"]) if v == "full"]
-    assert all(rem["relative_diff"][i] == 0.0 for i in full)
-    for i, v in enumerate(rem["variant"]):
+    # the long table: one row per seed, variant and metric
+    assert len(rem["variant"]) == 2 * 4 * len(val.info["metrics"])
+    assert sorted(set(rem["seed"])) == [2, 3] and set(rem["metric"]) == set(val.info["metrics"])
+    summ = val.tables["removal_summary"]
+    assert len(summ["variant"]) == 4 * len(val.info["metrics"]) and set(summ["n_seeds"]) == {2}
+    full = [i for i, v in enumerate(summ["variant"]) if v == "full"]
+    assert all(summ["relative_diff"][i] == 0.0 for i in full)
+    for i, v in enumerate(summ["variant"]):
         if v != "full":
-            assert np.isfinite(rem["relative_diff"][i]) and np.isfinite(rem["relative_se"][i])
+            assert np.isfinite(summ["relative_diff"][i]) and np.isfinite(summ["relative_se"][i])
+            # the summary is the long table's: relative differences paired by seed
+            m = summ["metric"][i]
+            get = {(x, s): y for x, s, mm, y in zip(rem["variant"], rem["seed"], rem["metric"], rem["value"])
+                   if mm == m}
+            rel = [(get[(v, s)] - get[("full", s)]) / get[("full", s)] for s in (2, 3)]
+            assert summ["relative_diff"][i] == pytest.approx(np.mean(rel), rel=1e-12)
+            assert summ["relative_se"][i] == pytest.approx(np.std(rel, ddof=1) / np.sqrt(2), rel=1e-9)
 
 
 def test_seeds_give_standard_errors_and_stability():
@@ -371,8 +382,10 @@ def test_grouping_column_equal_to_the_user_gives_the_user_values():
     np.testing.assert_allclose(by_col.values, by_user.values, atol=1e-9, equal_nan=True)
     assert by_col.entity_kind == "region" and by_col.entities["region"].to_pylist() == [f"u{u}" for u in range(20)]
     np.testing.assert_allclose(by_col.entities["influence_mae"], by_user.entities["influence_mae"], atol=1e-9)
-    assert by_col.tables["removal_experiment"]["mean"] == pytest.approx(
-        by_user.tables["removal_experiment"]["mean"], abs=1e-9)
+    assert by_col.tables["removal_experiment"]["value"] == pytest.approx(
+        by_user.tables["removal_experiment"]["value"], abs=1e-9)
+    assert by_col.tables["removal_summary"]["mean"] == pytest.approx(
+        by_user.tables["removal_summary"]["mean"], abs=1e-9)
     assert by_col.info["removal"]["random"] == [f"u{u}" for u in by_user.info["removal"]["random"]]
 
 
@@ -471,6 +484,8 @@ def test_deletion_job_end_to_end_in_process(tmp_path):
     assert len(pruned_users) == 26
     rem = json.load(open(root / "metrics.json"))["removal_experiment"]
     assert {r["variant"] for r in rem} == {"full", "most_influential", "least_influential", "random"}
+    summ = json.load(open(root / "metrics.json"))["removal_summary"]
+    assert {r["variant"] for r in summ} == {r["variant"] for r in rem}
     assert "Removal experiment" in open(root / "report.html").read()
     assert res.metrics["valuation"]["entities_valued"] == 30
     assert not any(p.startswith("_work") for p in res.manifest["files"])

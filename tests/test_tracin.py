@@ -395,10 +395,14 @@ def test_valuer_end_to_end_in_process(tmp_path):
     np.testing.assert_array_equal(~v.column("kept").to_numpy(zero_copy_only=False), opp)
     m = res.metrics
     rem = m["valuation"]["removal"]
-    assert set(rem["summary"]) == {"original", "opponents_removed", "random_removed"}
-    assert len(rem["summary"]["original"]["next:mrr"]["values"]) == 2
+    assert rem["n"] == 10 and len(rem["seeds"]) == 2
+    summ = m["removal_summary"]
+    assert {r["variant"] for r in summ} == {"original", "opponents_removed", "random_removed"}
+    assert {r["n_seeds"] for r in summ if r["metric"] == "next:mrr"} == {2}
     rows = m["removal_experiment"]
     assert {r["variant"] for r in rows} == {"original", "opponents_removed", "random_removed"}
+    assert len([r for r in rows if r["metric"] == "next:mrr" and r["variant"] == "original"]) == 2
+    assert {r["protocol"] for r in rows} == {"next-item", "user-ranking"}
     ex = {r["variant"]: r["examples"] for r in rows}
     assert ex["original"] - ex["opponents_removed"] == 10 == ex["original"] - ex["random_removed"]
     assert "pearson_value" in m["valuation"]["projection_check"]

@@ -50,6 +50,7 @@ import torch
 from ..registry import register_valuer
 from ..data import Interactions, Split
 from ..executor import run_items, work_fingerprint
+from ..removal import long_table as removal_long_table, summarise as summarise_removal
 from ..metrics import ranking_metrics, rating_metrics, scores_fn_from_matrix
 from ..stats import standard_error
 from .base import Resources, Valuation, ValuationContext, Valuer
@@ -496,8 +497,9 @@ class DeletionValuer(Valuer):
 
     # -- removal experiment --------------------------------------------------------------
     def _removal_tables(self, ctx, shared, seeds, engine, entities, value, names, kind, evaluators, info) -> dict:
-        """``{"removal_experiment": table}`` (empty when off or too few entities); the groups
-        removed and the seeds used go into ``info``."""
+        """``{"removal_experiment": long table, "removal_summary": its summary}``
+        (:mod:`..removal`; empty when off or too few entities); the groups removed and the seeds
+        used go into ``info``."""
         opts: DeletionConfig = self.options
         if opts.removal_n <= 0 or len(entities) < 2 * opts.removal_n or "test" not in evaluators:
             return {}
@@ -506,7 +508,7 @@ class DeletionValuer(Valuer):
         removal, groups = self._removal(ctx, shared, r_seeds, entities, value, names)
         info["removal"] = {g: self._grouping.labels(ids) for g, ids in groups.items()}
         info["removal_seeds"] = r_seeds
-        return {"removal_experiment": removal}
+        return {"removal_experiment": removal, "removal_summary": summarise_removal(removal, baseline="full")}
 
     def _removal(self, ctx, shared, seeds, entities, value, names):
         opts: DeletionConfig = self.options
@@ -523,20 +525,7 @@ class DeletionValuer(Valuer):
         keys = [f"removal-seed{s}" for s in seeds]
         res = self._run(ctx, shared, items, keys, "removal", n_models=len(items) * len(sets))
         M = np.stack([r["model"] for r in res])            # [S, 4, m]
-        rel = (M[:, 1:] - M[:, :1]) / np.where(M[:, :1] == 0, np.nan, M[:, :1])
-        rows = {"variant": [], "metric": [], "mean": [], "se": [], "relative_diff": [], "relative_se": [],
-                "n_seeds": []}
-        variants = ["full"] + list(groups)
-        for v, name in enumerate(variants):
-            for k, metric in enumerate(names):
-                rows["variant"].append(name)
-                rows["metric"].append(metric)
-                rows["mean"].append(float(M[:, v, k].mean()))
-                rows["se"].append(float(_se(M[:, v, k][:, None])[0]))
-                rows["relative_diff"].append(0.0 if v == 0 else float(np.nanmean(rel[:, v - 1, k])))
-                rows["relative_se"].append(0.0 if v == 0 else float(_se(rel[:, v - 1, k][:, None])[0]))
-                rows["n_seeds"].append(len(seeds))
-        return rows, groups
+        return removal_long_table(["full"] + list(groups), seeds, names, M), groups
 
     # -- entity table --------------------------------------------------------------------
     def _entity_table(self, grouping, entities, value, se, infl, names, train) -> dict:

@@ -40,8 +40,9 @@ own noise), each model selected on validation as the base model. Effects are mea
 **test** split only: next-item metrics (each test interaction predicted from its preceding
 ``window`` items, all items ranked except the user's earlier items when ``exclude_seen``: MRR,
 Recall@K, NDCG@K over test examples) and the job's user-level ranking metrics
-(``evaluate``). Table ``removal_experiment``: per seed; ``info["removal"]``: mean and std
-(ddof 1) per variant and metric. The pipeline's own ``prune`` (e.g. ``strategy: count, count:
+(``evaluate``). Tables ``removal_experiment`` (per seed; metric ``next:<m>`` or ``user:<m>``,
+column ``protocol``) and ``removal_summary`` (mean, std, se over seeds; relative differences to
+the original data paired by seed), the same layout as every method's (:mod:`..removal`). The pipeline's own ``prune`` (e.g. ``strategy: count, count:
 500``) writes the pruned data without the strongest opponents' rows.
 
 Work items (one per checkpoint, one per removal training) are kept in the run's store when it
@@ -61,7 +62,7 @@ import torch
 from ..registry import register_valuer
 from ..data import Interactions, Split
 from ..executor import LocalExecutor, run_items, work_fingerprint
-from ..stats import over_seeds
+from ..removal import long_table as removal_long_table, summarise as summarise_removal
 from ..sequences import _gather_windows, build_windows, held_out_windows, pad_index
 from ..tracin import (VARIANTS, Checkpoint, Examples, Queries, TracInSpec, checkpoint_scores, select_checkpoints,
                       sum_partials, top_k)
@@ -300,6 +301,7 @@ class TracInValuer(Valuer):
             removal, opp_rows = self._removal(ctx, values, rows, info, fingerprint(ctx, o))
             if removal:
                 tables["removal_experiment"] = removal
+                tables["removal_summary"] = summarise_removal(removal, baseline="original")
             opp[opp_rows] = True
         info["seconds_total"] = round(time.perf_counter() - t_start, 2)
         return Valuation(method=self.name, values=values,
@@ -475,34 +477,15 @@ class TracInValuer(Valuer):
         results, _ = run_items(run_removal_item, shared, items, keys, executor=ctx.executor, store=ctx.store,
                                label="tracin removal", unit="trainings", logger=log, on_result=trained)
         names = [str(x) for x in results[0]["names"]]
-        table = {"variant": [], "seed": [], "protocol": [], "metric": [], "value": [], "examples": [],
-                 "best_epoch": []}
-        for it, res in zip(items, results):
-            for name, v in zip(res["names"], res["values"]):
-                proto, metric = str(name).split(":", 1)
-                table["variant"].append(it["variant"])
-                table["seed"].append(it["seed"])
-                table["protocol"].append("next-item" if proto == "next" else "user-ranking")
-                table["metric"].append(metric)
-                table["value"].append(float(v))
-                table["examples"].append(int(res["examples"]))
-                table["best_epoch"].append(int(res["best_epoch"]))
-        summary = {}
-        for variant in ("original", "opponents_removed", "random_removed"):
-            idx = [i for i, it in enumerate(items) if it["variant"] == variant]
-            M = np.stack([np.asarray(results[i]["values"], np.float64) for i in idx])
-            summary[variant] = {name: {"mean": (st := over_seeds(M[:, k]))["mean"], "std": st["std"],
-                                       "values": [float(x) for x in M[:, k]]} for k, name in enumerate(names)}
-        orig = {k: np.asarray(summary["original"][k]["values"]) for k in names}
-        rel = {}
-        for variant in ("opponents_removed", "random_removed"):
-            rel[variant] = {}
-            for k in names:
-                d = (np.asarray(summary[variant][k]["values"]) - orig[k]) / np.where(orig[k] == 0, np.nan, orig[k])
-                st = over_seeds(d, nan=True)
-                rel[variant][k] = {"mean": st["mean"], "std": st["std"] if len(d) > 1 else float("nan")}
-        info["removal"] = {"n": n, "seeds": seeds, "summary": summary, "relative_to_original": rel,
-                           "opponents_negative": int((values[opp] < 0).sum()),
+        variants = ["original", "opponents_removed", "random_removed"]
+        grid = np.stack([np.stack([np.asarray(results[i]["values"], np.float64) for i in range(s * 3, s * 3 + 3)])
+                         for s in range(len(seeds))])                       # [seed, variant, metric]
+        per_training = {c: np.asarray([[int(results[s * 3 + v][c]) for v in range(3)] for s in range(len(seeds))])
+                        for c in ("examples", "best_epoch")}
+        protocol = np.broadcast_to(np.asarray(["next-item" if n.startswith("next:") else "user-ranking"
+                                               for n in names]), grid.shape)
+        table = removal_long_table(variants, seeds, names, grid, extra={"protocol": protocol, **per_training})
+        info["removal"] = {"n": n, "seeds": seeds, "opponents_negative": int((values[opp] < 0).sum()),
                            "opponent_value_max": float(values[opp].max()),
                            "seconds": round(time.perf_counter() - t0, 2),
                            "note": "opponents selected on the validation loss; metrics on the test split"}
