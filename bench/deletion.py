@@ -9,8 +9,8 @@ synthetic ML-100K-sized data when ``$RECVAL_DATA_DIR`` has no ml-100k), of the f
 * ``--model svd``: Surprise's biased MF (100 factors, SGD lr 0.005, reg 0.02, batch 128, 20
   epochs; ``jobs/ml100k_deletion_svd.yaml``; the stack takes the closed-form SGD step).
 
-* ours: :func:`recval_ray.core.deletion.stacked.train_stacked`, all models in one stack;
-* theirs: :func:`recval_ray.core.deletion.stacked.train_reference`, one model at a time
+* ours: :func:`recval_ray.core.valuers.deletion.stacked.train_stacked`, all models in one stack;
+* theirs: :func:`recval_ray.core.valuers.deletion.stacked.train_reference`, one model at a time
   (torch's SparseAdam + Adam, the same batch stream with the user's rows removed: the same
   models, checked below). By default ``--baseline-models`` of them are timed and the time per
   model is multiplied by the number of models (each is an independent, identical amount of
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from _data import load_job_split  # noqa: E402
-from recval_ray.core.deletion.stacked import train_reference, train_stacked  # noqa: E402
+from recval_ray.core.valuers.deletion.stacked import train_reference, train_stacked  # noqa: E402
 from recval_ray.core.train import build_task  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

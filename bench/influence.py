@@ -53,7 +53,7 @@ from recval_ray.core.data import Interactions, Split  # noqa: E402
 from recval_ray.core.influence import (influence_values, inverse_hvp, model_objective,  # noqa: E402
                                        per_example_dots, per_example_grads_dense, refine)
 from recval_ray.core.models.mf import MFConfig  # noqa: E402
-from recval_ray.core.deletion.stacked import keep_freed_memory  # noqa: E402
+from recval_ray.core.valuers.deletion.stacked import keep_freed_memory  # noqa: E402
 from recval_ray.core.train import TrainResult, build_task, epoch_generator, make_optimizer, train_model  # noqa: E402
 
 

@@ -8,7 +8,7 @@ trained ``--epochs`` epochs by the project's trainer, one checkpoint per epoch (
 * Comparison: TracInCP scores (all parameters, item embeddings included) of ``--train``
   training examples x ``--test`` test examples (each its own query), summed over the
   checkpoints with their learning rates:
-  - ours: :func:`recval_ray.core.tracin.tracin_scores` (``variant: all``, exact);
+  - ours: :func:`recval_ray.core.valuers.tracin.scores.tracin_scores` (``variant: all``, exact);
   - theirs: ``captum.influence.TracInCP`` (per-example loss, its per-example gradient loop, the
     only mode it has for an LSTM), with ``--captum-batch`` examples per batch.
   Both in float32 on ``--device``; the largest difference relative to the largest score is
@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from _data import load_job_split  # noqa: E402
 from recval_ray.core.sequences import build_windows, held_out_windows  # noqa: E402
-from recval_ray.core.tracin import Checkpoint, Examples, Queries, TracInSpec, tracin_scores  # noqa: E402
+from recval_ray.core.valuers.tracin.scores import Checkpoint, Examples, Queries, TracInSpec, tracin_scores  # noqa: E402
 from recval_ray.core.train import build_task, fit  # noqa: E402
 from recval_ray.core.valuers.tracin import WRITEUP_QUERIES  # noqa: E402
 

@@ -420,7 +420,7 @@ def run_compare(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Opt
                 "methods": [label for label, _ in compared_methods(cfg)], "variants": compare_variants(cfg),
                 "seeds": seeds, "vary": list(cfg.compare.vary), "std": STD_NOTE, "data": _data_info(u),
                 "prune": _prune_info(cfg), **summarise(table, seeds), "runs": runs.to_pylist(),
-                "valuation": {label: v.info for label, (v, _) in u.outcomes[0].valuations.items()},
+                "valuation": {label: dict(v.info) for label, (v, _) in u.outcomes[0].valuations.items()},
             }
         else:
             table, runs, metrics = _grid_results(cfg, cells, units, seeds)
@@ -480,7 +480,7 @@ def _grid_results(cfg: JobConfig, cells: list, units: list, seeds: list) -> tupl
         entry.update({"ran": True, "model": u.cfg.model.kind, "methods": labels, "variants": cell_variants,
                       "data": _data_info(u, with_warnings=False), "prune": _prune_info(u.cfg),
                       **summarise(t, seeds),
-                      "valuation": {label: v.info for label, (v, _) in u.outcomes[0].valuations.items()}})
+                      "valuation": {label: dict(v.info) for label, (v, _) in u.outcomes[0].valuations.items()}})
         entries.append(entry)
         tables.append(_with_cell_columns(t, cell, numeric))
         cols = _cell_columns(cell, numeric)

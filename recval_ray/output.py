@@ -510,6 +510,9 @@ def _json_default(o):
         return float(o)
     if isinstance(o, np.ndarray):
         return o.tolist()
+    from collections.abc import Mapping
+    if isinstance(o, Mapping):                  # a method's typed info (core.valuers.base.MethodInfo)
+        return dict(o)
     return str(o)
 
 

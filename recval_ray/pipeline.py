@@ -492,7 +492,7 @@ def build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, wa
         "training": {"base": training_summary(base)} | pruned.training,
         "prune": {"strategy": cfg.prune.strategy, "scope": cfg.prune.scope, "dropped": int((~pruned.keep).sum()),
                   "kept": int(pruned.keep.sum()), "test_rows_left_out": pruned.test_rows_left_out},
-        "valuation": valuation.info,
+        "valuation": dict(valuation.info),
     }
     for name, tab in valuation.tables.items():
         rows = len(next(iter(tab.values()), []))

@@ -79,6 +79,46 @@ def test_plumbing_names_no_valuation_method(module):
     assert not named, f"{module} names {named}"
 
 
+def test_each_method_is_one_folder_with_its_report_section():
+    """Every registered valuation method lives in ``core/valuers/<method>/`` (its options, its
+    valuer, its method-only maths) and its report sections are modules of that folder."""
+    import importlib
+
+    from recval_ray.registry import VALUERS
+    VALUERS._load()
+    for method in VALUERS.names():
+        module = importlib.import_module(VALUERS.get(method).factory.__module__)
+        folder = Path(module.__file__).parent
+        assert module.__file__.endswith("__init__.py") and folder.parent == PKG / "core" / "valuers", method
+        for s in VALUERS.meta(method).get("report_sections", ()):
+            path = s.partition(":")[0] if isinstance(s, str) else s.__module__
+            assert Path(importlib.import_module(path).__file__).parent == folder, (method, s)
+    assert not (PKG / "core" / "deletion").exists()
+
+
+def test_each_method_declares_its_info_as_a_dataclass():
+    """A method's facts (``Valuation.info``) are one typed :class:`MethodInfo` per method:
+    declared fields, an error for an undeclared one, unset fields absent from the JSON."""
+    import importlib
+    import json
+
+    from recval_ray.core.valuers.base import MethodInfo
+    from recval_ray.output import _json_default
+    from recval_ray.registry import VALUERS
+    for method in VALUERS.names():
+        module = importlib.import_module(VALUERS.get(method).factory.__module__)
+        infos = [v for v in vars(module).values()
+                 if isinstance(v, type) and issubclass(v, MethodInfo) and v is not MethodInfo]
+        assert len(infos) == 1, (method, infos)
+        info = infos[0]()
+        assert dict(info) == {} and json.loads(json.dumps(info, default=_json_default)) == {}
+        with pytest.raises(KeyError, match="declares no field"):
+            info["not_a_field"] = 1
+        name = next(f for f in info.field_names() if f != "seconds" and getattr(info, f) is None)
+        info[name] = 3
+        assert info[name] == 3 and name in info and dict(info) == {name: 3} == info
+
+
 # ---------------------------------------------------------------------------------------
 # a new method is one module and its registration
 # ---------------------------------------------------------------------------------------
@@ -90,8 +130,12 @@ def toy_valuer():
 
     import numpy as np
 
-    from recval_ray.core.valuers.base import Valuation, Valuer
+    from recval_ray.core.valuers.base import MethodInfo, Valuation, Valuer
     from recval_ray.registry import VALUERS, register_valuer
+
+    @dataclass(eq=False)
+    class ToyInfo(MethodInfo):
+        scale: float = 1.0
 
     @dataclass
     class ToyConfig:
@@ -106,7 +150,8 @@ def toy_valuer():
 
         def value(self, ctx):
             loss = np.asarray(ctx.base.interaction_loss, dtype=np.float64)
-            return Valuation(method=self.name, values=-self.options.scale * loss, info={"toy": True})
+            return Valuation(method=self.name, values=-self.options.scale * loss,
+                             info=ToyInfo(scale=self.options.scale))
 
     def toy_section(rep, valuation, metrics, values):
         rep.heading("Toy probe section")

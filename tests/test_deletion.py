@@ -11,7 +11,7 @@ import torch
 
 from recval_ray.config import EvaluateConfig, PruneConfig, TrainConfig
 from recval_ray.core.data import Interactions, Split
-from recval_ray.core.deletion.stacked import train_reference, train_stacked
+from recval_ray.core.valuers.deletion.stacked import train_reference, train_stacked
 from recval_ray.core.executor import LocalExecutor, ShardStore
 from recval_ray.core.metrics import ranking_metrics
 from recval_ray.core.models.ncf import NCFConfig

@@ -11,7 +11,7 @@ import torch
 
 from recval_ray.config import TrainConfig, validate_config
 from recval_ray.core.data import Interactions, Split
-from recval_ray.core.dvrl import (MovingBaseline, exploration_penalty, interaction_features,
+from recval_ray.core.valuers.dvrl.selector import (MovingBaseline, exploration_penalty, interaction_features,
                                   recency_rank, reinforce_loss, selection_log_prob,
                                   train_selected_mf)
 from recval_ray.core.models.lightgcn import LightGCNConfig

@@ -9,7 +9,7 @@ import torch
 from recval_ray.config import TrainConfig, validate_config
 from recval_ray.core.data import Interactions, Split
 from recval_ray.core.denoise import DenoiseConfig
-from recval_ray.core.loss_overlap import loss_overlap, standardise_within_user
+from recval_ray.core.valuers.pld.loss_overlap import loss_overlap, standardise_within_user
 from recval_ray.core.models.lightgcn import LightGCNConfig
 from recval_ray.core.models.mf import MFConfig
 from recval_ray.core.train import build_task, fit, train_model

@@ -15,7 +15,7 @@ from recval_ray.core.data import Interactions
 from recval_ray.core.models.lstm import LSTMConfig, LSTMRec
 from recval_ray.core.sequences import build_windows, held_out_windows
 from recval_ray.core.split import split_interactions
-from recval_ray.core.tracin import (Checkpoint, Examples, LSTMParams, Queries, TracInSpec, checkpoint_scores,
+from recval_ray.core.valuers.tracin.scores import (Checkpoint, Examples, LSTMParams, Queries, TracInSpec, checkpoint_scores,
                                     example_factors, factors_to_param_grads, reference_per_example_grads,
                                     select_checkpoints, sum_partials, top_k, tracin_scores)
 from recval_ray.core.train import build_task, fit

@@ -28,4 +28,4 @@ class Distributed(Protocol):
     def checkpoint_scores(self, checkpoints: Sequence[Any], indices: Sequence[int], train: Any, queries: Any,
                           spec: Any, *, num_cpus: float, num_gpus: Optional[float], device: Optional[str],
                           max_concurrent: int, on_result: Callable[[int, dict], None]) -> list:
-        """TracIn partial scores of each checkpoint (:func:`recval_ray.core.tracin.checkpoint_scores`)."""
+        """TracIn partial scores of each checkpoint (:func:`recval_ray.core.valuers.tracin.scores.checkpoint_scores`)."""

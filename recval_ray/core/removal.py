@@ -66,3 +66,26 @@ def summarise(table: dict, baseline: str) -> dict:
                            ("relative_std", r["std"]), ("relative_se", r["se"])):
                 rows[col].append(x)
     return rows
+
+
+def report_section(rep, summary: dict, title: str, first: tuple = (), note: str = "") -> None:
+    """A removal experiment's summary (:mod:`recval_ray.core.removal`, any method): the baseline
+    variant's test metrics (mean +- standard error over seeds) and each other variant's relative
+    difference to it, paired by seed (mean +- standard error)."""
+    rep.heading(title, level=3)
+    names = list(dict.fromkeys(summary["metric"]))
+    names = [n for n in first if n in names] + [n for n in names if n not in first]
+    variants = list(dict.fromkeys(summary["variant"]))
+    cells = {(v, m): i for i, (v, m) in enumerate(zip(summary["variant"], summary["metric"]))}
+    rows = []
+    for j, variant in enumerate(variants):
+        row = {"train data": variant.replace("_", " ")}
+        for m in names:
+            i = cells[(variant, m)]
+            row[m] = (f"{summary['mean'][i]:.4f} +- {summary['se'][i]:.4f}" if j == 0 else
+                      f"{100 * summary['relative_diff'][i]:+.2f}% +- {100 * summary['relative_se'][i]:.2f}")
+        rows.append(row)
+    n = max(summary["n_seeds"]) if summary["n_seeds"] else 0
+    rep.table(rows, ["train data"] + names,
+              caption=f"test split, {n} seeds. First row: mean +- standard error over seeds; others: relative "
+                      f"difference to the first row, paired by seed, +- its standard error" + (f" ({note})" if note else ""))

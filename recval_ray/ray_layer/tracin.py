@@ -4,13 +4,13 @@
 once and starts one :class:`CheckpointActor` per checkpoint (``num_cpus`` CPUs each, torch using
 as many threads; a GPU share each when the cluster has GPUs: by default the cluster's GPUs
 divided among the checkpoint actors, at most one each). Each actor computes, with the Ray-free
-:func:`recval_ray.core.tracin.checkpoint_scores`, its checkpoint's training-gradient factors tile
+:func:`recval_ray.core.valuers.tracin.scores.checkpoint_scores`, its checkpoint's training-gradient factors tile
 by tile and the query gradients, and returns its lr-weighted partial score matrix
 ``[training examples, queries]`` and self-influence; no actor ever holds a train x test gradient
 matrix. Actors that do not fit the cluster at once wait for resources, and each is killed as
 soon as its result is in, which frees its CPUs for the next (``max_concurrent`` bounds how
 many are alive at once, e.g. the machine's cores when Ray advertises more). The caller sums the partials in
-checkpoint order (:func:`recval_ray.core.tracin.sum_partials`), so the scores are the in-process
+checkpoint order (:func:`recval_ray.core.valuers.tracin.scores.sum_partials`), so the scores are the in-process
 path's whatever the number of actors or the order they finish.
 """
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..core.tracin import Checkpoint, Examples, Queries, TracInSpec, checkpoint_scores
+from ..core.valuers.tracin.scores import Checkpoint, Examples, Queries, TracInSpec, checkpoint_scores
 
 log = logging.getLogger("recval_ray")
 
 
 class CheckpointActor:
-    """Scores one checkpoint (Ray actor class; Ray-free logic in :mod:`recval_ray.core.tracin`)."""
+    """Scores one checkpoint (Ray actor class; Ray-free logic in :mod:`recval_ray.core.valuers.tracin.scores`)."""
 
     def __init__(self, data, checkpoint: Checkpoint, index: int, spec: TracInSpec, threads: int = 1,
                  device: Optional[str] = None):

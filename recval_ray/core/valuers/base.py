@@ -8,7 +8,8 @@ one module plus ``@register_valuer(name, OptionsDataclass)``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -71,6 +72,52 @@ MOVED_TO_RESOURCES = {"actors": "actors", "actor_cpus": "cpus", "actor_gpus": "g
                       "reference_cpus": "cpus", "reference_gpus": "gpus"}
 
 
+@dataclass(eq=False)
+class MethodInfo(Mapping):
+    """A method's facts about its run (settings it resolved, diagnostics, timings), one typed
+    dataclass per method (``<Method>Info(MethodInfo)``), written to ``metrics.json["valuation"]``.
+
+    Fields left ``None`` were not produced by this run and are absent from the JSON. It reads as
+    a mapping of the fields that are set (``info["seeds"]``, ``"removal" in info``,
+    ``dict(info)``); writing a field the class does not declare is an error, so a method's
+    facts are declared in one place rather than invented at the point of use."""
+
+    seconds: Optional[float] = None            # wall seconds of the valuation
+
+    @classmethod
+    def field_names(cls) -> tuple:
+        return tuple(f.name for f in fields(cls))
+
+    def __getitem__(self, key: str):
+        if key not in self.field_names() or getattr(self, key) is None:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __setitem__(self, key: str, value) -> None:
+        if key not in self.field_names():
+            raise KeyError(f"{type(self).__name__} declares no field {key!r} (declared: "
+                           f"{', '.join(self.field_names())})")
+        setattr(self, key, value)
+
+    def __iter__(self):
+        return (k for k in self.field_names() if getattr(self, k) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def setdefault(self, key: str, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, other=(), **kw) -> None:
+        for k, v in dict(other, **kw).items():
+            self[k] = v
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self)!r})"
+
+
 @dataclass
 class Valuation:
     """Values of the training interactions, aligned with ``split.train`` rows.
@@ -79,7 +126,8 @@ class Valuation:
     ``entities``: optional entity-level table (e.g. per-user influence) as a dict of arrays;
     ``row_entity``: the entity index of each training row, so ``prune.scope: entity`` drops
     whole entities; ``tables``: extra tables the method writes (e.g. a removal experiment).
-    ``info``: JSON-serialisable facts about the run (settings, timings) for metrics.json.
+    ``info``: the method's typed :class:`MethodInfo` (JSON-serialisable facts about the run
+    for metrics.json; a plain dict is accepted from methods outside this package).
     """
 
     method: str
@@ -93,7 +141,7 @@ class Valuation:
     # stay rankable); what entity pruning's evaluation reads, typed rather than in ``info``
     drop_removed_items: bool = True
     tables: dict = field(default_factory=dict)  # extra output tables (name -> dict of arrays)
-    info: dict = field(default_factory=dict)
+    info: Mapping = field(default_factory=MethodInfo)
     value_se: Optional[np.ndarray] = None       # standard error of each value (repeated estimates)
     n_estimates: Optional[int] = None           # how many estimates (seeds, samples) each value averages
 

@@ -8,7 +8,7 @@ a test example ``z'``,
 
     TracInCP(z, z') = sum_i eta_i * grad l(w_i, z) . grad l(w_i, z'),
 
-``l`` the example's next-item cross-entropy (:class:`~.models.lstm.LSTMRec`). Positive: a step
+``l`` the example's next-item cross-entropy (:class:`~...models.lstm.LSTMRec`). Positive: a step
 on ``z`` lowers the loss on ``z'`` (``z`` is a *proponent* of ``z'``); negative: it raises it
 (an *opponent*). A **query** is a group of held-out examples (one example, all examples of one
 target item, the whole validation split): its score is the sum of its examples' scores, i.e. the
@@ -177,7 +177,7 @@ class TracInSpec:
 # ---------------------------------------------------------------------------------------
 @dataclass
 class LSTMParams:
-    """The parameters of an :class:`~.models.lstm.LSTMRec` state, as plain tensors."""
+    """The parameters of an :class:`~...models.lstm.LSTMRec` state, as plain tensors."""
     emb: torch.Tensor                       # [n_items + 1, dim], row n_items = PAD
     layers: list                            # per layer (W_ih [4h, in], W_hh [4h, h], b_ih, b_hh)
     out_w: torch.Tensor                     # [n_items, h]

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import Interactions
-from .train import epoch_generator, make_optimizer
+from ...data import Interactions
+from ...train import epoch_generator, make_optimizer
 
 
 # ---------------------------------------------------------------------------------------
@@ -56,10 +56,13 @@ def recency_rank(user: np.ndarray, timestamp: np.ndarray, n_users: int) -> np.nd
 
 
 def standardise_columns(x: np.ndarray) -> np.ndarray:
-    """``(x - mean) / std`` per column; a constant column becomes 0."""
+    """``(x - mean) / std`` per column; a constant column becomes 0 (a spread below rounding,
+    ``std <= 1e-12 * max(1, |mean|)``, counts as constant: dividing rounding noise by itself
+    would turn a constant column into +-1)."""
     x = np.asarray(x, dtype=np.float64)
-    sd = x.std(0)
-    return (x - x.mean(0)) / np.where(sd > 0, sd, 1.0)
+    mean, sd = x.mean(0), x.std(0)
+    constant = sd <= 1e-12 * np.maximum(1.0, np.abs(mean))
+    return np.where(constant, 0.0, (x - mean) / np.where(constant, 1.0, sd))
 
 
 def interaction_features(train: Interactions, loss: np.ndarray,
@@ -162,7 +165,7 @@ def stacked_bpr_terms(U: torch.Tensor, I: torch.Tensor, batch: dict) -> tuple[to
     """Per-example per-model BPR losses and L2 terms ``[B, K]`` of a batch for stacked tables
     ``U [n_u, K, d]``, ``I [n_i, K, d]`` (a row of every model is one contiguous block, so a
     lookup and its gradient are plain row copies): ``softplus(s_uj - s_ui)`` (mean over the
-    negatives) and ``(|p_u|^2 + |q_i|^2 + mean_j |q_j|^2) / 2``, as :class:`..models.mf.MF`."""
+    negatives) and ``(|p_u|^2 + |q_i|^2 + mean_j |q_j|^2) / 2``, as :class:`....models.mf.MF`."""
     users, pos, neg = batch["user"], batch["pos"], batch["neg"]
     pu = U.index_select(0, users)                                      # [B, K, d]
     qi = I.index_select(0, pos)

@@ -7,7 +7,7 @@ higher = more useful. H: Hessian of the summed training loss of the base model (
 NeuMF) with fixed seeded negatives and its own regulariser; L_val: the same loss on the
 validation split (or the softmax log-likelihood of the validation items). Never forms H:
 Hessian-vector products by ``torch.func`` and CG (or LiSSA), then every row's ``grad l_i . s``
-in one forward-mode pass (:mod:`..influence`). ``refine_steps`` > 0 first converges the proximal
+in one forward-mode pass (:mod:`...influence`). ``refine_steps`` > 0 first converges the proximal
 objective ``L(theta) + damping/2 |theta - theta*|^2`` from the base model by L-BFGS (an
 early-stopped model is not a stationary point of L; the damped influence is exactly that
 proximal objective's), else the values are taken at theta* itself.
@@ -20,9 +20,26 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from ..registry import register_valuer
-from ..influence import influence_values, model_objective, refine
-from .base import Valuation, ValuationContext, Valuer
+from ...registry import register_valuer
+from ...influence import influence_values, model_objective, refine
+from ..base import MethodInfo, Valuation, ValuationContext, Valuer
+
+
+
+@dataclass(eq=False)
+class InfluenceInfo(MethodInfo):
+    """The influence solve: model, parameter count, damping, solver and its convergence
+    (``solve``), the optional L-BFGS refinement (``refine``) and the validation losses."""
+    model: Optional[str] = None
+    parameters: Optional[int] = None
+    damping: Optional[float] = None
+    solver: Optional[str] = None
+    validation: Optional[str] = None
+    seed: Optional[int] = None
+    val_loss_base: Optional[float] = None
+    refine: Optional[dict] = None
+    val_loss_refined: Optional[float] = None
+    solve: Optional[dict] = None
 
 
 @dataclass
@@ -80,9 +97,9 @@ class InfluenceValuer(Valuer):
         opts: InfluenceConfig = self.options
         t0 = time.perf_counter()
         obj, seed = objective_of(ctx, opts)
-        info = {"model": obj.kind, "parameters": int(obj.theta.numel()), "damping": opts.damping,
-                "solver": opts.solver, "validation": opts.validation, "seed": seed,
-                "val_loss_base": float(obj.val_loss(obj.theta))}
+        info = InfluenceInfo(model=obj.kind, parameters=int(obj.theta.numel()), damping=opts.damping,
+                             solver=opts.solver, validation=opts.validation, seed=seed,
+                             val_loss_base=float(obj.val_loss(obj.theta)))
         theta = obj.theta
         if opts.refine_steps > 0:
             theta, rinfo = refine(obj, obj.theta, damping=opts.damping, steps=opts.refine_steps, tol=opts.refine_tol)

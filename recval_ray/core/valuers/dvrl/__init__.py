@@ -1,13 +1,13 @@
 """DVRL valuer: discrete data values learned by policy gradient (Yoon, Arik & Pfister 2020).
 
 A selector MLP maps each training interaction's features (base-model user and item embeddings,
-training loss, item log-popularity, rating, within-user recency; :func:`..dvrl.interaction_features`)
+training loss, item log-popularity, rating, within-user recency; :func:`...dvrl.interaction_features`)
 to a keep probability ``p_i``. Each of ``iterations`` outer steps draws
 ``selections_per_iteration`` selections ``s_k ~ Bernoulli(p)`` (one generator seeded by
 ``seed``), trains the recommender on each for ``inner_epochs`` epochs, and scores it on the
 validation split (``metric``; never the test split). Reward ``r_k = m(s_k) - m(full)``, ``m(full)``
 the same inner training on every row (computed once); the selector takes one Adam step on the
-REINFORCE loss with a moving-average baseline and DVRL's exploration penalty (:mod:`..dvrl`).
+REINFORCE loss with a moving-average baseline and DVRL's exploration penalty (:mod:`...dvrl`).
 ``value_i`` = ``p_i`` after the last step.
 
 Inner training (``init``): ``base`` (default) starts every model from the base model's weights
@@ -16,7 +16,7 @@ or without the rows, at the base model's accuracy, for a few epochs; ``scratch``
 seeded initialisation (needs enough ``inner_epochs`` / ``inner_lr`` to learn something). Every
 selection uses the same initialisation and the same batch stream (seed ``seed``): rewards of
 two selections differ only by the selections (common random numbers). MF models are trained
-K at a time as one stacked computation (:func:`..dvrl.train_selected_mf`, plain BPR batches of
+K at a time as one stacked computation (:func:`...dvrl.train_selected_mf`, plain BPR batches of
 the base's sampler); other models are retrained one selection at a time with the generic
 trainer (no early stopping).
 """
@@ -31,16 +31,37 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from ..registry import register_valuer
-from ..dvrl import (MovingBaseline, Selector, interaction_features, reinforce_loss,
+from ...registry import register_valuer
+from .selector import (MovingBaseline, Selector, interaction_features, reinforce_loss,
                     train_selected_mf)
-from ..evaluation import evaluation_users, noise_detection
-from ..metrics import parse_metric, ranking_metrics
-from ..models.mf import MF, BPRTask
-from ..train import build_task, fit, loss_generator, validation_score
-from .base import Valuation, ValuationContext, Valuer
+from ...evaluation import evaluation_users, noise_detection
+from ...metrics import parse_metric, ranking_metrics
+from ...models.mf import MF, BPRTask
+from ...train import build_task, fit, loss_generator, validation_score
+from ..base import MethodInfo, Valuation, ValuationContext, Valuer
 
 log = logging.getLogger("recval_ray")
+
+
+
+@dataclass(eq=False)
+class DVRLInfo(MethodInfo):
+    """DVRL's run: the reward metric and its full-data value, the policy-gradient settings, the
+    selector's features (and those left out, why), the reward curve and final baseline."""
+    metric: Optional[str] = None
+    full_data_metric: Optional[float] = None
+    iterations: Optional[int] = None
+    selections_per_iteration: Optional[int] = None
+    inner_epochs: Optional[int] = None
+    inner_lr: Optional[float] = None
+    init: Optional[str] = None
+    engine: Optional[str] = None
+    features: Optional[list] = None
+    embedding_dims: Optional[int] = None
+    features_omitted: Optional[dict] = None
+    loss_rows_filled: Optional[int] = None
+    reward_curve: Optional[list] = None
+    final_baseline: Optional[float] = None
 
 
 @dataclass
@@ -187,15 +208,15 @@ class DVRLValuer(Valuer):
 
         with torch.no_grad():
             values = torch.sigmoid(selector(x)).double().numpy()
-        info = {"metric": metric, "full_data_metric": m_full, "iterations": int(o.iterations),
-                "selections_per_iteration": K, "inner_epochs": int(o.inner_epochs),
-                "inner_lr": float(inner_cfg.lr), "init": o.init,
-                "engine": "stacked-mf" if isinstance(base_model, MF) else "sequential",
-                "features": [n for n in names if not n.startswith(("user_emb", "item_emb"))],
-                "embedding_dims": 0 if eu is None else int(eu.shape[1]),
-                "features_omitted": omitted, "loss_rows_filled": filled,
-                "reward_curve": curve, "final_baseline": baseline.value,
-                "seconds": time.perf_counter() - t0}
+        info = DVRLInfo(metric=metric, full_data_metric=m_full, iterations=int(o.iterations),
+                        selections_per_iteration=K, inner_epochs=int(o.inner_epochs),
+                        inner_lr=float(inner_cfg.lr), init=o.init,
+                        engine="stacked-mf" if isinstance(base_model, MF) else "sequential",
+                        features=[n for n in names if not n.startswith(("user_emb", "item_emb"))],
+                        embedding_dims=0 if eu is None else int(eu.shape[1]),
+                        features_omitted=omitted, loss_rows_filled=filled,
+                        reward_curve=curve, final_baseline=baseline.value,
+                        seconds=time.perf_counter() - t0)
         return Valuation(method=self.name, values=values, columns={"keep_probability": values}, info=info)
 
     # -- rewarders: selections [K, N] bool -> validation metrics [K] ---------------------

@@ -3,10 +3,10 @@
 
 Each user ``u`` is a game whose players are the user's training interactions; the value of
 a coalition ``S`` is what the trained base DAE makes of the input holding only ``S``
-(:mod:`..shapley.games`: ``variant: recon-error``, the normalised decrease of the
+(:mod:`...shapley.games`: ``variant: recon-error``, the normalised decrease of the
 confidence-weighted squared reconstruction error of the user's observed items, or
 ``mean-score``, the mean reconstructed score on them). A FastSHAP explainer
-(:mod:`..shapley.fastshap`) learns every interaction's Shapley value from the users' games and
+(:mod:`...shapley.fastshap`) learns every interaction's Shapley value from the users' games and
 outputs them in one forward pass per batch of users; ``value`` is that Shapley value (higher =
 more useful), and the values of a user sum to ``v_u(all) - v_u(empty)`` (column ``user_gain``).
 
@@ -33,13 +33,25 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from ..registry import register_valuer
-from ..models.dae import AutoEncoder, UserRows
-from ..shapley.exact import MAX_EXACT_PLAYERS
-from ..shapley.fastshap import FastSHAPConfig, explain, train_explainer
-from ..shapley.games import DAEGame, interaction_players
-from ..shapley.reference import agreement, reference_shapley, sample_users
-from .base import Resources, Valuation, ValuationContext, Valuer
+from ...registry import register_valuer
+from ...models.dae import AutoEncoder, UserRows
+from ...shapley.exact import MAX_EXACT_PLAYERS
+from ...shapley.fastshap import FastSHAPConfig, explain, train_explainer
+from ...shapley.games import DAEGame, interaction_players
+from ...shapley.reference import agreement, reference_shapley, sample_users
+from ..base import MethodInfo, Resources, Valuation, ValuationContext, Valuer
+
+
+
+@dataclass(eq=False)
+class SVVInfo(MethodInfo):
+    """SVV's run: value-function variant, seed, device, the explainer's training and inference
+    (``explainer``) and, when computed, its agreement with reference Shapley values."""
+    variant: Optional[str] = None
+    seed: Optional[int] = None
+    device: Optional[str] = None
+    explainer: Optional[dict] = None
+    reference: Optional[dict] = None
 
 
 @dataclass
@@ -48,7 +60,7 @@ class SVVConfig(FastSHAPConfig):
 
     ``variant``: the value function (``recon-error``: the paper; ``mean-score``: the authors'
     code; ``valid-margin``: the lift of the user's validation items over never-seen items, a
-    held-out utility, see :mod:`..shapley.games`); explainer: ``hidden`` widths, ``samples`` coalitions per user per step (even when
+    held-out utility, see :mod:`...shapley.games`); explainer: ``hidden`` widths, ``samples`` coalitions per user per step (even when
     ``paired``), ``paired`` complementary sampling, ``epochs``, ``lr`` (Adam), ``weight_decay``,
     ``batch_size`` users per step, ``patience`` epochs, ``valid_samples`` fixed validation
     coalitions per user; ``seed`` (null: ``train.seed``); ``device`` (null: the base model's);
@@ -140,10 +152,10 @@ class SVVValuer(Valuer):
             has_targets = np.bincount(ctx.split.valid.user, minlength=train.n_users) > 0
             values = np.where(has_targets[train.user], values, 0.0)
         gain = explainer.gain.cpu().numpy()[train.user]
-        info = {"variant": o.variant, "seed": seed, "device": str(dev),
-                "explainer": {"epochs_run": len(explainer.history), "best_epoch": explainer.best_epoch,
-                              "best_valid_loss": explainer.best_valid, "train_s": explainer.seconds,
-                              "explain_s": explain_s, "inference": inference, "history": explainer.history}}
+        info = SVVInfo(variant=o.variant, seed=seed, device=str(dev),
+                       explainer={"epochs_run": len(explainer.history), "best_epoch": explainer.best_epoch,
+                                  "best_valid_loss": explainer.best_valid, "train_s": explainer.seconds,
+                                  "explain_s": explain_s, "inference": inference, "history": explainer.history})
         if inference == "ray-data":
             info["explainer"]["inference_actors"] = max(1, o.resources.actors)
         tables = {}
@@ -204,6 +216,6 @@ def _reference_table(ctx: ValuationContext, players: UserRows, player_of_row: np
     return table
 
 
-@register_valuer("svv", SVVConfig, report_sections=("recval_ray.report_builder:shapley_explainer_section",))
+@register_valuer("svv", SVVConfig, report_sections=("recval_ray.core.valuers.svv.report:section",))
 def build_svv(opts: SVVConfig) -> SVVValuer:
     return SVVValuer(opts)

@@ -14,7 +14,7 @@ influence on ``valuation.metric`` (sign flipped for error metrics), so higher = 
 
 How the models are trained (``engine``):
 
-* ``batched`` (NCF, biased-MF SVD): :mod:`..deletion.stacked`, one stack per shard of
+* ``batched`` (NCF, biased-MF SVD): :mod:`.stacked`, one stack per shard of
   entities with the full model as model 0; every model shares the initialisation and batch
   stream (common random numbers), so an influence is the deletion, not seed noise;
 * ``closed-form`` (PureSVD): the truncated SVD of the training matrix without the entity's
@@ -47,19 +47,51 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ..registry import register_valuer
-from ..data import Interactions, Split
-from ..executor import run_items, work_fingerprint
-from ..removal import long_table as removal_long_table, summarise as summarise_removal
-from ..metrics import ranking_metrics, rating_metrics, scores_fn_from_matrix
-from ..stats import standard_error
-from .base import Resources, Valuation, ValuationContext, Valuer
+from ...registry import register_valuer
+from ...data import Interactions, Split
+from ...executor import run_items, work_fingerprint
+from ...removal import long_table as removal_long_table, summarise as summarise_removal
+from ...metrics import ranking_metrics, rating_metrics, scores_fn_from_matrix
+from ...stats import standard_error
+from ..base import MethodInfo, Resources, Valuation, ValuationContext, Valuer
 
 log = logging.getLogger("recval_ray.deletion")
 
 RATING = ("mae", "rmse", "explained_variance")
 LOWER_IS_BETTER = ("mae", "rmse")
 PAPER_METRICS = ["map", "map@10", "ndcg@10", "precision@10", "recall@10", "explained_variance", "mae"]
+
+
+
+@dataclass(eq=False)
+class DeletionInfo(MethodInfo):
+    """Deletion diagnostics: the entity kind and id column, engine, seeds, the metric valued
+    and those measured, the protocol, the work done (items run / resumed), the values'
+    stability over seeds and the removal experiment's groups and seeds."""
+    entity: Optional[str] = None
+    id_column: Optional[str] = None
+    engine: Optional[str] = None
+    seeds: Optional[list] = None
+    entities_valued: Optional[int] = None
+    metric: Optional[str] = None
+    metrics: Optional[list] = None
+    protocol: Optional[str] = None
+    influence_split: Optional[str] = None
+    self_eval: Optional[bool] = None
+    removed_items: Optional[str] = None
+    values_from: Optional[str] = None
+    epochs: Optional[int] = None
+    shard_size: Optional[int] = None
+    actors: Optional[int] = None
+    work_items: Optional[int] = None
+    train_seconds_sum: Optional[float] = None
+    stability_spearman_halves: Optional[float] = None
+    stability_halves: Optional[list] = None
+    stability_spearman_seed_pairs_mean: Optional[float] = None
+    removal: Optional[dict] = None
+    removal_seeds: Optional[list] = None
+    work_items_resumed: Optional[list] = None
+    work_items_run: Optional[list] = None
 
 
 @dataclass
@@ -301,7 +333,7 @@ def resolve_engine(opts: DeletionConfig, model_kind: str) -> str:
 def _train_family(shared: dict, seed: int, sets: list):
     """Models trained without each set of groups (``sets[0] = []``: the full model).
     Returns ``models(j) -> nn.Module``."""
-    from ..train import build_task, fit
+    from ...train import build_task, fit
     opts: DeletionConfig = shared["opts"]
     train: Interactions = shared["train"]
     row_group = shared["row_group"]
@@ -309,7 +341,7 @@ def _train_family(shared: dict, seed: int, sets: list):
                                epochs=int(opts.epochs or shared["train_cfg"].epochs))
     engine = shared["engine"]
     if engine == "batched":
-        from ..deletion.stacked import train_stacked
+        from .stacked import train_stacked
         task = build_task(shared["model_cfg"], train, tcfg)
         drop = torch.zeros(len(sets), shared["n_groups"], dtype=torch.bool)
         for j, s in enumerate(sets):
@@ -337,7 +369,7 @@ def _puresvd_family(shared: dict, sets: list):
     """PureSVD without each set of groups: SVD of the training matrix with the set's rows
     removed; every user is scored by folding in, ``P = R V`` (equal to ``U S`` for users
     that stayed)."""
-    from ..models.svd import PureSVD, truncated_svd
+    from ...models.svd import PureSVD, truncated_svd
     train: Interactions = shared["train"]
     row_group = shared["row_group"]
     rank = shared["model_cfg"].rank
@@ -363,7 +395,7 @@ def run_work_item(shared: dict, item: dict) -> dict:
     """Train the item's family under its seed and evaluate it (Ray-free; runs on actors)."""
     torch.set_num_threads(max(1, int(shared.get("threads", 1))))
     if shared["engine"] == "batched" and shared.get("keep_freed_memory", True):
-        from ..deletion.stacked import keep_freed_memory
+        from .stacked import keep_freed_memory
         keep_freed_memory()
     t0 = time.perf_counter()
     sets = [np.asarray(s, np.int64) for s in item["sets"]]
@@ -435,13 +467,13 @@ class DeletionValuer(Valuer):
 
         values_row = _row_values(entities, value, n_groups, row_group)
         table = self._entity_table(grouping, entities, value, se, infl, names, train)
-        info = {"entity": kind, "id_column": grouping.id_column, "engine": engine, "seeds": seeds, "entities_valued": int(len(entities)),
-                "metric": opts.metric, "metrics": names, "protocol": opts.protocol,
-                "influence_split": infl_part, "self_eval": opts.self_eval, "removed_items": opts.removed_items,
-                "epochs": None if engine == "closed-form" else int(opts.epochs or ctx.train_cfg.epochs),
-                "shard_size": opts.shard_size,
-                "actors": opts.resources.actors, "work_items": len(items),
-                "train_seconds_sum": float(sum(float(r["seconds"]) for r in results))}
+        info = DeletionInfo(entity=kind, id_column=grouping.id_column, engine=engine, seeds=seeds,
+                            entities_valued=int(len(entities)), metric=opts.metric, metrics=names,
+                            protocol=opts.protocol, influence_split=infl_part, self_eval=opts.self_eval,
+                            removed_items=opts.removed_items,
+                            epochs=None if engine == "closed-form" else int(opts.epochs or ctx.train_cfg.epochs),
+                            shard_size=opts.shard_size, actors=opts.resources.actors, work_items=len(items),
+                            train_seconds_sum=float(sum(float(r["seconds"]) for r in results)))
         info.update(stability(per_seed_value))
         tables = self._removal_tables(ctx, shared, seeds, engine, entities, value, names, kind, evaluators, info)
         info.update(self._work_log)
@@ -455,7 +487,7 @@ class DeletionValuer(Valuer):
         """Values read from an earlier run's entity table; only the removal experiment runs."""
         import pyarrow.parquet as pq
 
-        from ..fs import resolve
+        from ...fs import resolve
         opts: DeletionConfig = self.options
         fs, path = resolve(opts.values_from)
         tab = pq.read_table(path, filesystem=fs)
@@ -475,9 +507,9 @@ class DeletionValuer(Valuer):
         values_row = _row_values(entities, value, n_groups, row_group)
         table = {c: (tab.column(c).take(order) if c == col else
                      np.asarray(tab.column(c).to_numpy(zero_copy_only=False))[order]) for c in tab.column_names}
-        info = {"entity": kind, "id_column": col, "engine": engine, "values_from": opts.values_from,
-                "removed_items": opts.removed_items, "entities_valued": int(len(entities)),
-                "metric": opts.metric, "metrics": names, "protocol": opts.protocol}
+        info = DeletionInfo(entity=kind, id_column=col, engine=engine, values_from=opts.values_from,
+                            removed_items=opts.removed_items, entities_valued=int(len(entities)),
+                            metric=opts.metric, metrics=names, protocol=opts.protocol)
         tables = self._removal_tables(ctx, shared, seeds, engine, entities, value, names, kind, evaluators, info)
         return Valuation(method=self.name, values=values_row, columns={f"{kind}_value": values_row},
                          entities=table, entity_kind=kind, row_entity=row_group, tables=tables, info=info,
@@ -498,7 +530,7 @@ class DeletionValuer(Valuer):
     # -- removal experiment --------------------------------------------------------------
     def _removal_tables(self, ctx, shared, seeds, engine, entities, value, names, kind, evaluators, info) -> dict:
         """``{"removal_experiment": long table, "removal_summary": its summary}``
-        (:mod:`..removal`; empty when off or too few entities); the groups removed and the seeds
+        (:mod:`...removal`; empty when off or too few entities); the groups removed and the seeds
         used go into ``info``."""
         opts: DeletionConfig = self.options
         if opts.removal_n <= 0 or len(entities) < 2 * opts.removal_n or "test" not in evaluators:
@@ -592,12 +624,12 @@ def stability(per_seed: np.ndarray) -> dict:
 
 
 def _se(x: np.ndarray) -> np.ndarray:
-    """Standard error over axis 0 (ddof 1); NaN with a single seed (:mod:`..stats`)."""
+    """Standard error over axis 0 (ddof 1); NaN with a single seed (:mod:`...stats`)."""
     return standard_error(x, axis=0)
 
 
 def _check_metrics(names: list) -> None:
-    from ..metrics import parse_metric
+    from ...metrics import parse_metric
     for n in names:
         if n in RATING or n in ("map", "mrr"):
             continue
@@ -608,13 +640,13 @@ def _check_metrics(names: list) -> None:
 
 
 def fingerprint(ctx: ValuationContext, opts: DeletionConfig) -> str:
-    """What a work item's result depends on (:func:`..executor.work_fingerprint`): data, split,
+    """What a work item's result depends on (:func:`...executor.work_fingerprint`): data, split,
     model, training, valuation settings, not the number of actors."""
     return work_fingerprint("deletion", ctx, dataclasses.asdict(opts), ignore=("resources",))
 
 
 @register_valuer("deletion", DeletionConfig, entity_level=True, work_items=True,
-                 report_sections=("recval_ray.report_builder:entity_values_section",))
+                 report_sections=("recval_ray.core.valuers.deletion.report:section",))
 def build_deletion(opts: DeletionConfig) -> DeletionValuer:
     if opts.seeds < 1:
         raise ValueError("valuation.seeds must be >= 1")

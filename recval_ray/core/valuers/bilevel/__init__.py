@@ -6,7 +6,7 @@ interactions that minimise the validation loss of the model retrained with them,
 by projected hypergradient steps from w = 1, the hypergradient by the implicit function theorem
 (``ift``: CG on the weighted Hessian) or equilibrium propagation (``ep``: a nudged re-solve with
 ``beta L_val``, dL_val/dw_i ~= (l_i(theta_beta) - l_i(theta_0)) / beta); the inner problem by
-full-batch L-BFGS warm-started at the previous solution (see :mod:`..bilevel`). value = final
+full-batch L-BFGS warm-started at the previous solution (see :mod:`...bilevel`). value = final
 weight (higher = more useful); ``hypergradient``: dL_val/dw at w = 1 (ties broken by it:
 ``value = weight - 1e-9 * hypergradient / max|hypergradient|`` so that rows whose weights stay at
 1 keep the first step's order).
@@ -19,10 +19,25 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from ..registry import register_valuer
-from ..bilevel import bilevel_weights
-from .base import Valuation, ValuationContext, Valuer
-from .influence import objective_of
+from ...registry import register_valuer
+from ...bilevel import bilevel_weights
+from ..base import MethodInfo, Valuation, ValuationContext, Valuer
+from ..influence import objective_of
+
+
+
+@dataclass(eq=False)
+class BilevelInfo(MethodInfo):
+    """The bilevel optimisation: per outer step the validation loss and the inner and
+    hypergradient solves (``steps``), and a summary of the final weights."""
+    steps: Optional[list] = None
+    model: Optional[str] = None
+    parameters: Optional[int] = None
+    seed: Optional[int] = None
+    hypergradient: Optional[str] = None
+    weight_mean: Optional[float] = None
+    weight_zero: Optional[int] = None
+    weight_below_one: Optional[int] = None
 
 
 @dataclass
@@ -69,6 +84,7 @@ class BilevelValuer(Valuer):
                                   inner_tol=opts.inner_tol, beta=opts.beta, symmetric=opts.symmetric,
                                   cg_tol=opts.cg_tol, cg_max_iter=opts.cg_max_iter, log=ctx.progress)
         g = info.pop("first_hypergradient")
+        info = BilevelInfo(**info)
         gmax = float(np.abs(g).max()) or 1.0
         values = w - 1e-9 * g / gmax
         info.update(model=obj.kind, parameters=int(obj.theta.numel()), seed=seed, hypergradient=opts.hypergradient,

@@ -8,11 +8,20 @@ and keep large losses.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-from ..registry import register_valuer
-from .base import Valuation, ValuationContext, Valuer
+from ...registry import register_valuer
+from ..base import MethodInfo, Valuation, ValuationContext, Valuer
+
+
+
+@dataclass(eq=False)
+class SmallLossInfo(MethodInfo):
+    """What the small-loss valuer used: the epochs its mean loss covers, the selected epoch."""
+    loss_epochs: Optional[int] = None
+    selected_epoch: Optional[int] = None
 
 
 @dataclass
@@ -29,8 +38,8 @@ class SmallLossValuer(Valuer):
             raise ValueError("small-loss valuer needs per-interaction losses from training")
         loss = np.asarray(loss, dtype=np.float64)
         return Valuation(method=self.name, values=-loss, columns={"train_loss": loss},
-                         info={"loss_epochs": int(ctx.train_cfg.loss_epochs),
-                               "selected_epoch": int(ctx.base.best_epoch)})
+                         info=SmallLossInfo(loss_epochs=int(ctx.train_cfg.loss_epochs),
+                                            selected_epoch=int(ctx.base.best_epoch)))
 
 
 @register_valuer("small-loss", SmallLossConfig)

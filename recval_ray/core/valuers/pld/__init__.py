@@ -14,19 +14,33 @@ every row is measured each epoch, else only the rows the batches visited). Rows 
 measured get their loss under the selected model (``train.loss_negatives`` seeded negatives),
 counted in ``info["filled_rows"]``. The base model may be trained with any objective (plain
 BPR, T-CE, R-CE or PLD). With injected noise, ``info["loss_overlap"]`` holds the paper's
-diagnostic (:mod:`..loss_overlap`): how many injected interactions fall inside the normal
+diagnostic (:mod:`...loss_overlap`): how many injected interactions fall inside the normal
 interactions' loss range globally vs within their user.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-from ..registry import register_valuer
-from ..loss_overlap import loss_overlap, standardise_within_user
-from ..train import loss_generator
-from .base import Valuation, ValuationContext, Valuer
+from ...registry import register_valuer
+from .loss_overlap import loss_overlap, standardise_within_user
+from ...train import loss_generator
+from ..base import MethodInfo, Valuation, ValuationContext, Valuer
+
+
+
+@dataclass(eq=False)
+class PLDInfo(MethodInfo):
+    """PLD's facts: loss window, selected epoch, loss pass, rows whose loss was filled from the
+    final model, the base objective and, with injected noise, the loss-overlap diagnostic."""
+    loss_epochs: Optional[int] = None
+    selected_epoch: Optional[int] = None
+    loss_pass: Optional[str] = None
+    filled_rows: Optional[int] = None
+    objective: Optional[str] = None
+    loss_overlap: Optional[dict] = None
 
 
 @dataclass
@@ -55,14 +69,14 @@ class PLDValuer(Valuer):
             loss[missing] = final[missing]
         train = ctx.split.train
         z = standardise_within_user(loss, train.user, train.n_users)
-        info = {"loss_epochs": int(ctx.train_cfg.loss_epochs), "selected_epoch": int(ctx.base.best_epoch),
-                "loss_pass": getattr(ctx.train_cfg, "loss_pass", "visited"), "filled_rows": int(missing.sum()),
-                "objective": getattr(getattr(ctx.train_cfg, "denoise", None), "kind", "bpr")}
+        info = PLDInfo(loss_epochs=int(ctx.train_cfg.loss_epochs), selected_epoch=int(ctx.base.best_epoch),
+                       loss_pass=getattr(ctx.train_cfg, "loss_pass", "visited"), filled_rows=int(missing.sum()),
+                       objective=getattr(getattr(ctx.train_cfg, "denoise", None), "kind", "bpr"))
         if train.is_noise is not None and np.asarray(train.is_noise).any():
             info["loss_overlap"] = loss_overlap(loss, train.user, train.is_noise)
         return Valuation(method=self.name, values=-z, columns={"train_loss": loss, "loss_z": z}, info=info)
 
 
-@register_valuer("pld", PLDValuerConfig, report_sections=("recval_ray.report_builder:personal_loss_section",))
+@register_valuer("pld", PLDValuerConfig, report_sections=("recval_ray.core.valuers.pld.report:section",))
 def build_pld(opts: PLDValuerConfig) -> PLDValuer:
     return PLDValuer(opts)

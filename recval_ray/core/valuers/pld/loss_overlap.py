@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .evaluation import noise_detection
+from ...evaluation import noise_detection
 
 
 def standardise_within_user(loss: np.ndarray, user: np.ndarray, n_users: int | None = None) -> np.ndarray:

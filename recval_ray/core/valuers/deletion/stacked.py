@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 from torch.nn import functional as F
 
-from ..train import epoch_generator
+from ...train import epoch_generator
 
 
 def keep_freed_memory(threshold: int = 1 << 30) -> bool:
@@ -113,7 +113,7 @@ def _stack_table(t: torch.Tensor, B: int) -> torch.Tensor:
 
 
 class StackedNeuMF(StackedModel):
-    """NeuMF (:mod:`..models.ncf`): user table ``[gmf | mlp]``, item table ``[gmf | mlp]``."""
+    """NeuMF (:mod:`...models.ncf`): user table ``[gmf | mlp]``, item table ``[gmf | mlp]``."""
 
     table_parts = {"user": ("user_gmf", "user_mlp"), "item": ("item_gmf", "item_mlp")}
 
@@ -170,8 +170,8 @@ class StackedNeuMF(StackedModel):
 
 
 class StackedBiasedMF(StackedModel):
-    """Biased MF (:class:`..models.svd.BiasedMF`): tables ``[p | b]``; loss summed over the
-    batch, ``0.5 ((r - r_hat)^2 + reg * penalty)`` as :class:`..models.svd.SVDTask`."""
+    """Biased MF (:class:`...models.svd.BiasedMF`): tables ``[p | b]``; loss summed over the
+    batch, ``0.5 ((r - r_hat)^2 + reg * penalty)`` as :class:`...models.svd.SVDTask`."""
 
     reduction = "sum"
     table_parts = {"user": ("user_emb", "user_bias"), "item": ("item_emb", "item_bias")}
@@ -253,8 +253,8 @@ class StackedBiasedMF(StackedModel):
 
 def stack_task(task, B: int) -> StackedModel:
     """The stacked form of a task's model (NeuMF and biased MF are supported)."""
-    from ..models.ncf import NCFTask
-    from ..models.svd import SVDTask
+    from ...models.ncf import NCFTask
+    from ...models.svd import SVDTask
     if isinstance(task, NCFTask):
         return StackedNeuMF(task.model, B)
     if isinstance(task, SVDTask):
@@ -350,7 +350,7 @@ def train_stacked(task, train_cfg, drop: torch.Tensor, row_group: torch.Tensor, 
     ``task``: built on the whole training set with initialisation seed ``seed`` (every model
     starts from its weights); ``drop`` ``[B, n_groups]`` bool; ``row_group`` ``[n_train]``: the
     group of each training row (-1 = never dropped). Epoch ``e`` draws from
-    ``epoch_generator(seed, e)`` as :func:`..train.fit` does.
+    ``epoch_generator(seed, e)`` as :func:`...train.fit` does.
     """
     dev = task.device
     B = int(drop.shape[0])

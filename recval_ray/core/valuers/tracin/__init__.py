@@ -3,7 +3,7 @@ with TracIn"): the influence of every training example on the validation loss, p
 opponents of query items, and the opponent-removal experiment.
 
 **What is valued.** A training *example* (the write-up's "training sequence") is one target
-interaction with its window of previous items (:func:`~..sequences.build_windows`); it is
+interaction with its window of previous items (:func:`~...sequences.build_windows`); it is
 identified by its target's training row, so a user's first interaction, never a target, gets
 ``value`` NaN (never pruned). For the checkpoints of the base model's training (``checkpoints``
 of them, evenly spaced up to the selected epoch, with each epoch's learning rate),
@@ -12,10 +12,10 @@ of them, evenly spaced up to the selected epoch, with each epoch's learning rate
              = sum_i eta_i grad l(w_i, z) . grad l(w_i, sum_z' z'),
 
 the validation examples being every validation interaction with its true preceding window
-(train + earlier validation items, :func:`~..sequences.held_out_windows`). **Sign:** positive =
+(train + earlier validation items, :func:`~...sequences.held_out_windows`). **Sign:** positive =
 a *proponent* (a step on it lowers the validation loss: useful, kept), negative = an *opponent*
 (it raises the validation loss). ``self_influence`` is ``sum_i eta_i |grad l(w_i, z)|^2``.
-Scores: :mod:`recval_ray.core.tracin` (``variant``: ``all`` exact over every parameter,
+Scores: :mod:`recval_ray.core.valuers.tracin.scores` (``variant``: ``all`` exact over every parameter,
 ``last-layer``, ``random-projection`` to ``projection_dim`` per parameter block).
 
 **Query items** (``query_items``: titles or original item ids; default the write-up's seven
@@ -33,7 +33,7 @@ in-process path's whatever the number of actors or the order they finish.
 **Removal experiment (honest).** The ``removal_n`` strongest opponents (lowest values, selected
 on the validation loss only) are removed as *targets*: the model is retrained without predicting
 them (their items stay in the other examples' histories,
-:meth:`~..models.lstm.NextItemTask.restrict_targets`), next to the original data and to
+:meth:`~...models.lstm.NextItemTask.restrict_targets`), next to the original data and to
 ``removal_n`` random valued examples removed (a fresh draw per seed), under ``removal_seeds``
 (default three fresh seeds, ``train.seed + 1..3``: an opponent's score is partly the base run's
 own noise), each model selected on validation as the base model. Effects are measured on the
@@ -42,7 +42,7 @@ own noise), each model selected on validation as the base model. Effects are mea
 Recall@K, NDCG@K over test examples) and the job's user-level ranking metrics
 (``evaluate``). Tables ``removal_experiment`` (per seed; metric ``next:<m>`` or ``user:<m>``,
 column ``protocol``) and ``removal_summary`` (mean, std, se over seeds; relative differences to
-the original data paired by seed), the same layout as every method's (:mod:`..removal`). The pipeline's own ``prune`` (e.g. ``strategy: count, count:
+the original data paired by seed), the same layout as every method's (:mod:`...removal`). The pipeline's own ``prune`` (e.g. ``strategy: count, count:
 500``) writes the pruned data without the strongest opponents' rows.
 
 Work items (one per checkpoint, one per removal training) are kept in the run's store when it
@@ -59,14 +59,14 @@ from typing import Literal, Optional, Union
 import numpy as np
 import torch
 
-from ..registry import register_valuer
-from ..data import Interactions, Split
-from ..executor import LocalExecutor, run_items, work_fingerprint
-from ..removal import long_table as removal_long_table, summarise as summarise_removal
-from ..sequences import _gather_windows, build_windows, held_out_windows, pad_index
-from ..tracin import (VARIANTS, Checkpoint, Examples, Queries, TracInSpec, checkpoint_scores, select_checkpoints,
+from ...registry import register_valuer
+from ...data import Split
+from ...executor import LocalExecutor, run_items, work_fingerprint
+from ...removal import long_table as removal_long_table, summarise as summarise_removal
+from ...sequences import _gather_windows, build_windows, held_out_windows, pad_index
+from .scores import (VARIANTS, Checkpoint, Examples, Queries, TracInSpec, checkpoint_scores, select_checkpoints,
                       sum_partials, top_k)
-from .base import Resources, Valuation, ValuationContext, Valuer
+from ..base import MethodInfo, Resources, Valuation, ValuationContext, Valuer
 
 log = logging.getLogger("recval_ray.tracin")
 
@@ -74,6 +74,33 @@ log = logging.getLogger("recval_ray.tracin")
 WRITEUP_QUERIES = ["Return of the Jedi (1983)", "Star Trek III: The Search for Spock (1984)",
                    "L.A. Confidential (1997)", "Citizen Kane (1941)", "Top Gun (1986)", "Jaws (1975)",
                    "G.I. Jane (1997)"]
+
+
+
+@dataclass(eq=False)
+class TracInInfo(MethodInfo):
+    """TracIn's run: variant, checkpoints (epochs, learning rates, seconds), the selected epoch,
+    window, where it was scored, the examples valued, sign counts, the query items, the
+    random-projection check and the removal experiment's settings."""
+    variant: Optional[str] = None
+    checkpoint_epochs: Optional[list] = None
+    checkpoint_lrs: Optional[list] = None
+    checkpoint_seconds: Optional[list] = None
+    selected_epoch: Optional[int] = None
+    window: Optional[int] = None
+    scored_on: Optional[str] = None
+    training_examples: Optional[int] = None
+    validation_examples: Optional[int] = None
+    first_interactions_not_valued: Optional[int] = None
+    scoring_seconds: Optional[float] = None
+    positive_values: Optional[int] = None
+    negative_values: Optional[int] = None
+    sign: Optional[str] = None
+    projection_dim: Optional[int] = None
+    queries: Optional[dict] = None
+    projection_check: Optional[dict] = None
+    removal: Optional[dict] = None
+    seconds_total: Optional[float] = None
 
 
 @dataclass
@@ -195,8 +222,8 @@ def next_item_metrics(model, parts: list, ks=(10, 20), exclude_seen: bool = True
 def run_removal_item(shared: dict, item: dict) -> dict:
     """Train the LSTM under ``item["seed"]`` without the targets ``item["drop"]`` (training rows),
     select on validation, evaluate on test. Ray-free; runs on actors."""
-    from ..evaluation import evaluate_ranking
-    from ..train import build_task, fit
+    from ...evaluation import evaluate_ranking
+    from ...train import build_task, fit
     torch.set_num_threads(max(1, int(shared.get("threads", 1))))
     t0 = time.perf_counter()
     split: Split = shared["split"]
@@ -281,13 +308,14 @@ class TracInValuer(Valuer):
         values[rows] = scores[:, 0]
         self_col = np.full(n, np.nan)
         self_col[rows] = self_inf
-        info = {"variant": o.variant, "checkpoint_epochs": total["epochs"], "checkpoint_lrs": total["lrs"],
-                "checkpoint_seconds": [round(s, 2) for s in total["checkpoint_seconds"]],
-                "selected_epoch": int(ctx.base.best_epoch), "window": W, "scored_on": where,
-                "training_examples": int(len(rows)), "validation_examples": int(len(v_target)),
-                "first_interactions_not_valued": int(n - len(rows)), "scoring_seconds": round(score_s, 2),
-                "positive_values": int((scores[:, 0] > 0).sum()), "negative_values": int((scores[:, 0] < 0).sum()),
-                "sign": "value > 0: proponent (a step on it lowers the validation loss); < 0: opponent"}
+        info = TracInInfo(variant=o.variant, checkpoint_epochs=total["epochs"], checkpoint_lrs=total["lrs"],
+                          checkpoint_seconds=[round(s, 2) for s in total["checkpoint_seconds"]],
+                          selected_epoch=int(ctx.base.best_epoch), window=W, scored_on=where,
+                          training_examples=int(len(rows)), validation_examples=int(len(v_target)),
+                          first_interactions_not_valued=int(n - len(rows)), scoring_seconds=round(score_s, 2),
+                          positive_values=int((scores[:, 0] > 0).sum()),
+                          negative_values=int((scores[:, 0] < 0).sum()),
+                          sign="value > 0: proponent (a step on it lowers the validation loss); < 0: opponent")
         if o.variant == "random-projection":
             info["projection_dim"] = o.projection_dim
         tables = {"tracin_queries": self._query_table(ctx, scores[:, 1:], rows, q_items, q_labels, groups, o.top_k)}
@@ -306,7 +334,7 @@ class TracInValuer(Valuer):
         info["seconds_total"] = round(time.perf_counter() - t_start, 2)
         return Valuation(method=self.name, values=values,
                          columns={"self_influence": self_col, "tracin_opponent_removed": opp},
-                         tables=tables, info={"tracin": True, **info})
+                         tables=tables, info=info)
 
     # -- queries -------------------------------------------------------------------------
     def _query_items(self, ctx, q_target: np.ndarray) -> tuple[list[int], list[str]]:
@@ -493,7 +521,7 @@ class TracInValuer(Valuer):
 
 
 def fingerprint(ctx: ValuationContext, opts: TracInConfig, scores_only: bool = False) -> str:
-    """What stored work items depend on (:func:`..executor.work_fingerprint`): data, split,
+    """What stored work items depend on (:func:`...executor.work_fingerprint`): data, split,
     model, training and TracIn settings, not where or how they run; ``scores_only``: the
     checkpoint scores', which the removal experiment's settings do not change."""
     ignore = ("resources", "on",
@@ -519,7 +547,7 @@ class _CheckpointActors:
 
 @register_valuer("tracin", TracInConfig, requires=("sequential", "checkpoints"), in_process_training=True,
                  work_items=True,
-                 report_sections=("recval_ray.report_builder:checkpoint_influence_section",))
+                 report_sections=("recval_ray.core.valuers.tracin.report:section",))
 def build_tracin(opts: TracInConfig) -> TracInValuer:
     opts.validate()
     return TracInValuer(opts)
