@@ -475,6 +475,11 @@ def check_semantics(cfg: JobConfig) -> None:
                 set(MODELS.meta(k).get("capabilities", ()))]
         raise ConfigError(f"valuation.method {cfg.valuation.method} needs a model with {', '.join(missing)} "
                           f"(model.kind: {', '.join(fits) or 'none registered'}), not model.kind {cfg.model.kind!r}")
+    if method.get("check") is not None:          # the method's own checks of the whole job
+        try:
+            method["check"](cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if method.get("in_process_training") and (cfg.train.workers > 0 or cfg.train.use_gpu):
         raise ConfigError(f"valuation.method {cfg.valuation.method} needs the model trained in-process "
                           f"(train.workers: 0, train.use_gpu: false): it reads what the in-process trainer "

@@ -556,3 +556,28 @@ def test_yaml_booleans_are_yaml_1_2s(tmp_path):
     assert cfg.valuation.on == "local" and cfg.output.report is False
     with pytest.raises(ConfigError, match="output.report"):
         load_config(str(job), ["output.report=yes"])
+
+
+@pytest.mark.parametrize("job, needs", [
+    ({"model": {"kind": "mf"}, "valuation": {"method": "dvrl"}}, "dvrl"),
+    ({"model": {"kind": "lstm"}, "valuation": {"method": "tracin"}}, "tracin"),
+    ({"model": {"kind": "dae"}, "valuation": {"method": "svv", "variant": "valid-margin"}}, "valid-margin"),
+    ({"model": {"kind": "svd"}, "valuation": {"method": "deletion", "protocol": "validation"}}, "protocol"),
+])
+def test_a_method_checks_the_whole_job_before_any_data_is_read(job, needs):
+    """A valuer's registered ``check(job)``: a method that needs a validation split fails at
+    validation when the split plans none (two ratios, a zero share, leave-last n_valid 0), and
+    passes with one; the config module names no method for it."""
+    for split in ({"kind": "random", "ratios": [0.8, 0.2]}, {"kind": "user-ratio", "ratios": [0.8, 0.0, 0.2]},
+                  {"kind": "leave-last", "n_valid": 0}):
+        with pytest.raises(ConfigError, match=f"{needs}.*needs a validation split"):
+            validate_config({"name": "x", "split": split, **job})
+    ok = validate_config({"name": "x", "split": {"kind": "random", "ratios": [0.7, 0.1, 0.2]}, **job})
+    assert ok.valuation.method == job["valuation"]["method"]
+
+
+def test_methods_without_the_need_accept_a_two_part_split():
+    for job in ({"model": {"kind": "svd"}, "valuation": {"method": "deletion", "protocol": "test-same"}},
+                {"model": {"kind": "dae"}, "valuation": {"method": "svv", "variant": "recon-error"}},
+                {"model": {"kind": "mf"}, "valuation": {"method": "small-loss"}}):
+        validate_config({"name": "x", "split": {"kind": "random", "ratios": [0.8, 0.2]}, **job})

@@ -58,3 +58,13 @@ class SplitConfig:
     n_test: int = 1
     valid_from_train: float = 0.1
     seed: int = 0
+
+    def plans_validation(self) -> Optional[bool]:
+        """Whether this split gives a validation part: ``False`` when it cannot (two ratios or a
+        zero validation share, ``n_valid: 0``), ``None`` when only the data can tell (``given``
+        without ``valid_from_train``: the input's own valid rows), else ``True``."""
+        if self.kind == "leave-last":
+            return self.n_valid > 0
+        if self.kind == "given":
+            return True if self.valid_from_train > 0 else None
+        return len(self.ratios) == 3 and float(self.ratios[1]) > 0

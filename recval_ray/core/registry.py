@@ -40,7 +40,9 @@ class Registry:
           can read; ``"sequential"``), ``shard_by`` (``"user"`` for user-batched models);
         * valuers: ``requires`` (model capabilities), ``entity_level`` (values of users, items
           or groups: ``prune.scope: entity`` applies), ``in_process_training`` (reads what the
-          in-process trainer leaves, e.g. its checkpoints: no Ray Train)."""
+          in-process trainer leaves, e.g. its checkpoints: no Ray Train), ``check`` (``check(job)``
+          raising ``ValueError``: the method's own checks across the job's sections, run when
+          the job is validated), ``report_sections``, ``work_items``."""
         def deco(factory):
             self._entries[name] = Entry(name, options, factory, dict(meta))
             return factory

@@ -72,6 +72,16 @@ MOVED_TO_RESOURCES = {"actors": "actors", "actor_cpus": "cpus", "actor_gpus": "g
                       "reference_cpus": "cpus", "reference_gpus": "gpus"}
 
 
+def require_validation(job, what: str) -> None:
+    """A valuer's job check (``register_valuer(..., check=...)``, run when the job is
+    validated, before any data is read): ``what`` needs a validation split, so a split that
+    plans none is an error now rather than after ingestion and training."""
+    if job.split.plans_validation() is False:
+        raise ValueError(f"{what} needs a validation split: split.ratios with three parts and a validation "
+                         f"share > 0 (split.kind {job.split.kind!r}, ratios {list(job.split.ratios)}"
+                         + (f", n_valid {job.split.n_valid}" if job.split.kind == "leave-last" else "") + ")")
+
+
 @dataclass(eq=False)
 class MethodInfo(Mapping):
     """A method's facts about its run (settings it resolved, diagnostics, timings), one typed

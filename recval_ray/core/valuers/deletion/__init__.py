@@ -53,7 +53,7 @@ from ...executor import run_items, work_fingerprint
 from ...removal import long_table as removal_long_table, summarise as summarise_removal
 from ...metrics import ranking_metrics, rating_metrics, scores_fn_from_matrix
 from ...stats import standard_error
-from ..base import MethodInfo, Resources, Valuation, ValuationContext, Valuer
+from ..base import MethodInfo, Resources, Valuation, ValuationContext, Valuer, require_validation
 
 log = logging.getLogger("recval_ray.deletion")
 
@@ -645,7 +645,13 @@ def fingerprint(ctx: ValuationContext, opts: DeletionConfig) -> str:
     return work_fingerprint("deletion", ctx, dataclasses.asdict(opts), ignore=("resources",))
 
 
-@register_valuer("deletion", DeletionConfig, entity_level=True, work_items=True,
+def check_job(job) -> None:
+    """``protocol: validation`` measures influence on the validation split."""
+    if getattr(job.valuation, "protocol", None) == "validation":
+        require_validation(job, "valuation.protocol: validation (or use protocol: test-same)")
+
+
+@register_valuer("deletion", DeletionConfig, entity_level=True, work_items=True, check=check_job,
                  report_sections=("recval_ray.core.valuers.deletion.report:section",))
 def build_deletion(opts: DeletionConfig) -> DeletionValuer:
     if opts.seeds < 1:

@@ -38,7 +38,7 @@ from ...evaluation import evaluation_users, noise_detection
 from ...metrics import parse_metric, ranking_metrics
 from ...models.mf import MF, BPRTask
 from ...train import build_task, fit, loss_generator, validation_score
-from ..base import MethodInfo, Valuation, ValuationContext, Valuer
+from ..base import MethodInfo, Valuation, ValuationContext, Valuer, require_validation
 
 log = logging.getLogger("recval_ray")
 
@@ -276,6 +276,11 @@ class DVRLValuer(Valuer):
         return rewarder
 
 
-@register_valuer("dvrl", DVRLConfig)
+def check_job(job) -> None:
+    """DVRL's reward is the validation metric: the job must plan a validation split."""
+    require_validation(job, "valuation.method dvrl (its reward is a validation metric)")
+
+
+@register_valuer("dvrl", DVRLConfig, check=check_job)
 def build_dvrl(opts: DVRLConfig) -> DVRLValuer:
     return DVRLValuer(opts)

@@ -39,7 +39,7 @@ from ...shapley.exact import MAX_EXACT_PLAYERS
 from ...shapley.fastshap import FastSHAPConfig, explain, train_explainer
 from ...shapley.games import DAEGame, interaction_players
 from ...shapley.reference import agreement, reference_shapley, sample_users
-from ..base import MethodInfo, Resources, Valuation, ValuationContext, Valuer
+from ..base import MethodInfo, Resources, Valuation, ValuationContext, Valuer, require_validation
 
 
 
@@ -216,6 +216,12 @@ def _reference_table(ctx: ValuationContext, players: UserRows, player_of_row: np
     return table
 
 
-@register_valuer("svv", SVVConfig, report_sections=("recval_ray.core.valuers.svv.report:section",))
+def check_job(job) -> None:
+    """``variant: valid-margin`` scores a user's validation items."""
+    if getattr(job.valuation, "variant", None) == "valid-margin":
+        require_validation(job, "valuation.variant valid-margin")
+
+
+@register_valuer("svv", SVVConfig, check=check_job, report_sections=("recval_ray.core.valuers.svv.report:section",))
 def build_svv(opts: SVVConfig) -> SVVValuer:
     return SVVValuer(opts)

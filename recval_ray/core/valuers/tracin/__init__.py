@@ -66,7 +66,7 @@ from ...removal import long_table as removal_long_table, summarise as summarise_
 from ...sequences import _gather_windows, build_windows, held_out_windows, pad_index
 from .scores import (VARIANTS, Checkpoint, Examples, Queries, TracInSpec, checkpoint_scores, select_checkpoints,
                       sum_partials, top_k)
-from ..base import MethodInfo, Resources, Valuation, ValuationContext, Valuer
+from ..base import MethodInfo, Resources, Valuation, ValuationContext, Valuer, require_validation
 
 log = logging.getLogger("recval_ray.tracin")
 
@@ -545,7 +545,12 @@ class _CheckpointActors:
                                            max_concurrent=o.resources.max_concurrent, on_result=on_result)
 
 
-@register_valuer("tracin", TracInConfig, requires=("sequential", "checkpoints"), in_process_training=True,
+def check_job(job) -> None:
+    """TracIn values each example by its influence on the validation loss."""
+    require_validation(job, "valuation.method tracin (values are influences on the validation loss)")
+
+
+@register_valuer("tracin", TracInConfig, requires=("sequential", "checkpoints"), in_process_training=True, check=check_job,
                  work_items=True,
                  report_sections=("recval_ray.core.valuers.tracin.report:section",))
 def build_tracin(opts: TracInConfig) -> TracInValuer:
