@@ -72,6 +72,22 @@ def _expects_validation(cfg: JobConfig) -> bool:
     return s.valid_from_train > 0
 
 
+def preflight(cfg: JobConfig, split: Split) -> None:
+    """Before training: a method that registered ``peak_bytes`` has its estimated peak memory
+    for these data checked against ``valuation.resources.memory_gb`` (or the memory available),
+    so a too-large job fails in seconds with what to lower, not after training."""
+    from .core.valuers.base import DataSize, check_memory
+    from .registry import VALUERS
+    estimate = VALUERS.meta(cfg.valuation.method).get("peak_bytes")
+    resources = getattr(cfg.valuation, "resources", None)
+    if estimate is None or resources is None:
+        return
+    need, why = estimate(cfg, DataSize(split.train.n_users, split.train.n_items, len(split.train)))
+    budget = check_memory(cfg.valuation.method, int(need), why, resources)
+    log.info("%s: estimated peak %.2f GiB of %s GiB", cfg.valuation.method, need / 2 ** 30,
+             f"{budget / 2 ** 30:.1f}" if budget else "unknown")
+
+
 def train(cfg: JobConfig, train_part: Interactions, valid: Interactions, *, tag: str,
           checkpoint_dir: Optional[str] = None, storage_path: Optional[str] = None,
           on_epoch: Optional[Callable] = None) -> TrainResult:
@@ -350,6 +366,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                      dataset.n_users, dataset.n_items, len(split.train),
                      int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0,
                      len(split.valid), len(split.test))
+            preflight(cfg, split)
 
             work_dir = tempfile.mkdtemp(prefix=f"recval-{run_id}-")
             try:

@@ -17,6 +17,10 @@ class ConfigError(RecvalError):
     """A job config is invalid: unknown key, wrong type, bad value."""
 
 
+class TooLargeError(RecvalError):
+    """The data are too large for what a method would hold at once (checked before training)."""
+
+
 class InputError(RecvalError):
     """The input data are malformed.
 

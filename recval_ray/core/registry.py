@@ -42,7 +42,9 @@ class Registry:
           or groups: ``prune.scope: entity`` applies), ``in_process_training`` (reads what the
           in-process trainer leaves, e.g. its checkpoints: no Ray Train), ``check`` (``check(job)``
           raising ``ValueError``: the method's own checks across the job's sections, run when
-          the job is validated), ``report_sections``, ``work_items``."""
+          the job is validated), ``peak_bytes`` (``peak_bytes(job, DataSize) -> (bytes, why)``:
+          the method's estimated peak memory, checked after the split, before training),
+          ``report_sections``, ``work_items``."""
         def deco(factory):
             self._entries[name] = Entry(name, options, factory, dict(meta))
             return factory

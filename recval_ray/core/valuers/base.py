@@ -55,12 +55,15 @@ class Resources:
     cpus: float = 1.0
     gpus: Optional[float] = 0.0
     max_concurrent: int = 0
+    memory_gb: Optional[float] = None   # what the method may hold at once (null: the machine's available memory)
 
     def validate(self, key: str = "valuation.resources") -> None:
         if self.actors < 0 or self.max_concurrent < 0:
             raise ValueError(f"{key}.actors and {key}.max_concurrent must be >= 0")
         if self.cpus <= 0:
             raise ValueError(f"{key}.cpus: {self.cpus} must be > 0")
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise ValueError(f"{key}.memory_gb: {self.memory_gb} must be > 0 (or null)")
         if self.gpus is not None and self.gpus < 0:
             raise ValueError(f"{key}.gpus: {self.gpus} must be >= 0 (or null)")
 
@@ -70,6 +73,39 @@ MOVED_TO_RESOURCES = {"actors": "actors", "actor_cpus": "cpus", "actor_gpus": "g
                       "checkpoint_cpus": "cpus", "checkpoint_gpus": "gpus", "checkpoint_actors": "max_concurrent",
                       "inference_actors": "actors", "inference_cpus": "cpus", "inference_gpus": "gpus",
                       "reference_cpus": "cpus", "reference_gpus": "gpus"}
+
+
+@dataclass(frozen=True)
+class DataSize:
+    """What a method's memory estimate reads (known after the split, before training)."""
+    n_users: int
+    n_items: int
+    n_train: int
+
+
+def available_memory() -> Optional[int]:
+    """Bytes the kernel reports available (``MemAvailable``; ``None`` where unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(method: str, need: int, why: str, resources: "Resources") -> Optional[int]:
+    """Fail early (:class:`~...errors.TooLargeError`) when a method's estimated peak ``need``
+    (bytes) exceeds ``valuation.resources.memory_gb`` or, unset, the memory available now;
+    returns the budget it compared with (``None``: unknown, not checked)."""
+    from ..errors import TooLargeError
+    budget = int(resources.memory_gb * 2 ** 30) if resources.memory_gb else available_memory()
+    if budget is not None and need > budget:
+        src = "valuation.resources.memory_gb" if resources.memory_gb else "available on this machine"
+        raise TooLargeError(f"valuation.method {method} would hold about {need / 2 ** 30:.1f} GiB at once, more than "
+                            f"the {budget / 2 ** 30:.1f} GiB {src}: {why}")
+    return budget
 
 
 def require_validation(job, what: str) -> None:
