@@ -67,7 +67,7 @@ from .grid import Cell, grid_cells, grid_keys, numeric_keys
 from .core.data import Split
 from .core.evaluation import evaluate_ranking, noise_detection
 from .core.valuers.base import Valuation
-from .pipeline import (load_data, open_run, make_executor, make_split, prune_masks, retrain_and_evaluate,
+from .pipeline import (load_data, open_run, make_executor, make_split, preflight, prune_masks, retrain_and_evaluate,
                        train, training_summary, values_table, interactions_table)
 
 log = logging.getLogger("recval_ray")
@@ -316,7 +316,10 @@ def _prepare_units(cfg: JobConfig, cells: Optional[list], seeds: list, use_ray: 
                 shared = splits[skey]
             else:  # every seed's split must be valid before anything is written
                 for s in seeds:
-                    make_split(seed_config(ccfg, s), dataset)
+                    checked = make_split(seed_config(ccfg, s), dataset)
+            # every compared method's memory estimate, before any training (pipeline.preflight)
+            for _, opts in compared_methods(ccfg):
+                preflight(dataclasses.replace(ccfg, valuation=opts), (shared or checked)[0])
         except RecvalError as e:
             raise _in_cell(e, cell)
         units.append(_Unit(cell, ccfg, dataset, shared, fixed))

@@ -95,3 +95,22 @@ def test_the_svv_estimate_bounds_the_measured_peak():
     cfg = _job(batch_size=64, samples=16, value_batch=8192)
     need, _ = peak_bytes(cfg, DataSize(64, 3000, 64 * 40))
     assert 0 < measured <= need, (measured, need)
+
+
+def test_compare_checks_every_compared_method_before_training(tmp_path, monkeypatch):
+    """``recval compare`` runs the same pre-flight for each compared method of each cell,
+    before any model is trained, and writes no manifest."""
+    from recval_ray import compare
+
+    def no_training(*a, **k):
+        raise AssertionError("trained although the pre-flight should have stopped the comparison")
+    monkeypatch.setattr(compare, "train", no_training)
+    raw = {"name": "pfc", "data": {"format": "synthetic",
+                                   "synthetic": {"n_users": 60, "n_items": 80, "interactions_per_user": 12, "seed": 1}},
+           "model": {"kind": "dae", "hidden": [16]}, "train": {"epochs": 1, "batch_size": 32},
+           "valuation": {"method": "svv", "epochs": 1, "resources": {"memory_gb": 0.01}},
+           "evaluate": {"metrics": ["recall"], "ks": [5]}, "output": {"uri": str(tmp_path), "report": False},
+           "compare": {"seeds": [0, 1]}}
+    with pytest.raises(TooLargeError, match="svv would hold"):
+        compare.run_compare(validate_config(raw), output_uri=str(tmp_path), use_ray=False)
+    assert not list(tmp_path.rglob("manifest.json"))
