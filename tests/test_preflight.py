@@ -114,3 +114,35 @@ def test_compare_checks_every_compared_method_before_training(tmp_path, monkeypa
     with pytest.raises(TooLargeError, match="svv would hold"):
         compare.run_compare(validate_config(raw), output_uri=str(tmp_path), use_ray=False)
     assert not list(tmp_path.rglob("manifest.json"))
+
+
+TRACIN_MEASURE = textwrap.dedent("""
+    import resource
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from recval_ray.core.models.lstm import LSTMRec
+    from recval_ray.core.valuers.tracin.scores import Checkpoint, Examples, Queries, TracInSpec, checkpoint_scores
+    I, N, W, G = 3000, 1024, 20, 8
+    rng = np.random.default_rng(0)
+    ck = Checkpoint(0, 0.1, {k: v.detach().clone() for k, v in LSTMRec(10, I, 64, 64, 1, W).state_dict().items()})
+    train = Examples(rng.integers(0, I, (N, W)), rng.integers(0, I, N))
+    q = Queries(Examples(rng.integers(0, I, (200, W)), rng.integers(0, I, 200)), rng.integers(0, G, 200), G)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    checkpoint_scores(ck, 0, train, q, TracInSpec(variant="all", tile=256, query_tile=16))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+""")
+
+
+def test_the_tracin_estimate_bounds_the_measured_peak_and_scales_with_the_tile():
+    from recval_ray.core.valuers.tracin import peak_bytes as tracin_peak
+    out = subprocess.run([sys.executable, "-c", TRACIN_MEASURE], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = int(out.stdout.strip().splitlines()[-1])
+    cfg = validate_config({"name": "t", "model": {"kind": "lstm", "dim": 64, "hidden": 64},
+                           "split": {"kind": "user-time-ratio", "ratios": [0.8, 0.1, 0.1]},
+                           "valuation": {"method": "tracin", "tile": 256, "query_tile": 16}})
+    need, why = tracin_peak(cfg, DataSize(10, 3000, 1024))
+    assert 0 < measured <= need, (measured, need)
+    cfg.valuation.tile = 64
+    assert tracin_peak(cfg, DataSize(10, 3000, 1024))[0] < need and "valuation.tile" in why

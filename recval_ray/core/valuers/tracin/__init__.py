@@ -545,12 +545,31 @@ class _CheckpointActors:
                                            max_concurrent=o.resources.max_concurrent, on_result=on_result)
 
 
+def peak_bytes(job, size) -> tuple:
+    """``(bytes, why)``: TracIn's peak while scoring a checkpoint (``variant: all``; the other
+    variants hold less). A tile of ``tile`` training examples holds about 11 item-sized float32
+    vectors per example (logits, softmax, their gradients, the output-layer products) and ~0.41
+    MB of per-example LSTM gradients; the query gradients ``query_tile x items x (dim + hidden
+    + 1)`` twice. Fitted to measured peaks (one thread; 2k / 8k / 16k items, tiles of 128 / 512,
+    8 / 32 query groups: 374 / 539 / 684 / 218 / 567 MB) with a 25% margin."""
+    o, m = job.valuation, job.model
+    I, tile = int(size.n_items), int(o.tile)
+    d, h = int(getattr(m, "dim", 64)), int(getattr(m, "hidden", 64))
+    per_tile = tile * (0.41 * 2 ** 20 + 45 * I)
+    queries = 2 * int(o.query_tile) * I * (d + h + 1) * 4
+    need = int(1.25 * (122 * 2 ** 20 + per_tile + queries))
+    why = (f"{I:,} items x valuation.tile {tile} training examples per gradient pass take "
+           f"{per_tile / 2 ** 30:.1f} GiB; lower valuation.tile (or query_tile), or run on a larger machine")
+    return need, why
+
+
 def check_job(job) -> None:
     """TracIn values each example by its influence on the validation loss."""
     require_validation(job, "valuation.method tracin (values are influences on the validation loss)")
 
 
 @register_valuer("tracin", TracInConfig, requires=("sequential", "checkpoints"), in_process_training=True, check=check_job,
+                 peak_bytes=peak_bytes,
                  work_items=True,
                  report_sections=("recval_ray.core.valuers.tracin.report:section",))
 def build_tracin(opts: TracInConfig) -> TracInValuer:
