@@ -25,7 +25,6 @@ from ..base import MethodInfo, Valuation, ValuationContext, Valuer
 from ..influence import objective_of
 
 
-
 @dataclass(eq=False)
 class BilevelInfo(MethodInfo):
     """The bilevel optimisation: per outer step the validation loss and the inner and

@@ -62,7 +62,6 @@ LOWER_IS_BETTER = ("mae", "rmse")
 PAPER_METRICS = ["map", "map@10", "ndcg@10", "precision@10", "recall@10", "explained_variance", "mae"]
 
 
-
 @dataclass(eq=False)
 class DeletionInfo(MethodInfo):
     """Deletion diagnostics: the entity kind and id column, engine, seeds, the metric valued

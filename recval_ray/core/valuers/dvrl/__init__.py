@@ -43,7 +43,6 @@ from ..base import MethodInfo, Valuation, ValuationContext, Valuer, require_vali
 log = logging.getLogger("recval_ray")
 
 
-
 @dataclass(eq=False)
 class DVRLInfo(MethodInfo):
     """DVRL's run: the reward metric and its full-data value, the policy-gradient settings, the

@@ -25,7 +25,6 @@ from ...influence import influence_values, model_objective, refine
 from ..base import MethodInfo, Valuation, ValuationContext, Valuer
 
 
-
 @dataclass(eq=False)
 class InfluenceInfo(MethodInfo):
     """The influence solve: model, parameter count, damping, solver and its convergence

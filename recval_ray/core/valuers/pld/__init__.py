@@ -30,7 +30,6 @@ from ...train import loss_generator
 from ..base import MethodInfo, Valuation, ValuationContext, Valuer
 
 
-
 @dataclass(eq=False)
 class PLDInfo(MethodInfo):
     """PLD's facts: loss window, selected epoch, loss pass, rows whose loss was filled from the

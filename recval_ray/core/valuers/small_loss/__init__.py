@@ -16,7 +16,6 @@ from ...registry import register_valuer
 from ..base import MethodInfo, Valuation, ValuationContext, Valuer
 
 
-
 @dataclass(eq=False)
 class SmallLossInfo(MethodInfo):
     """What the small-loss valuer used: the epochs its mean loss covers, the selected epoch."""

@@ -42,7 +42,6 @@ from ...shapley.reference import agreement, reference_shapley, sample_users
 from ..base import MethodInfo, Resources, Valuation, ValuationContext, Valuer, require_validation
 
 
-
 @dataclass(eq=False)
 class SVVInfo(MethodInfo):
     """SVV's run: value-function variant, seed, device, the explainer's training and inference

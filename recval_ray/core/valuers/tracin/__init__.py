@@ -76,7 +76,6 @@ WRITEUP_QUERIES = ["Return of the Jedi (1983)", "Star Trek III: The Search for S
                    "G.I. Jane (1997)"]
 
 
-
 @dataclass(eq=False)
 class TracInInfo(MethodInfo):
     """TracIn's run: variant, checkpoints (epochs, learning rates, seconds), the selected epoch,
