@@ -232,3 +232,31 @@ def test_valuers_run_on_tiny_split(method, kind, opts):
         want, _ = influence_values(obj, damping=o.damping, tol=o.cg_tol, max_iter=o.cg_max_iter)
         np.testing.assert_allclose(val.values, want, rtol=1e-6, atol=1e-12)
         assert val.info["solve"]["iterations"] >= 1
+
+
+def test_hessian_vector_products_accumulate_over_chunks_of_rows():
+    """The HVP's gradient is accumulated chunk by chunk (memory bounded by one chunk): with
+    chunks of 7 rows it equals the one-chunk HVP (float64 rounding), and with one chunk it is
+    the plain ``jvp(grad(train_loss))``, bit for bit."""
+    import torch
+    from torch.func import grad, jvp
+
+    from recval_ray.core.influence import Objective, hvp_fn
+    g = torch.Generator().manual_seed(0)
+    n, d = 50, 6
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+
+    def losses(theta, rows):
+        return torch.log1p(torch.exp(-(X[rows] @ theta) * y[rows]))
+    theta = torch.randn(d, generator=g, dtype=torch.float64)
+    v = torch.randn(d, generator=g, dtype=torch.float64)
+    w = torch.rand(n, generator=g, dtype=torch.float64)
+    penalty = lambda t: 0.3 * (t ** 4).sum()       # noqa: E731 - a non-quadratic penalty
+    one = Objective(theta=theta, n=n, train_losses=losses, val_loss=None, penalty=penalty, chunk=1 << 17)
+    many = Objective(theta=theta, n=n, train_losses=losses, val_loss=None, penalty=penalty, chunk=7)
+    for weights in (None, w):
+        plain = jvp(grad(lambda t: one.train_loss(t, weights)), (theta,), (v,))[1]
+        assert torch.equal(hvp_fn(one, theta, weights)(v), plain)
+        torch.testing.assert_close(hvp_fn(many, theta, weights, damping=0.5)(v), plain + 0.5 * v,
+                                   rtol=1e-12, atol=1e-12)

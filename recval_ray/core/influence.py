@@ -68,11 +68,31 @@ class Objective:
         """``sum_i w_i l_i(theta) + penalty(theta)`` (chunked over rows)."""
         total = theta.new_zeros(())
         for s in range(0, self.n, self.chunk):
-            rows = torch.arange(s, min(self.n, s + self.chunk), device=theta.device)
-            l = self.train_losses(theta, rows)
-            total = total + (l.sum() if w is None else (w[rows] * l).sum())
+            total = total + self.chunk_loss(theta, s, w)
         if self.penalty is not None:
             total = total + self.penalty(theta)
+        return total
+
+    def chunk_loss(self, theta: torch.Tensor, start: int, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``sum_{i in chunk} w_i l_i(theta)`` over rows ``start .. start + chunk``."""
+        rows = torch.arange(start, min(self.n, start + self.chunk), device=theta.device)
+        l = self.train_losses(theta, rows)
+        return l.sum() if w is None else (w[rows] * l).sum()
+
+    def train_grad(self, theta: torch.Tensor, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``grad train_loss(theta)``, accumulated chunk by chunk: reverse mode holds one chunk's
+        graph at a time, so memory does not grow with the rows (a single chunk: the same
+        expression as ``grad(train_loss)``, bit for bit)."""
+        starts = list(range(0, self.n, self.chunk)) or [0]
+        total = None
+        for k, s in enumerate(starts):
+            last = k == len(starts) - 1
+
+            def part(t, s=s, last=last):
+                out = t.new_zeros(()) + self.chunk_loss(t, s, w)
+                return out + self.penalty(t) if last and self.penalty is not None else out
+            g = grad(part)(theta)
+            total = g if total is None else total + g
         return total
 
     def losses(self, theta: torch.Tensor) -> torch.Tensor:
@@ -85,8 +105,10 @@ class Objective:
 def hvp_fn(obj: Objective, theta: torch.Tensor, w: Optional[torch.Tensor] = None,
            damping: float = 0.0) -> Callable:
     """``v -> (H + damping I) v``, H the Hessian of ``obj.train_loss(., w)`` at ``theta``,
-    forward-over-reverse: ``jvp(grad(L), (theta,), (v,))``."""
-    g = grad(lambda t: obj.train_loss(t, w))
+    forward-over-reverse: ``jvp(grad(L), (theta,), (v,))``, the gradient accumulated over
+    chunks of rows (:meth:`Objective.train_grad`) so memory is bounded by one chunk."""
+    def g(t):
+        return obj.train_grad(t, w)
 
     def hvp(v: torch.Tensor) -> torch.Tensor:
         out = jvp(g, (theta,), (v,))[1]
