@@ -52,24 +52,13 @@ def make_split(cfg: JobConfig, dataset: Dataset) -> tuple[Split, list[str]]:
         log.warning(w)
     from .errors import InputError
     for name, part in split.parts().items():
-        if len(part) == 0 and (name != "valid" or _expects_validation(cfg)):
+        if len(part) == 0 and (name != "valid" or cfg.split.plans_validation() is True):
             raise InputError(f"the {name} split is empty ({dataset.n_users} users, {len(dataset.interactions)} "
                              f"interactions, split {cfg.split.kind}): "
                              + ("nothing to train on" if name == "train" else
                                 "nothing to evaluate on (every metric would be NaN)")
                              + "; a log needs users with several interactions each")
     return split, warnings
-
-
-def _expects_validation(cfg: JobConfig) -> bool:
-    """Whether the split config asks for validation rows (a 3-way ratio, leave-last n_valid,
-    or rows carved from a pre-split input's train part)."""
-    s = cfg.split
-    if s.kind in ("random", "user-ratio", "user-time-ratio"):
-        return len(s.ratios) == 3 and s.ratios[1] > 0
-    if s.kind == "leave-last":
-        return s.n_valid > 0
-    return s.valid_from_train > 0
 
 
 def preflight(cfg: JobConfig, split: Split) -> None:
