@@ -40,9 +40,15 @@ weights bit for bit (CPU), there is no Hogwild. The engine runs inside the gener
 :func:`~.train.fit` loop (epochs, validation, early stopping, checkpoints, per-interaction loss
 tracking) through the task's ``train_step`` hook.
 
-Supported: ``model.kind: mf``, ``train.denoise.kind: bpr``, ``train.optimizer`` ``sgd`` or
-``adam``, ``train.weight_decay: 0`` (regularise with ``model.reg``), in-process or one Ray Train
-worker. :func:`check_engine` raises a :class:`~recval_ray.errors.ConfigError` otherwise.
+PLD (``train.denoise.kind: pld``): the batches carry each slot's pool; the step first picks
+the slot's positive with the parent's own choice (:meth:`~.models.mf.BPRTask.pld_chooser`: the
+pool's losses under the current weights, Gumbel-max on the batch's uniforms), then takes the
+plain BPR step above on the chosen triples, as the autograd engine does.
+
+Supported: ``model.kind: mf``, ``train.denoise.kind`` ``bpr`` or ``pld``, ``train.optimizer``
+``sgd``, ``adam`` or ``adamw`` (``adamw`` = ``adam`` here: ``train.weight_decay: 0`` is required;
+regularise with ``model.reg``), in-process or one Ray Train worker. :func:`check_engine` raises
+a :class:`~recval_ray.errors.ConfigError` otherwise.
 """
 from __future__ import annotations
 
@@ -55,11 +61,12 @@ import torch
 from .errors import ConfigError
 from .data import Interactions
 from .denoise import DenoiseConfig
-from .models.mf import BPRTask, NegativeSampler
+from .models.mf import BPRTask, NegativeSampler, choose_positive
 from .registry import MODELS
 
 ENGINES = ("autograd", "sparse")
-SPARSE_OPTIMIZERS = ("sgd", "adam")
+SPARSE_OPTIMIZERS = ("sgd", "adam", "adamw")
+SPARSE_DENOISE = ("bpr", "pld")
 CHUNK_ROWS = 1 << 18      # rows whose batches (users, items, negatives) are drawn at once
 
 
@@ -76,12 +83,13 @@ def check_engine(train_cfg, model_kind: str = "mf") -> None:
                           f"use train.engine: autograd")
     denoise = getattr(train_cfg, "denoise", None)
     kind = getattr(denoise, "kind", "bpr")
-    if kind != "bpr":
-        raise ConfigError(f"train.engine: sparse implements plain BPR only, not train.denoise.kind "
-                          f"{kind!r}; use train.engine: autograd for {kind}")
+    if kind not in SPARSE_DENOISE:
+        raise ConfigError(f"train.engine: sparse implements plain BPR and PLD only, not "
+                          f"train.denoise.kind {kind!r}; use train.engine: autograd for {kind}")
     if train_cfg.optimizer not in SPARSE_OPTIMIZERS:
-        raise ConfigError(f"train.engine: sparse supports train.optimizer sgd or adam (lazy, "
-                          f"SparseAdam semantics), not {train_cfg.optimizer!r}")
+        raise ConfigError(f"train.engine: sparse supports train.optimizer sgd, adam or adamw (lazy, "
+                          f"SparseAdam semantics; adamw without weight decay is adam), not "
+                          f"{train_cfg.optimizer!r}")
     if float(train_cfg.weight_decay) != 0.0:
         raise ConfigError(f"train.engine: sparse needs train.weight_decay: 0 (a decay of every row "
                           f"on every step is not row-sparse; regularise with model.reg), got "
@@ -303,15 +311,17 @@ class SparseAdam(SparseRowOptimizer):
 
 
 def make_sparse_optimizer(kind: str, tables: list[torch.Tensor], lr: float) -> SparseRowOptimizer:
+    """``sgd`` or lazy ``adam``; ``adamw`` is accepted as ``adam`` because the engine requires
+    ``train.weight_decay: 0`` (:func:`check_engine`), where AdamW and Adam coincide."""
     if kind == "sgd":
         return SparseSGD(tables, lr)
-    if kind == "adam":
+    if kind in ("adam", "adamw"):
         return SparseAdam(tables, lr)
-    raise ConfigError(f"train.engine: sparse supports train.optimizer sgd or adam, not {kind!r}")
+    raise ConfigError(f"train.engine: sparse supports train.optimizer sgd, adam or adamw, not {kind!r}")
 
 
 class SparseBPRTask(BPRTask):
-    """:class:`~.models.mf.BPRTask` (plain BPR, MF) trained by closed-form row-sparse steps.
+    """:class:`~.models.mf.BPRTask` (plain BPR or PLD, MF) trained by closed-form row-sparse steps.
 
     Same batches as the parent (same sampler, same generator stream, same negatives). The
     trainer calls :meth:`train_step` instead of ``loss`` + backward + optimiser. Buffers are
@@ -322,10 +332,11 @@ class SparseBPRTask(BPRTask):
     def __init__(self, model, train: Interactions, batch_size: int, reg: float, num_negatives: int = 1,
                  sampler: str = "interactions", *, optimizer: str = "adam", lr: float = 1e-3,
                  denoise: Optional[DenoiseConfig] = None):
-        if denoise is not None and denoise.kind != "bpr":
-            raise ConfigError(f"train.engine: sparse implements plain BPR only, not train.denoise.kind "
-                              f"{denoise.kind!r}; use train.engine: autograd")
-        super().__init__(model, train, batch_size, reg, num_negatives, sampler, denoise=None)
+        if denoise is not None and denoise.kind not in SPARSE_DENOISE:
+            raise ConfigError(f"train.engine: sparse implements plain BPR and PLD only, not "
+                              f"train.denoise.kind {denoise.kind!r}; use train.engine: autograd")
+        super().__init__(model, train, batch_size, reg, num_negatives, sampler,
+                         denoise=denoise if denoise is not None and denoise.kind == "pld" else None)
         self.negatives = FastNegativeSampler(train, self.device)
         self.prefetch = True
         self.Wu = model.user_emb.weight.detach()
@@ -397,9 +408,14 @@ class SparseBPRTask(BPRTask):
         users = batch["user"]
         B, n = users.shape[0], self._n
         d = self.Wu.shape[1]
-        items = batch.get("items")
+        picked, pos, items = None, batch["pos"], batch.get("items")
+        if "pool" in batch:     # PLD: the positive of each slot chosen from its pool first
+            picked = {}
+            pos = choose_positive(self.Wu, self.Wi, users, pos, batch["neg"], self.pld_chooser(batch, picked))
+            batch["idx"] = batch["pool"].gather(1, picked["col"][:, None]).squeeze(1)
+            items = None
         if items is None:
-            items = torch.cat([batch["pos"][None], batch["neg"].view(B, n).T], out=self._buf("iidx", 1 + n, B))
+            items = torch.cat([pos[None], batch["neg"].view(B, n).T], out=self._buf("iidx", 1 + n, B))
         iidx = items.reshape(-1)
         U, IJ = self._buf("U", B, d), self._buf("IJ", 1 + n, B, d)
         torch.index_select(self.Wu, 0, users, out=U)
@@ -447,6 +463,8 @@ class SparseBPRTask(BPRTask):
             torch.mul(c[:, :, None], U[None], out=IJ)
         self.opt.step(0, users, GU)
         self.opt.step(1, iidx, IJ.view((1 + n) * B, d))
+        if picked is not None:
+            self.stats.update(pool_loss=picked["pool_loss"], chosen_loss=per.mean())
         return loss, per
 
 

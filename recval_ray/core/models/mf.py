@@ -315,18 +315,23 @@ class BPRTask(Task):
     def _pld_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """One module call: the pool's losses without autograd, the PLD choice, then the plain
         BPR terms (with autograd) of the chosen triples. Writes ``batch["idx"]``."""
-        picked = {}
+        picked: dict = {}
+        per, l2, _ = self._terms(batch, self.pld_chooser(batch, picked))
+        batch["idx"] = batch["pool"].gather(1, picked["col"][:, None]).squeeze(1)
+        self.stats.update(pool_loss=picked["pool_loss"], chosen_loss=per.detach().mean())
+        return per.mean() + self.reg * l2.mean(), per.detach()
 
+    def pld_chooser(self, batch: dict, picked: dict):
+        """PLD's choice for :func:`choose_positive`: each pool item's BPR loss against the
+        slot's negatives, ``l_c = mean_j softplus(s_uj - s_uc)``, and one column per slot drawn
+        with ``P(c) ∝ exp(-l_c / tau)`` from the batch's uniforms; records ``picked["col"]`` and
+        ``picked["pool_loss"]``."""
         def choose(s_pool: torch.Tensor, s_neg: torch.Tensor) -> torch.Tensor:
             cand = nn.functional.softplus(s_neg[:, None, :] - s_pool[:, :, None]).mean(-1)   # [B, k]
             picked["col"] = pld_choice(cand, None, self.denoise.tau, uniforms=batch["noise"])
             picked["pool_loss"] = cand.mean()
             return picked["col"]
-
-        per, l2, _ = self._terms(batch, choose)
-        batch["idx"] = batch["pool"].gather(1, picked["col"][:, None]).squeeze(1)
-        self.stats.update(pool_loss=picked["pool_loss"], chosen_loss=per.detach().mean())
-        return per.mean() + self.reg * l2.mean(), per.detach()
+        return choose
 
 
 @register_model("mf", MFConfig, capabilities=("bpr",))
