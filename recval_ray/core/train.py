@@ -164,8 +164,10 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
     opt = make_optimizer(model.parameters(), train_cfg) if train_step is None else None
     best, best_epoch, best_state, bad_evals = -math.inf, -1, None, 0
     history, checkpoints = [], []
-    keep = max(1, train_cfg.loss_epochs) + max(0, train_cfg.patience) * max(1, train_cfg.eval_every) + 1
-    loss_ring: collections.deque = collections.deque(maxlen=keep)
+    # the per-row losses of the last `loss_epochs` epochs, and (references to) the window as it
+    # was at the best epoch so far: at most 2 x loss_epochs arrays of n_train float32 are held
+    loss_ring: collections.deque = collections.deque(maxlen=max(1, train_cfg.loss_epochs))
+    best_window: Optional[list] = None
     t0 = time.perf_counter()
     if checkpoint_dir:
         os.makedirs(checkpoint_dir, exist_ok=True)
@@ -212,6 +214,8 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
                 bad_evals += 1
         elif not use_valid:
             best_epoch, improved = epoch, True
+        if improved and track_losses:
+            best_window = list(loss_ring)
         if checkpoint_dir:
             path = os.path.join(checkpoint_dir, f"epoch_{epoch:04d}.pt")
             lr = opt.param_groups[0]["lr"] if opt is not None else float(train_cfg.lr)
@@ -234,9 +238,11 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         model.load_state_dict(best_state)
     interaction_loss = None
     if track_losses and loss_ring:
-        # the last `loss_epochs` epochs up to the selected one; rows never visited stay NaN
-        upto = [a for e, a in loss_ring if e <= best_epoch] or [a for _, a in loss_ring]
-        stack = np.stack(upto[-max(1, train_cfg.loss_epochs):])
+        # the last `loss_epochs` epochs up to the selected one (without a selection: the last
+        # ones); rows never visited stay NaN
+        window = best_window if best_window is not None and best_epoch >= 0 else list(loss_ring)
+        del loss_ring, best_window
+        stack = np.stack([a for _, a in window])
         seen = np.isfinite(stack)
         interaction_loss = np.where(seen, stack, 0).sum(0) / np.maximum(seen.sum(0), 1)
         interaction_loss[~seen.any(0)] = np.nan
