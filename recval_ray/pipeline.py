@@ -383,10 +383,19 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                     pruned = prune_and_retrain(cfg, split, valuation, work_dir, base_model=base.model)
                     if pruned.base_metrics is not None:
                         base_metrics = pruned.base_metrics
+                verdict = None
+                if cfg.verdict.enabled:
+                    with prof.stage("verdict", rows=len(split.train)):
+                        from .decision import verdict as decide_verdict
+                        log.info("verdict: retraining %d candidate prunings, deciding on validation",
+                                 len(cfg.verdict.fractions) * len(cfg.verdict.scopes))
+                        verdict = decide_verdict(cfg, split, valuation, base)
             finally:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
             metrics = build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, split_warnings)
+            if verdict is not None:
+                metrics["verdict"] = verdict
             explanation = explain(cfg, split, dataset, valuation, metrics, timings)
             small = len(split.train) <= CHUNK_ROWS
             values_tab = values_table(dataset, split, valuation, pruned.keep) if small else None
@@ -533,4 +542,7 @@ def headline(cfg: JobConfig, result: RunResult) -> str:
     p = m["prune"]
     lines.append(f"pruned {p['dropped']} of {p['dropped'] + p['kept']} training interactions"
                  + (f" ({p['noise_dropped']} injected)" if "noise_dropped" in p else ""))
+    v = m.get("verdict")
+    if v:
+        lines.append(f"verdict: {v['sentence']}" if v.get("decision") else f"verdict: not computed ({v['skipped']})")
     return "\n".join(lines)

@@ -16,6 +16,8 @@ def _fmt_setting(cfg) -> dict:
 
 def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuation, explanation=None) -> str:
     rep = Report(f"recval run {run_id}", f"{cfg.valuation.method} values of {cfg.model.kind} training data")
+    from .decision import report_section as verdict_section
+    verdict_section(rep, metrics.get("verdict"))
     rep.key_values(_fmt_setting(cfg) | {k: v for k, v in metrics["data"].items() if k != "warnings"})
     for w in metrics["data"].get("warnings", []):
         rep.paragraph(f"Warning: {w}")
@@ -40,8 +42,9 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
 
     v = values.column("value").to_numpy(zero_copy_only=False)
     rep.heading("Value distribution")
-    if "is_noise" in values.column_names:
-        noise = values.column("is_noise").to_numpy(zero_copy_only=False).astype(bool)
+    noise = values.column("is_noise").to_numpy(zero_copy_only=False).astype(bool) \
+        if "is_noise" in values.column_names else None
+    if noise is not None and noise.any():            # only when noise was injected
         rep.histogram({"clean": v[~noise], "injected noise": v[noise]}, title="values by is_noise",
                       xlabel="value (higher = more useful)")
         nd = metrics.get("noise_detection", {})

@@ -23,6 +23,7 @@ import yaml
 
 from .core.denoise import DenoiseConfig
 from .core.explain_values import ExplainConfig
+from .core.verdict import VerdictConfig
 from .errors import ConfigError
 
 
@@ -203,6 +204,7 @@ class JobConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)   # surrogate Shapley explanation of the values
+    verdict: VerdictConfig = field(default_factory=VerdictConfig)   # keep or prune: candidates, decision, test report
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -467,6 +469,7 @@ def check_semantics(cfg: JobConfig) -> None:
     _check_valuation(cfg.valuation)
     try:
         cfg.explain.validate("explain")
+        cfg.verdict.validate("verdict")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     missing = [c for c in method.get("requires", ()) if c not in caps]

@@ -29,7 +29,7 @@ from scipy.stats import rankdata
 
 from .errors import InputError
 from .data import Interactions, Split
-from .metrics import ranking_metrics, rating_metrics
+from .metrics import parse_metric, ranking_metrics, rating_metrics
 
 
 def drop_unseen(split: Split, strict: bool = False) -> tuple[Split, list[str]]:
@@ -178,6 +178,34 @@ def evaluate_ranking(model, split: Split, eval_cfg, part: str = "test",
                               batch_users=eval_cfg.batch_users, device=dev)
     model.train(was)
     return {k: float(v) for k, v in out.items()} | {k: float(v) for k, v in rating.items()}
+
+
+def per_user_metric(model, split: Split, eval_cfg, metric: str, part: str = "test",
+                    exclude: Optional[Sequence[Interactions]] = None,
+                    context: Optional[Sequence[Interactions]] = None) -> np.ndarray:
+    """One ranking metric per evaluation user of ``split.<part>`` (``evaluation_users``: the
+    same users, in the same order, for every model on this split); exclusions and context as
+    in :func:`evaluate_ranking`. Paired comparisons of two models take these arrays."""
+    target = getattr(split, part)
+    users, _ = evaluation_users(eval_cfg, target)
+    if exclude is None:
+        exclude = [split.train] if part == "valid" else [split.train, split.valid]
+    if context is None:
+        context = [split.train] if part == "valid" else [split.train, split.valid]
+    name, k = parse_metric(metric)
+    dev = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    set_context(model, context)
+    try:
+        with torch.no_grad():
+            out = ranking_metrics(model.score_users, target, list(exclude), metrics=[name],
+                                  ks=[k] if k else [], ndcg_variant=eval_cfg.ndcg_variant,
+                                  recall_variant=eval_cfg.recall_variant, users=users,
+                                  batch_users=eval_cfg.batch_users, device=dev, per_user=True)
+    finally:
+        model.train(was)
+    return np.asarray(out[metric], dtype=np.float64)
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -1,0 +1,159 @@
+"""The verdict stage: retrain the candidate prunings, decide on validation, report on test.
+
+For each ``verdict.fractions`` x ``verdict.scopes`` the run's values select the rows to drop
+(:func:`~.core.prune.prune_mask`), a model is retrained without them (the job's training, its
+own early stopping on validation) and scored on validation per user; every model is ranked
+against the same candidates (the full training set and, for test, validation excluded), so
+only the training data differ. The statistics and the decision rule are in
+:mod:`.core.verdict`; the returned record is ``metrics["verdict"]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import numpy as np
+
+from .core.data import Split
+from .core.evaluation import per_user_metric
+from .core.prune import prune_mask, random_prune_mask
+from .core.train import RATING_METRICS, TrainResult
+from .core.valuers.base import Valuation
+from .core.verdict import (Candidate, best_candidate, bootstrap_relative_change, decide, paired_t_test,
+                           relative_change, sentence)
+from .schema import JobConfig
+
+log = logging.getLogger("recval_ray")
+
+
+def unavailable(cfg: JobConfig, split: Split, valuation: Valuation) -> Optional[str]:
+    """Why no verdict can be computed for this run, or None."""
+    if len(split.valid) == 0:
+        return "no validation split: the decision is taken on validation"
+    if cfg.train.select_metric in RATING_METRICS:
+        return f"train.select_metric {cfg.train.select_metric} is a rating metric; the verdict ranks"
+    if valuation.row_entity is not None:
+        return (f"{cfg.valuation.method} values entities ({valuation.entity_kind}); their removal "
+                f"experiment is the removal_summary table")
+    if not np.isfinite(np.asarray(valuation.values, dtype=np.float64)).any():
+        return "no training row has a finite value"
+    return None
+
+
+def _seeded(cfg: JobConfig, seed: int) -> JobConfig:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
+
+
+def verdict(cfg: JobConfig, split: Split, valuation: Valuation, base: TrainResult) -> Optional[dict]:
+    """``metrics["verdict"]`` (see :mod:`.core.verdict`), ``{"decision": None, "skipped": why}``
+    when it cannot be computed, None when ``verdict.enabled`` is false."""
+    from .pipeline import train
+    vc = cfg.verdict
+    if not vc.enabled:
+        return None
+    why = unavailable(cfg, split, valuation)
+    if why:
+        log.info("verdict: not computed (%s)", why)
+        return {"decision": None, "skipped": why}
+    metric, method = cfg.train.select_metric, cfg.valuation.method
+    ev = cfg.evaluate
+    full_valid = per_user_metric(base.model, split, ev, metric, "valid")
+    candidates: list[Candidate] = []
+    best = None          # (candidate, keep mask, model, per-user validation)
+    for scope in vc.scopes:
+        for fraction in vc.fractions:
+            pc = dataclasses.replace(cfg.prune, strategy="fraction", fraction=float(fraction), scope=scope)
+            keep = prune_mask(valuation.values, split.train, pc)
+            kept = split.train.take(keep)
+            res = train(cfg, kept, split.valid, tag=f"verdict {method} {fraction:g} {scope}")
+            valid = per_user_metric(res.model, split, ev, metric, "valid", context=[kept])
+            cand = Candidate(method, float(fraction), scope, int((~keep).sum()), float(valid.mean()))
+            candidates.append(cand)
+            log.info("verdict: %s drops %d rows: validation %s %.4f (keeping everything %.4f)",
+                     cand.label(), cand.dropped, metric, cand.valid, float(full_valid.mean()))
+            if best is None or best_candidate([best[0], cand]) is cand:
+                best = (cand, keep, res.model, valid)
+            del res
+    chosen, keep, pruned_model, pruned_valid = best
+    delta_valid = relative_change(full_valid, pruned_valid)
+    v_lo, v_hi = bootstrap_relative_change(full_valid, pruned_valid, vc.bootstrap, vc.confidence, vc.seed)
+    decision = decide(delta_valid, v_lo)
+
+    # the report on test: the base model and the chosen pruning, over the verdict's seeds
+    seeds = list(vc.seeds) or [int(cfg.train.seed)]
+    kept = split.train.take(keep)
+    full_test, pruned_test = [], []
+    for s in seeds:
+        if s == cfg.train.seed:
+            full_m, pruned_m = base.model, pruned_model
+        else:
+            full_m = train(_seeded(cfg, s), split.train, split.valid, tag=f"verdict full seed {s}").model
+            pruned_m = train(_seeded(cfg, s), kept, split.valid, tag=f"verdict {chosen.label()} seed {s}").model
+        full_test.append(per_user_metric(full_m, split, ev, metric, "test"))
+        pruned_test.append(per_user_metric(pruned_m, split, ev, metric, "test", context=[kept, split.valid]))
+    a, b = np.mean(full_test, axis=0), np.mean(pruned_test, axis=0)
+    lo, hi = bootstrap_relative_change(a, b, vc.bootstrap, vc.confidence, vc.seed + 1)
+    if len(seeds) >= 2:
+        _, p = paired_t_test([x.mean() for x in full_test], [x.mean() for x in pruned_test])
+        test_name = f"paired t-test over {len(seeds)} seeds (per-seed means over test users)"
+    else:
+        _, p = paired_t_test(a, b)
+        test_name = "paired t-test over test users (one training seed)"
+
+    # a random pruning of as many rows (per user when per-user), the job's training seed
+    pc = dataclasses.replace(cfg.prune, strategy="fraction", fraction=chosen.fraction, scope=chosen.scope)
+    random_keep = random_prune_mask(keep, split.train, pc, cfg.prune.seed + 1, values=valuation.values)
+    random_kept = split.train.take(random_keep)
+    random_m = train(cfg, random_kept, split.valid, tag=f"verdict random {chosen.fraction:g} {chosen.scope}").model
+    random_test = per_user_metric(random_m, split, ev, metric, "test", context=[random_kept, split.valid])
+    out = {
+        "decision": decision, "method": method, "fraction": chosen.fraction, "scope": chosen.scope,
+        "dropped": chosen.dropped, "metric": metric,
+        "delta_valid": delta_valid, "valid_ci_low": v_lo, "valid_ci_high": v_hi,
+        "delta_test": relative_change(a, b), "ci_low": lo, "ci_high": hi, "p_value": p,
+        "confidence": vc.confidence, "seeds": seeds,
+        "vs_random": relative_change(full_test[seeds.index(cfg.train.seed)] if cfg.train.seed in seeds
+                                     else a, random_test),
+        "test_full": float(a.mean()), "test_pruned": float(b.mean()), "test_random": float(random_test.mean()),
+        "valid_full": float(full_valid.mean()),
+        "test": test_name,
+        "ci": (f"paired percentile bootstrap over {len(a)} test users, {vc.bootstrap} resamples"
+               + (f", per-user metrics averaged over {len(seeds)} seeds" if len(seeds) > 1 else "")),
+        "rule": ("prune when the best candidate's validation change is > 0 and the lower end of its "
+                 "bootstrap CI over validation users is > 0; chosen on validation only"),
+        "candidates": [dataclasses.asdict(c) for c in candidates],
+    }
+    out["sentence"] = sentence(out)
+    log.info("verdict: %s", out["sentence"])
+    return out
+
+
+def report_section(rep, v: Optional[dict]) -> None:
+    """The verdict at the top of a run's report: the sentence, the candidates' validation
+    scores against keeping everything (plot and table), and the test figures of the choice."""
+    if not v:
+        return
+    rep.heading("Verdict")
+    if not v.get("decision"):
+        rep.paragraph(f"No verdict: {v['skipped']}.")
+        return
+    rep.paragraph(v["sentence"])
+    metric = v["metric"]
+    series = {}
+    for scope in dict.fromkeys(c["scope"] for c in v["candidates"]):
+        pts = sorted((c["fraction"], c["valid"]) for c in v["candidates"] if c["scope"] == scope)
+        series[f"{v['method']}, {scope}"] = (np.array([0.0] + [f for f, _ in pts]),
+                                             np.array([v["valid_full"]] + [s for _, s in pts]))
+    rep.line_plot(series, title=f"validation {metric} by fraction dropped (0 = keep everything)",
+                  xlabel="fraction of training rows dropped", ylabel=f"validation {metric}")
+    rep.table([{"fraction": c["fraction"], "scope": c["scope"], "dropped": c["dropped"],
+                f"validation {metric}": c["valid"]} for c in v["candidates"]],
+              ["fraction", "scope", "dropped", f"validation {metric}"],
+              caption=f"candidate prunings (keeping everything: {v['valid_full']:.4f}); {v['rule']}")
+    rep.table([{"model": "keep everything", f"test {metric}": v["test_full"]},
+               {"model": f"chosen pruning ({v['method']} {v['fraction']:g}, {v['scope']})",
+                f"test {metric}": v["test_pruned"]},
+               {"model": "random pruning of as many rows", f"test {metric}": v["test_random"]}],
+              ["model", f"test {metric}"],
+              caption=f"test, seeds {v['seeds']}; CI: {v['ci']}; p: {v['test']}")
