@@ -17,7 +17,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 --set data.path=/data/ml-100k "
                         "(values parsed as YAML; repeatable)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every training epoch")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log every training epoch and Ray's own messages (default: every 10th epoch, "
+                        "the stages, Ray's warnings)")
 
 
 def _output_args(p: argparse.ArgumentParser, run_id_default: str, *, output_default: str = "output.uri",
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="recval",
         description="Value the training data of a recommender, prune it, retrain and evaluate. "
                     "Local single-node Ray by default; --address or RAY_ADDRESS for a cluster.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"recval {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a job end to end and write its outputs",
@@ -211,8 +215,18 @@ def _validate(cfg) -> int:
     from .config import compare_methods, compare_variants
     print(f"compare: seeds {cfg.compare.seeds} (varying {', '.join(cfg.compare.vary)}), variants "
           f"{', '.join(compare_variants(cfg))}, methods {', '.join(m for m, _ in compare_methods(cfg))}")
+    rating = getattr(split.train, "rating", None)
+    if rating is not None:
+        if cfg.data.implicit == "all":
+            print("ratings: every rated row is a positive (data.implicit: all), low ratings included; "
+                  "data.implicit: 4 keeps only the rows rated >= 4")
+        else:
+            print(f"ratings: only the rows rated >= {cfg.data.implicit:g} are positives "
+                  f"(data.implicit: {cfg.data.implicit:g}); the others were left out")
     for w in dataset.warnings:
         print(f"warning: {w}")
+    if not dataset.warnings:
+        print("warnings: none")
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -45,10 +45,11 @@ def _seeded(cfg: JobConfig, seed: int) -> JobConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
 
 
-def verdict(cfg: JobConfig, split: Split, valuation: Valuation, base: TrainResult) -> Optional[dict]:
+def verdict(cfg: JobConfig, split: Split, valuation: Valuation, base: TrainResult,
+            train: Callable[..., TrainResult]) -> Optional[dict]:
     """``metrics["verdict"]`` (see :mod:`.core.verdict`), ``{"decision": None, "skipped": why}``
-    when it cannot be computed, None when ``verdict.enabled`` is false."""
-    from .pipeline import train
+    when it cannot be computed, None when ``verdict.enabled`` is false. ``train(cfg, rows,
+    valid, tag=...)``: the job's training (:func:`recval_ray.pipeline.train`)."""
     vc = cfg.verdict
     if not vc.enabled:
         return None

@@ -8,6 +8,8 @@ written last and only then is the run complete.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import shutil
 import tempfile
 import time
@@ -267,10 +269,11 @@ def values_table(dataset: Dataset, split: Split, valuation: Valuation, keep: np.
     return t.select(order)
 
 
-def pruned_table(dataset: Dataset, kept: Interactions) -> pa.Table:
+def pruned_table(dataset: Dataset, kept: Interactions, noise_column: bool = True) -> pa.Table:
     """The kept interactions with the input's own columns and ids, in the input's order, then
     the injected ones (ids only): the same rows, in the same order, as the streamed
-    pass-through writes (:mod:`recval_ray.ray_layer.tables`)."""
+    pass-through writes (:mod:`recval_ray.ray_layer.tables`). ``is_noise`` is added only with
+    ``noise_column`` (the run flagged some training rows as noise)."""
     src = dataset.source
     if src is None:
         return interactions_table(dataset, kept)
@@ -291,7 +294,7 @@ def pruned_table(dataset: Dataset, kept: Interactions) -> pa.Table:
         elif not real.all():
             taken = pa.array(taken.to_pylist(), type=col.type, mask=~real) if len(taken) else taken
         cols[name] = taken
-    if kept.is_noise is not None:
+    if kept.is_noise is not None and noise_column:
         cols["is_noise"] = pa.array(kept.is_noise)
     return pa.table(cols)
 
@@ -389,7 +392,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                         from .decision import verdict as decide_verdict
                         log.info("verdict: retraining %d candidate prunings, deciding on validation",
                                  len(cfg.verdict.fractions) * len(cfg.verdict.scopes))
-                        verdict = decide_verdict(cfg, split, valuation, base)
+                        verdict = decide_verdict(cfg, split, valuation, base, train)
             finally:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -443,13 +446,14 @@ def write_outputs(out, cfg: JobConfig, dataset: Dataset, split: Split, valuation
     for name, tab in valuation.tables.items():
         out.write_table(name, pa.table(tab), use_ray=use_ray)
     kept = split.train.take(pruned.keep)
+    noise = bool(split.train.is_noise is not None and split.train.is_noise.any())
     if dataset.stream is not None and use_ray:
         from .ray_layer.tables import write_pass_through
-        write_pass_through(out, "pruned", dataset, kept)
+        write_pass_through(out, "pruned", dataset, kept, noise_column=noise)
     elif len(kept) <= CHUNK_ROWS:
-        out.write_table("pruned", pruned_table(dataset, kept), use_ray=use_ray)
+        out.write_table("pruned", pruned_table(dataset, kept, noise), use_ray=use_ray)
     else:
-        out.write_chunks("pruned", (pruned_table(dataset, kept.take(sl)) for sl in _chunks(len(kept))))
+        out.write_chunks("pruned", (pruned_table(dataset, kept.take(sl), noise) for sl in _chunks(len(kept))))
     for name, part in split.parts().items():
         if len(part) <= CHUNK_ROWS:
             out.write_table(f"splits/{name}", interactions_table(dataset, part), use_ray=use_ray)
@@ -528,7 +532,9 @@ def headline(cfg: JobConfig, result: RunResult) -> str:
     """A few lines for the terminal: where outputs are, base vs pruned vs random, noise AUC."""
     m = result.metrics
     keys = [k for k in m["test"]["base"] if k.startswith(("recall@", "ndcg@"))][:4]
-    lines = [f"run {result.run_id} complete: {result.uri}",
+    uri = result.uri if "://" in result.uri else os.path.abspath(result.uri)
+    lines = [f"run {result.run_id} complete: {uri}"
+             + (f"\nreport: {uri.rstrip('/')}/report.html" if cfg.output.report else ""),
              f"{'model':<15}" + "".join(f"{k:>12}" for k in keys)]
     for tag in ("base", "pruned", "random_pruned"):
         if tag in m["test"]:
@@ -542,6 +548,10 @@ def headline(cfg: JobConfig, result: RunResult) -> str:
     p = m["prune"]
     lines.append(f"pruned {p['dropped']} of {p['dropped'] + p['kept']} training interactions"
                  + (f" ({p['noise_dropped']} injected)" if "noise_dropped" in p else ""))
+    if p["scope"] == "per-user" and p["strategy"] == "fraction":
+        lines.append(f"(per user: floor({cfg.prune.fraction:g} x the user's training rows), at least one row "
+                     f"kept per user; users with fewer than {math.ceil(1 / cfg.prune.fraction):d} rows drop "
+                     f"none, so fewer than {cfg.prune.fraction:.0%} in total)")
     v = m.get("verdict")
     if v:
         lines.append(f"verdict: {v['sentence']}" if v.get("decision") else f"verdict: not computed ({v['skipped']})")

@@ -224,9 +224,14 @@ def test_error_no_files_and_empty(tmp_path):
 def test_duplicates(tmp_path):
     f = write(tmp_path / "d.csv", "user_id,item_id,rating\n1,1,1\n1,2,2\n1,1,5\n2,1,3\n1,1,4\n")
     cfg = lambda pol: DataConfig(format="csv", path=f, duplicates=pol, columns=Columns(rating="rating"))
-    assert load_dataset(cfg("keep-last")).interactions.rating.tolist() == [2, 3, 4]
+    last = load_dataset(cfg("keep-last"))
+    assert last.interactions.rating.tolist() == [2, 3, 4]
+    # never silent: the count of dropped repeats is a warning (metrics.json, `recval validate`)
+    assert last.warnings == ["2 rows repeat an earlier (user, item) pair; kept the last of each "
+                             "(data.duplicates: keep-last; 'error' refuses them)"]
     ds = load_dataset(cfg("keep-first"))
     assert ds.interactions.rating.tolist() == [1, 2, 3]
+    assert "kept the first of each" in ds.warnings[0]
     # csv text passes through verbatim; source holds every input row, source_row points into it
     kept_text = ds.source["rating"].take(pa.array(ds.interactions.source_row)).to_pylist()
     assert kept_text == ["1", "2", "3"] and ds.interactions.source_row.tolist() == [0, 1, 3]

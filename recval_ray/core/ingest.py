@@ -329,6 +329,12 @@ class DatasetBuilder:
         key = user_codes.astype(np.int64) * np.int64(len(item_uniq)) + item_codes
         keep = self._dedup(key, cfg.duplicates, user_uniq, item_uniq, user_codes, item_codes, split)
         del key
+        repeated = int(len(keep) - keep.sum())
+        if repeated:
+            warnings.append(f"{repeated} rows repeat an earlier (user, item) pair; kept the "
+                            f"{'last' if cfg.duplicates == 'keep-last' else 'first'} of each "
+                            f"(data.duplicates: {cfg.duplicates}; 'error' refuses them)")
+            log.warning(warnings[-1])
 
         # implicit threshold
         if self.threshold is not None:

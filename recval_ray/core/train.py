@@ -225,7 +225,7 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         history.append(record)
         msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in record.items() if k != "checkpoint")
-        level = logging.INFO if (epoch % 10 == 0 or improved) else logging.DEBUG
+        level = logging.INFO if epoch % 10 == 0 else logging.DEBUG      # every epoch with -v
         log.log(level, "%s%s", log_prefix, msg)
         if on_epoch is not None:
             on_epoch(record, task)

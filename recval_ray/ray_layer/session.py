@@ -55,6 +55,9 @@ def ensure_ray(ray_cfg=None, address: str | None = None):
         env_vars = {k: v for k, v in storage_env(secrets).items() if k not in _job_env_vars()}
         env = {"env_vars": env_vars} if env_vars else None
     kw = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env=env)
+    quiet = not logging.getLogger("recval_ray").isEnabledFor(logging.DEBUG)
+    if quiet:   # ray.init's notice that token authentication is on (shown with -v)
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     if address:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, **kw)
@@ -72,6 +75,25 @@ def ensure_ray(ray_cfg=None, address: str | None = None):
         # blocks in input order, always: streamed ingestion numbers rows by arrival and the
         # pass-through of the input's own columns is aligned by position
         ctx.execution_options.preserve_order = True
+        if quiet:
+            quiet_ray_data_console()
     except Exception:  # pragma: no cover - cosmetic only
         pass
     return ray
+
+
+class _ConsoleNoise(logging.Filter):
+    """Ray Data's per-dataset INFO lines and its progress-bar notice: not for the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and "Progress bars disabled" not in record.getMessage()
+
+
+def quiet_ray_data_console() -> None:
+    """Unless recval logs at DEBUG (``-v``): Ray Data's console handler shows its warnings and
+    errors only (no "execution finished" / "Data sink" lines per dataset, no progress-bar
+    notice); its session log file still gets everything."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler" and not any(isinstance(f, _ConsoleNoise)
+                                                                   for f in handler.filters):
+            handler.addFilter(_ConsoleNoise())

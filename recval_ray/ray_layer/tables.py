@@ -27,9 +27,9 @@ class _KeepRows:
         return out
 
 
-def write_pass_through(out, name: str, dataset: Dataset, kept: Interactions) -> None:
+def write_pass_through(out, name: str, dataset: Dataset, kept: Interactions, noise_column: bool = True) -> None:
     """Write the input rows of ``kept`` (the input's own columns, in input order), then its
-    injected rows (ids only), under ``<name>/``."""
+    injected rows (ids only), under ``<name>/``; ``is_noise`` only with ``noise_column``."""
     import ray
 
     plan = dataset.stream
@@ -42,7 +42,7 @@ def write_pass_through(out, name: str, dataset: Dataset, kept: Interactions) -> 
     mask = np.zeros(n_input, dtype=bool)
     mask[rows[real]] = True
     flags = ray.data.from_arrow(pa.table({"_keep": mask}))
-    noise = kept.is_noise is not None
+    noise = kept.is_noise is not None and noise_column
     body = ds.zip(flags).map_batches(_KeepRows(noise), batch_format="pyarrow", batch_size=None)
     if (~real).any():
         extra = kept.take(~real)
