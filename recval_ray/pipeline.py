@@ -21,9 +21,10 @@ import pyarrow as pa
 
 from .schema import JobConfig
 from .core.data import Dataset, Interactions, Split
-from .core.evaluation import drop_unseen, evaluate_ranking, noise_detection, sample_note, sample_summary
+from .core.evaluation import (drop_unseen, evaluate_ranking, exposure, noise_detection, sample_note,
+                              sample_summary)
 from .core.noise import inject_noise
-from .core.prune import prune_mask, random_prune_mask
+from .core.prune import dropped_profile, prune_mask, random_prune_mask
 from .core.split import split_interactions
 from .core.train import TrainResult, train_model
 from .core.valuers.base import Valuation, ValuationContext
@@ -148,6 +149,7 @@ class PruneOutcome:
     base_metrics: Optional[dict] = None     # the base model on the same test rows (entity pruning)
     test_rows_left_out: int = 0
     evaluation: Optional[dict] = None       # the user sample of those test rows (evaluate.sample_users)
+    exposure: dict = field(default_factory=dict)   # beyond-accuracy figures of each retrained model
 
 
 def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_dir: str,
@@ -196,6 +198,9 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
             continue
         out.metrics[tag], res = retrain_and_evaluate(cfg, split, mask, tag=tag, target=target, extra_exclude=extra)
         out.training[tag] = training_summary(res)
+        if not extra and target is split and not getattr(res.model, "explicit", False):
+            out.exposure[tag] = exposure(res.model, split, cfg.evaluate, item_popularity(split),
+                                         context=[split.train.take(mask), split.valid])
         del res                                    # one retrained model at a time
     return out
 
@@ -228,6 +233,26 @@ def retrain_and_evaluate(cfg: JobConfig, split: Split, mask: np.ndarray, *, tag:
                                exclude=[split.train, split.valid] + list(extra_exclude or []),
                                context=[kept, split.valid])
     return metrics, res
+
+
+def dropped_profile_table(dataset: Dataset, split: Split, keep: np.ndarray) -> pa.Table:
+    """:func:`~.core.prune.dropped_profile` of the run's pruning, the top users and items named
+    by their original ids."""
+    prof = dropped_profile(split.train, keep)
+    facet = np.asarray(prof["facet"], dtype=object)
+    group = np.asarray(prof["group"], dtype=object)
+    for name, original in (("top_user", dataset.original_users), ("top_item", dataset.original_items)):
+        at = np.flatnonzero(facet == name)
+        if len(at):
+            codes = np.asarray([int(g) for g in group[at]], dtype=np.int64)
+            group[at] = [str(x) for x in original(codes).to_pylist()]
+    prof["group"] = list(group)
+    return pa.table(prof)
+
+
+def item_popularity(split: Split) -> np.ndarray:
+    """Training interactions per item (the whole training set, as every model's candidates)."""
+    return np.bincount(split.train.item, minlength=split.train.n_items)
 
 
 def training_summary(res: TrainResult) -> dict:
@@ -372,6 +397,8 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                     if cfg.output.checkpoints:
                         out.upload_files(base.checkpoints, "checkpoints/base")
                     base_metrics = evaluate_ranking(base.model, split, cfg.evaluate, "test")
+                    base_exposure = None if getattr(base.model, "explicit", False) else \
+                        exposure(base.model, split, cfg.evaluate, item_popularity(split))
 
                 with prof.stage("value", rows=len(split.train)):
                     log.info("valuing %d training interactions with %s", len(split.train), cfg.valuation.method)
@@ -399,6 +426,11 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
             metrics = build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, split_warnings)
             if verdict is not None:
                 metrics["verdict"] = verdict
+            if base_exposure is not None:
+                metrics["exposure"] = {"base": base_exposure} | pruned.exposure
+            profile_tab = dropped_profile_table(dataset, split, pruned.keep) if (~pruned.keep).any() else None
+            if profile_tab is not None:
+                metrics["dropped_profile"] = profile_tab.to_pylist()
             explanation = explain(cfg, split, dataset, valuation, metrics, timings)
             small = len(split.train) <= CHUNK_ROWS
             values_tab = values_table(dataset, split, valuation, pruned.keep) if small else None
@@ -406,6 +438,8 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
             with prof.stage("write", rows=len(split.train) + len(split.valid) + len(split.test)):
                 log.info("writing outputs to %s", out.uri)
                 write_outputs(out, cfg, dataset, split, valuation, pruned, values_tab, use_ray)
+                if profile_tab is not None:
+                    out.write_table("dropped_profile", profile_tab, use_ray=use_ray)
                 if explanation is not None:
                     out.write_table("explanations/attributions",
                                     explanation.attributions_table(dataset, split.train), use_ray=use_ray)

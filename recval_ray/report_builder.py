@@ -34,12 +34,19 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
                       f"test users (evaluate.sample_users, sample_seed {ev['seed']}), the same users for every "
                       f"model" + (f"; validation (early stopping) used {va['sampled_users']} of "
                                   f"{va['eligible_users']} users" if va else "") + ".")
+    exp = metrics.get("exposure")
+    if exp:
+        cols = list(next(iter(exp.values())))
+        rep.table([{"model": tag, **vals} for tag, vals in exp.items()], ["model"] + cols,
+                  caption="beyond accuracy on test: share of the catalogue recommended (coverage), mean "
+                          "training popularity of the recommended items, Gini of the items' exposure")
     rel = metrics.get("relative", {})
     if rel:
         rep.table([{"comparison": tag.replace("_vs_", " vs "), **{k: 100 * v for k, v in r.items()}}
                    for tag, r in rel.items()], ["comparison"] + keys,
                   caption="relative difference to the base model (%)", number_format="{:+.2f}")
 
+    dropped_section(rep, metrics.get("dropped_profile"))
     v = values.column("value").to_numpy(zero_copy_only=False)
     rep.heading("Value distribution")
     noise = values.column("is_noise").to_numpy(zero_copy_only=False).astype(bool) \
@@ -301,3 +308,29 @@ def build_sweep_report(cfg, run_id: str, metrics: dict, rows: list, dims: list) 
 
 def _sort_key(v):
     return (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
+
+
+def dropped_section(rep, profile) -> None:
+    """What the pruning dropped: the dropped share per rating, user-activity decile,
+    item-popularity decile and time decile (bars), and the users / items losing most rows."""
+    if not profile:
+        return
+    rep.heading("What was dropped")
+    overall = sum(r["dropped"] for r in profile if r["facet"] == "user_activity") / max(
+        1, sum(r["rows"] for r in profile if r["facet"] == "user_activity"))
+    rep.paragraph(f"Share of each group's training rows that the pruning dropped (overall {overall:.1%}).")
+    titles = {"rating": "by rating", "user_activity": "by user activity decile (training rows per user)",
+              "item_popularity": "by item popularity decile (training rows per item)",
+              "time": "by time decile"}
+    for facet, title in titles.items():
+        rows = [r for r in profile if r["facet"] == facet]
+        if rows:
+            rep.bar_chart([r["group"] for r in rows], [100 * r["dropped_share"] for r in rows],
+                          title=f"dropped share {title}", xlabel="dropped (% of the group's rows)")
+    for facet, name in (("top_user", "users"), ("top_item", "items")):
+        rows = [r for r in profile if r["facet"] == facet]
+        if rows:
+            rep.table([{name[:-1]: r["group"], "training rows": r["rows"], "dropped": r["dropped"],
+                        "share": r["dropped_share"]} for r in rows],
+                      [name[:-1], "training rows", "dropped", "share"],
+                      caption=f"the {name} losing the most rows")

@@ -36,6 +36,16 @@ def test_headline_paths_per_user_note_and_no_noise_column(tmp_path, monkeypatch)
     assert any(line.startswith("(per user: floor(0.1 x the user's training rows)") for line in lines)
     assert "is_noise" not in pq.read_table(f"{run_dir}/pruned").column_names
     assert "noise detection" not in "\n".join(lines)
+    # what was dropped, and the beyond-accuracy figures of each model
+    import json
+    m = json.loads(open(f"{run_dir}/metrics.json").read())
+    assert set(m["exposure"]) == {"base", "pruned", "random_pruned"}
+    assert 0 < m["exposure"]["base"]["coverage@20"] <= 1 and 0 <= m["exposure"]["base"]["gini@20"] < 1
+    prof = pq.read_table(f"{run_dir}/dropped_profile").to_pylist()
+    assert prof == m["dropped_profile"]
+    act = [r for r in prof if r["facet"] == "user_activity"]
+    assert sum(r["dropped"] for r in act) == m["prune"]["dropped"] and sum(r["rows"] for r in act) == m["data"]["train"]
+    assert "What was dropped" in open(f"{run_dir}/report.html").read()
 
 
 def record(level: int, msg: str) -> logging.LogRecord:

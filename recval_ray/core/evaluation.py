@@ -29,7 +29,7 @@ from scipy.stats import rankdata
 
 from .errors import InputError
 from .data import Interactions, Split
-from .metrics import parse_metric, ranking_metrics, rating_metrics
+from .metrics import exposure_metrics, parse_metric, ranking_metrics, rating_metrics, recommendation_counts
 
 
 def drop_unseen(split: Split, strict: bool = False) -> tuple[Split, list[str]]:
@@ -206,6 +206,25 @@ def per_user_metric(model, split: Split, eval_cfg, metric: str, part: str = "tes
     finally:
         model.train(was)
     return np.asarray(out[metric], dtype=np.float64)
+
+
+def exposure(model, split: Split, eval_cfg, popularity: np.ndarray,
+             context: Optional[Sequence[Interactions]] = None) -> dict:
+    """Beyond-accuracy figures of ``model``'s test top-K lists (K = the largest of
+    ``evaluate.ks``; the test evaluation users, the same exclusions as the test metrics):
+    :func:`~.metrics.exposure_metrics`. ``popularity``: training interactions per item."""
+    k = max(eval_cfg.ks) if eval_cfg.ks else 20
+    users, _ = evaluation_users(eval_cfg, split.test)
+    dev = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    set_context(model, context if context is not None else [split.train, split.valid])
+    try:
+        counts = recommendation_counts(model.score_users, split.test, [split.train, split.valid], k=k,
+                                       users=users, batch_users=eval_cfg.batch_users, device=dev)
+    finally:
+        model.train(was)
+    return exposure_metrics(counts, popularity, k)
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:

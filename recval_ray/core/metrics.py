@@ -496,3 +496,56 @@ def rating_metrics(pred, true) -> dict[str, float]:
         ev = 1.0 if var_err == 0 else 0.0
     return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err ** 2))),
             "explained_variance": ev}
+
+
+# ----------------------------------------------------------------------------- exposure
+def recommendation_counts(score_fn: ScoreFn, test: Interactions,
+                          exclude: Sequence[Interactions] | Interactions = (), *, k: int = 20,
+                          users: UsersArg = "nonempty", batch_users: int = 1024, device="cpu",
+                          max_batch_bytes: int | None = MAX_BATCH_BYTES) -> np.ndarray:
+    """How often each item is in the users' top ``k`` (``[n_items]`` int64), excluded items
+    masked and ties broken as :func:`ranking_metrics` does (same users, same batches)."""
+    exclude = _as_list(exclude)
+    _check_spaces(test, exclude)
+    dev = _resolve_device(device)
+    n_items = test.n_items
+    if isinstance(users, str):
+        eval_users = _eval_users(test, np.diff(test.csr().indptr), users)
+        excl_csr = _exclusion_csr(test, exclude)
+    else:
+        eval_users = _eval_users(test, None, users)
+        only = np.zeros(test.n_users, dtype=bool)
+        only[eval_users] = True
+        excl_csr = _exclusion_csr(test, exclude, only)
+    excl_rows = _CSRRows(excl_csr, dev)
+    k = min(int(k), n_items)
+    counts = torch.zeros(n_items, dtype=torch.int64, device=dev)
+    bs = batch_size_for(n_items, batch_users, max_batch_bytes)
+    for b0 in range(0, len(eval_users), bs):
+        u = torch.as_tensor(eval_users[b0:b0 + bs], device=dev)
+        with torch.no_grad():
+            S = score_fn(u).to(dev)
+        if not S.is_floating_point():
+            S = S.float()
+        S = S.index_put(excl_rows.coords(u), torch.tensor(float("-inf"), device=dev, dtype=S.dtype))
+        top = _topk_stable(S, k)
+        top = top[S.gather(1, top) > float("-inf")]          # never an excluded item
+        counts += torch.bincount(top.reshape(-1), minlength=n_items)
+    return counts.cpu().numpy()
+
+
+def exposure_metrics(counts: np.ndarray, popularity: np.ndarray, k: int) -> dict:
+    """Beyond-accuracy figures of top-``k`` lists from their item counts: ``coverage@k`` (share
+    of the catalogue recommended to anyone), ``avg_popularity@k`` (mean training popularity,
+    i.e. interaction count, of the recommended items, over every slot), ``gini@k`` (Gini
+    coefficient of the items' exposure, 0 = every item shown equally often, -> 1 = a few items
+    take every slot: ``G = sum_i (2i - n - 1) x_(i) / (n sum x)`` over the counts sorted
+    ascending, i = 1..n)."""
+    x = np.sort(np.asarray(counts, dtype=np.float64))
+    n, total = len(x), float(x.sum())
+    if n == 0 or total == 0:
+        return {f"coverage@{k}": 0.0, f"avg_popularity@{k}": float("nan"), f"gini@{k}": float("nan")}
+    i = np.arange(1, n + 1, dtype=np.float64)
+    gini = float(((2 * i - n - 1) * x).sum() / (n * total))
+    pop = float((np.asarray(counts, dtype=np.float64) * np.asarray(popularity, dtype=np.float64)).sum() / total)
+    return {f"coverage@{k}": float((x > 0).mean()), f"avg_popularity@{k}": pop, f"gini@{k}": gini}

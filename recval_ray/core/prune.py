@@ -123,3 +123,78 @@ def random_prune_mask(keep: np.ndarray, train: Interactions, cfg, seed: int, gro
         return out
     out[np.argsort(random_values, kind="stable")[: int((~keep).sum())]] = False
     return out
+
+
+def _deciles(x: np.ndarray, fmt=lambda v: f"{v:g}") -> tuple[np.ndarray, list[str]]:
+    """Decile index (0..9, by rank: ties share the lower decile) of each value, and labels
+    ``"d1 [lo, hi]"`` with the values' range in each decile."""
+    n = len(x)
+    order = np.argsort(x, kind="stable")
+    d = np.empty(n, dtype=np.int64)
+    d[order] = (np.arange(n) * 10) // max(n, 1)
+    # equal values in one decile: the decile of the first of them
+    xs = x[order]
+    first = np.searchsorted(xs, xs, side="left")
+    d[order] = d[order][first]
+    labels = []
+    for k in range(10):
+        sel = x[d == k]
+        labels.append(f"d{k + 1} [{fmt(sel.min())}, {fmt(sel.max())}]" if len(sel) else f"d{k + 1} (empty)")
+    return d, labels
+
+
+def dropped_profile(train: Interactions, keep: np.ndarray, top: int = 10) -> dict:
+    """What a pruning dropped, by facet: ``rating`` (each value), ``user_activity`` (deciles of
+    the user's training rows), ``item_popularity`` (deciles of the item's training rows),
+    ``time`` (deciles of the timestamp) and the ``top`` users and items by dropped rows
+    (``group`` = the internal code, as a string, for those two: the caller maps them to ids).
+    Columns: ``facet, group, rows, dropped, dropped_share`` (dropped / rows of the group)."""
+    keep = np.asarray(keep, dtype=bool)
+    dropped = ~keep
+    out: dict = {"facet": [], "group": [], "rows": [], "dropped": [], "dropped_share": []}
+
+    def add(facet: str, labels: list[str], group: np.ndarray) -> None:
+        n_g = len(labels)
+        rows = np.bincount(group, minlength=n_g)
+        drops = np.bincount(group[dropped], minlength=n_g)
+        for g in range(n_g):
+            if rows[g]:
+                out["facet"].append(facet)
+                out["group"].append(labels[g])
+                out["rows"].append(int(rows[g]))
+                out["dropped"].append(int(drops[g]))
+                out["dropped_share"].append(float(drops[g] / rows[g]))
+
+    if train.rating is not None:
+        r = np.asarray(train.rating, dtype=np.float64)
+        ok = np.isfinite(r)
+        levels = np.unique(r[ok])
+        if 0 < len(levels) <= 20:
+            g = np.searchsorted(levels, np.where(ok, r, levels[0]))
+            g[~ok] = len(levels)
+            add("rating", [f"{v:g}" for v in levels] + ["missing"], g)
+    user_rows = np.bincount(train.user, minlength=train.n_users)[train.user]
+    item_rows = np.bincount(train.item, minlength=train.n_items)[train.item]
+    for facet, x in (("user_activity", user_rows), ("item_popularity", item_rows)):
+        d, labels = _deciles(x.astype(np.float64))
+        add(facet, labels, d)
+    if train.timestamp is not None and (np.asarray(train.timestamp) >= 0).any():
+        ts = np.asarray(train.timestamp, dtype=np.int64)
+        ok = ts >= 0                                   # injected rows have no timestamp
+        unix = 1e8 <= ts[ok].min() and ts[ok].max() <= 1e10
+        fmt = (lambda v: str(np.datetime64(int(v), "s").astype("datetime64[D]"))) if unix else (lambda v: f"{v:g}")
+        d = np.full(len(ts), 10, dtype=np.int64)
+        d[ok], labels = _deciles(ts[ok].astype(np.float64), fmt)
+        add("time", labels + ["missing"], d)
+    for facet, ids, n in (("top_user", train.user, train.n_users), ("top_item", train.item, train.n_items)):
+        drops = np.bincount(ids[dropped], minlength=n)
+        rows = np.bincount(ids, minlength=n)
+        for e in np.argsort(-drops, kind="stable")[:top]:
+            if drops[e] == 0:
+                break
+            out["facet"].append(facet)
+            out["group"].append(str(int(e)))
+            out["rows"].append(int(rows[e]))
+            out["dropped"].append(int(drops[e]))
+            out["dropped_share"].append(float(drops[e] / rows[e]))
+    return out
