@@ -18,12 +18,14 @@ from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .schema import JobConfig
 from .core.data import Dataset, Interactions, Split
 from .core.evaluation import (drop_unseen, evaluate_ranking, exposure, noise_detection, sample_note,
                               sample_summary)
 from .core.noise import inject_noise
+from .core.text_types import TEXT_FORMATS, text_column_types, typed_text_columns
 from .core.prune import dropped_profile, prune_mask, random_prune_mask
 from .core.split import split_interactions
 from .core.train import TrainResult, train_model
@@ -250,6 +252,48 @@ def dropped_profile_table(dataset: Dataset, split: Split, keep: np.ndarray) -> p
     return pa.table(prof)
 
 
+
+
+def stream_types(cfg: JobConfig, dataset: Dataset) -> Optional[dict]:
+    """A streamed CSV/TSV input's column types (one Ray Data pass, computed once per run)."""
+    if cfg.data.format not in TEXT_FORMATS:
+        return None
+    if getattr(dataset, "_stream_types", None) is None:
+        from .ray_layer.tables import stream_text_types
+        dataset._stream_types = stream_text_types(dataset)
+    return dataset._stream_types
+
+
+def keep_drop_masks(dataset: Dataset, split: Split, keep: np.ndarray) -> Optional[np.ndarray]:
+    """Over the input's rows (``Dataset.source``): True where the run drops the row (a training
+    row the pruning removed; injected rows are not input rows). None without a source table."""
+    if dataset.source is None or split.train.source_row is None:
+        return None
+    rows = split.train.source_row[~np.asarray(keep, dtype=bool)]
+    drop = np.zeros(dataset.source.num_rows, dtype=bool)
+    drop[rows[rows >= 0]] = True
+    return drop
+
+
+def write_keep_drop(out, cfg: JobConfig, dataset: Dataset, split: Split, keep: np.ndarray,
+                    use_ray: bool) -> Optional[dict]:
+    """``drop/``: the input rows the pruning removes; ``keep/``: every other input row (all
+    splits, and rows ingestion set aside, e.g. repeated pairs): the cleaned log. The input's
+    own columns, names and order, nothing added; a CSV/TSV input's columns typed as a reader
+    would (:func:`typed_text_columns`). Returns the counts, or None when the input has no
+    source table (a streamed or a fixed-layout text input; ``pruned/`` is written)."""
+    drop = keep_drop_masks(dataset, split, keep)
+    if drop is None:
+        return None
+    src = dataset.source
+    if cfg.data.format in TEXT_FORMATS:
+        src = typed_text_columns(src)
+    mask = pa.array(drop)
+    out.write_table("drop", src.filter(mask), use_ray=use_ray)
+    out.write_table("keep", src.filter(pc.invert(mask)), use_ray=use_ray)
+    return {"input_rows": int(len(drop)), "drop": int(drop.sum()), "keep": int(len(drop) - drop.sum())}
+
+
 def item_popularity(split: Split) -> np.ndarray:
     """Training interactions per item (the whole training set, as every model's candidates)."""
     return np.bincount(split.train.item, minlength=split.train.n_items)
@@ -440,6 +484,14 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                 write_outputs(out, cfg, dataset, split, valuation, pruned, values_tab, use_ray)
                 if profile_tab is not None:
                     out.write_table("dropped_profile", profile_tab, use_ray=use_ray)
+                if dataset.stream is not None and use_ray and split.train.source_row is not None:
+                    from .ray_layer.tables import write_keep_drop as write_streamed_keep_drop
+                    rows = split.train.source_row[~pruned.keep]
+                    counts = write_streamed_keep_drop(out, dataset, rows[rows >= 0], stream_types(cfg, dataset))
+                else:
+                    counts = write_keep_drop(out, cfg, dataset, split, pruned.keep, use_ray)
+                if counts is not None:
+                    metrics["keep_drop"] = counts
                 if explanation is not None:
                     out.write_table("explanations/attributions",
                                     explanation.attributions_table(dataset, split.train), use_ray=use_ray)
@@ -483,11 +535,18 @@ def write_outputs(out, cfg: JobConfig, dataset: Dataset, split: Split, valuation
     noise = bool(split.train.is_noise is not None and split.train.is_noise.any())
     if dataset.stream is not None and use_ray:
         from .ray_layer.tables import write_pass_through
-        write_pass_through(out, "pruned", dataset, kept, noise_column=noise)
-    elif len(kept) <= CHUNK_ROWS:
-        out.write_table("pruned", pruned_table(dataset, kept, noise), use_ray=use_ray)
+        write_pass_through(out, "pruned", dataset, kept, noise_column=noise, types=stream_types(cfg, dataset))
     else:
-        out.write_chunks("pruned", (pruned_table(dataset, kept.take(sl), noise) for sl in _chunks(len(kept))))
+        # a CSV/TSV input's columns typed as a reader would, from the whole input (every chunk alike)
+        types = text_column_types(dataset.source) if (cfg.data.format in TEXT_FORMATS
+                                                      and dataset.source is not None) else {}
+
+        def table(part: Interactions) -> pa.Table:
+            return typed_text_columns(pruned_table(dataset, part, noise), types)
+        if len(kept) <= CHUNK_ROWS:
+            out.write_table("pruned", table(kept), use_ray=use_ray)
+        else:
+            out.write_chunks("pruned", (table(kept.take(sl)) for sl in _chunks(len(kept))))
     for name, part in split.parts().items():
         if len(part) <= CHUNK_ROWS:
             out.write_table(f"splits/{name}", interactions_table(dataset, part), use_ray=use_ray)

@@ -33,7 +33,7 @@ TINY = ["data.synthetic.n_users=150", "data.synthetic.n_items=200",
         "data.synthetic.interactions_per_user=20",
         "train.epochs=3", "train.patience=3", "train.loss_epochs=2", "train.batch_size=512",
         "noise.ratio=0.2"]
-LAYOUT_DIRS = ["values", "pruned", "splits/train", "splits/valid", "splits/test"]
+LAYOUT_DIRS = ["values", "pruned", "splits/train", "splits/valid", "splits/test", "keep", "drop", "dropped_profile"]
 LAYOUT_FILES = ["metrics.json", "report.html", "manifest.json"]
 VALUES_SCHEMA = ["user_id", "item_id", "value", "train_loss", "kept"]
 
@@ -231,11 +231,16 @@ def test_original_ids_and_columns_preserved(csv_runs, csv_input):
         assert set(t["user_id"].to_pylist()) <= in_users, split
         assert set(t["item_id"].to_pylist()) <= in_items, split
 
-    # pruned/ carries the input's own columns under their own names, verbatim
+    # pruned/ carries the input's own columns under their own names, typed as a CSV reader
+    # would (the numbers as int64, the text as text), the same on Ray and in-process
     pruned = read(run_dir, "pruned")
     assert pruned.column_names == source.column_names + ["is_noise"]
+    assert [pruned.schema.field(c).type for c in ("reviewer", "asin", "stars", "unixtime", "note")] == \
+        [pa.string(), pa.string(), pa.int64(), pa.int64(), pa.string()]
     assert pruned.num_rows == int(pc.sum(values["kept"]).as_py())
-    by_pair = {(r["reviewer"], r["asin"]): r for r in source.to_pylist()}
+    typed = source.set_column(2, "stars", pc.cast(source["stars"], pa.int64())) \
+        .set_column(3, "unixtime", pc.cast(source["unixtime"], pa.int64()))
+    by_pair = {(r["reviewer"], r["asin"]): r for r in typed.to_pylist()}
     noise_rows = 0
     for row in pruned.to_pylist():
         if row.pop("is_noise"):
@@ -246,6 +251,18 @@ def test_original_ids_and_columns_preserved(csv_runs, csv_input):
         else:
             assert row == by_pair[(row["reviewer"], row["asin"])]
     assert 0 < noise_rows < pruned.num_rows
+
+    # keep/ + drop/ partition the input exactly: its own columns, typed, nothing added
+    for name in ("csv-ray", "csv-local"):
+        keep, drop = read(out / name, "keep"), read(out / name, "drop")
+        assert keep.column_names == drop.column_names == source.column_names
+        assert keep.schema == drop.schema == typed.schema
+        key = lambda t: sorted(map(tuple, (r.values() for r in t.to_pylist())))
+        assert key(pa.concat_tables([keep, drop])) == key(typed)
+        dropped_input = int(pc.sum(pc.invert(values.filter(pc.invert(values["is_noise"]))["kept"])).as_py())
+        assert drop.num_rows == dropped_input > 0
+        m = json.loads((out / name / "metrics.json").read_text())
+        assert m["keep_drop"] == {"input_rows": source.num_rows, "drop": drop.num_rows, "keep": keep.num_rows}
 
 
 @pytest.mark.ray
