@@ -158,16 +158,9 @@ def evaluate_ranking(model, split: Split, eval_cfg, part: str = "test",
     (over every row of the part; the user sample, ``evaluate.sample_users``, applies to the
     ranking metrics).
     """
-    target = getattr(split, part)
-    users, _ = evaluation_users(eval_cfg, target)
-    if exclude is None:
-        exclude = [split.train] if part == "valid" else [split.train, split.valid]
-    if context is None:
-        context = [split.train] if part == "valid" else [split.train, split.valid]
-    dev = next(model.parameters()).device
     was = model.training
     model.eval()
-    set_context(model, context)
+    target, users, exclude = _evaluation_setup(model, split, eval_cfg, part, exclude, context)
     rating = {}
     if getattr(model, "explicit", False) and target.rating is not None and len(target):
         rating = rating_metrics(predict_ratings(model, target), target.rating)
@@ -175,9 +168,19 @@ def evaluate_ranking(model, split: Split, eval_cfg, part: str = "test",
         out = ranking_metrics(model.score_users, target, list(exclude), metrics=list(eval_cfg.metrics),
                               ks=list(eval_cfg.ks), ndcg_variant=eval_cfg.ndcg_variant,
                               recall_variant=eval_cfg.recall_variant, users=users,
-                              batch_users=eval_cfg.batch_users, device=dev)
+                              batch_users=eval_cfg.batch_users, device=next(model.parameters()).device)
     model.train(was)
     return {k: float(v) for k, v in out.items()} | {k: float(v) for k, v in rating.items()}
+
+
+def _evaluation_setup(model, split: Split, eval_cfg, part: str, exclude, context):
+    """``(target part, evaluation users, exclusions)``, the model's context set: by default
+    the training set (+ validation for test) is excluded and read as the users' histories."""
+    target = getattr(split, part)
+    users, _ = evaluation_users(eval_cfg, target)
+    before = [split.train] if part == "valid" else [split.train, split.valid]
+    set_context(model, before if context is None else context)
+    return target, users, before if exclude is None else exclude
 
 
 def per_user_metric(model, split: Split, eval_cfg, metric: str, part: str = "test",
@@ -186,17 +189,11 @@ def per_user_metric(model, split: Split, eval_cfg, metric: str, part: str = "tes
     """One ranking metric per evaluation user of ``split.<part>`` (``evaluation_users``: the
     same users, in the same order, for every model on this split); exclusions and context as
     in :func:`evaluate_ranking`. Paired comparisons of two models take these arrays."""
-    target = getattr(split, part)
-    users, _ = evaluation_users(eval_cfg, target)
-    if exclude is None:
-        exclude = [split.train] if part == "valid" else [split.train, split.valid]
-    if context is None:
-        context = [split.train] if part == "valid" else [split.train, split.valid]
     name, k = parse_metric(metric)
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
-    set_context(model, context)
+    target, users, exclude = _evaluation_setup(model, split, eval_cfg, part, exclude, context)
     try:
         with torch.no_grad():
             out = ranking_metrics(model.score_users, target, list(exclude), metrics=[name],
