@@ -254,14 +254,16 @@ def dropped_profile_table(dataset: Dataset, split: Split, keep: np.ndarray) -> p
 
 
 
-def stream_types(cfg: JobConfig, dataset: Dataset) -> Optional[dict]:
-    """A streamed CSV/TSV input's column types (one Ray Data pass, computed once per run)."""
+def output_text_types(cfg: JobConfig, dataset: Dataset, use_ray: bool) -> dict:
+    """The column types a CSV/TSV input's pass-through outputs (``pruned/``, ``keep/``,
+    ``drop/``) get, decided once per run over the whole input: from the source table, or in
+    one Ray Data pass over a streamed input. Empty for typed inputs."""
     if cfg.data.format not in TEXT_FORMATS:
-        return None
-    if getattr(dataset, "_stream_types", None) is None:
+        return {}
+    if dataset.stream is not None and use_ray:
         from .ray_layer.tables import stream_text_types
-        dataset._stream_types = stream_text_types(dataset)
-    return dataset._stream_types
+        return stream_text_types(dataset)
+    return text_column_types(dataset.source) if dataset.source is not None else {}
 
 
 def keep_drop_masks(dataset: Dataset, split: Split, keep: np.ndarray) -> Optional[np.ndarray]:
@@ -275,19 +277,23 @@ def keep_drop_masks(dataset: Dataset, split: Split, keep: np.ndarray) -> Optiona
     return drop
 
 
-def write_keep_drop(out, cfg: JobConfig, dataset: Dataset, split: Split, keep: np.ndarray,
-                    use_ray: bool) -> Optional[dict]:
+def write_keep_drop(out, dataset: Dataset, split: Split, keep: np.ndarray, use_ray: bool,
+                    types: dict) -> Optional[dict]:
     """``drop/``: the input rows the pruning removes; ``keep/``: every other input row (all
     splits, and rows ingestion set aside, e.g. repeated pairs): the cleaned log. The input's
     own columns, names and order, nothing added; a CSV/TSV input's columns typed as a reader
-    would (:func:`typed_text_columns`). Returns the counts, or None when the input has no
-    source table (a streamed or a fixed-layout text input; ``pruned/`` is written)."""
+    would (``types``: :func:`output_text_types`). A streamed input is filtered by Ray Data
+    end to end. Returns the counts, or None when the rows cannot be traced to the input."""
+    if dataset.stream is not None and use_ray:
+        if split.train.source_row is None:
+            return None
+        from .ray_layer.tables import write_keep_drop as write_streamed
+        rows = split.train.source_row[~np.asarray(keep, dtype=bool)]
+        return write_streamed(out, dataset, rows[rows >= 0], types)
     drop = keep_drop_masks(dataset, split, keep)
     if drop is None:
         return None
-    src = dataset.source
-    if cfg.data.format in TEXT_FORMATS:
-        src = typed_text_columns(src)
+    src = typed_text_columns(dataset.source, types)
     mask = pa.array(drop)
     out.write_table("drop", src.filter(mask), use_ray=use_ray)
     out.write_table("keep", src.filter(pc.invert(mask)), use_ray=use_ray)
@@ -481,15 +487,11 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
 
             with prof.stage("write", rows=len(split.train) + len(split.valid) + len(split.test)):
                 log.info("writing outputs to %s", out.uri)
-                write_outputs(out, cfg, dataset, split, valuation, pruned, values_tab, use_ray)
+                types = output_text_types(cfg, dataset, use_ray)
+                write_outputs(out, cfg, dataset, split, valuation, pruned, values_tab, use_ray, types)
                 if profile_tab is not None:
                     out.write_table("dropped_profile", profile_tab, use_ray=use_ray)
-                if dataset.stream is not None and use_ray and split.train.source_row is not None:
-                    from .ray_layer.tables import write_keep_drop as write_streamed_keep_drop
-                    rows = split.train.source_row[~pruned.keep]
-                    counts = write_streamed_keep_drop(out, dataset, rows[rows >= 0], stream_types(cfg, dataset))
-                else:
-                    counts = write_keep_drop(out, cfg, dataset, split, pruned.keep, use_ray)
+                counts = write_keep_drop(out, dataset, split, pruned.keep, use_ray, types)
                 if counts is not None:
                     metrics["keep_drop"] = counts
                 if explanation is not None:
@@ -517,7 +519,8 @@ CHUNK_ROWS = 1 << 20
 
 
 def write_outputs(out, cfg: JobConfig, dataset: Dataset, split: Split, valuation: Valuation,
-                  pruned: "PruneOutcome", values_tab: Optional[pa.Table], use_ray: bool) -> None:
+                  pruned: "PruneOutcome", values_tab: Optional[pa.Table], use_ray: bool,
+                  types: Optional[dict] = None) -> None:
     """``values/``, entity and method tables, ``pruned/`` and ``splits/``. Small tables are
     written whole (Ray Data on Ray); large ones chunk by chunk, never a whole table on the
     driver; the pass-through of a streamed input (``pruned/``) is Ray Data end to end."""
@@ -535,14 +538,10 @@ def write_outputs(out, cfg: JobConfig, dataset: Dataset, split: Split, valuation
     noise = bool(split.train.is_noise is not None and split.train.is_noise.any())
     if dataset.stream is not None and use_ray:
         from .ray_layer.tables import write_pass_through
-        write_pass_through(out, "pruned", dataset, kept, noise_column=noise, types=stream_types(cfg, dataset))
+        write_pass_through(out, "pruned", dataset, kept, noise_column=noise, types=types)
     else:
-        # a CSV/TSV input's columns typed as a reader would, from the whole input (every chunk alike)
-        types = text_column_types(dataset.source) if (cfg.data.format in TEXT_FORMATS
-                                                      and dataset.source is not None) else {}
-
-        def table(part: Interactions) -> pa.Table:
-            return typed_text_columns(pruned_table(dataset, part, noise), types)
+        def table(part: Interactions) -> pa.Table:   # a CSV/TSV input's columns typed (``types``)
+            return typed_text_columns(pruned_table(dataset, part, noise), types or {})
         if len(kept) <= CHUNK_ROWS:
             out.write_table("pruned", table(kept), use_ray=use_ray)
         else:

@@ -211,13 +211,12 @@ def exposure(model, split: Split, eval_cfg, popularity: np.ndarray,
     ``evaluate.ks``; the test evaluation users, the same exclusions as the test metrics):
     :func:`~.metrics.exposure_metrics`. ``popularity``: training interactions per item."""
     k = max(eval_cfg.ks) if eval_cfg.ks else 20
-    users, _ = evaluation_users(eval_cfg, split.test)
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
-    set_context(model, context if context is not None else [split.train, split.valid])
+    target, users, exclude = _evaluation_setup(model, split, eval_cfg, "test", None, context)
     try:
-        counts = recommendation_counts(model.score_users, split.test, [split.train, split.valid], k=k,
+        counts = recommendation_counts(model.score_users, target, list(exclude), k=k,
                                        users=users, batch_users=eval_cfg.batch_users, device=dev)
     finally:
         model.train(was)

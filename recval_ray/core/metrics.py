@@ -189,6 +189,18 @@ def _eval_users(test: Interactions, n_test: np.ndarray | None, users: UsersArg) 
     return u
 
 
+def _users_and_rows(test: Interactions, exclude: list[Interactions], users: UsersArg):
+    """``(evaluated users, test CSR, excluded CSR)``; with explicit users (a sample) only
+    their rows are indexed."""
+    if isinstance(users, str):
+        test_csr = test.csr()
+        return _eval_users(test, np.diff(test_csr.indptr), users), test_csr, _exclusion_csr(test, exclude)
+    eval_users = _eval_users(test, None, users)
+    only = np.zeros(test.n_users, dtype=bool)
+    only[eval_users] = True
+    return eval_users, test.take(only[test.user]).csr(), _exclusion_csr(test, exclude, only)
+
+
 def _check_options(ndcg_variant: str, recall_variant: str) -> None:
     if ndcg_variant not in NDCG_VARIANTS:
         raise ValueError(f"ndcg_variant must be one of {NDCG_VARIANTS}, got {ndcg_variant!r}")
@@ -278,16 +290,7 @@ def ranking_metrics(score_fn: ScoreFn, test: Interactions,
     dev = _resolve_device(device)
     n_items = test.n_items
 
-    if isinstance(users, str):
-        test_csr = test.csr()
-        eval_users = _eval_users(test, np.diff(test_csr.indptr), users)
-        excl_csr = _exclusion_csr(test, exclude)
-    else:               # explicit users: index only their rows
-        eval_users = _eval_users(test, None, users)
-        only = np.zeros(test.n_users, dtype=bool)
-        only[eval_users] = True
-        test_csr = test.take(only[test.user]).csr()
-        excl_csr = _exclusion_csr(test, exclude, only)
+    eval_users, test_csr, excl_csr = _users_and_rows(test, exclude, users)
     test_rows = _CSRRows(test_csr, dev)
     excl_rows = _CSRRows(excl_csr, dev)
 
@@ -509,14 +512,7 @@ def recommendation_counts(score_fn: ScoreFn, test: Interactions,
     _check_spaces(test, exclude)
     dev = _resolve_device(device)
     n_items = test.n_items
-    if isinstance(users, str):
-        eval_users = _eval_users(test, np.diff(test.csr().indptr), users)
-        excl_csr = _exclusion_csr(test, exclude)
-    else:
-        eval_users = _eval_users(test, None, users)
-        only = np.zeros(test.n_users, dtype=bool)
-        only[eval_users] = True
-        excl_csr = _exclusion_csr(test, exclude, only)
+    eval_users, _, excl_csr = _users_and_rows(test, exclude, users)
     excl_rows = _CSRRows(excl_csr, dev)
     k = min(int(k), n_items)
     counts = torch.zeros(n_items, dtype=torch.int64, device=dev)

@@ -125,21 +125,22 @@ def random_prune_mask(keep: np.ndarray, train: Interactions, cfg, seed: int, gro
     return out
 
 
-def _deciles(x: np.ndarray, fmt=lambda v: f"{v:g}") -> tuple[np.ndarray, list[str]]:
-    """Decile index (0..9, by rank: ties share the lower decile) of each value, and labels
-    ``"d1 [lo, hi]"`` with the values' range in each decile."""
-    n = len(x)
+def _deciles(x: np.ndarray, weight: np.ndarray | None = None,
+             fmt=lambda v: f"{v:g}") -> tuple[np.ndarray, list[str]]:
+    """Decile (0..9) of each value by its rank among the rows it stands for (``weight`` rows
+    each, default 1): a value whose first row falls in the k-th tenth of all rows is in decile
+    k, equal values share one decile; labels ``"d1 [lo, hi]"`` give each decile's range."""
+    w = np.ones(len(x), dtype=np.int64) if weight is None else np.asarray(weight, dtype=np.int64)
     order = np.argsort(x, kind="stable")
-    d = np.empty(n, dtype=np.int64)
-    d[order] = (np.arange(n) * 10) // max(n, 1)
-    # equal values in one decile: the decile of the first of them
-    xs = x[order]
-    first = np.searchsorted(xs, xs, side="left")
-    d[order] = d[order][first]
+    xs, ws = x[order], w[order]
+    start = np.cumsum(ws) - ws                      # rows before each value, in sorted order
+    first = np.searchsorted(xs, xs, side="left")    # equal values: the first of them
+    d = np.empty(len(x), dtype=np.int64)
+    d[order] = (start[first] * 10) // max(int(ws.sum()), 1)
     labels = []
     for k in range(10):
-        sel = x[d == k]
-        labels.append(f"d{k + 1} [{fmt(sel.min())}, {fmt(sel.max())}]" if len(sel) else f"d{k + 1} (empty)")
+        sel = xs[(d[order] == k) & (ws > 0)]           # entities without rows do not count
+        labels.append(f"d{k + 1} [{fmt(sel[0])}, {fmt(sel[-1])}]" if len(sel) else f"d{k + 1} (empty)")
     return d, labels
 
 
@@ -173,18 +174,18 @@ def dropped_profile(train: Interactions, keep: np.ndarray, top: int = 10) -> dic
             g = np.searchsorted(levels, np.where(ok, r, levels[0]))
             g[~ok] = len(levels)
             add("rating", [f"{v:g}" for v in levels] + ["missing"], g)
-    user_rows = np.bincount(train.user, minlength=train.n_users)[train.user]
-    item_rows = np.bincount(train.item, minlength=train.n_items)[train.item]
-    for facet, x in (("user_activity", user_rows), ("item_popularity", item_rows)):
-        d, labels = _deciles(x.astype(np.float64))
-        add(facet, labels, d)
+    # deciles of the entities' row counts, weighted by their rows (no per-row sort)
+    for facet, ids, n in (("user_activity", train.user, train.n_users), ("item_popularity", train.item, train.n_items)):
+        rows = np.bincount(ids, minlength=n)
+        d, labels = _deciles(rows.astype(np.float64), rows)
+        add(facet, labels, d[ids])
     if train.timestamp is not None and (np.asarray(train.timestamp) >= 0).any():
         ts = np.asarray(train.timestamp, dtype=np.int64)
         ok = ts >= 0                                   # injected rows have no timestamp
         unix = 1e8 <= ts[ok].min() and ts[ok].max() <= 1e10
         fmt = (lambda v: str(np.datetime64(int(v), "s").astype("datetime64[D]"))) if unix else (lambda v: f"{v:g}")
         d = np.full(len(ts), 10, dtype=np.int64)
-        d[ok], labels = _deciles(ts[ok].astype(np.float64), fmt)
+        d[ok], labels = _deciles(ts[ok].astype(np.float64), fmt=fmt)
         add("time", labels + ["missing"], d)
     for facet, ids, n in (("top_user", train.user, train.n_users), ("top_item", train.item, train.n_items)):
         drops = np.bincount(ids[dropped], minlength=n)
