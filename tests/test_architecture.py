@@ -170,7 +170,7 @@ def test_a_toy_valuer_gets_runs_reports_compare_rows_and_sweeps(toy_valuer, tmp_
 
     job = str(PKG.parent / "jobs" / "quickstart.yaml")
     tiny = ["data.synthetic.n_users=80", "data.synthetic.n_items=100", "data.synthetic.interactions_per_user=12",
-            "train.epochs=2", "train.loss_epochs=1", "prune.random_control=false", f"valuation.method={toy_valuer}"]
+            "train.epochs=2", "train.loss_epochs=1", "prune.random_control=false", f"valuation.method={toy_valuer}", "verdict.enabled=false"]
     cfg = load_config(job, tiny + ["valuation.scale=2.0"])
     run = run_job(cfg, run_id="toy", output_uri=str(tmp_path), use_ray=False)
     assert run.metrics["method"] == toy_valuer

@@ -32,7 +32,7 @@ JOB = str(REPO / "jobs" / "quickstart.yaml")
 TINY = ["data.synthetic.n_users=150", "data.synthetic.n_items=200",
         "data.synthetic.interactions_per_user=20",
         "train.epochs=3", "train.patience=3", "train.loss_epochs=2", "train.batch_size=512",
-        "noise.ratio=0.2"]
+        "noise.ratio=0.2", "verdict.enabled=false"]
 LAYOUT_DIRS = ["values", "pruned", "splits/train", "splits/valid", "splits/test", "keep", "drop", "dropped_profile"]
 LAYOUT_FILES = ["metrics.json", "report.html", "manifest.json"]
 VALUES_SCHEMA = ["user_id", "item_id", "value", "train_loss", "kept"]
@@ -85,7 +85,7 @@ def expected_noise(train_split: pa.Table, ratio_tenths: int = 2) -> int:
 @pytest.fixture(scope="module")
 def synthetic_run(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e-out")
-    cfg = tiny_config()
+    cfg = tiny_config("verdict.enabled=true")     # the one e2e run that carries the verdict stage
     result = run_job(cfg, run_id="syn", output_uri=str(out))
     return result, out / "syn", cfg, out
 
@@ -203,6 +203,10 @@ def test_metrics_json(synthetic_run):
     assert nd["n_noise"] == m["data"]["injected_noise"]
     assert nd["n_valued"] == m["data"]["train"]
     assert m["data"]["users"] == 150
+    v = m["verdict"]      # the verdict stage on Ray: a decision, its candidates, a test report
+    assert v["decision"] in ("keep", "prune") and v["method"] == "small-loss"
+    assert len(v["candidates"]) == len(cfg.verdict.fractions) * len(cfg.verdict.scopes)
+    assert v["ci_low"] <= v["delta_test"] <= v["ci_high"]
     assert m == json.loads(json.dumps(result.metrics))
 
 

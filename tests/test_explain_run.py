@@ -14,7 +14,7 @@ from recval_ray.cli import main
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.synthetic.n_users=120", "data.synthetic.n_items=150", "data.synthetic.interactions_per_user=20",
         "train.epochs=3", "train.patience=3", "train.loss_epochs=2", "evaluate.metrics=[recall]",
-        "evaluate.ks=[10]"]
+        "evaluate.ks=[10]", "verdict.enabled=false"]
 
 
 @pytest.fixture(scope="module")

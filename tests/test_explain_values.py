@@ -255,7 +255,7 @@ def test_movielens_genres(tmp_path):
 TINY = ["data.synthetic.n_users=120", "data.synthetic.n_items=150", "data.synthetic.interactions_per_user=20",
         "train.epochs=3", "train.patience=3", "train.loss_epochs=2", "train.batch_size=512", "noise.ratio=0.2",
         "prune.random_control=false", "explain.enabled=true", "explain.steps=200", "explain.max_rows=300",
-        "explain.background=20"]
+        "explain.background=20", "verdict.enabled=false"]
 
 
 def test_pipeline_writes_explanations(tmp_path):

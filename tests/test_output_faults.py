@@ -26,7 +26,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 JOB = str(REPO / "jobs" / "quickstart.yaml")
 TINY = ["data.synthetic.n_users=120", "data.synthetic.n_items=150", "data.synthetic.interactions_per_user=15",
-        "train.epochs=2", "train.loss_epochs=1", "train.batch_size=512"]
+        "train.epochs=2", "train.loss_epochs=1", "train.batch_size=512", "verdict.enabled=false"]
 KILLS = 20
 MUTATING = ("move", "delete_file", "delete_dir", "delete_dir_contents", "create_dir", "open_output_stream")
 # the run, with its commit's k-th storage change (RECVAL_TEST_KILL_AT=k) replaced by a SIGKILL

@@ -31,7 +31,8 @@ from recval_ray.locks import FileLock, LeaseLock
 REPO = Path(__file__).resolve().parents[1]
 JOB = str(REPO / "jobs" / "quickstart.yaml")
 TINY = ["data.synthetic.n_users=120", "data.synthetic.n_items=150", "data.synthetic.interactions_per_user=15",
-        "train.epochs=2", "train.loss_epochs=1", "train.batch_size=512", "prune.random_control=false"]
+        "train.epochs=2", "train.loss_epochs=1", "train.batch_size=512", "prune.random_control=false",
+        "verdict.enabled=false"]
 
 
 def sets(overrides) -> list[str]:

@@ -159,7 +159,7 @@ def test_pld_job_in_process_writes_values_and_the_overlap_report(tmp_path):
     cfg = load_config(str(repo / "jobs" / "quickstart.yaml"), [
         "data.synthetic.n_users=80", "data.synthetic.n_items=60", "data.synthetic.interactions_per_user=12",
         "train.epochs=4", "train.loss_epochs=2", "train.loss_pass=all", "train.device=cpu",
-        "train.denoise={kind: pld, warmup_epochs: 1}", "valuation.method=pld", "prune.scope=per-user"])
+        "train.denoise={kind: pld, warmup_epochs: 1}", "valuation.method=pld", "prune.scope=per-user", "verdict.enabled=false"])
     run_job(cfg, run_id="pld", output_uri=str(tmp_path), use_ray=False)
     run = tmp_path / "pld"
     values = pq.read_table(str(run / "values"))

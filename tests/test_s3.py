@@ -33,7 +33,8 @@ JOB = str(REPO / "jobs" / "quickstart.yaml")
 BUCKET = "recval-test"
 TINY = ["data.synthetic.n_users=150", "data.synthetic.n_items=200",
         "data.synthetic.interactions_per_user=20",
-        "train.epochs=3", "train.patience=3", "train.loss_epochs=2", "train.batch_size=512"]
+        "train.epochs=3", "train.patience=3", "train.loss_epochs=2", "train.batch_size=512",
+        "verdict.enabled=false"]
 FAKE_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1"}
 ENV_TO_CLEAR = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION")

@@ -213,7 +213,7 @@ def test_metrics_json_headline_and_report_record_the_sample(tmp_path):
     from recval_ray.pipeline import headline, run_job
     over = ["data.synthetic.n_users=120", "data.synthetic.n_items=150", "data.synthetic.interactions_per_user=15",
             "train.epochs=2", "train.patience=2", "train.loss_epochs=1", "train.batch_size=512",
-            "evaluate.sample_users=40", "evaluate.sample_seed=6"]
+            "evaluate.sample_users=40", "evaluate.sample_seed=6", "verdict.enabled=false"]
     cfg = load_config(str(REPO / "jobs" / "quickstart.yaml"), over)
     res = run_job(cfg, run_id="sampled", output_uri=str(tmp_path), use_ray=False)
     metrics = json.loads((tmp_path / "sampled" / "metrics.json").read_text())

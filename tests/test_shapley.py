@@ -535,7 +535,8 @@ def test_svv_job_in_process_writes_values_reference_table_and_report(tmp_path, m
         "model={kind: dae, hidden: [8]}", "train.epochs=3", "train.batch_size=16", "train.device=cpu",
         "valuation={method: svv, hidden: [16], samples: 4, epochs: 3, valid_samples: 4, reference: true, "
         "reference_users: 5, reference_exact_max: 8, reference_max_permutations: 100}",
-        "prune.scope=per-user", "prune.fraction=0.2", "evaluate.metrics=[recall]", "evaluate.ks=[5]"])
+        "prune.scope=per-user", "prune.fraction=0.2", "evaluate.metrics=[recall]", "evaluate.ks=[5]",
+        "verdict.enabled=false"])
     from recval_ray import pipeline
     monkeypatch.setattr(pipeline, "MAX_METRICS_TABLE_ROWS", 10)
     res = run_job(cfg, run_id="svv", output_uri=str(tmp_path), use_ray=False)

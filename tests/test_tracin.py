@@ -371,7 +371,7 @@ def _job(tmp_path, **valuation):
                           **valuation},
             "prune": {"strategy": "count", "count": 10, "retrain": False},
             "evaluate": {"metrics": ["recall", "mrr_full"], "ks": [10]},
-            "output": {"uri": str(tmp_path)}}
+            "output": {"uri": str(tmp_path)}, "verdict": {"enabled": False}}
 
 
 def test_valuer_end_to_end_in_process(tmp_path):
