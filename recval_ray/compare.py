@@ -186,7 +186,7 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
             nd = noise_detection(valuation.values, is_noise)
             for k in DETECTION_METRICS:
                 out.rows.append((int(seed), DETECTION, label, k, float(nd[k])))
-        keep, random_keep = prune_masks(cfg_m, split, valuation, random_control="random" in variants)
+        keep, random_keep, _ = prune_masks(cfg_m, split, valuation, random_control="random" in variants)
         out.valuations[label] = (valuation, keep)
         if cfg.prune.strategy != "none":
             if "pruned" in variants:

@@ -1,7 +1,7 @@
 """The verdict stage: retrain the candidate prunings, decide on validation, report on test.
 
 For each ``verdict.fractions`` x ``verdict.scopes`` the run's values select the rows to drop
-(:func:`~.core.prune.prune_mask`), a model is retrained without them (the job's training, its
+(:func:`~.core.prune.prune_valued`), a model is retrained without them (the job's training, its
 own early stopping on validation) and scored on validation per user; every model is ranked
 against the same candidates (the full training set and, for test, validation excluded), so
 only the training data differ. The statistics and the decision rule are in
@@ -17,7 +17,7 @@ import numpy as np
 
 from .core.data import Split
 from .core.evaluation import per_user_metric
-from .core.prune import prune_mask, random_prune_mask
+from .core.prune import prune_valued, random_prune_mask
 from .core.train import RATING_METRICS, TrainResult
 from .core.valuers.base import Valuation
 from .core.verdict import (Candidate, best_candidate, bootstrap_relative_change, decide, paired_t_test,
@@ -65,7 +65,7 @@ def verdict(cfg: JobConfig, split: Split, valuation: Valuation, base: TrainResul
     for scope in vc.scopes:
         for fraction in vc.fractions:
             pc = dataclasses.replace(cfg.prune, strategy="fraction", fraction=float(fraction), scope=scope)
-            keep = prune_mask(valuation.values, split.train, pc)
+            keep, _ = prune_valued(valuation, split, pc)
             kept = split.train.take(keep)
             res = train(cfg, kept, split.valid, tag=f"verdict {method} {fraction:g} {scope}")
             valid = per_user_metric(res.model, split, ev, metric, "valid", context=[kept])

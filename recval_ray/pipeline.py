@@ -26,11 +26,11 @@ from .core.evaluation import (drop_unseen, evaluate_ranking, exposure, noise_det
                               sample_summary)
 from .core.noise import inject_noise
 from .core.text_types import TEXT_FORMATS, text_column_types, typed_text_columns
-from .core.prune import dropped_profile, prune_mask, random_prune_mask
+from .core.prune import dropped_profile, prune_valued, random_prune_mask
 from .core.split import split_interactions
 from .core.train import TrainResult, train_model
 from .core.valuers.base import Valuation, ValuationContext
-from .registry import VALUERS
+from .registry import MODELS, VALUERS
 
 log = logging.getLogger("recval_ray")
 MAX_METRICS_TABLE_ROWS = 1000   # tables of a valuation up to this size are also copied into metrics.json
@@ -126,12 +126,50 @@ def value(cfg: JobConfig, split: Split, base: TrainResult, dataset: Dataset,
                            eval_cfg=cfg.evaluate, seed=cfg.train.seed, executor=executor,
                            work_dir=work_dir, dataset=dataset, store=store, distributed=_ports(use_ray))
     t0 = time.perf_counter()
-    valuation = valuer.value(ctx)
+    if coverage(cfg) == "all":
+        valuation = crossfit_valuation(cfg, split, valuer)
+    else:
+        valuation = valuer.value(ctx)
     valuation.info.setdefault("seconds", time.perf_counter() - t0)
     if len(valuation.values) != len(split.train):
         raise RuntimeError(f"valuer {cfg.valuation.method} returned {len(valuation.values)} values "
                            f"for {len(split.train)} training interactions")
     return valuation
+
+
+def coverage(cfg: JobConfig) -> str:
+    """``train`` or ``all``: which rows the run values (``valuation.coverage``, ``auto``
+    resolved by :func:`~.core.crossfit.resolve_coverage`)."""
+    from .core.crossfit import resolve_coverage
+    asked = getattr(cfg.valuation, "coverage", "train")
+    can = VALUERS.get(cfg.valuation.method).factory(cfg.valuation).crossfits and \
+        "bpr" in MODELS.meta(cfg.model.kind).get("capabilities", ())
+    return resolve_coverage(asked, cfg.data.format, cfg.noise.ratio, cfg.split.kind, can)
+
+
+def crossfit_valuation(cfg: JobConfig, split: Split, valuer) -> Valuation:
+    """``valuation.coverage: all``: every row of every split valued by the fold model trained
+    without it (:mod:`~.core.crossfit`); the valuation's ``values`` are the training rows',
+    ``whole_log`` holds the validation and test rows' and every row's fold."""
+    from .core.crossfit import PARTS, all_rows, crossfit
+    from .core.valuers.base import MethodInfo
+    folds = int(cfg.valuation.folds)
+    log.info("cross-fitting %s over %d folds: every row valued by a model trained without it",
+             cfg.valuation.method, folds)
+    stat, whole = crossfit(
+        split, folds, cfg.train.seed,
+        train_fn=lambda tr, va, tag: train(cfg, tr, va, tag=tag),
+        statistic=lambda res, rows, seed: valuer.heldout_statistic(res, rows, seed, cfg.train),
+        progress=log.info)
+    values, columns = valuer.crossfit_values(np.concatenate([stat[p] for p in PARTS]), all_rows(split))
+    at = np.cumsum([0] + [len(getattr(split, p)) for p in PARTS])
+    for j, p in enumerate(PARTS):
+        sl = slice(at[j], at[j + 1])
+        whole.parts[p].values = values[sl]
+        whole.parts[p].columns = {k: v[sl] for k, v in columns.items()}
+    n = len(split.train)
+    return Valuation(method=cfg.valuation.method, values=values[:n], columns={k: v[:n] for k, v in columns.items()},
+                     info=MethodInfo(seconds=whole.seconds), whole_log=whole)
 
 
 def _ports(use_ray: bool):
@@ -152,6 +190,7 @@ class PruneOutcome:
     test_rows_left_out: int = 0
     evaluation: Optional[dict] = None       # the user sample of those test rows (evaluate.sample_users)
     exposure: dict = field(default_factory=dict)   # beyond-accuracy figures of each retrained model
+    keep_all: Optional[np.ndarray] = None   # valuation.coverage: all: kept rows of train, valid, test
 
 
 def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_dir: str,
@@ -162,8 +201,8 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
     training set, injected noise included, and the validation set), so only the training
     data differ.
     """
-    keep, random_keep = prune_masks(cfg, split, valuation)
-    out = PruneOutcome(keep=keep, random_keep=random_keep)
+    keep, random_keep, keep_all = prune_masks(cfg, split, valuation)
+    out = PruneOutcome(keep=keep, random_keep=random_keep, keep_all=keep_all)
     if not cfg.prune.retrain or cfg.prune.strategy == "none":
         return out
     target = split
@@ -207,18 +246,20 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
     return out
 
 
-def prune_masks(cfg: JobConfig, split: Split, valuation: Valuation,
-                random_control: Optional[bool] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """(kept rows, kept rows of the random control dropping as many, or None): the masks over
-    ``split.train`` that ``prune`` selects from ``valuation``; the control is drawn with seed
-    ``prune.seed + 1`` when ``random_control`` (default ``prune.random_control``)."""
-    keep = prune_mask(valuation.values, split.train, cfg.prune, groups=valuation.row_entity)
+def prune_masks(cfg: JobConfig, split: Split, valuation: Valuation, random_control: Optional[bool] = None
+                ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    """(kept rows, kept rows of the random control dropping as many or None, kept rows of the
+    whole log or None): the masks over ``split.train`` that ``prune`` selects from ``valuation``
+    (:func:`~.core.prune.prune_valued`: over the whole log when it was cross-fitted); the
+    control is drawn with seed ``prune.seed + 1`` when ``random_control`` (default
+    ``prune.random_control``)."""
+    keep, keep_all = prune_valued(valuation, split, cfg.prune)
     if random_control is None:
         random_control = cfg.prune.random_control
     random_keep = random_prune_mask(keep, split.train, cfg.prune, cfg.prune.seed + 1,
                                     groups=valuation.row_entity, values=valuation.values) \
         if random_control else None
-    return keep, random_keep
+    return keep, random_keep, keep_all
 
 
 def retrain_and_evaluate(cfg: JobConfig, split: Split, mask: np.ndarray, *, tag: str,
@@ -237,10 +278,15 @@ def retrain_and_evaluate(cfg: JobConfig, split: Split, mask: np.ndarray, *, tag:
     return metrics, res
 
 
-def dropped_profile_table(dataset: Dataset, split: Split, keep: np.ndarray) -> pa.Table:
-    """:func:`~.core.prune.dropped_profile` of the run's pruning, the top users and items named
-    by their original ids."""
-    prof = dropped_profile(split.train, keep)
+def dropped_profile_table(dataset: Dataset, split: Split, keep: np.ndarray,
+                          keep_all: Optional[np.ndarray] = None) -> pa.Table:
+    """:func:`~.core.prune.dropped_profile` of the run's pruning (of the whole log when it was
+    valued: ``keep_all``), the top users and items named by their original ids."""
+    if keep_all is not None:
+        from .core.crossfit import all_rows
+        prof = dropped_profile(all_rows(split), keep_all)
+    else:
+        prof = dropped_profile(split.train, keep)
     facet = np.asarray(prof["facet"], dtype=object)
     group = np.asarray(prof["group"], dtype=object)
     for name, original in (("top_user", dataset.original_users), ("top_item", dataset.original_items)):
@@ -266,31 +312,51 @@ def output_text_types(cfg: JobConfig, dataset: Dataset, use_ray: bool) -> dict:
     return text_column_types(dataset.source) if dataset.source is not None else {}
 
 
-def keep_drop_masks(dataset: Dataset, split: Split, keep: np.ndarray) -> Optional[np.ndarray]:
-    """Over the input's rows (``Dataset.source``): True where the run drops the row (a training
-    row the pruning removed; injected rows are not input rows). None without a source table."""
-    if dataset.source is None or split.train.source_row is None:
+def dropped_source_rows(split: Split, keep: np.ndarray, keep_all: Optional[np.ndarray] = None
+                        ) -> Optional[np.ndarray]:
+    """The input rows (``Dataset.source`` row numbers) the run drops: the training rows the
+    pruning removed or, when the whole log was valued (``keep_all``), the rows of any split it
+    removed; injected rows are not input rows. None when rows cannot be traced to the input."""
+    if split.train.source_row is None:
         return None
-    rows = split.train.source_row[~np.asarray(keep, dtype=bool)]
+    if keep_all is None:
+        rows = split.train.source_row[~np.asarray(keep, dtype=bool)]
+    else:
+        parts = [split.train, split.valid, split.test]
+        if any(p.source_row is None for p in parts if len(p)):
+            return None
+        src = np.concatenate([p.source_row if p.source_row is not None else np.full(len(p), -1) for p in parts])
+        rows = src[~np.asarray(keep_all, dtype=bool)]
+    return rows[rows >= 0]
+
+
+def keep_drop_masks(dataset: Dataset, split: Split, keep: np.ndarray,
+                    keep_all: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+    """Over the input's rows (``Dataset.source``): True where the run drops the row
+    (:func:`dropped_source_rows`). None without a source table."""
+    rows = dropped_source_rows(split, keep, keep_all) if dataset.source is not None else None
+    if rows is None:
+        return None
     drop = np.zeros(dataset.source.num_rows, dtype=bool)
-    drop[rows[rows >= 0]] = True
+    drop[rows] = True
     return drop
 
 
 def write_keep_drop(out, dataset: Dataset, split: Split, keep: np.ndarray, use_ray: bool,
-                    types: dict) -> Optional[dict]:
-    """``drop/``: the input rows the pruning removes; ``keep/``: every other input row (all
-    splits, and rows ingestion set aside, e.g. repeated pairs): the cleaned log. The input's
-    own columns, names and order, nothing added; a CSV/TSV input's columns typed as a reader
-    would (``types``: :func:`output_text_types`). A streamed input is filtered by Ray Data
-    end to end. Returns the counts, or None when the rows cannot be traced to the input."""
+                    types: dict, keep_all: Optional[np.ndarray] = None) -> Optional[dict]:
+    """``drop/``: the input rows the pruning removes (training rows, or rows of every split
+    when the whole log was valued: ``keep_all``); ``keep/``: every other input row (all splits,
+    and rows ingestion set aside, e.g. repeated pairs): the cleaned log. The input's own
+    columns, names and order, nothing added; a CSV/TSV input's columns typed as a reader would
+    (``types``: :func:`output_text_types`). A streamed input is filtered by Ray Data end to
+    end. Returns the counts, or None when the rows cannot be traced to the input."""
     if dataset.stream is not None and use_ray:
-        if split.train.source_row is None:
+        rows = dropped_source_rows(split, keep, keep_all)
+        if rows is None:
             return None
         from .ray_layer.tables import write_keep_drop as write_streamed
-        rows = split.train.source_row[~np.asarray(keep, dtype=bool)]
-        return write_streamed(out, dataset, rows[rows >= 0], types)
-    drop = keep_drop_masks(dataset, split, keep)
+        return write_streamed(out, dataset, rows, types)
+    drop = keep_drop_masks(dataset, split, keep, keep_all)
     if drop is None:
         return None
     src = typed_text_columns(dataset.source, types)
@@ -330,16 +396,43 @@ def interactions_table(dataset: Dataset, part: Interactions, extra: Optional[dic
     return pa.table(cols)
 
 
+def valued_rows(split: Split, valuation: Valuation, keep: np.ndarray,
+                keep_all: Optional[np.ndarray] = None) -> tuple[Interactions, dict]:
+    """The rows ``values/`` holds and their columns (value, method columns, kept): the
+    training rows or, when the whole log was valued (``valuation.coverage: all``), every row of
+    train, valid and test with its ``split`` (code into :data:`~.core.crossfit.PARTS`) and
+    ``fold``."""
+    whole = valuation.whole_log
+    if whole is None:
+        return split.train, {"value": valuation.values, **valuation.columns, "kept": keep}
+    from .core.crossfit import PARTS, all_rows
+    rows = all_rows(split)
+    cols = {"value": np.concatenate([whole.parts[p].values for p in PARTS])}
+    cols.update({k: np.concatenate([whole.parts[p].columns[k] for p in PARTS]) for k in valuation.columns})
+    cols["kept"] = keep_all if keep_all is not None else np.ones(len(rows), dtype=bool)
+    cols["split"] = np.repeat(np.arange(len(PARTS), dtype=np.int8), [len(getattr(split, p)) for p in PARTS])
+    cols["fold"] = np.concatenate([whole.parts[p].fold for p in PARTS])
+    return rows, cols
+
+
 def values_table(dataset: Dataset, split: Split, valuation: Valuation, keep: np.ndarray,
-                 rows: Optional[np.ndarray] = None) -> pa.Table:
-    """The valued-data schema: user_id, item_id, value, <method columns>, kept, is_noise
-    (``rows``: only those training rows, for chunked writing)."""
-    sel = (lambda a: np.asarray(a)) if rows is None else (lambda a: np.asarray(a)[rows])
-    extra = {"value": sel(valuation.values)}
-    extra.update({k: sel(v) for k, v in valuation.columns.items()})
-    extra["kept"] = sel(keep)
-    t = interactions_table(dataset, split.train if rows is None else split.train.take(rows), extra)
-    order = ["user_id", "item_id", "value"] + list(valuation.columns) + ["kept"] + \
+                 rows: Optional[np.ndarray] = None, keep_all: Optional[np.ndarray] = None,
+                 valued: Optional[tuple] = None) -> pa.Table:
+    """The valued-data schema: user_id, item_id, value, <method columns>, kept, [split, fold
+    when the whole log was valued], rating, timestamp, is_noise (``rows``: only those rows of
+    :func:`valued_rows`, for chunked writing; ``valued``: its result, computed once)."""
+    from .core.crossfit import PARTS
+    part, cols = valued if valued is not None else valued_rows(split, valuation, keep, keep_all)
+    if rows is not None:
+        part, cols = part.take(rows), {k: np.asarray(v)[rows] for k, v in cols.items()}
+    cols = dict(cols)
+    code = cols.pop("split", None)
+    t = interactions_table(dataset, part, cols)
+    whole = []
+    if code is not None:
+        t = t.append_column("split", pa.DictionaryArray.from_arrays(pa.array(code, pa.int8()), pa.array(PARTS)))
+        whole = ["split", "fold"]
+    order = ["user_id", "item_id", "value"] + list(valuation.columns) + ["kept"] + whole + \
         [c for c in ("rating", "timestamp", "is_noise") if c in t.column_names]
     return t.select(order)
 
@@ -478,12 +571,14 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                 metrics["verdict"] = verdict
             if base_exposure is not None:
                 metrics["exposure"] = {"base": base_exposure} | pruned.exposure
-            profile_tab = dropped_profile_table(dataset, split, pruned.keep) if (~pruned.keep).any() else None
+            profile_tab = dropped_profile_table(dataset, split, pruned.keep, pruned.keep_all) \
+                if (~(pruned.keep if pruned.keep_all is None else pruned.keep_all)).any() else None
             if profile_tab is not None:
                 metrics["dropped_profile"] = profile_tab.to_pylist()
             explanation = explain(cfg, split, dataset, valuation, metrics, timings)
-            small = len(split.train) <= CHUNK_ROWS
-            values_tab = values_table(dataset, split, valuation, pruned.keep) if small else None
+            n_valued = len(split.train) + (len(split.valid) + len(split.test) if valuation.whole_log else 0)
+            values_tab = values_table(dataset, split, valuation, pruned.keep, keep_all=pruned.keep_all) \
+                if n_valued <= CHUNK_ROWS else None
 
             with prof.stage("write", rows=len(split.train) + len(split.valid) + len(split.test)):
                 log.info("writing outputs to %s", out.uri)
@@ -491,7 +586,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                 write_outputs(out, cfg, dataset, split, valuation, pruned, values_tab, use_ray, types)
                 if profile_tab is not None:
                     out.write_table("dropped_profile", profile_tab, use_ray=use_ray)
-                counts = write_keep_drop(out, dataset, split, pruned.keep, use_ray, types)
+                counts = write_keep_drop(out, dataset, split, pruned.keep, use_ray, types, pruned.keep_all)
                 if counts is not None:
                     metrics["keep_drop"] = counts
                 if explanation is not None:
@@ -527,8 +622,9 @@ def write_outputs(out, cfg: JobConfig, dataset: Dataset, split: Split, valuation
     if values_tab is not None:
         out.write_table("values", values_tab, use_ray=use_ray)
     else:
-        out.write_chunks("values", (values_table(dataset, split, valuation, pruned.keep, rows=sl)
-                                    for sl in _chunks(len(split.train))))
+        valued = valued_rows(split, valuation, pruned.keep, pruned.keep_all)
+        out.write_chunks("values", (values_table(dataset, split, valuation, pruned.keep, rows=sl, valued=valued)
+                                    for sl in _chunks(len(valued[0]))))
     if valuation.entities is not None:
         out.write_table(f"{valuation.entity_kind or 'entity'}_values", pa.table(valuation.entities),
                         use_ray=use_ray)
@@ -604,6 +700,8 @@ def build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, wa
         "prune": {"strategy": cfg.prune.strategy, "scope": cfg.prune.scope, "dropped": int((~pruned.keep).sum()),
                   "kept": int(pruned.keep.sum()), "test_rows_left_out": pruned.test_rows_left_out},
         "valuation": dict(valuation.info),
+        "coverage": valuation.whole_log.info() if valuation.whole_log is not None else
+        {"coverage": "train", "rows_valued": {"train": int(len(valuation.values))}},
     }
     for name, tab in valuation.tables.items():
         rows = len(next(iter(tab.values()), []))
@@ -637,6 +735,12 @@ def headline(cfg: JobConfig, result: RunResult) -> str:
         nd = m["noise_detection"]
         lines.append(f"noise detection ({m['method']}): AUC {nd['auc']:.4f}, precision@{nd['n_noise']} "
                      f"{nd['precision_at_n']:.4f} (base rate {nd['base_rate']:.4f})")
+    cov = m.get("coverage", {})
+    if cov.get("coverage") == "all":
+        rv = cov["rows_valued"]
+        lines.append(f"valued every row of the log ({sum(rv.values())}: train {rv['train']}, valid {rv['valid']}, "
+                     f"test {rv['test']}) by {cov['folds']}-fold cross-fitting"
+                     + (f"; drop/ holds {m['keep_drop']['drop']} input rows" if "keep_drop" in m else ""))
     p = m["prune"]
     lines.append(f"pruned {p['dropped']} of {p['dropped'] + p['kept']} training interactions"
                  + (f" ({p['noise_dropped']} injected)" if "noise_dropped" in p else ""))

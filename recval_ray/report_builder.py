@@ -47,8 +47,17 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
                   caption="relative difference to the base model (%)", number_format="{:+.2f}")
 
     dropped_section(rep, metrics.get("dropped_profile"))
-    v = values.column("value").to_numpy(zero_copy_only=False)
     rep.heading("Value distribution")
+    if "split" in values.column_names:     # the whole log valued (valuation.coverage: all)
+        cov = metrics.get("coverage", {})
+        part = np.asarray(values.column("split").to_pylist(), dtype=object)
+        v = values.column("value").to_numpy(zero_copy_only=False)
+        rep.paragraph(f"Every row of the log is valued by K-fold cross-fitting ({cov.get('folds')} folds): "
+                      f"{cov.get('how', '')}. The plots below the first one show the training rows.")
+        rep.histogram({p: v[part == p] for p in ("train", "valid", "test") if (part == p).any()},
+                      title="cross-fitted values by split", xlabel="value (higher = more useful)")
+        values = values.filter(pa.array(part == "train"))
+    v = values.column("value").to_numpy(zero_copy_only=False)
     noise = values.column("is_noise").to_numpy(zero_copy_only=False).astype(bool) \
         if "is_noise" in values.column_names else None
     if noise is not None and noise.any():            # only when noise was injected

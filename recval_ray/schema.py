@@ -380,7 +380,27 @@ def _registered_section(raw: Any, registry, selector: str, default: str, key: st
     except KeyError as e:
         raise ConfigError(f"{key}.{selector}: {e.args[0]}") from None
     raw[selector] = name
+    if registry.kind == "valuation.method":
+        _coverage_keys(raw, entry, registry, key)
     return build_dataclass(entry.options, raw, key)
+
+
+def _coverage_keys(raw: dict, entry, registry, key: str) -> None:
+    """``valuation.coverage`` / ``folds`` on a method that values only its model's training rows:
+    ``train`` / ``auto`` mean just that (the keys are dropped), ``all`` is an error naming the
+    methods that can value the whole log."""
+    names = {f.name for f in dataclasses.fields(entry.options)}
+    if "coverage" in names:
+        return
+    if raw.get("coverage", "train") not in ("train", "auto"):
+        able = [n for n in registry.names() if "coverage" in {f.name for f in dataclasses.fields(registry.get(n).options)}]
+        raise ConfigError(f"{key}.coverage: {raw['coverage']!r}: {entry.name} values only the rows its model "
+                          f"trained on; the methods that value every row of the log by cross-fitting: "
+                          f"{', '.join(able)} (or {key}.coverage: train)")
+    raw.pop("coverage", None)
+    if "folds" in raw:
+        raise ConfigError(f"{key}.folds: {entry.name} does not cross-fit ({key}.coverage applies to "
+                          f"small-loss and pld)")
 
 
 def validate_schema(raw: dict) -> JobConfig:
@@ -463,6 +483,10 @@ def check_semantics(cfg: JobConfig) -> None:
         raise ConfigError(f"train.denoise.kind: {cfg.train.denoise.kind!r} needs a BPR-trained model "
                           f"({bpr}), not model.kind {cfg.model.kind!r}")
     method = VALUERS.meta(cfg.valuation.method)
+    if getattr(cfg.valuation, "coverage", "train") == "all" and "bpr" not in caps:
+        raise ConfigError(f"valuation.coverage: all scores rows a model did not train on by their BPR loss: it "
+                          f"needs a BPR-trained model ({bpr}), not model.kind {cfg.model.kind!r} "
+                          f"(or valuation.coverage: train)")
     if cfg.prune.scope == "entity" and not method.get("entity_level"):
         raise ConfigError(f"prune.scope: entity needs an entity-level valuation "
                           f"({', '.join(VALUERS.having('entity_level'))}), not {cfg.valuation.method!r}")

@@ -365,7 +365,7 @@ def run_trial(cfg, overrides: dict, *, data=None, report_epoch: Optional[Callabl
         objective, res = base_valid, base
     else:
         valuation = value(tcfg, split, base, dataset)
-        keep, _ = prune_masks(tcfg, split, valuation, random_control=False)
+        keep, _, _ = prune_masks(tcfg, split, valuation, random_control=False)
         kept = split.train.take(keep)
         hook = EpochReporter(tcfg, split, metric, mode, report_epoch, context=[kept]) \
             if report_epoch is not None else None

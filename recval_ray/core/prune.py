@@ -19,6 +19,8 @@ same number of interactions (the same number per user for ``per-user``), uniform
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from .data import Interactions
@@ -199,3 +201,19 @@ def dropped_profile(train: Interactions, keep: np.ndarray, top: int = 10) -> dic
             out["dropped"].append(int(drops[e]))
             out["dropped_share"].append(float(drops[e] / rows[e]))
     return out
+
+
+def prune_valued(valuation, split, cfg) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(kept training rows, kept rows of the whole log or None)``: what ``prune`` (``cfg``)
+    selects from a :class:`~.valuers.base.Valuation`. When the valuation covers the whole log
+    (``valuation.coverage: all``), the selection is over every row of train, valid and test
+    (:func:`~.crossfit.all_rows` order), all on one scale, and the training rows' part of it is
+    what a retraining drops; else over the training rows only."""
+    whole = getattr(valuation, "whole_log", None)
+    if whole is None or cfg.scope == "entity" or cfg.strategy == "none":
+        return prune_mask(valuation.values, split.train, cfg, groups=valuation.row_entity), None
+    from .crossfit import PARTS, all_rows
+    values = np.concatenate([np.asarray(valuation.values)] +
+                            [np.asarray(whole.parts[p].values) for p in PARTS[1:]])
+    keep_all = prune_mask(values, all_rows(split), cfg)
+    return keep_all[:len(split.train)], keep_all

@@ -262,9 +262,20 @@ class BPRTask(Task):
         """The BPR loss of every training row ``[n_train]`` under the current model, each
         against ``negatives`` fresh negatives drawn from ``generator`` (mean over them), eval
         mode, no update (``train.loss_pass: all``)."""
+        return self.pair_losses(self.users, self.items, generator, negatives, chunk)
+
+    @torch.no_grad()
+    def pair_losses(self, users: torch.Tensor, items: torch.Tensor, generator: torch.Generator,
+                    negatives: int = 1, chunk: int = 65536) -> torch.Tensor:
+        """``mean_j softplus(s_uj - s_ui)`` of each ``(users[r], items[r])`` pair, trained on or
+        not (held-out rows of a cross-fitted valuation), against ``negatives`` negatives per
+        pair drawn from ``generator`` by the task's sampler (items outside the user's training
+        rows); eval mode, no update, ``chunk`` pairs at a time."""
         module = self.model
         was_training = module.training
         module.eval()
+        users = torch.as_tensor(users, device=self.device)
+        items = torch.as_tensor(items, device=self.device)
         try:
             # final embeddings once (LightGCN: one propagation, cached in eval mode)
             if hasattr(module, "final_embeddings"):
@@ -272,11 +283,11 @@ class BPRTask(Task):
             else:
                 eu, ei = module.user_emb.weight, module.item_emb.weight
             out = []
-            for s in range(0, self.n_train, chunk):
-                users = self.users[s:s + chunk]
-                neg = self.negatives.sample(users, max(1, int(negatives)), generator)
-                pu = eu.index_select(0, users)
-                s_pos = (pu * ei.index_select(0, self.items[s:s + chunk])).sum(-1)
+            for s in range(0, len(users), chunk):
+                u = users[s:s + chunk]
+                neg = self.negatives.sample(u, max(1, int(negatives)), generator)
+                pu = eu.index_select(0, u)
+                s_pos = (pu * ei.index_select(0, items[s:s + chunk])).sum(-1)
                 s_neg = torch.einsum("bd,bnd->bn", pu, ei[neg])
                 out.append(nn.functional.softplus(s_neg - s_pos[:, None]).mean(-1))
         finally:

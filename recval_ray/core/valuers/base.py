@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..data import Split
+from ..data import Interactions, Split
 
 
 @dataclass
@@ -190,6 +190,7 @@ class Valuation:
     info: Mapping = field(default_factory=MethodInfo)
     value_se: Optional[np.ndarray] = None       # standard error of each value (repeated estimates)
     n_estimates: Optional[int] = None           # how many estimates (seeds, samples) each value averages
+    whole_log: Optional[Any] = None             # valuation.coverage: all: a core.crossfit.WholeLog
 
     def __post_init__(self):
         self.values = np.asarray(self.values, dtype=np.float64)
@@ -198,14 +199,43 @@ class Valuation:
                 raise ValueError(f"method column {k} has {len(v)} rows, expected {len(self.values)}")
 
 
+@dataclass
+class CoverageOptions:
+    """What a method that can value rows its model did not train on adds to its options
+    (``valuation.coverage``, ``valuation.folds``; see :mod:`...crossfit`): ``train`` values the
+    training split (benchmark protocols), ``all`` every row of the log by K-fold cross-fitting,
+    ``auto`` (default) ``all`` on a user's own CSV/TSV/Parquet log without injected noise."""
+    coverage: str = "auto"
+    folds: int = 5
+
+    def validate(self) -> None:
+        from ..crossfit import COVERAGES
+        if self.coverage not in COVERAGES:
+            raise ValueError(f"valuation.coverage: {self.coverage!r} is not one of {', '.join(COVERAGES)}")
+        if not 2 <= self.folds <= 20:
+            raise ValueError(f"valuation.folds: {self.folds} is not in 2..20")
+
+
 class Valuer:
-    """Base class: ``value(ctx) -> Valuation``."""
+    """Base class: ``value(ctx) -> Valuation``.
+
+    A method that can also value rows its model never trained on (``valuation.coverage: all``)
+    sets ``crossfits = True`` and implements :meth:`heldout_statistic` (a per-row statistic of
+    rows under a model trained without them) and :meth:`crossfit_values` (the values of the
+    whole log from that statistic)."""
 
     name = "valuer"
     needs_base_model = True
+    crossfits = False
 
     def __init__(self, options):
         self.options = options
 
     def value(self, ctx: ValuationContext) -> Valuation:
         raise NotImplementedError
+
+    def heldout_statistic(self, result, rows: Interactions, seed, train_cfg) -> np.ndarray:
+        raise NotImplementedError(f"{self.name} values only the rows its model trained on")
+
+    def crossfit_values(self, statistic: np.ndarray, rows: Interactions) -> tuple[np.ndarray, dict]:
+        raise NotImplementedError(f"{self.name} values only the rows its model trained on")

@@ -16,6 +16,10 @@ counted in ``info["filled_rows"]``. The base model may be trained with any objec
 BPR, T-CE, R-CE or PLD). With injected noise, ``info["loss_overlap"]`` holds the paper's
 diagnostic (:mod:`...loss_overlap`): how many injected interactions fall inside the normal
 interactions' loss range globally vs within their user.
+
+With ``valuation.coverage: all`` (:mod:`...crossfit`) ``l_ui`` is the held-out loss of the row
+under the fold model that did not train on it, standardised within the user over all the user's
+rows (train, valid and test).
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ import numpy as np
 from ...registry import register_valuer
 from .loss_overlap import loss_overlap, standardise_within_user
 from ...train import loss_generator
-from ..base import MethodInfo, Valuation, ValuationContext, Valuer
+from ...crossfit import heldout_losses
+from ..base import CoverageOptions, MethodInfo, Valuation, ValuationContext, Valuer
 
 
 @dataclass(eq=False)
@@ -43,13 +48,21 @@ class PLDInfo(MethodInfo):
 
 
 @dataclass
-class PLDValuerConfig:
+class PLDValuerConfig(CoverageOptions):
     """``valuation.method: pld`` (no options: the losses come from the trainer, see ``train.loss_pass``)."""
     method: str = "pld"
 
 
 class PLDValuer(Valuer):
     name = "pld"
+    crossfits = True
+
+    def heldout_statistic(self, result, rows, seed, train_cfg) -> np.ndarray:
+        return heldout_losses(result, rows, seed, int(train_cfg.loss_negatives))
+
+    def crossfit_values(self, statistic: np.ndarray, rows) -> tuple[np.ndarray, dict]:
+        z = standardise_within_user(statistic, rows.user, rows.n_users)
+        return -z, {"heldout_loss": statistic, "loss_z": z}
 
     def value(self, ctx: ValuationContext) -> Valuation:
         loss = ctx.base.interaction_loss

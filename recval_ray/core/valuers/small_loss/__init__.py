@@ -4,6 +4,9 @@ value(u, i) = - mean over the last ``train.loss_epochs`` epochs (up to the selec
 the interaction's training loss (for MF-BPR: softplus(s_uj - s_ui) against its sampled
 negatives). The heuristic behind co-teaching and T-CE: noisy interactions are memorised late
 and keep large losses.
+
+With ``valuation.coverage: all`` (:mod:`...crossfit`) every row of the log is valued by the
+fold model that did not train on it: ``value = - l_heldout(u, i)``, the held-out BPR loss.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from typing import Optional
 import numpy as np
 
 from ...registry import register_valuer
-from ..base import MethodInfo, Valuation, ValuationContext, Valuer
+from ...crossfit import heldout_losses
+from ..base import CoverageOptions, MethodInfo, Valuation, ValuationContext, Valuer
 
 
 @dataclass(eq=False)
@@ -24,12 +28,19 @@ class SmallLossInfo(MethodInfo):
 
 
 @dataclass
-class SmallLossConfig:
+class SmallLossConfig(CoverageOptions):
     method: str = "small-loss"
 
 
 class SmallLossValuer(Valuer):
     name = "small-loss"
+    crossfits = True
+
+    def heldout_statistic(self, result, rows, seed, train_cfg) -> np.ndarray:
+        return heldout_losses(result, rows, seed, int(train_cfg.loss_negatives))
+
+    def crossfit_values(self, statistic: np.ndarray, rows) -> tuple[np.ndarray, dict]:
+        return -statistic, {"heldout_loss": statistic}
 
     def value(self, ctx: ValuationContext) -> Valuation:
         loss = ctx.base.interaction_loss

@@ -1,0 +1,182 @@
+"""valuation.coverage: all — every row of the log valued by K-fold cross-fitting."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+
+from recval_ray.config import ConfigError, SyntheticConfig, load_config, validate_config
+from recval_ray.core.crossfit import PARTS, all_rows, assign_folds, crossfit, resolve_coverage
+from recval_ray.core.data import Interactions, Split
+from recval_ray.core.synthetic import generate
+
+JOB = "jobs/quickstart.yaml"
+
+
+# ------------------------------------------------------------------------------- folds
+def test_folds_spread_every_user_evenly_and_follow_the_seed():
+    rng = np.random.default_rng(0)
+    user = rng.integers(0, 300, size=5000).astype(np.int32)
+    fold = assign_folds(user, 300, 5, seed=1)
+    assert fold.dtype == np.int8 and set(np.unique(fold)) == set(range(5))
+    counts = np.zeros((300, 5), dtype=int)
+    np.add.at(counts, (user, fold), 1)
+    assert (counts.max(1) - counts.min(1) <= 1).all()          # as even as each user's rows allow
+    np.testing.assert_array_equal(fold, assign_folds(user, 300, 5, seed=1))
+    assert (fold != assign_folds(user, 300, 5, seed=2)).any()
+    # users with a single row do not all land in fold 0 (a random first fold per user)
+    single = assign_folds(np.arange(1000, dtype=np.int32), 1000, 5, seed=0)
+    assert np.bincount(single, minlength=5).min() > 150
+    with pytest.raises(ValueError, match="folds"):
+        assign_folds(user, 300, 1, seed=0)
+
+
+def test_coverage_auto_is_all_only_on_a_users_own_log():
+    assert resolve_coverage("auto", "csv", 0.0, "user-ratio", True) == "all"
+    assert resolve_coverage("auto", "parquet", 0.0, "random", True) == "all"
+    assert resolve_coverage("auto", "synthetic", 0.0, "user-ratio", True) == "train"
+    assert resolve_coverage("auto", "csv", 0.2, "user-ratio", True) == "train"        # benchmark: noise
+    assert resolve_coverage("auto", "csv", 0.0, "given", True) == "train"
+    assert resolve_coverage("auto", "csv", 0.0, "user-ratio", False) == "train"       # cannot cross-fit
+    assert resolve_coverage("all", "synthetic", 0.2, "given", True) == "all"
+
+
+# ------------------------------------------------------------- out of fold, by construction
+def _split(seed=0) -> Split:
+    """Random rows; ``source_row`` numbers every row of the log uniquely (train 0.., valid
+    1000.., test 2000..)."""
+    rng = np.random.default_rng(seed)
+
+    def part(n, first):
+        return Interactions(rng.integers(0, 40, n), rng.integers(0, 60, n), 40, 60,
+                            source_row=np.arange(first, first + n))
+    return Split(part(600, 0), part(100, 1000), part(200, 2000))
+
+
+def test_each_row_is_scored_once_by_a_model_that_never_saw_it():
+    split = _split()
+    models = []
+
+    def train_fn(tr, va, tag):
+        seen = set(tr.source_row.tolist()) | set(va.source_row.tolist())
+        models.append(seen)
+        return SimpleNamespace(task=SimpleNamespace(), best_epoch=1, best_valid=0.0, seconds=0.0, seen=seen)
+
+    scored = []
+
+    def statistic(res, rows, seed):      # 1 where the scoring model trained or stopped on the row
+        scored.extend(rows.source_row.tolist())
+        return np.isin(rows.source_row, list(res.seen)).astype(float)
+
+    stat, whole = crossfit(split, 4, 7, train_fn, statistic)
+    assert len(models) == 4
+    for p in PARTS:
+        assert not np.isnan(stat[p]).any() and (stat[p] == 0).all(), p
+    assert sorted(scored) == sorted(np.concatenate([getattr(split, p).source_row for p in PARTS]).tolist())
+    test_rows = set(split.test.source_row.tolist())
+    for seen in models:
+        assert not seen & test_rows                                # test: never trained nor selected on
+        assert abs(len(seen & set(range(600))) - 450) <= 40      # ~(K-1)/K of the training rows (per user)
+    assert whole.info()["rows_valued"] == {"train": 600, "valid": 100, "test": 200}
+    np.testing.assert_array_equal(all_rows(split).source_row,
+                                  np.concatenate([getattr(split, p).source_row for p in PARTS]))
+
+
+# ---------------------------------------------------------------------------- config
+def test_config_checks():
+    cfg = load_config(JOB, ["valuation.coverage=all", "valuation.folds=3"])
+    assert cfg.valuation.coverage == "all" and cfg.valuation.folds == 3
+    with pytest.raises(ConfigError, match="valuation.coverage"):
+        load_config(JOB, ["valuation.coverage=everything"])
+    with pytest.raises(ConfigError, match="valuation.folds"):
+        load_config(JOB, ["valuation.folds=1"])
+    with pytest.raises(ConfigError, match="small-loss, pld|pld, small-loss"):
+        validate_config({"name": "x", "model": {"kind": "svd"}, "train": {"select_metric": "rmse"},
+                         "valuation": {"method": "deletion", "coverage": "all"}})
+    with pytest.raises(ConfigError, match="BPR-trained"):
+        validate_config({"name": "x", "model": {"kind": "dae"}, "valuation": {"method": "small-loss",
+                                                                               "coverage": "all"}})
+    # a method that cannot cross-fit keeps coverage: train / auto silently
+    validate_config({"name": "x", "model": {"kind": "svd"}, "train": {"select_metric": "rmse"},
+                     "valuation": {"method": "deletion", "coverage": "auto"}})
+
+
+# ------------------------------------------------------------------------------ a run
+@pytest.fixture(scope="module")
+def own_csv(tmp_path_factory):
+    t = generate(SyntheticConfig(n_users=120, n_items=150, interactions_per_user=20, seed=5))
+    table = pa.table({"customer": [f"c{u}" for u in t["user_id"].to_pylist()],
+                      "product": [f"p{i}" for i in t["item_id"].to_pylist()],
+                      "stars": t["rating"]})
+    path = tmp_path_factory.mktemp("own") / "log.csv"
+    pcsv.write_csv(table, str(path))
+    return str(path), table
+
+
+OWN = ["data.format=csv", "data.columns.user=customer", "data.columns.item=product", "data.columns.rating=stars",
+       "noise.ratio=0", "train.epochs=4", "train.patience=4", "train.loss_epochs=2", "train.batch_size=512",
+       "verdict.enabled=false", "prune.random_control=false"]
+
+
+def test_own_csv_run_values_every_row_and_drops_from_every_split(own_csv, tmp_path):
+    from recval_ray.pipeline import headline, run_job
+    path, table = own_csv
+    cfg = load_config(JOB, OWN + [f"data.path={path}", "valuation.method=pld", "prune.scope=per-user",
+                                  "prune.fraction=0.2"])
+    res = run_job(cfg, run_id="own", output_uri=str(tmp_path), use_ray=False)
+    run = tmp_path / "own"
+    m = json.loads((run / "metrics.json").read_text())
+    cov = m["coverage"]
+    assert cov["coverage"] == "all" and cov["folds"] == 5 and len(cov["fold_models"]) == 5   # auto -> all
+    values = pq.read_table(str(run / "values"))
+    n = {p: m["data"][p] for p in PARTS}
+    assert cov["rows_valued"] == n
+    assert values.num_rows == sum(n.values())
+    assert values.column_names[:8] == ["user_id", "item_id", "value", "heldout_loss", "loss_z", "kept",
+                                       "split", "fold"]
+    part = np.asarray(values["split"].to_pylist())
+    assert {p: int((part == p).sum()) for p in PARTS} == n
+    v = values["value"].to_numpy()
+    assert np.isfinite(v).all()
+    # pld: minus the held-out loss standardised within the user over all the user's rows
+    z = values["loss_z"].to_numpy()
+    np.testing.assert_allclose(v, -z)
+    users = values["user_id"].to_numpy(zero_copy_only=False)
+    for u in np.unique(users)[:10]:
+        assert abs(z[users == u].mean()) < 1e-9
+    # the pruning chose rows of every split; drop/ and keep/ partition the input, in its schema
+    kept = values["kept"].to_numpy(zero_copy_only=False)
+    for p in PARTS:
+        assert (~kept[part == p]).any(), p
+    drop = pq.read_table(str(run / "drop"))
+    keep = pq.read_table(str(run / "keep"))
+    assert drop.column_names == keep.column_names == ["customer", "product", "stars"]
+    assert drop.num_rows == int((~kept).sum()) == m["keep_drop"]["drop"]
+    assert drop.num_rows + keep.num_rows == table.num_rows
+    # per user, 20% of the user's rows over the whole log (floor), at least one kept
+    dropped_users = drop["customer"].to_numpy(zero_copy_only=False)
+    all_users = table["customer"].to_numpy(zero_copy_only=False)
+    for u in np.unique(all_users)[:10]:
+        rows = int((users == u).sum())
+        assert int((dropped_users == u).sum()) == int(np.floor(0.2 * rows + 1e-9))
+    # the retraining dropped only the training part of it
+    assert m["prune"]["dropped"] == int((~kept[part == "train"]).sum())
+    assert "by 5-fold cross-fitting" in headline(cfg, res)
+    assert "cross-fitted values by split" in (run / "report.html").read_text()
+
+
+def test_coverage_train_keeps_the_train_only_protocol(own_csv, tmp_path):
+    from recval_ray.pipeline import run_job
+    path, _ = own_csv
+    cfg = load_config(JOB, OWN + [f"data.path={path}", "valuation.coverage=train"])
+    run_job(cfg, run_id="tr", output_uri=str(tmp_path), use_ray=False)
+    m = json.loads((tmp_path / "tr" / "metrics.json").read_text())
+    values = pq.read_table(str(tmp_path / "tr" / "values"))
+    assert m["coverage"] == {"coverage": "train", "rows_valued": {"train": m["data"]["train"]}}
+    assert values.num_rows == m["data"]["train"] and "split" not in values.column_names
+    assert m["keep_drop"]["drop"] == m["prune"]["dropped"]
