@@ -589,6 +589,14 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                 counts = write_keep_drop(out, dataset, split, pruned.keep, use_ray, types, pruned.keep_all)
                 if counts is not None:
                     metrics["keep_drop"] = counts
+                    if valuation.whole_log is not None:
+                        valued = sum(metrics["coverage"]["rows_valued"].values()) - metrics["data"]["injected_noise"]
+                        metrics["coverage"]["input_rows"] = counts["input_rows"]
+                        metrics["coverage"]["input_rows_not_valued"] = counts["input_rows"] - valued
+                        metrics["coverage"]["not_valued_why"] = (
+                            "rows set aside before valuation (validation/test rows whose user or item has no "
+                            "training row, repeated pairs, users or items below data.min_user/min_item); "
+                            "they stay in keep/")
                 if explanation is not None:
                     out.write_table("explanations/attributions",
                                     explanation.attributions_table(dataset, split.train), use_ray=use_ray)

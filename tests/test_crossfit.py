@@ -158,6 +158,8 @@ def test_own_csv_run_values_every_row_and_drops_from_every_split(own_csv, tmp_pa
     assert drop.column_names == keep.column_names == ["customer", "product", "stars"]
     assert drop.num_rows == int((~kept).sum()) == m["keep_drop"]["drop"]
     assert drop.num_rows + keep.num_rows == table.num_rows
+    assert cov["input_rows"] == table.num_rows
+    assert cov["input_rows_not_valued"] == table.num_rows - values.num_rows
     # per user, 20% of the user's rows over the whole log (floor), at least one kept
     dropped_users = drop["customer"].to_numpy(zero_copy_only=False)
     all_users = table["customer"].to_numpy(zero_copy_only=False)
@@ -180,3 +182,23 @@ def test_coverage_train_keeps_the_train_only_protocol(own_csv, tmp_path):
     assert m["coverage"] == {"coverage": "train", "rows_valued": {"train": m["data"]["train"]}}
     assert values.num_rows == m["data"]["train"] and "split" not in values.column_names
     assert m["keep_drop"]["drop"] == m["prune"]["dropped"]
+
+
+@pytest.mark.ray
+def test_on_ray_the_values_and_drop_list_equal_the_in_process_run(own_csv, tmp_path, ray_session):
+    from recval_ray.pipeline import run_job
+    path, _ = own_csv
+    cfg = load_config(JOB, OWN + [f"data.path={path}", "valuation.folds=3"])
+    run_job(cfg, run_id="local", output_uri=str(tmp_path), use_ray=False)
+    run_job(cfg, run_id="ray", output_uri=str(tmp_path), use_ray=True)
+    keys = ["user_id", "item_id", "split"]
+
+    def table(run, name):
+        t = pq.read_table(str(tmp_path / run / name)).to_pandas()
+        t = t.astype({c: str for c in t.columns if str(t[c].dtype) == "category"})
+        return t.sort_values([c for c in keys + ["customer", "product"] if c in t.columns]).reset_index(drop=True)
+    a, b = table("local", "values"), table("ray", "values")
+    assert len(a) > 0 and (a["split"] != "train").any()
+    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-6)
+    assert (a["kept"] == b["kept"]).all() and (a["fold"] == b["fold"]).all()
+    assert table("local", "drop").equals(table("ray", "drop"))
