@@ -10,6 +10,7 @@ only the training data differ. The statistics and the decision rule are in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from typing import Callable, Optional
 
@@ -45,38 +46,60 @@ def _seeded(cfg: JobConfig, seed: int) -> JobConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
 
 
-def verdict(cfg: JobConfig, split: Split, valuation: Valuation, base: TrainResult,
+def verdict(cfg: JobConfig, split: Split, valuations, base: TrainResult,
             train: Callable[..., TrainResult]) -> Optional[dict]:
     """``metrics["verdict"]`` (see :mod:`.core.verdict`), ``{"decision": None, "skipped": why}``
-    when it cannot be computed, None when ``verdict.enabled`` is false. ``train(cfg, rows,
-    valid, tag=...)``: the job's training (:func:`recval_ray.pipeline.train`)."""
+    when it cannot be computed, None when ``verdict.enabled`` is false. ``valuations``: the
+    ``(label, Valuation)`` candidates (:func:`recval_ray.pipeline.candidate_valuations`), the
+    run's own first, or one Valuation. ``train(cfg, rows, valid, tag=...)``: the job's training
+    (:func:`recval_ray.pipeline.train`). Candidates whose drop sets coincide (e.g. small-loss
+    and pld per user: standardising within a user keeps the user's order) are trained once."""
     vc = cfg.verdict
     if not vc.enabled:
         return None
-    why = unavailable(cfg, split, valuation)
+    if isinstance(valuations, Valuation):
+        valuations = [(cfg.valuation.method, valuations)]
+    why = unavailable(cfg, split, valuations[0][1])
     if why:
         log.info("verdict: not computed (%s)", why)
         return {"decision": None, "skipped": why}
-    metric, method = cfg.train.select_metric, cfg.valuation.method
+    usable = [(label, v) for label, v in valuations if unavailable(cfg, split, v) is None]
+    metric = cfg.train.select_metric
     ev = cfg.evaluate
     full_valid = per_user_metric(base.model, split, ev, metric, "valid")
     candidates: list[Candidate] = []
-    best = None          # (candidate, keep mask, model, per-user validation)
-    for scope in vc.scopes:
-        for fraction in vc.fractions:
-            pc = dataclasses.replace(cfg.prune, strategy="fraction", fraction=float(fraction), scope=scope)
-            keep, _ = prune_valued(valuation, split, pc)
-            kept = split.train.take(keep)
-            res = train(cfg, kept, split.valid, tag=f"verdict {method} {fraction:g} {scope}")
-            valid = per_user_metric(res.model, split, ev, metric, "valid", context=[kept])
-            cand = Candidate(method, float(fraction), scope, int((~keep).sum()), float(valid.mean()))
-            candidates.append(cand)
-            log.info("verdict: %s drops %d rows: validation %s %.4f (keeping everything %.4f)",
-                     cand.label(), cand.dropped, metric, cand.valid, float(full_valid.mean()))
-            if best is None or best_candidate([best[0], cand]) is cand:
-                best = (cand, keep, res.model, valid)
-            del res
-    chosen, keep, pruned_model, pruned_valid = best
+    trained: dict = {}   # drop set -> (its first candidate, per-user validation)
+    best = None          # (candidate, keep mask, model, per-user validation, valuation): one model alive
+    for label, valuation in usable:
+        for scope in vc.scopes:
+            for fraction in vc.fractions:
+                pc = dataclasses.replace(cfg.prune, strategy="fraction", fraction=float(fraction), scope=scope)
+                keep, _ = prune_valued(valuation, split, pc)
+                key = hashlib.sha1(np.packbits(keep).tobytes()).hexdigest()
+                tag = f"verdict {label} {fraction:g} {scope}"
+                model = None
+                if key in trained:
+                    first, valid = trained[key]
+                    cand = Candidate(label, float(fraction), scope, int((~keep).sum()), first.valid,
+                                     same_as=first.label())
+                    if best is not None and np.array_equal(best[1], keep):
+                        model = best[2]
+                else:
+                    kept = split.train.take(keep)
+                    model = train(cfg, kept, split.valid, tag=tag).model
+                    valid = per_user_metric(model, split, ev, metric, "valid", context=[kept])
+                    cand = Candidate(label, float(fraction), scope, int((~keep).sum()), float(valid.mean()))
+                    trained[key] = (cand, valid)
+                candidates.append(cand)
+                log.info("verdict: %s drops %d rows: validation %s %.4f (keeping everything %.4f)%s",
+                         cand.label(), cand.dropped, metric, cand.valid, float(full_valid.mean()),
+                         f", the drop set of {cand.same_as}" if cand.same_as else "")
+                if best is None or best_candidate([best[0], cand]) is cand:
+                    if model is None:        # a drop set scored before whose model was not kept
+                        model = train(cfg, split.train.take(keep), split.valid, tag=tag).model
+                    best = (cand, keep, model, valid, valuation)
+                del model
+    chosen, keep, pruned_model, pruned_valid, chosen_valuation = best
     delta_valid = relative_change(full_valid, pruned_valid)
     v_lo, v_hi = bootstrap_relative_change(full_valid, pruned_valid, vc.bootstrap, vc.confidence, vc.seed)
     decision = decide(delta_valid, v_lo)
@@ -104,12 +127,12 @@ def verdict(cfg: JobConfig, split: Split, valuation: Valuation, base: TrainResul
 
     # a random pruning of as many rows (per user when per-user), the job's training seed
     pc = dataclasses.replace(cfg.prune, strategy="fraction", fraction=chosen.fraction, scope=chosen.scope)
-    random_keep = random_prune_mask(keep, split.train, pc, cfg.prune.seed + 1, values=valuation.values)
+    random_keep = random_prune_mask(keep, split.train, pc, cfg.prune.seed + 1, values=chosen_valuation.values)
     random_kept = split.train.take(random_keep)
     random_m = train(cfg, random_kept, split.valid, tag=f"verdict random {chosen.fraction:g} {chosen.scope}").model
     random_test = per_user_metric(random_m, split, ev, metric, "test", context=[random_kept, split.valid])
     out = {
-        "decision": decision, "method": method, "fraction": chosen.fraction, "scope": chosen.scope,
+        "decision": decision, "method": chosen.method, "fraction": chosen.fraction, "scope": chosen.scope,
         "dropped": chosen.dropped, "metric": metric,
         "delta_valid": delta_valid, "valid_ci_low": v_lo, "valid_ci_high": v_hi,
         "delta_test": relative_change(a, b), "ci_low": lo, "ci_high": hi, "p_value": p,
@@ -124,6 +147,8 @@ def verdict(cfg: JobConfig, split: Split, valuation: Valuation, base: TrainResul
         "rule": ("prune when the best candidate's validation change is > 0 and the lower end of its "
                  "bootstrap CI over validation users is > 0; chosen on validation only"),
         "candidates": [dataclasses.asdict(c) for c in candidates],
+        "methods": [label for label, _ in usable],
+        "trained_candidates": len(trained),
     }
     out["sentence"] = sentence(out)
     log.info("verdict: %s", out["sentence"])
@@ -142,15 +167,17 @@ def report_section(rep, v: Optional[dict]) -> None:
     rep.paragraph(v["sentence"])
     metric = v["metric"]
     series = {}
-    for scope in dict.fromkeys(c["scope"] for c in v["candidates"]):
-        pts = sorted((c["fraction"], c["valid"]) for c in v["candidates"] if c["scope"] == scope)
-        series[f"{v['method']}, {scope}"] = (np.array([0.0] + [f for f, _ in pts]),
-                                             np.array([v["valid_full"]] + [s for _, s in pts]))
+    for method, scope in dict.fromkeys((c["method"], c["scope"]) for c in v["candidates"]):
+        pts = sorted((c["fraction"], c["valid"]) for c in v["candidates"]
+                     if c["scope"] == scope and c["method"] == method)
+        series[f"{method}, {scope}"] = (np.array([0.0] + [f for f, _ in pts]),
+                                        np.array([v["valid_full"]] + [s for _, s in pts]))
     rep.line_plot(series, title=f"validation {metric} by fraction dropped (0 = keep everything)",
                   xlabel="fraction of training rows dropped", ylabel=f"validation {metric}")
-    rep.table([{"fraction": c["fraction"], "scope": c["scope"], "dropped": c["dropped"],
-                f"validation {metric}": c["valid"]} for c in v["candidates"]],
-              ["fraction", "scope", "dropped", f"validation {metric}"],
+    rep.table([{"method": c["method"], "fraction": c["fraction"], "scope": c["scope"], "dropped": c["dropped"],
+                f"validation {metric}": c["valid"], "same drop set as": c.get("same_as") or ""}
+               for c in v["candidates"]],
+              ["method", "fraction", "scope", "dropped", f"validation {metric}", "same drop set as"],
               caption=f"candidate prunings (keeping everything: {v['valid_full']:.4f}); {v['rule']}")
     rep.table([{"model": "keep everything", f"test {metric}": v["test_full"]},
                {"model": f"chosen pruning ({v['method']} {v['fraction']:g}, {v['scope']})",

@@ -7,6 +7,7 @@ written last and only then is the run complete.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -151,8 +152,7 @@ def crossfit_valuation(cfg: JobConfig, split: Split, valuer) -> Valuation:
     """``valuation.coverage: all``: every row of every split valued by the fold model trained
     without it (:mod:`~.core.crossfit`); the valuation's ``values`` are the training rows',
     ``whole_log`` holds the validation and test rows' and every row's fold."""
-    from .core.crossfit import PARTS, all_rows, crossfit
-    from .core.valuers.base import MethodInfo
+    from .core.crossfit import PARTS, crossfit
     folds = int(cfg.valuation.folds)
     log.info("cross-fitting %s over %d folds: every row valued by a model trained without it",
              cfg.valuation.method, folds)
@@ -161,15 +161,41 @@ def crossfit_valuation(cfg: JobConfig, split: Split, valuer) -> Valuation:
         train_fn=lambda tr, va, tag: train(cfg, tr, va, tag=tag),
         statistic=lambda res, rows, seed: valuer.heldout_statistic(res, rows, seed, cfg.train),
         progress=log.info)
-    values, columns = valuer.crossfit_values(np.concatenate([stat[p] for p in PARTS]), all_rows(split))
-    at = np.cumsum([0] + [len(getattr(split, p)) for p in PARTS])
-    for j, p in enumerate(PARTS):
-        sl = slice(at[j], at[j + 1])
-        whole.parts[p].values = values[sl]
-        whole.parts[p].columns = {k: v[sl] for k, v in columns.items()}
+    whole.statistic = np.concatenate([stat[p] for p in PARTS])
+    return revalue_whole_log(cfg.valuation.method, valuer, whole, split)
+
+
+def revalue_whole_log(method: str, valuer, whole, split: Split) -> Valuation:
+    """The :class:`Valuation` of ``valuer`` from a cross-fitted statistic (``whole.statistic``):
+    values of every row; the training rows' are the valuation's ``values``."""
+    from .core.crossfit import all_rows
+    from .core.valuers.base import MethodInfo
+    values, columns = valuer.crossfit_values(whole.statistic, all_rows(split))
+    whole = whole.revalue(values, columns)
     n = len(split.train)
-    return Valuation(method=cfg.valuation.method, values=values[:n], columns={k: v[:n] for k, v in columns.items()},
+    return Valuation(method=method, values=values[:n], columns={k: v[:n] for k, v in columns.items()},
                      info=MethodInfo(seconds=whole.seconds), whole_log=whole)
+
+
+def candidate_valuations(cfg: JobConfig, split: Split, base: TrainResult, dataset: Dataset,
+                         valuation: Valuation, use_ray: bool) -> list[tuple[str, Valuation]]:
+    """The valuations the verdict prunes by (:func:`~.schema.verdict_methods`): the run's own
+    first, then each other method valued the way the run was (a cross-fitted run re-values its
+    held-out statistic when the method can, without training again; else the method values the
+    training rows from the base model). Needs the base model's training data (before release)."""
+    from .schema import verdict_methods
+    out = [(cfg.valuation.method, valuation)]
+    for label, opts in verdict_methods(cfg)[1:]:
+        valuer = VALUERS.get(opts.method).factory(opts)
+        if valuation.whole_log is not None and valuer.crossfits:
+            other = revalue_whole_log(opts.method, valuer, valuation.whole_log, split)
+        else:
+            if hasattr(opts, "coverage"):
+                opts = dataclasses.replace(opts, coverage="train")
+            other = value(dataclasses.replace(cfg, valuation=opts), split, base, dataset, use_ray=use_ray)
+        log.info("verdict: %s valued the data as a candidate too", label)
+        out.append((label, other))
+    return out
 
 
 def _ports(use_ray: bool):
@@ -548,6 +574,8 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                     valuation = value(cfg, split, base, dataset, work_dir=work_dir,
                                       executor=make_executor(cfg, use_ray), store=out.work_store(),
                                       use_ray=use_ray)
+                    candidates = candidate_valuations(cfg, split, base, dataset, valuation, use_ray) \
+                        if cfg.verdict.enabled else []
                     base.task.release_data()       # the base model only scores from here on
 
                 with prof.stage("prune+retrain", rows=len(split.train)):
@@ -560,9 +588,10 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                 if cfg.verdict.enabled:
                     with prof.stage("verdict", rows=len(split.train)):
                         from .decision import verdict as decide_verdict
-                        log.info("verdict: retraining %d candidate prunings, deciding on validation",
-                                 len(cfg.verdict.fractions) * len(cfg.verdict.scopes))
-                        verdict = decide_verdict(cfg, split, valuation, base, train)
+                        log.info("verdict: retraining up to %d candidate prunings (%s), deciding on validation",
+                                 len(candidates) * len(cfg.verdict.fractions) * len(cfg.verdict.scopes),
+                                 ", ".join(label for label, _ in candidates))
+                        verdict = decide_verdict(cfg, split, candidates, base, train)
             finally:
                 shutil.rmtree(work_dir, ignore_errors=True)
 

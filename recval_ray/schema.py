@@ -496,6 +496,8 @@ def check_semantics(cfg: JobConfig) -> None:
         cfg.verdict.validate("verdict")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.verdict.methods:
+        verdict_methods(cfg)          # every listed method known, its options valid
     missing = [c for c in method.get("requires", ()) if c not in caps]
     if missing:
         fits = [k for k in MODELS.names() if set(method.get("requires", ())) <=
@@ -532,11 +534,31 @@ def compare_methods(cfg: JobConfig) -> list[tuple[str, Any]]:
     """The valuations ``recval compare`` runs: ``(label, options)``, the job's own ``valuation``
     first (label: its method name), then each ``compare.methods`` entry not naming it again.
     An entry is a method name (its default options) or ``{method, label, <options>}``."""
+    return method_list(cfg, cfg.compare.methods, "compare.methods")
+
+
+def verdict_methods(cfg: JobConfig) -> list[tuple[str, Any]]:
+    """The valuations whose prunings the verdict tries: ``(label, options)``, the job's own
+    first; ``verdict.methods`` as listed, or (empty) every row-level method that values from the
+    base model's recorded training losses (registry meta ``from_training_losses``) and fits the
+    model, at its default options."""
+    from .registry import MODELS, VALUERS
+    items = cfg.verdict.methods
+    if not items:
+        caps = set(MODELS.meta(cfg.model.kind).get("capabilities", ()))
+        items = [n for n in VALUERS.having("from_training_losses")
+                 if set(VALUERS.meta(n).get("requires", ())) <= caps and "bpr" in caps]
+    return method_list(cfg, items, "verdict.methods")
+
+
+def method_list(cfg: JobConfig, items: list, where: str) -> list[tuple[str, Any]]:
+    """``(label, options)`` of the job's own valuation then of each entry of ``items`` (a method
+    name or ``{method, label, <options>}``) not naming it again; ``where``: the key in errors."""
     from .registry import DEFAULT_VALUER, VALUERS
 
     out = [(cfg.valuation.method, cfg.valuation)]
-    for i, item in enumerate(cfg.compare.methods):
-        key = f"compare.methods[{i}]"
+    for i, item in enumerate(items):
+        key = f"{where}[{i}]"
         if isinstance(item, str):
             raw, label = {"method": item}, item
             if label == cfg.valuation.method:

@@ -202,3 +202,18 @@ def test_on_ray_the_values_and_drop_list_equal_the_in_process_run(own_csv, tmp_p
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-6)
     assert (a["kept"] == b["kept"]).all() and (a["fold"] == b["fold"]).all()
     assert table("local", "drop").equals(table("ray", "drop"))
+
+
+def test_verdict_of_a_cross_fitted_run_revalues_without_training_folds_again(own_csv, tmp_path, caplog):
+    import logging
+    from recval_ray.pipeline import run_job
+    path, _ = own_csv
+    cfg = load_config(JOB, OWN + [f"data.path={path}", "verdict.enabled=true", "verdict.fractions=[0.2]",
+                                  "verdict.scopes=[global]"])
+    with caplog.at_level(logging.INFO, logger="recval_ray"):
+        res = run_job(cfg, run_id="v", output_uri=str(tmp_path), use_ray=False)
+    v = res.metrics["verdict"]
+    assert v["methods"] == ["small-loss", "pld"] and v["decision"] in ("keep", "prune")
+    assert len(v["candidates"]) == 2 and v["trained_candidates"] == 2
+    folds = [r for r in caplog.messages if "cross-fitting: fold" in r]
+    assert len(folds) == cfg.valuation.folds          # pld re-valued the held-out losses

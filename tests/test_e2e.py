@@ -204,8 +204,9 @@ def test_metrics_json(synthetic_run):
     assert nd["n_valued"] == m["data"]["train"]
     assert m["data"]["users"] == 150
     v = m["verdict"]      # the verdict stage on Ray: a decision, its candidates, a test report
-    assert v["decision"] in ("keep", "prune") and v["method"] == "small-loss"
-    assert len(v["candidates"]) == len(cfg.verdict.fractions) * len(cfg.verdict.scopes)
+    assert v["decision"] in ("keep", "prune") and v["methods"] == ["small-loss", "pld"]
+    assert v["method"] in v["methods"]
+    assert len(v["candidates"]) == 2 * len(cfg.verdict.fractions) * len(cfg.verdict.scopes)
     assert v["ci_low"] <= v["delta_test"] <= v["ci_high"]
     assert m == json.loads(json.dumps(result.metrics))
 

@@ -85,6 +85,18 @@ def test_verdict_config_checks():
                        ({"confidence": 1.0}, "confidence")]:
         with pytest.raises(ConfigError, match=f"verdict.{match}"):
             validate_config({"name": "t", "verdict": bad})
+    with pytest.raises(ConfigError, match=r"verdict.methods\[0\]"):
+        validate_config({"name": "t", "verdict": {"methods": ["nope"]}})
+
+
+def test_verdict_methods_default_to_the_loss_valuers_that_fit_the_model():
+    from recval_ray.schema import verdict_methods
+    labels = lambda raw: [label for label, _ in verdict_methods(validate_config(raw))]   # noqa: E731
+    assert labels({"name": "t"}) == ["small-loss", "pld"]                   # MF: BPR losses
+    assert labels({"name": "t", "valuation": {"method": "pld"}}) == ["pld", "small-loss"]
+    assert labels({"name": "t", "valuation": {"method": "influence"}}) == ["influence", "pld", "small-loss"]
+    assert labels({"name": "t", "model": {"kind": "dae"}, "valuation": {"method": "svv"}}) == ["svv"]
+    assert labels({"name": "t", "verdict": {"methods": [{"method": "pld", "label": "p2"}]}}) == ["small-loss", "p2"]
 
 
 VERDICT_FIELDS = {"decision", "method", "fraction", "scope", "delta_test", "ci_low", "ci_high", "p_value",
@@ -92,7 +104,7 @@ VERDICT_FIELDS = {"decision", "method", "fraction", "scope", "delta_test", "ci_l
                   "sentence"}
 RUN = ["data.synthetic.n_users=300", "data.synthetic.n_items=200", "data.synthetic.interactions_per_user=30",
        "train.epochs=15", "train.patience=3", "train.loss_epochs=3", "train.batch_size=512",
-       "split.ratios=[0.6, 0.2, 0.2]", "verdict.scopes=[global]"]
+       "split.ratios=[0.6, 0.2, 0.2]", "verdict.scopes=[global]", "verdict.methods=[small-loss]"]
 
 
 def verdict_run(tmp_path, *extra, report=False):
@@ -136,3 +148,20 @@ def test_no_verdict_without_validation_says_why(tmp_path):
     _, m, head = verdict_run(tmp_path, "split.ratios=[0.8, 0.0, 0.2]", "train.select_metric=ndcg@20")
     assert m["verdict"]["decision"] is None and "validation" in m["verdict"]["skipped"]
     assert "verdict: not computed" in head
+
+
+def test_candidates_of_several_valuers_and_identical_drop_sets_trained_once(tmp_path):
+    """small-loss and pld per user drop the same rows (pld standardises the loss within the
+    user, which keeps the user's order): one retraining, the second candidate says so; globally
+    they differ and both are trained."""
+    _, m, _ = verdict_run(tmp_path, "noise.ratio=0.5", "verdict.fractions=[0.2]", "verdict.scopes=[per-user, global]",
+                          "verdict.methods=[]")
+    v = m["verdict"]
+    assert v["methods"] == ["small-loss", "pld"]
+    cands = {(c["method"], c["scope"]): c for c in v["candidates"]}
+    assert set(cands) == {(a, b) for a in ("small-loss", "pld") for b in ("per-user", "global")}
+    same = cands[("pld", "per-user")]
+    assert same["same_as"] == "small-loss 20% per user" and same["valid"] == cands[("small-loss", "per-user")]["valid"]
+    assert cands[("pld", "global")]["same_as"] is None
+    assert v["trained_candidates"] == 3
+    assert v["method"] in ("small-loss", "pld")

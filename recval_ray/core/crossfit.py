@@ -54,6 +54,16 @@ class WholeLog:
     fold_models: list = field(default_factory=list)
     cold_rows: int = 0
     seconds: float = 0.0
+    statistic: Optional[np.ndarray] = None   # the per-row held-out statistic, train/valid/test order
+
+    def revalue(self, values: np.ndarray, columns: dict) -> "WholeLog":
+        """The same folds and statistic, valued by another method (``values`` and ``columns``
+        over every row, train/valid/test order)."""
+        at = np.cumsum([0] + [len(self.parts[p].fold) for p in PARTS])
+        parts = {p: PartValues(values=values[at[j]:at[j + 1]], fold=self.parts[p].fold,
+                               columns={k: v[at[j]:at[j + 1]] for k, v in columns.items()})
+                 for j, p in enumerate(PARTS)}
+        return WholeLog(self.folds, parts, self.fold_models, self.cold_rows, self.seconds, self.statistic)
 
     def info(self) -> dict:
         return {"coverage": "all", "folds": self.folds,

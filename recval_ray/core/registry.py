@@ -44,7 +44,9 @@ class Registry:
           raising ``ValueError``: the method's own checks across the job's sections, run when
           the job is validated), ``peak_bytes`` (``peak_bytes(job, DataSize) -> (bytes, why)``:
           the method's estimated peak memory, checked after the split, before training),
-          ``report_sections``, ``work_items``."""
+          ``report_sections``, ``work_items``, ``from_training_losses`` (values read from the
+          base model's recorded training losses, no training of its own: the verdict tries its
+          prunings by default)."""
         def deco(factory):
             self._entries[name] = Entry(name, options, factory, dict(meta))
             return factory

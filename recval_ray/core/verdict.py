@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -28,11 +28,16 @@ SCOPES = ("global", "per-user")
 
 @dataclass
 class VerdictConfig:
-    """``verdict:`` of a job. ``fractions`` x ``scopes`` are the candidate prunings of the run's
-    valuer; ``seeds`` the training seeds of the test report (default: ``[train.seed]``, i.e.
-    the base model itself; two or more give the paired test over seeds); ``bootstrap``
-    resamples of the CI at ``confidence``, drawn with ``seed``."""
+    """``verdict:`` of a job. ``methods`` x ``fractions`` x ``scopes`` are the candidate
+    prunings: ``methods`` empty (default) = the run's valuer and every method that values from
+    what the base model's training recorded, at no training of its own (small-loss and pld on a
+    BPR-trained model); or a list like ``compare.methods`` (names or ``{method, label, ...}``),
+    the run's valuer always first. Candidates whose drop sets coincide are retrained once.
+    ``seeds`` the training seeds of the test report (default: ``[train.seed]``, i.e. the base
+    model itself; two or more give the paired test over seeds); ``bootstrap`` resamples of the
+    CI at ``confidence``, drawn with ``seed``."""
     enabled: bool = True
+    methods: list[Union[str, dict]] = field(default_factory=list)
     fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
     scopes: list[str] = field(default_factory=lambda: ["global", "per-user"])
     seeds: list[int] = field(default_factory=list)
@@ -118,6 +123,7 @@ class Candidate:
     scope: str
     dropped: int
     valid: float
+    same_as: Optional[str] = None     # the earlier candidate with the same drop set (not retrained)
 
     def label(self) -> str:
         scope = "per user" if self.scope == "per-user" else "globally"
