@@ -65,7 +65,10 @@ import pyarrow as pa
 from .config import JobConfig, check_compare, compare_methods, compare_variants
 from .grid import Cell, grid_cells, grid_keys, numeric_keys
 from .core.data import Split
-from .core.evaluation import evaluate_ranking, noise_detection
+from .core.evaluation import evaluate_ranking, noise_detection, per_user_metric
+from .core.train import RATING_METRICS
+from .core.verdict import (Candidate, best_candidate, bootstrap_relative_change, decide, paired_t_test,
+                           relative_change, sentence)
 from .core.valuers.base import Valuation
 from .pipeline import (load_data, open_run, make_executor, make_split, preflight, prune_masks, retrain_and_evaluate,
                        train, training_summary, values_table, interactions_table)
@@ -119,6 +122,8 @@ class SeedOutcome:
     runs: list = field(default_factory=list)        # dicts, one per model
     valuations: dict = field(default_factory=dict)  # label -> (Valuation, keep mask)
     warnings: list = field(default_factory=list)
+    per_user: dict = field(default_factory=dict)    # variant label -> (valid, test) per-user metric (verdict)
+    dropped: dict = field(default_factory=dict)     # method label -> rows its pruning dropped
 
 
 def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shared_split=None,
@@ -150,7 +155,18 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
                          "noise_dropped": int((dropped & is_noise).sum()) if n_noise else 0,
                          "shared_training": shared, **summary})
 
-    trained: dict = {}   # rows kept -> (metrics, summary): identical training sets train once
+    trained: dict = {}   # rows kept -> (metrics, summary, per-user metrics): identical training sets train once
+    per_user = verdict_applies(cfg, split) is None
+
+    def user_metrics(model, mask: Optional[np.ndarray]):
+        """Per-user validation and test ``train.select_metric`` of a model (the verdict's pairs)."""
+        if not per_user:
+            return None
+        ctx_v = None if mask is None else [split.train.take(mask)]
+        ctx_t = None if mask is None else [split.train.take(mask), split.valid]
+        metric = cfg.train.select_metric
+        return (per_user_metric(model, split, cfg.evaluate, metric, "valid", context=ctx_v),
+                per_user_metric(model, split, cfg.evaluate, metric, "test", context=ctx_t))
 
     def retrain(variant: str, method: str, mask: np.ndarray, cfg_m: JobConfig):
         key = _mask_key(mask)
@@ -159,12 +175,14 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
             log.info("%s: %s%s: retraining on %d of %d training interactions", where, variant,
                      f" ({method})" if method else "", int(mask.sum()), n_train)
             metrics, res = retrain_and_evaluate(cfg_m, split, mask, tag=f"{where} {variant_label(variant, method)}")
-            trained[key] = (metrics, training_summary(res))
+            trained[key] = (metrics, training_summary(res), user_metrics(res.model, mask))
         else:
             log.info("%s: %s%s: same training rows as an earlier variant, reusing its model", where,
                      variant, f" ({method})" if method else "")
-        metrics, summary = trained[key]
+        metrics, summary, users = trained[key]
         record(variant, method, metrics, mask, summary, shared)
+        if users is not None:
+            out.per_user[variant_label(variant, method)] = users
 
     log.info("%s: training the base %s model on %d interactions (noise %d)", where, cfg.model.kind,
              n_train, n_noise)
@@ -172,7 +190,9 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
                  checkpoint_dir=f"{work_dir}/checkpoints/seed-{seed}" if work_dir else None,
                  storage_path=base_storage)
     full_metrics = evaluate_ranking(base.model, split, cfg.evaluate, "test")
-    trained[_mask_key(np.ones(n_train, bool))] = (full_metrics, training_summary(base))
+    trained[_mask_key(np.ones(n_train, bool))] = (full_metrics, training_summary(base), user_metrics(base.model, None))
+    if per_user:
+        out.per_user["full"] = trained[_mask_key(np.ones(n_train, bool))][2]
     if "full" in variants:
         record("full", "", full_metrics, None, training_summary(base))
 
@@ -188,6 +208,7 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
                 out.rows.append((int(seed), DETECTION, label, k, float(nd[k])))
         keep, random_keep, _ = prune_masks(cfg_m, split, valuation, random_control="random" in variants)
         out.valuations[label] = (valuation, keep)
+        out.dropped[label] = int((~keep).sum())
         if cfg.prune.strategy != "none":
             if "pruned" in variants:
                 retrain("pruned", label, keep, cfg_m)
@@ -198,6 +219,90 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
         if is_noise is None:
             out.warnings.append("no injected noise: the oracle variant is the full model")
         retrain("oracle", "", ~is_noise if is_noise is not None else np.ones(n_train, bool), cfg_s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# the verdict over seeds
+# ---------------------------------------------------------------------------------------
+def verdict_applies(cfg: JobConfig, split: Split) -> Optional[str]:
+    """Why ``recval compare`` gives no verdict (None: it does): see :func:`compare_verdict`."""
+    if not cfg.verdict.enabled:
+        return "verdict.enabled is false"
+    if cfg.prune.strategy == "none" or "pruned" not in compare_variants(cfg):
+        return "no pruned variant to decide on (prune.strategy none, or compare.variants without pruned)"
+    if cfg.train.select_metric in RATING_METRICS:
+        return f"train.select_metric {cfg.train.select_metric} is a rating metric; the verdict ranks"
+    if len(split.valid) == 0:
+        return "no validation split: the decision is taken on validation"
+    return None
+
+
+def compare_verdict(cfg: JobConfig, outcomes: list, shared_split: bool) -> dict:
+    """The decision of a comparison: keep everything, or prune by the compared method whose
+    pruning (the job's ``prune`` settings) gains most on validation.
+
+    Per user, each model's ``train.select_metric`` is averaged over the seeds (one split shared by
+    every seed, so the same users); the choice and the decision are on validation only (the rule
+    of :func:`.core.verdict.decide`: gain > 0 and the lower end of the paired bootstrap CI over
+    validation users > 0); the test report: the relative change, its paired bootstrap CI over
+    test users, a paired t-test over seeds (per-seed means) and the random pruning of the chosen
+    method (``random`` variant) when it ran. Row-level methods only (entity pruning has its
+    own removal experiment)."""
+    vc = cfg.verdict
+    why = verdict_applies(cfg, outcomes[0].split)
+    if why is None and not shared_split:
+        why = "the split varies with the seed (compare.vary has split or noise): per-user pairs need one split"
+    methods = [label for label, (v, _) in outcomes[0].valuations.items() if v.row_entity is None] \
+        if why is None else []
+    if why is None and not methods:
+        why = "no row-level method compared"
+    if why is not None:
+        return {"decision": None, "skipped": why}
+    seeds = [o.seed for o in outcomes]
+    metric = cfg.train.select_metric
+
+    def mean_over_seeds(label: str, part: int) -> np.ndarray:
+        return np.mean([o.per_user[label][part] for o in outcomes], axis=0)
+    full_valid = mean_over_seeds("full", 0)
+    candidates = [Candidate(m, float(cfg.prune.fraction), cfg.prune.scope, outcomes[0].dropped[m],
+                            float(mean_over_seeds(variant_label("pruned", m), 0).mean())) for m in methods]
+    chosen = best_candidate(candidates)
+    pruned_valid = mean_over_seeds(variant_label("pruned", chosen.method), 0)
+    delta_valid = relative_change(full_valid, pruned_valid)
+    v_lo, v_hi = bootstrap_relative_change(full_valid, pruned_valid, vc.bootstrap, vc.confidence, vc.seed)
+    a, b = mean_over_seeds("full", 1), mean_over_seeds(variant_label("pruned", chosen.method), 1)
+    lo, hi = bootstrap_relative_change(a, b, vc.bootstrap, vc.confidence, vc.seed + 1)
+
+    def per_seed(label: str) -> list:
+        return [float(o.per_user[label][1].mean()) for o in outcomes]
+    if len(seeds) >= 2:
+        _, p = paired_t_test(per_seed("full"), per_seed(variant_label("pruned", chosen.method)))
+        test_name = f"paired t-test over {len(seeds)} seeds (per-seed means over test users)"
+    else:
+        _, p = paired_t_test(a, b)
+        test_name = "paired t-test over test users (one seed)"
+    rnd = variant_label("random", chosen.method)
+    has_random = all(rnd in o.per_user for o in outcomes)
+    out = {
+        "decision": decide(delta_valid, v_lo), "method": chosen.method, "fraction": chosen.fraction,
+        "scope": chosen.scope, "dropped": chosen.dropped, "metric": metric,
+        "delta_valid": delta_valid, "valid_ci_low": v_lo, "valid_ci_high": v_hi,
+        "delta_test": relative_change(a, b), "ci_low": lo, "ci_high": hi, "p_value": p,
+        "confidence": vc.confidence, "seeds": seeds,
+        "vs_random": relative_change(a, mean_over_seeds(rnd, 1)) if has_random else None,
+        "test_full": float(a.mean()), "test_pruned": float(b.mean()),
+        "valid_full": float(full_valid.mean()), "test": test_name,
+        "ci": (f"paired percentile bootstrap over {len(a)} test users, {vc.bootstrap} resamples, per-user "
+               f"metrics averaged over {len(seeds)} seed(s)"),
+        "rule": ("prune when the best method's validation change (per-user metrics averaged over seeds) is > 0 "
+                 "and the lower end of its bootstrap CI over validation users is > 0; chosen on validation only"),
+        "candidates": [dataclasses.asdict(c) for c in candidates], "methods": methods,
+        "per_seed": {"full": per_seed("full"), "pruned": per_seed(variant_label("pruned", chosen.method))},
+    }
+    if has_random:
+        out["test_random"] = float(mean_over_seeds(rnd, 1).mean())
+    out["sentence"] = sentence(out)
     return out
 
 
@@ -424,6 +529,7 @@ def run_compare(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Opt
                 "seeds": seeds, "vary": list(cfg.compare.vary), "std": STD_NOTE, "data": _data_info(u),
                 "prune": _prune_info(cfg), **summarise(table, seeds), "runs": runs.to_pylist(),
                 "valuation": {label: dict(v.info) for label, (v, _) in u.outcomes[0].valuations.items()},
+                "verdict": compare_verdict(cfg, u.outcomes, u.shared is not None),
             }
         else:
             table, runs, metrics = _grid_results(cfg, cells, units, seeds)
@@ -483,7 +589,8 @@ def _grid_results(cfg: JobConfig, cells: list, units: list, seeds: list) -> tupl
         entry.update({"ran": True, "model": u.cfg.model.kind, "methods": labels, "variants": cell_variants,
                       "data": _data_info(u, with_warnings=False), "prune": _prune_info(u.cfg),
                       **summarise(t, seeds),
-                      "valuation": {label: dict(v.info) for label, (v, _) in u.outcomes[0].valuations.items()}})
+                      "valuation": {label: dict(v.info) for label, (v, _) in u.outcomes[0].valuations.items()},
+                      "verdict": compare_verdict(u.cfg, u.outcomes, u.shared is not None)})
         entries.append(entry)
         tables.append(_with_cell_columns(t, cell, numeric))
         cols = _cell_columns(cell, numeric)
@@ -529,6 +636,9 @@ def headline(result: CompareResult) -> str:
     for method, nd in m.get("noise_detection", {}).items():
         lines.append(f"noise detection ({method}): AUC {fmt_mean_std(nd['auc'])}, precision@"
                      f"{m['data']['injected_noise']} {fmt_mean_std(nd['precision_at_n'])}")
+    v = m.get("verdict")
+    if v:
+        lines.append(f"verdict: {v['sentence']}" if v.get("decision") else f"verdict: not computed ({v['skipped']})")
     return "\n".join(lines)
 
 
@@ -549,4 +659,7 @@ def _grid_headline(result: CompareResult) -> str:
             lines.append(f"  {label:<{w - 2}}" + "".join(f"{fmt_mean_std(stats[k]):>20}" for k in keys if k in stats))
         for method, nd in c.get("noise_detection", {}).items():
             lines.append(f"  noise detection ({method}): AUC {fmt_mean_std(nd['auc'])}")
+        v = c.get("verdict")
+        if v and v.get("decision"):
+            lines.append(f"  verdict: {v['sentence']}")
     return "\n".join(lines)

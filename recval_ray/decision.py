@@ -181,7 +181,8 @@ def report_section(rep, v: Optional[dict]) -> None:
               caption=f"candidate prunings (keeping everything: {v['valid_full']:.4f}); {v['rule']}")
     rep.table([{"model": "keep everything", f"test {metric}": v["test_full"]},
                {"model": f"chosen pruning ({v['method']} {v['fraction']:g}, {v['scope']})",
-                f"test {metric}": v["test_pruned"]},
-               {"model": "random pruning of as many rows", f"test {metric}": v["test_random"]}],
+                f"test {metric}": v["test_pruned"]}]
+              + ([{"model": "random pruning of as many rows", f"test {metric}": v["test_random"]}]
+                 if v.get("test_random") is not None else []),
               ["model", f"test {metric}"],
               caption=f"test, seeds {v['seeds']}; CI: {v['ci']}; p: {v['test']}")

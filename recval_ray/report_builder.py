@@ -176,6 +176,8 @@ def build_compare_report(cfg, run_id: str, metrics: dict, values: dict) -> str:
     seeds = metrics["seeds"]
     rep = Report(f"recval comparison {run_id}",
                  f"{cfg.model.kind}: full vs pruned vs random vs oracle over {len(seeds)} seed(s)")
+    from .decision import report_section as verdict_section
+    verdict_section(rep, metrics.get("verdict"))
     rep.key_values(_fmt_setting(cfg) | {
         "seeds": ", ".join(map(str, seeds)), "seeds vary": ", ".join(metrics["vary"]),
         "methods": ", ".join(metrics["methods"]), "variants": ", ".join(metrics["variants"])}

@@ -157,14 +157,31 @@ def test_rerun_in_another_seed_order_gives_identical_numbers(run, tmp_path):
 
 def test_a_seed_is_the_single_run_of_that_seed(run, tmp_path):
     """Seed s of the comparison is ``recval run`` with train.seed = prune.seed = s."""
-    cfg = load_config(JOB, TINY + ["train.seed=1", "prune.seed=1"])
+    cfg = load_config(JOB, TINY + ["train.seed=1", "prune.seed=1", "verdict.methods=[small-loss]",
+                                   "verdict.fractions=[0.1]", "verdict.scopes=[global]"])
     single = run_job(cfg, output_uri=str(tmp_path), use_ray=False)
     rows = rows_of(run["table"])
+    # the comparison's verdict pairs the same per-user metrics as the run's verdict, seed by seed
+    assert run["metrics"]["verdict"]["per_seed"]["full"][1] == pytest.approx(single.metrics["verdict"]["test_full"])
     for k in METRICS:
         assert rows[(1, "full", "", k)] == single.metrics["test"]["base"][k]
         assert rows[(1, "pruned", "small-loss", k)] == single.metrics["test"]["pruned"][k]
         assert rows[(1, "random", "small-loss", k)] == single.metrics["test"]["random_pruned"][k]
     assert rows[(1, "detection", "small-loss", "auc")] == single.metrics["noise_detection"]["auc"]
+
+
+def test_the_comparison_ends_with_a_verdict_over_its_seeds(run):
+    m, v = run["metrics"], run["metrics"]["verdict"]
+    assert v["decision"] in ("keep", "prune") and v["seeds"] == [0, 1] and v["methods"] == ["small-loss"]
+    assert v["method"] == "small-loss" and v["scope"] == "global" and v["fraction"] == 0.1
+    assert v["test"].startswith("paired t-test over 2 seeds")
+    assert v["test_full"] == pytest.approx(np.mean(v["per_seed"]["full"]))
+    assert v["test_pruned"] == pytest.approx(np.mean(v["per_seed"]["pruned"]))
+    assert v["delta_test"] == pytest.approx(v["test_pruned"] / v["test_full"] - 1)
+    assert v["ci_low"] <= v["delta_test"] <= v["ci_high"] and 0 <= v["p_value"] <= 1
+    pruned_runs = [r for r in run["runs"] if r["variant"] == "pruned" and r["seed"] == 0]
+    assert v["dropped"] == pruned_runs[0]["dropped"]
+    assert ">Verdict<" in (run["dir"] / "report.html").read_text()
 
 
 def test_summarise_handles_one_seed():
