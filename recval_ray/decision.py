@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from .core.data import Split
+from .core.executor import LocalExecutor
 from .core.evaluation import per_user_metric
 from .core.prune import prune_valued, random_prune_mask
 from .core.train import RATING_METRICS, TrainResult
@@ -46,14 +47,42 @@ def _seeded(cfg: JobConfig, seed: int) -> JobConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
 
 
-def verdict(cfg: JobConfig, split: Split, valuations, base: TrainResult,
-            train: Callable[..., TrainResult]) -> Optional[dict]:
+def score_training(shared, item: dict) -> dict:
+    """One retraining of the verdict, a work item (runs in the driver or on a Ray actor): the
+    job's model trained on the training rows ``item["keep"]`` (packed bits) with ``train.seed =
+    item["seed"]``, returned as its per-user ``train.select_metric`` on validation and on test
+    (both rankings exclude the full training set; test also validation). No model travels back."""
+    from .pipeline import train
+    cfg, split = shared
+    keep = np.unpackbits(item["keep"], count=len(split.train)).astype(bool)
+    full = bool(keep.all())
+    kept = split.train if full else split.train.take(keep)
+    model = train(_seeded(cfg, item["seed"]), kept, split.valid, tag=item["tag"]).model
+    ev, metric = cfg.evaluate, cfg.train.select_metric
+    return {"valid": per_user_metric(model, split, ev, metric, "valid", context=None if full else [kept]),
+            "test": per_user_metric(model, split, ev, metric, "test", context=None if full else [kept, split.valid])}
+
+
+def _run(executor, shared, items: list) -> list:
+    """``score_training`` of every item, assembled by item (never by arrival order)."""
+    out: list = [None] * len(items)
+
+    def done(i, result):
+        out[i] = result
+        log.info("verdict: %s: validation %.4f", items[i]["tag"], float(np.mean(result["valid"])))
+    (executor or LocalExecutor()).map(score_training, shared, items, done)
+    return out
+
+
+def verdict(cfg: JobConfig, split: Split, valuations, base: TrainResult, executor=None) -> Optional[dict]:
     """``metrics["verdict"]`` (see :mod:`.core.verdict`), ``{"decision": None, "skipped": why}``
     when it cannot be computed, None when ``verdict.enabled`` is false. ``valuations``: the
     ``(label, Valuation)`` candidates (:func:`recval_ray.pipeline.candidate_valuations`), the
-    run's own first, or one Valuation. ``train(cfg, rows, valid, tag=...)``: the job's training
-    (:func:`recval_ray.pipeline.train`). Candidates whose drop sets coincide (e.g. small-loss
-    and pld per user: standardising within a user keeps the user's order) are trained once."""
+    run's own first, or one Valuation. ``executor`` (``core.executor``; None: this process) runs
+    the retrainings: first every distinct candidate drop set (candidates whose drop sets
+    coincide, e.g. small-loss and pld per user, since standardising within a user keeps the
+    user's order, are trained once), then the test report's extra seeds and the random
+    control. Results depend only on the config, never on the executor."""
     vc = cfg.verdict
     if not vc.enabled:
         return None
@@ -64,58 +93,63 @@ def verdict(cfg: JobConfig, split: Split, valuations, base: TrainResult,
         log.info("verdict: not computed (%s)", why)
         return {"decision": None, "skipped": why}
     usable = [(label, v) for label, v in valuations if unavailable(cfg, split, v) is None]
-    metric = cfg.train.select_metric
-    ev = cfg.evaluate
-    full_valid = per_user_metric(base.model, split, ev, metric, "valid")
-    candidates: list[Candidate] = []
-    trained: dict = {}   # drop set -> (its first candidate, per-user validation)
-    best = None          # (candidate, keep mask, model, per-user validation, valuation): one model alive
+    metric, ev, seed0 = cfg.train.select_metric, cfg.evaluate, int(cfg.train.seed)
+    shared = (cfg, split)
+
+    # 1. every candidate's drop set; each distinct one retrained once
+    plans, items, index = [], [], {}     # plans: (label, fraction, scope, keep, valuation, item index)
     for label, valuation in usable:
         for scope in vc.scopes:
             for fraction in vc.fractions:
                 pc = dataclasses.replace(cfg.prune, strategy="fraction", fraction=float(fraction), scope=scope)
                 keep, _ = prune_valued(valuation, split, pc)
-                key = hashlib.sha1(np.packbits(keep).tobytes()).hexdigest()
-                tag = f"verdict {label} {fraction:g} {scope}"
-                model = None
-                if key in trained:
-                    first, valid = trained[key]
-                    cand = Candidate(label, float(fraction), scope, int((~keep).sum()), first.valid,
-                                     same_as=first.label())
-                    if best is not None and np.array_equal(best[1], keep):
-                        model = best[2]
-                else:
-                    kept = split.train.take(keep)
-                    model = train(cfg, kept, split.valid, tag=tag).model
-                    valid = per_user_metric(model, split, ev, metric, "valid", context=[kept])
-                    cand = Candidate(label, float(fraction), scope, int((~keep).sum()), float(valid.mean()))
-                    trained[key] = (cand, valid)
-                candidates.append(cand)
-                log.info("verdict: %s drops %d rows: validation %s %.4f (keeping everything %.4f)%s",
-                         cand.label(), cand.dropped, metric, cand.valid, float(full_valid.mean()),
-                         f", the drop set of {cand.same_as}" if cand.same_as else "")
-                if best is None or best_candidate([best[0], cand]) is cand:
-                    if model is None:        # a drop set scored before whose model was not kept
-                        model = train(cfg, split.train.take(keep), split.valid, tag=tag).model
-                    best = (cand, keep, model, valid, valuation)
-                del model
-    chosen, keep, pruned_model, pruned_valid, chosen_valuation = best
+                packed = np.packbits(keep)
+                key = hashlib.sha1(packed.tobytes()).hexdigest()
+                if key not in index:
+                    index[key] = len(items)
+                    items.append({"keep": packed, "seed": seed0, "tag": f"verdict {label} {fraction:g} {scope}"})
+                plans.append((label, float(fraction), scope, keep, valuation, index[key]))
+    scores = _run(executor, shared, items)
+    full_valid = per_user_metric(base.model, split, ev, metric, "valid")
+    candidates: list[Candidate] = []
+    first_of: dict = {}
+    for label, fraction, scope, keep, valuation, i in plans:
+        cand = Candidate(label, fraction, scope, int((~keep).sum()), float(np.mean(scores[i]["valid"])))
+        if i in first_of:
+            cand.same_as = first_of[i].label()
+        else:
+            first_of[i] = cand
+        candidates.append(cand)
+    chosen = best_candidate(candidates)
+    _, _, _, keep, chosen_valuation, chosen_i = plans[candidates.index(chosen)]
+    pruned_valid = scores[chosen_i]["valid"]
     delta_valid = relative_change(full_valid, pruned_valid)
     v_lo, v_hi = bootstrap_relative_change(full_valid, pruned_valid, vc.bootstrap, vc.confidence, vc.seed)
     decision = decide(delta_valid, v_lo)
 
-    # the report on test: the base model and the chosen pruning, over the verdict's seeds
-    seeds = list(vc.seeds) or [int(cfg.train.seed)]
-    kept = split.train.take(keep)
-    full_test, pruned_test = [], []
+    # 2. the report on test: the base model and the chosen pruning over the verdict's seeds, and a
+    # random pruning of as many rows (per user when per-user), the job's training seed
+    seeds = list(vc.seeds) or [seed0]
+    pc = dataclasses.replace(cfg.prune, strategy="fraction", fraction=chosen.fraction, scope=chosen.scope)
+    random_keep = random_prune_mask(keep, split.train, pc, cfg.prune.seed + 1, values=chosen_valuation.values)
+    everything = np.packbits(np.ones(len(split.train), dtype=bool))
+    more = [{"keep": np.packbits(random_keep), "seed": seed0,
+             "tag": f"verdict random {chosen.fraction:g} {chosen.scope}"}]
     for s in seeds:
-        if s == cfg.train.seed:
-            full_m, pruned_m = base.model, pruned_model
+        if s != seed0:
+            more += [{"keep": everything, "seed": s, "tag": f"verdict full seed {s}"},
+                     {"keep": np.packbits(keep), "seed": s, "tag": f"verdict {chosen.label()} seed {s}"}]
+    extra = _run(executor, shared, more)
+    random_test = extra[0]["test"]
+    full_test, pruned_test, j = [], [], 1
+    for s in seeds:
+        if s == seed0:
+            full_test.append(per_user_metric(base.model, split, ev, metric, "test"))
+            pruned_test.append(scores[chosen_i]["test"])
         else:
-            full_m = train(_seeded(cfg, s), split.train, split.valid, tag=f"verdict full seed {s}").model
-            pruned_m = train(_seeded(cfg, s), kept, split.valid, tag=f"verdict {chosen.label()} seed {s}").model
-        full_test.append(per_user_metric(full_m, split, ev, metric, "test"))
-        pruned_test.append(per_user_metric(pruned_m, split, ev, metric, "test", context=[kept, split.valid]))
+            full_test.append(extra[j]["test"])
+            pruned_test.append(extra[j + 1]["test"])
+            j += 2
     a, b = np.mean(full_test, axis=0), np.mean(pruned_test, axis=0)
     lo, hi = bootstrap_relative_change(a, b, vc.bootstrap, vc.confidence, vc.seed + 1)
     if len(seeds) >= 2:
@@ -124,21 +158,13 @@ def verdict(cfg: JobConfig, split: Split, valuations, base: TrainResult,
     else:
         _, p = paired_t_test(a, b)
         test_name = "paired t-test over test users (one training seed)"
-
-    # a random pruning of as many rows (per user when per-user), the job's training seed
-    pc = dataclasses.replace(cfg.prune, strategy="fraction", fraction=chosen.fraction, scope=chosen.scope)
-    random_keep = random_prune_mask(keep, split.train, pc, cfg.prune.seed + 1, values=chosen_valuation.values)
-    random_kept = split.train.take(random_keep)
-    random_m = train(cfg, random_kept, split.valid, tag=f"verdict random {chosen.fraction:g} {chosen.scope}").model
-    random_test = per_user_metric(random_m, split, ev, metric, "test", context=[random_kept, split.valid])
     out = {
         "decision": decision, "method": chosen.method, "fraction": chosen.fraction, "scope": chosen.scope,
         "dropped": chosen.dropped, "metric": metric,
         "delta_valid": delta_valid, "valid_ci_low": v_lo, "valid_ci_high": v_hi,
         "delta_test": relative_change(a, b), "ci_low": lo, "ci_high": hi, "p_value": p,
         "confidence": vc.confidence, "seeds": seeds,
-        "vs_random": relative_change(full_test[seeds.index(cfg.train.seed)] if cfg.train.seed in seeds
-                                     else a, random_test),
+        "vs_random": relative_change(full_test[seeds.index(seed0)] if seed0 in seeds else a, random_test),
         "test_full": float(a.mean()), "test_pruned": float(b.mean()), "test_random": float(random_test.mean()),
         "valid_full": float(full_valid.mean()),
         "test": test_name,
@@ -148,7 +174,7 @@ def verdict(cfg: JobConfig, split: Split, valuations, base: TrainResult,
                  "bootstrap CI over validation users is > 0; chosen on validation only"),
         "candidates": [dataclasses.asdict(c) for c in candidates],
         "methods": [label for label, _ in usable],
-        "trained_candidates": len(trained),
+        "trained_candidates": len(items),
     }
     out["sentence"] = sentence(out)
     log.info("verdict: %s", out["sentence"])

@@ -117,6 +117,16 @@ def make_executor(cfg: JobConfig, use_ray: bool):
     return ActorPoolExecutor(n, res.cpus, res.gpus or 0.0)
 
 
+def verdict_executor(cfg: JobConfig, use_ray: bool):
+    """Ray actors for the verdict's retrainings (``verdict.actors`` > 0, on Ray, in-process
+    training), else None (the driver)."""
+    n = int(cfg.verdict.actors)
+    if not use_ray or n <= 0 or cfg.train.workers > 0 or cfg.train.use_gpu:
+        return None
+    from .ray_layer.actors import ActorPoolExecutor
+    return ActorPoolExecutor(n, cfg.verdict.cpus, 0.0)
+
+
 def value(cfg: JobConfig, split: Split, base: TrainResult, dataset: Dataset,
           work_dir: Optional[str] = None, executor=None, store=None, use_ray: bool = False) -> Valuation:
     """Value the training data with ``valuation.method``; ``store`` keeps finished work items
@@ -591,7 +601,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                         log.info("verdict: retraining up to %d candidate prunings (%s), deciding on validation",
                                  len(candidates) * len(cfg.verdict.fractions) * len(cfg.verdict.scopes),
                                  ", ".join(label for label, _ in candidates))
-                        verdict = decide_verdict(cfg, split, candidates, base, train)
+                        verdict = decide_verdict(cfg, split, candidates, base, verdict_executor(cfg, use_ray))
             finally:
                 shutil.rmtree(work_dir, ignore_errors=True)
 

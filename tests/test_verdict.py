@@ -165,3 +165,24 @@ def test_candidates_of_several_valuers_and_identical_drop_sets_trained_once(tmp_
     assert cands[("pld", "global")]["same_as"] is None
     assert v["trained_candidates"] == 3
     assert v["method"] in ("small-loss", "pld")
+
+
+@pytest.mark.ray
+def test_retrainings_on_ray_actors_give_the_verdict_of_the_driver(tmp_path, ray_session):
+    import json
+    from pathlib import Path
+    from recval_ray.config import load_config
+    from recval_ray.pipeline import run_job
+    job = str(Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml")
+    over = ["data.synthetic.n_users=120", "data.synthetic.n_items=150", "data.synthetic.interactions_per_user=20",
+            "train.epochs=4", "train.loss_epochs=2", "train.batch_size=512", "verdict.fractions=[0.1, 0.2]",
+            "verdict.scopes=[per-user]", "verdict.seeds=[0, 1]", "output.report=false"]
+    run_job(load_config(job, over), run_id="driver", output_uri=str(tmp_path), use_ray=False)
+    run_job(load_config(job, over + ["verdict.actors=2"]), run_id="actors", output_uri=str(tmp_path), use_ray=True)
+    a, b = (json.loads((tmp_path / r / "metrics.json").read_text())["verdict"] for r in ("driver", "actors"))
+    assert a["trained_candidates"] == 2 and a["candidates"][2]["same_as"] == "small-loss 10% per user"
+    for k in ("decision", "method", "fraction", "scope", "dropped", "seeds", "sentence"):
+        assert a[k] == b[k], k
+    for k in ("delta_valid", "delta_test", "ci_low", "ci_high", "p_value", "vs_random"):
+        assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
+    assert [c["valid"] for c in a["candidates"]] == pytest.approx([c["valid"] for c in b["candidates"]])

@@ -35,9 +35,12 @@ class VerdictConfig:
     the run's valuer always first. Candidates whose drop sets coincide are retrained once.
     ``seeds`` the training seeds of the test report (default: ``[train.seed]``, i.e. the base
     model itself; two or more give the paired test over seeds); ``bootstrap`` resamples of the
-    CI at ``confidence``, drawn with ``seed``."""
+    CI at ``confidence``, drawn with ``seed``. ``actors`` > 0 on Ray: the retrainings run on
+    that many Ray actors of ``cpus`` each (in-process training only), with the same results."""
     enabled: bool = True
     methods: list[Union[str, dict]] = field(default_factory=list)
+    actors: int = 0          # on Ray: retrain this many candidates at once on actors (0: in the driver)
+    cpus: float = 1.0        # per actor
     fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
     scopes: list[str] = field(default_factory=lambda: ["global", "per-user"])
     seeds: list[int] = field(default_factory=list)
@@ -58,6 +61,8 @@ class VerdictConfig:
             raise ValueError(f"{key}.bootstrap: {self.bootstrap} resamples are too few (>= 100)")
         if not 0.5 < self.confidence < 1.0:
             raise ValueError(f"{key}.confidence: {self.confidence} is not in (0.5, 1)")
+        if self.actors < 0 or self.cpus <= 0:
+            raise ValueError(f"{key}.actors must be >= 0 and {key}.cpus > 0")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"{key}.seeds: {self.seeds} repeats a seed")
 
