@@ -50,7 +50,7 @@ def write_pass_through(out, name: str, dataset: Dataset, kept: Interactions, noi
     mask[rows[real]] = True
     flags = ray.data.from_arrow(pa.table({"_keep": mask}))
     noise = kept.is_noise is not None and noise_column
-    body = ds.zip(flags).map_batches(_KeepRows(noise, types), batch_format="pyarrow", batch_size=None)
+    body = _zip(ds, flags).map_batches(_KeepRows(noise, types), batch_format="pyarrow", batch_size=None)
     if (~real).any():
         extra = kept.take(~real)
         ucol, icol = dataset.columns["user"], dataset.columns["item"]
@@ -97,6 +97,16 @@ def stream_text_types(dataset: Dataset) -> dict:
     return combine_flags([json.loads(r["flags"]) for r in rows])
 
 
+def _zip(ds, flags):
+    """``ds.zip(flags)`` by position. Ray 2.60 deprecates ``zip`` because positions are only
+    stable when blocks keep their order; the ingestion plan reads with ``preserve_order``, so
+    the positions here are the input's, and the deprecation notice is not shown to users."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ds.zip(flags)
+
+
 def write_keep_drop(out, dataset: Dataset, drop_rows: np.ndarray, types: Optional[dict] = None) -> dict:
     """A streamed input's ``drop/`` (its rows at ``drop_rows``, input positions) and ``keep/``
     (every other input row), the input's own columns as read, Ray Data end to end."""
@@ -107,7 +117,7 @@ def write_keep_drop(out, dataset: Dataset, drop_rows: np.ndarray, types: Optiona
     n_input = sum(plan.counts) if plan.counts else ds.count()
     mask = np.zeros(n_input, dtype=bool)
     mask[drop_rows] = True
-    both = ds.zip(ray.data.from_arrow(pa.table({"_drop": mask})))
+    both = _zip(ds, ray.data.from_arrow(pa.table({"_drop": mask})))
     n_drop = int(mask.sum())
     for name, dropped, rows in (("drop", True, n_drop), ("keep", False, n_input - n_drop)):
         if rows:
