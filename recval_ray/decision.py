@@ -191,6 +191,8 @@ def report_section(rep, v: Optional[dict]) -> None:
         rep.paragraph(f"No verdict: {v['skipped']}.")
         return
     rep.paragraph(v["sentence"])
+    if v.get("next_step"):
+        rep.paragraph(v["next_step"][0].upper() + v["next_step"][1:] + ".")
     metric = v["metric"]
     series = {}
     for method, scope in dict.fromkeys((c["method"], c["scope"]) for c in v["candidates"]):

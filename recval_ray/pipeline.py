@@ -628,6 +628,8 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                 counts = write_keep_drop(out, dataset, split, pruned.keep, use_ray, types, pruned.keep_all)
                 if counts is not None:
                     metrics["keep_drop"] = counts
+                if verdict is not None and next_step(cfg, verdict, counts):
+                    verdict["next_step"] = next_step(cfg, verdict, counts)
                     if valuation.whole_log is not None:
                         valued = sum(metrics["coverage"]["rows_valued"].values()) - metrics["data"]["injected_noise"]
                         metrics["coverage"]["input_rows"] = counts["input_rows"]
@@ -796,6 +798,29 @@ def headline(cfg: JobConfig, result: RunResult) -> str:
                      f"kept per user; users with fewer than {math.ceil(1 / cfg.prune.fraction):d} rows drop "
                      f"none, so fewer than {cfg.prune.fraction:.0%} in total)")
     v = m.get("verdict")
+    if v and v.get("next_step"):
+        lines.append(v["next_step"])
     if v:
         lines.append(f"verdict: {v['sentence']}" if v.get("decision") else f"verdict: not computed ({v['skipped']})")
     return "\n".join(lines)
+
+
+def next_step(cfg: JobConfig, verdict: dict, keep_drop: Optional[dict]) -> Optional[str]:
+    """What the user does with the verdict, given what this run wrote to ``drop/`` (the job's
+    ``prune`` settings): nothing to say when they agree."""
+    if not verdict or not verdict.get("decision"):
+        return None
+    dropped = keep_drop["drop"] if keep_drop else None
+    if verdict["decision"] == "keep":
+        if dropped:
+            return (f"drop/ lists the {dropped:,} rows that prune: ({cfg.valuation.method}, {cfg.prune.strategy} "
+                    f"{cfg.prune.fraction:g}, {cfg.prune.scope}) selects, for inspection: the verdict found no "
+                    f"pruning worth applying, so train on the whole log")
+        return None
+    same = (verdict["method"] == cfg.valuation.method and cfg.prune.strategy == "fraction"
+            and abs(verdict["fraction"] - cfg.prune.fraction) < 1e-12 and verdict["scope"] == cfg.prune.scope)
+    if same:
+        return None
+    return (f"drop/ holds prune:'s rows, not the verdict's choice; to write the verdict's drop list: --set "
+            f"valuation.method={verdict['method']} --set prune.fraction={verdict['fraction']:g} "
+            f"--set prune.scope={verdict['scope']}")

@@ -131,6 +131,9 @@ def test_a_log_where_pruning_clearly_helps_gets_prune(tmp_path):
     assert v["vs_random"] < v["delta_test"] and v["seeds"] == [0]
     assert v["dropped"] == round(0.4 * m["data"]["train"]) and v["candidates"][0]["dropped"] == v["dropped"]
     assert head.splitlines()[-1] == f"verdict: {v['sentence']}" and v["sentence"].startswith("Prune:")
+    # drop/ follows prune: (10%), not the verdict's 40%: the run says how to write the verdict's list
+    assert v["next_step"].endswith("--set valuation.method=small-loss --set prune.fraction=0.4 --set prune.scope=global")
+    assert head.splitlines()[-2] == v["next_step"]
     html = (tmp_path / "v" / "report.html").read_text()
     assert html.index(">Verdict<") < html.index("Test metrics") and v["sentence"].split(":")[0] in html
     assert [s["stage"] for s in m["profile"]["stages"]][-2:] == ["verdict", "write"]
@@ -141,6 +144,7 @@ def test_a_clean_log_gets_keep_everything(tmp_path):
     v = m["verdict"]
     assert v["decision"] == "keep" and v["delta_valid"] < 0
     assert v["sentence"].startswith("Keep everything: the best pruning found, small-loss 20% globally")
+    assert f"drop/ lists the {m['keep_drop']['drop']:,} rows" in v["next_step"] and "train on the whole log" in head
     assert "noise_detection" not in m
 
 
