@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -51,9 +51,9 @@ def score_training(shared, item: dict) -> dict:
     """One retraining of the verdict, a work item (runs in the driver or on a Ray actor): the
     job's model trained on the training rows ``item["keep"]`` (packed bits) with ``train.seed =
     item["seed"]``, returned as its per-user ``train.select_metric`` on validation and on test
-    (both rankings exclude the full training set; test also validation). No model travels back."""
-    from .pipeline import train
-    cfg, split = shared
+    (both rankings exclude the full training set; test also validation). No model travels back.
+    ``shared``: ``(cfg, split, train)`` with ``train`` the job's training function."""
+    cfg, split, train = shared
     keep = np.unpackbits(item["keep"], count=len(split.train)).astype(bool)
     full = bool(keep.all())
     kept = split.train if full else split.train.take(keep)
@@ -74,11 +74,14 @@ def _run(executor, shared, items: list) -> list:
     return out
 
 
-def verdict(cfg: JobConfig, split: Split, valuations, base: TrainResult, executor=None) -> Optional[dict]:
+def verdict(cfg: JobConfig, split: Split, valuations, base: TrainResult, train: Callable,
+            executor=None) -> Optional[dict]:
     """``metrics["verdict"]`` (see :mod:`.core.verdict`), ``{"decision": None, "skipped": why}``
     when it cannot be computed, None when ``verdict.enabled`` is false. ``valuations``: the
     ``(label, Valuation)`` candidates (:func:`recval_ray.pipeline.candidate_valuations`), the
-    run's own first, or one Valuation. ``executor`` (``core.executor``; None: this process) runs
+    run's own first, or one Valuation. ``train(cfg, rows, valid, tag=...)``: the job's training
+    (:func:`recval_ray.pipeline.train`, module-level so actors can run it). ``executor``
+    (``core.executor``; None: this process) runs
     the retrainings: first every distinct candidate drop set (candidates whose drop sets
     coincide, e.g. small-loss and pld per user, since standardising within a user keeps the
     user's order, are trained once), then the test report's extra seeds and the random
@@ -94,7 +97,7 @@ def verdict(cfg: JobConfig, split: Split, valuations, base: TrainResult, executo
         return {"decision": None, "skipped": why}
     usable = [(label, v) for label, v in valuations if unavailable(cfg, split, v) is None]
     metric, ev, seed0 = cfg.train.select_metric, cfg.evaluate, int(cfg.train.seed)
-    shared = (cfg, split)
+    shared = (cfg, split, train)
 
     # 1. every candidate's drop set; each distinct one retrained once
     plans, items, index = [], [], {}     # plans: (label, fraction, scope, keep, valuation, item index)

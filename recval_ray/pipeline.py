@@ -601,7 +601,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                         log.info("verdict: retraining up to %d candidate prunings (%s), deciding on validation",
                                  len(candidates) * len(cfg.verdict.fractions) * len(cfg.verdict.scopes),
                                  ", ".join(label for label, _ in candidates))
-                        verdict = decide_verdict(cfg, split, candidates, base, verdict_executor(cfg, use_ray))
+                        verdict = decide_verdict(cfg, split, candidates, base, train, verdict_executor(cfg, use_ray))
             finally:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -628,8 +628,6 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                 counts = write_keep_drop(out, dataset, split, pruned.keep, use_ray, types, pruned.keep_all)
                 if counts is not None:
                     metrics["keep_drop"] = counts
-                if verdict is not None and next_step(cfg, verdict, counts):
-                    verdict["next_step"] = next_step(cfg, verdict, counts)
                     if valuation.whole_log is not None:
                         valued = sum(metrics["coverage"]["rows_valued"].values()) - metrics["data"]["injected_noise"]
                         metrics["coverage"]["input_rows"] = counts["input_rows"]
@@ -638,6 +636,8 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                             "rows set aside before valuation (validation/test rows whose user or item has no "
                             "training row, repeated pairs, users or items below data.min_user/min_item); "
                             "they stay in keep/")
+                if verdict is not None and next_step(cfg, verdict, counts):
+                    verdict["next_step"] = next_step(cfg, verdict, counts)
                 if explanation is not None:
                     out.write_table("explanations/attributions",
                                     explanation.attributions_table(dataset, split.train), use_ray=use_ray)

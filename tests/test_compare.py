@@ -104,9 +104,11 @@ def test_oracle_trains_on_exactly_the_clean_rows(run):
 def test_random_control_drops_as_many_rows_as_the_method(run):
     by = {(r["seed"], r["variant"]): r for r in run["runs"]}
     n = len(run["train"])
+    # prune.fraction 0.1 per user (the Quickstart's scope): floor(0.1 x each user's training rows)
+    per_user = np.unique(run["train"]["user_id"].to_numpy(zero_copy_only=False), return_counts=True)[1]
     for s in (0, 1):
         pruned, rand = by[(s, "pruned")], by[(s, "random")]
-        assert pruned["dropped"] == rand["dropped"] == int(np.floor(0.1 * n + 0.5))  # prune.fraction 0.1
+        assert pruned["dropped"] == rand["dropped"] == int(np.floor(0.1 * per_user + 1e-9).sum())
         assert pruned["n_train"] == rand["n_train"] == n - pruned["dropped"]
     kept = np.asarray(run["values"]["kept"].to_pylist())
     assert int((~kept).sum()) == by[(0, "pruned")]["dropped"]
@@ -173,7 +175,7 @@ def test_a_seed_is_the_single_run_of_that_seed(run, tmp_path):
 def test_the_comparison_ends_with_a_verdict_over_its_seeds(run):
     m, v = run["metrics"], run["metrics"]["verdict"]
     assert v["decision"] in ("keep", "prune") and v["seeds"] == [0, 1] and v["methods"] == ["small-loss"]
-    assert v["method"] == "small-loss" and v["scope"] == "global" and v["fraction"] == 0.1
+    assert v["method"] == "small-loss" and v["scope"] == "per-user" and v["fraction"] == 0.1
     assert v["test"].startswith("paired t-test over 2 seeds")
     assert v["test_full"] == pytest.approx(np.mean(v["per_seed"]["full"]))
     assert v["test_pruned"] == pytest.approx(np.mean(v["per_seed"]["pruned"]))

@@ -181,9 +181,15 @@ def test_values_schema_noise_and_pruned(synthetic_run):
     assert pruned.num_rows == kept.num_rows == metrics["prune"]["kept"]
     assert values.num_rows - kept.num_rows == metrics["prune"]["dropped"] > 0
     assert pairs(pruned, "is_noise") == pairs(kept, "is_noise")
-    # global fraction pruning drops the lowest values
-    dropped = values.filter(pc.invert(values["kept"]))
-    assert max(dropped["value"].to_pylist()) <= min(kept["value"].to_pylist())
+    # per-user fraction pruning drops each user's lowest values: floor(0.1 x the user's rows)
+    assert cfg.prune.scope == "per-user" and cfg.prune.fraction == 0.1
+    users = values["user_id"].to_numpy(zero_copy_only=False)
+    v, keep = values["value"].to_numpy(), values["kept"].to_numpy(zero_copy_only=False)
+    for u in np.unique(users):
+        mine = users == u
+        assert (~keep[mine]).sum() == int(np.floor(0.1 * mine.sum() + 1e-9))
+        if (~keep[mine]).any():
+            assert v[mine & ~keep].max() <= v[mine & keep].min()
 
     # the returned table is what was written
     assert result.values.num_rows == values.num_rows

@@ -210,7 +210,8 @@ def test_run_trial_reports_validation_objective_and_test_metrics():
     out = run_trial(cfg, {"prune.fraction": 0.3, "model.dim": 8}, data=(data, split), report_epoch=epochs.append)
     assert out["final"] == 1 and out["objective"] == out["valid_recall@20"]
     assert {"test_recall@10", "test_recall@20", "test_ndcg@10", "test_ndcg@20"} <= set(out)
-    assert out["dropped"] == int(np.floor(0.3 * len(split.train) + 0.5)) and "noise_auc" in out
+    per_user = np.bincount(split.train.user)          # prune.scope per-user (the Quickstart's)
+    assert out["dropped"] == int(np.floor(0.3 * per_user[per_user > 0] + 1e-9).sum()) and "noise_auc" in out
     assert [e["epoch"] for e in epochs] == [1, 2, 3]            # the retrained model, every epoch
     best = [e["objective"] for e in epochs]
     assert best == sorted(best) and best[-1] == max(e["valid_epoch"] for e in epochs)  # best so far
