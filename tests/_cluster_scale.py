@@ -23,7 +23,7 @@ JOB = os.path.join(ROOT, "jobs", "quickstart.yaml")
 SETS = ["data.format=parquet", "data.columns.user=user_id", "data.columns.item=item_id",
         "data.columns.rating=rating", "data.columns.timestamp=timestamp", "noise.ratio=0.2",
         "train.epochs=2", "train.batch_size=256", "train.loss_epochs=1", "prune.random_control=false",
-        "ray.num_cpus=null", "verdict.enabled=false"]
+        "ray.num_cpus=null", "verdict.enabled=false", "prune.retrain=false"]   # one Ray Train run per job
 
 
 def write_log(path: str) -> int:
