@@ -204,9 +204,10 @@ def _seeds(text: str) -> list[int]:
 
 
 def _validate(cfg) -> int:
-    from .pipeline import load_data, make_split
+    from .pipeline import coverage, load_data, make_split
+    from .schema import verdict_methods
     dataset = load_data(cfg, use_ray=False)
-    split, _ = make_split(cfg, dataset)
+    split, split_warnings = make_split(cfg, dataset)
     n_noise = int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0
     print(f"config ok: {cfg.name} (model {cfg.model.kind}, valuation {cfg.valuation.method})")
     print(f"data ok: {dataset.n_users} users, {dataset.n_items} items, {len(dataset.interactions)} interactions")
@@ -223,9 +224,20 @@ def _validate(cfg) -> int:
         else:
             print(f"ratings: only the rows rated >= {cfg.data.implicit:g} are positives "
                   f"(data.implicit: {cfg.data.implicit:g}); the others were left out")
-    for w in dataset.warnings:
+    if coverage(cfg) == "all":
+        print(f"valuation: every row of the log, by {cfg.valuation.folds}-fold cross-fitting "
+              f"({cfg.valuation.folds} more trainings; valuation.coverage: train values the training split only)")
+    else:
+        print("valuation: the training split (valuation.coverage: train)")
+    if cfg.verdict.enabled:
+        labels = [m for m, _ in verdict_methods(cfg)]
+        n = len(labels) * len(cfg.verdict.fractions) * len(cfg.verdict.scopes)
+        print(f"verdict: candidates {', '.join(labels)} x fractions {list(cfg.verdict.fractions)} x scopes "
+              f"{list(cfg.verdict.scopes)}: up to {n} retrainings and a random control")
+    warnings = list(dataset.warnings) + list(split_warnings)
+    for w in warnings:
         print(f"warning: {w}")
-    if not dataset.warnings:
+    if not warnings:
         print("warnings: none")
     return 0
 

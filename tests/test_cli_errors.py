@@ -329,6 +329,8 @@ def test_validate_good_job(tmp_path, capsys):
     assert "config ok: quickstart" in c.out
     assert "data ok: 150 users" in c.out and f"{len(ROWS)} interactions" in c.out
     assert "split ok: train" in c.out and "injected noise" in c.out
+    assert "valuation: the training split" in c.out          # a CSV, but with the Quickstart's injected noise
+    assert "verdict: candidates small-loss, pld" in c.out
     assert "recval: error" not in c.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ratings.csv"]  # nothing written
 
@@ -337,7 +339,11 @@ def test_validate_synthetic_quickstart(capsys):
     capsys.readouterr()
     assert main(["validate", JOB, "--set", "data.synthetic.n_users=150",
                  "--set", "data.synthetic.n_items=200"]) == 0
-    assert "data ok: 150 users" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "data ok: 150 users" in out
+    assert "valuation: the training split (valuation.coverage: train)" in out     # injected noise: train
+    assert ("verdict: candidates small-loss, pld x fractions [0.05, 0.1, 0.2] x scopes ['global', 'per-user']: "
+            "up to 12 retrainings") in out
 
 
 def test_validate_bad_file(tmp_path, capsys):
