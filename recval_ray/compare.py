@@ -124,6 +124,7 @@ class SeedOutcome:
     warnings: list = field(default_factory=list)
     per_user: dict = field(default_factory=dict)    # variant label -> (valid, test) per-user metric (verdict)
     dropped: dict = field(default_factory=dict)     # method label -> rows its pruning dropped
+    keep_all: dict = field(default_factory=dict)    # method label -> kept rows of the whole log (coverage: all)
 
 
 def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shared_split=None,
@@ -206,8 +207,9 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
             nd = noise_detection(valuation.values, is_noise)
             for k in DETECTION_METRICS:
                 out.rows.append((int(seed), DETECTION, label, k, float(nd[k])))
-        keep, random_keep, _ = prune_masks(cfg_m, split, valuation, random_control="random" in variants)
+        keep, random_keep, keep_all = prune_masks(cfg_m, split, valuation, random_control="random" in variants)
         out.valuations[label] = (valuation, keep)
+        out.keep_all[label] = keep_all
         out.dropped[label] = int((~keep).sum())
         if cfg.prune.strategy != "none":
             if "pruned" in variants:
@@ -513,7 +515,7 @@ def run_compare(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Opt
                         stores=lambda label, s=s, sub=u.sub: ShardStore(out.fs, out.root_path(WORK, *sub, f"seed-{s}", label)),
                         base_storage=out.attempt_uri("checkpoints", *u.sub, f"seed-{s}") if on_cluster else None)
                     if i > 0:   # only the first seed's valuations are written
-                        outcome.valuations = {}
+                        outcome.valuations, outcome.keep_all = {}, {}
                     u.outcomes.append(outcome)
                     timings[f"{u.cell.id}_seed_{s}_s" if u.cell is not None else f"seed_{s}_s"] = time.perf_counter() - t
         finally:
@@ -543,7 +545,8 @@ def run_compare(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Opt
             first = u.outcomes[0]
             tabs = values_tabs.setdefault(u.cell.id, {}) if u.cell is not None else values_tabs
             for label, (valuation, keep) in first.valuations.items():
-                tabs[label] = values_table(u.dataset, first.split, valuation, keep)
+                tabs[label] = values_table(u.dataset, first.split, valuation, keep,
+                                           keep_all=first.keep_all.get(label))
                 out.write_table("/".join(["method_values", *u.sub, label]), tabs[label], use_ray=use_ray)
             for name, part in first.split.parts().items():
                 out.write_table("/".join(["splits", *u.sub, name]), interactions_table(u.dataset, part), use_ray=use_ray)

@@ -217,3 +217,17 @@ def test_verdict_of_a_cross_fitted_run_revalues_without_training_folds_again(own
     assert len(v["candidates"]) == 2 and v["trained_candidates"] == 2
     folds = [r for r in caplog.messages if "cross-fitting: fold" in r]
     assert len(folds) == cfg.valuation.folds          # pld re-valued the held-out losses
+
+
+def test_compare_on_a_users_log_writes_whole_log_values_with_their_pruning(own_csv, tmp_path):
+    from recval_ray.compare import run_compare
+    path, _ = own_csv
+    cfg = load_config(JOB, OWN + [f"data.path={path}", "compare.seeds=[0]", "valuation.folds=3",
+                                  "compare.variants=[full, pruned]"])
+    res = run_compare(cfg, output_uri=str(tmp_path), use_ray=False)
+    values = pq.read_table(str(tmp_path / "quickstart-compare" / "method_values" / "small-loss"))
+    part = np.asarray(values["split"].to_pylist())
+    kept = values["kept"].to_numpy(zero_copy_only=False)
+    assert set(part) == set(PARTS) and all((~kept[part == p]).any() for p in PARTS)
+    pruned = [r for r in res.runs.to_pylist() if r["variant"] == "pruned"][0]
+    assert pruned["dropped"] == int((~kept[part == "train"]).sum())
