@@ -457,7 +457,7 @@ def values_table(dataset: Dataset, split: Split, valuation: Valuation, keep: np.
     """The valued-data schema: user_id, item_id, value, <method columns>, kept, [split, fold
     when the whole log was valued], rating, timestamp, is_noise (``rows``: only those rows of
     :func:`valued_rows`, for chunked writing; ``valued``: its result, computed once)."""
-    from .core.crossfit import PARTS
+    from .core.crossfit import PARTS, SET_ASIDE
     part, cols = valued if valued is not None else valued_rows(split, valuation, keep, keep_all)
     if rows is not None:
         part, cols = part.take(rows), {k: np.asarray(v)[rows] for k, v in cols.items()}
@@ -466,11 +466,69 @@ def values_table(dataset: Dataset, split: Split, valuation: Valuation, keep: np.
     t = interactions_table(dataset, part, cols)
     whole = []
     if code is not None:
-        t = t.append_column("split", pa.DictionaryArray.from_arrays(pa.array(code, pa.int8()), pa.array(PARTS)))
+        t = t.append_column("split", pa.DictionaryArray.from_arrays(pa.array(code, pa.int8()),
+                                                                    pa.array(PARTS + (SET_ASIDE,))))
         whole = ["split", "fold"]
     order = ["user_id", "item_id", "value"] + list(valuation.columns) + ["kept"] + whole + \
         [c for c in ("rating", "timestamp", "is_noise") if c in t.column_names]
     return t.select(order)
+
+
+def set_aside_positions(dataset: Dataset, split: Split, use_ray: bool) -> Optional[np.ndarray]:
+    """Input rows (positions in the input) that no split holds: repeated pairs ingestion left
+    out, validation/test rows whose user or item has no training row, rows below
+    ``data.min_user`` / ``min_item``. None when rows cannot be traced to the input."""
+    parts = [split.train, split.valid, split.test]
+    if any(p.source_row is None for p in parts if len(p)):
+        return None
+    if dataset.source is not None:
+        n_input = dataset.source.num_rows
+    elif dataset.stream is not None and use_ray:
+        plan = dataset.stream
+        n_input = sum(plan.counts) if plan.counts else plan.read().count()
+    else:
+        return None
+    held = np.ones(n_input, dtype=bool)
+    for p in parts:
+        if len(p):
+            r = p.source_row
+            held[r[r >= 0]] = False
+    return np.flatnonzero(held)
+
+
+def set_aside_table(dataset: Dataset, split: Split, like: pa.Schema, use_ray: bool) -> Optional[pa.Table]:
+    """The rows of ``values/`` (schema ``like``) for the input rows no split holds
+    (:func:`set_aside_positions`), so a whole-log ``values/`` has one row per input row: their
+    ids, no value (null), ``kept`` (they stay in ``keep/``), ``split`` ``set-aside``, fold -1."""
+    from .core.crossfit import PARTS, SET_ASIDE
+    at = set_aside_positions(dataset, split, use_ray)
+    if at is None or not len(at):
+        return None
+    ucol, icol = dataset.columns["user"], dataset.columns["item"]
+    if dataset.source is not None:
+        ids = dataset.source.select([ucol, icol]).take(pa.array(at))
+    else:
+        from .ray_layer.tables import read_input_rows
+        ids = read_input_rows(dataset, at, [ucol, icol])
+    n = ids.num_rows
+    cols = {}
+    for f in like:
+        if f.name == "user_id":
+            cols[f.name] = ids.column(ucol).cast(f.type)
+        elif f.name == "item_id":
+            cols[f.name] = ids.column(icol).cast(f.type)
+        elif f.name == "kept":
+            cols[f.name] = pa.array(np.ones(n, dtype=bool))
+        elif f.name == "is_noise":
+            cols[f.name] = pa.array(np.zeros(n, dtype=bool))
+        elif f.name == "fold":
+            cols[f.name] = pa.array(np.full(n, -1, dtype=np.int8))
+        elif f.name == "split":
+            cols[f.name] = pa.DictionaryArray.from_arrays(pa.array(np.full(n, len(PARTS), dtype=np.int8)),
+                                                          pa.array(PARTS + (SET_ASIDE,)))
+        else:
+            cols[f.name] = pa.nulls(n, f.type)
+    return pa.table(cols, schema=like)
 
 
 def pruned_table(dataset: Dataset, kept: Interactions, noise_column: bool = True) -> pa.Table:
@@ -618,6 +676,10 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
             n_valued = len(split.train) + (len(split.valid) + len(split.test) if valuation.whole_log else 0)
             values_tab = values_table(dataset, split, valuation, pruned.keep, keep_all=pruned.keep_all) \
                 if n_valued <= CHUNK_ROWS else None
+            if values_tab is not None and valuation.whole_log is not None:
+                extra_rows = set_aside_table(dataset, split, values_tab.schema, use_ray)
+                if extra_rows is not None:      # one row per input row: the set-aside ones unvalued
+                    values_tab = pa.concat_tables([values_tab, extra_rows])
 
             with prof.stage("write", rows=len(split.train) + len(split.valid) + len(split.test)):
                 log.info("writing outputs to %s", out.uri)
@@ -672,8 +734,18 @@ def write_outputs(out, cfg: JobConfig, dataset: Dataset, split: Split, valuation
         out.write_table("values", values_tab, use_ray=use_ray)
     else:
         valued = valued_rows(split, valuation, pruned.keep, pruned.keep_all)
-        out.write_chunks("values", (values_table(dataset, split, valuation, pruned.keep, rows=sl, valued=valued)
-                                    for sl in _chunks(len(valued[0]))))
+
+        def chunks():
+            schema = None
+            for sl in _chunks(len(valued[0])):
+                t = values_table(dataset, split, valuation, pruned.keep, rows=sl, valued=valued)
+                schema = t.schema
+                yield t
+            if valuation.whole_log is not None and schema is not None:
+                extra_rows = set_aside_table(dataset, split, schema, use_ray)
+                if extra_rows is not None:
+                    yield extra_rows
+        out.write_chunks("values", chunks())
     if valuation.entities is not None:
         out.write_table(f"{valuation.entity_kind or 'entity'}_values", pa.table(valuation.entities),
                         use_ray=use_ray)

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
@@ -113,6 +114,11 @@ def own_csv(tmp_path_factory):
     table = pa.table({"customer": [f"c{u}" for u in t["user_id"].to_pylist()],
                       "product": [f"p{i}" for i in t["item_id"].to_pylist()],
                       "stars": t["rating"]})
+    # rows no split can hold: 5 repeated pairs (the last of each is kept) and an item seen twice
+    repeat = table.slice(0, 5)
+    fresh = pa.table({"customer": ["c1", "c2"], "product": ["p-new", "p-new"], "stars": [4.0, 5.0]},
+                     schema=table.schema)
+    table = pa.concat_tables([repeat, table, fresh])
     path = tmp_path_factory.mktemp("own") / "log.csv"
     pcsv.write_csv(table, str(path))
     return str(path), table
@@ -133,10 +139,17 @@ def test_own_csv_run_values_every_row_and_drops_from_every_split(own_csv, tmp_pa
     m = json.loads((run / "metrics.json").read_text())
     cov = m["coverage"]
     assert cov["coverage"] == "all" and cov["folds"] == 5 and len(cov["fold_models"]) == 5   # auto -> all
-    values = pq.read_table(str(run / "values"))
+    everything = pq.read_table(str(run / "values"))
     n = {p: m["data"][p] for p in PARTS}
     assert cov["rows_valued"] == n
-    assert values.num_rows == sum(n.values())
+    # one row per input row: the rows no split holds come last, unvalued, kept
+    assert everything.num_rows == table.num_rows
+    aside = everything.filter(pa.compute.equal(everything["split"].cast(pa.string()), "set-aside"))
+    assert aside.num_rows == cov["input_rows_not_valued"] >= 5
+    assert aside["value"].null_count == aside.num_rows and all(aside["kept"].to_pylist())
+    assert set(aside["fold"].to_pylist()) == {-1}
+    values = everything.slice(0, sum(n.values()))
+    assert values.num_rows == sum(n.values()) and values["value"].null_count == 0
     assert values.column_names[:8] == ["user_id", "item_id", "value", "heldout_loss", "loss_z", "kept",
                                        "split", "fold"]
     part = np.asarray(values["split"].to_pylist())
@@ -198,7 +211,7 @@ def test_on_ray_the_values_and_drop_list_equal_the_in_process_run(own_csv, tmp_p
         t = t.astype({c: str for c in t.columns if str(t[c].dtype) == "category"})
         return t.sort_values([c for c in keys + ["customer", "product"] if c in t.columns]).reset_index(drop=True)
     a, b = table("local", "values"), table("ray", "values")
-    assert len(a) > 0 and (a["split"] != "train").any()
+    assert len(a) == len(b) == own_csv[1].num_rows and (a["split"] == "set-aside").sum() >= 5
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-6)
     assert (a["kept"] == b["kept"]).all() and (a["fold"] == b["fold"]).all()
     assert table("local", "drop").equals(table("ray", "drop"))

@@ -32,6 +32,7 @@ import torch
 from .data import Interactions, Split
 
 PARTS = ("train", "valid", "test")
+SET_ASIDE = "set-aside"     # values/ split label of an input row no split holds (no value)
 COVERAGES = ("auto", "train", "all")
 OWN_DATA_FORMATS = ("csv", "tsv", "parquet")    # a user's own log (not a benchmark's files)
 

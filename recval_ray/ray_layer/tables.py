@@ -127,3 +127,19 @@ def write_keep_drop(out, dataset: Dataset, drop_rows: np.ndarray, types: Optiona
             empty = ds.schema().base_schema.empty_table()
             out.write_table(name, typed_text_columns(empty, types) if types else empty, use_ray=False)
     return {"input_rows": int(n_input), "drop": n_drop, "keep": int(n_input - n_drop)}
+
+
+def read_input_rows(dataset: Dataset, positions: np.ndarray, columns: list) -> pa.Table:
+    """``columns`` of a streamed input's rows at ``positions`` (input order), read again by
+    Ray Data and filtered in the workers: only those rows reach the driver."""
+    import ray
+
+    plan = dataset.stream
+    ds = plan.read(columns)
+    n_input = sum(plan.counts) if plan.counts else ds.count()
+    mask = np.zeros(n_input, dtype=bool)
+    mask[positions] = True
+    picked = _zip(ds, ray.data.from_arrow(pa.table({"_drop": mask}))).map_batches(
+        _Select(True), batch_format="pyarrow", batch_size=None)
+    blocks = [b for b in picked.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
+    return pa.concat_tables(blocks) if blocks else ds.schema().empty_table()
