@@ -244,3 +244,35 @@ def test_compare_on_a_users_log_writes_whole_log_values_with_their_pruning(own_c
     assert set(part) == set(PARTS) and all((~kept[part == p]).any() for p in PARTS)
     pruned = [r for r in res.runs.to_pylist() if r["variant"] == "pruned"][0]
     assert pruned["dropped"] == int((~kept[part == "train"]).sum())
+
+
+def _train_rows_values(tmp_path, run_id, *extra):
+    from recval_ray.pipeline import run_job
+    cfg = load_config(JOB, ["data.synthetic.n_users=150", "data.synthetic.n_items=120",
+                            "data.synthetic.interactions_per_user=20", "noise.ratio=0", "train.epochs=3",
+                            "train.patience=3", "train.loss_epochs=1", "train.loss_pass=all",
+                            "train.loss_negatives=4", "verdict.enabled=false", "prune.retrain=false",
+                            "output.report=false"] + list(extra))
+    run_job(cfg, run_id=run_id, output_uri=str(tmp_path), use_ray=False)
+    v = pq.read_table(str(tmp_path / run_id / "values"))
+    if "split" in v.column_names:
+        v = v.filter(pa.compute.equal(v["split"].cast(pa.string()), "train"))
+    return v["value"].to_numpy()
+
+
+def test_cross_fitted_values_equal_train_only_values_in_distribution_when_folds_cannot_matter(tmp_path):
+    """With a learning rate too small to move the model, every fold model is the common
+    initialisation, so a row's held-out loss and its in-sample loss are draws of the same
+    quantity (4 negatives each): the two valuations agree in distribution (KS test). With a real
+    learning rate they must not: rows a model trained on have smaller losses than held-out ones."""
+    from scipy.stats import ks_2samp
+    frozen = ["train.lr=1e-12", "model.init=normal", "model.init_std=0.5"]   # losses that vary by row
+    inside = _train_rows_values(tmp_path, "in", "valuation.coverage=train", *frozen)
+    crossed = _train_rows_values(tmp_path, "cf", "valuation.coverage=all", *frozen)
+    assert len(inside) == len(crossed)
+    assert ks_2samp(inside, crossed).pvalue > 0.01
+    assert abs(inside.mean() - crossed.mean()) < 0.05 * abs(inside.mean())
+    learnt_in = _train_rows_values(tmp_path, "in2", "valuation.coverage=train")
+    learnt_cf = _train_rows_values(tmp_path, "cf2", "valuation.coverage=all")
+    assert ks_2samp(learnt_in, learnt_cf).pvalue < 1e-6
+    assert learnt_in.mean() > learnt_cf.mean()        # value = -loss: trained-on rows look easier
