@@ -135,7 +135,8 @@ def value(cfg: JobConfig, split: Split, base: TrainResult, dataset: Dataset,
     valuer = entry.factory(cfg.valuation)
     ctx = ValuationContext(split=split, base=base, model_cfg=cfg.model, train_cfg=cfg.train,
                            eval_cfg=cfg.evaluate, seed=cfg.train.seed, executor=executor,
-                           work_dir=work_dir, dataset=dataset, store=store, distributed=_ports(use_ray))
+                           work_dir=work_dir, dataset=dataset, store=store, distributed=_ports(use_ray),
+                           progress=log.info)
     t0 = time.perf_counter()
     if coverage(cfg) == "all":
         valuation = crossfit_valuation(cfg, split, valuer)

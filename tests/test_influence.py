@@ -260,3 +260,18 @@ def test_hessian_vector_products_accumulate_over_chunks_of_rows():
         assert torch.equal(hvp_fn(one, theta, weights)(v), plain)
         torch.testing.assert_close(hvp_fn(many, theta, weights, damping=0.5)(v), plain + 0.5 * v,
                                    rtol=1e-12, atol=1e-12)
+
+
+def test_cg_reports_every_iteration_with_its_residual():
+    from recval_ray.core.influence import conjugate_gradient
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    a = m @ m.T + 30 * torch.eye(30, dtype=torch.float64)
+    b = torch.randn(30, generator=g, dtype=torch.float64)
+    lines: list = []
+    x, info = conjugate_gradient(lambda v: a @ v, b, tol=1e-10, max_iter=100, progress=lines.append)
+    assert info["converged"] and len(lines) == info["iterations"] > 1
+    assert lines[0].startswith("CG iteration 1/100: relative residual")
+    final = float(lines[-1].split("relative residual ")[1].split()[0])
+    assert final == pytest.approx(info["residual"], rel=0.05)
+    assert torch.allclose(a @ x, b, atol=1e-8)

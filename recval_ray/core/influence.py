@@ -136,18 +136,21 @@ def per_example_grads_dense(obj: Objective, theta: torch.Tensor, rows: torch.Ten
 # solvers
 # ---------------------------------------------------------------------------------------
 def conjugate_gradient(A: Callable, b: torch.Tensor, tol: float = 1e-6, max_iter: int = 200,
-                       x0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+                       x0: Optional[torch.Tensor] = None,
+                       progress: Optional[Callable[[str], None]] = None) -> tuple[torch.Tensor, dict]:
     """Solve ``A x = b`` for symmetric A (e.g. a damped Hessian) by conjugate gradient.
 
     Stops when ``|r| <= tol |b|`` or after ``max_iter`` products. A direction with
     ``p^T A p <= 0`` (A not positive definite: raise the damping) stops it and is reported
-    (``negative_curvature``). Info: iterations, relative residual, converged."""
+    (``negative_curvature``). Info: iterations, relative residual, converged. ``progress``:
+    called after each product with the iteration, the relative residual and the time per product."""
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - A(x) if x0 is not None else b.clone()
     p = r.clone()
     rr = torch.dot(r, r)
     bn = float(torch.linalg.vector_norm(b)) or 1.0
     it, neg = 0, False
+    t_start = time.perf_counter()
     while it < max_iter and math.sqrt(float(rr)) > tol * bn:
         Ap = A(p)
         pAp = torch.dot(p, Ap)
@@ -161,6 +164,9 @@ def conjugate_gradient(A: Callable, b: torch.Tensor, tol: float = 1e-6, max_iter
         p = r + (rr_new / rr) * p
         rr = rr_new
         it += 1
+        if progress is not None:
+            progress(f"CG iteration {it}/{max_iter}: relative residual {math.sqrt(float(rr)) / bn:.2e} "
+                     f"(target {tol:.0e}), {(time.perf_counter() - t_start) / it:.1f} s per Hessian-vector product")
     res = math.sqrt(float(rr)) / bn
     return x, {"solver": "cg", "iterations": it, "residual": res, "converged": res <= tol,
                "negative_curvature": neg}
@@ -217,12 +223,14 @@ def lissa(H: Callable, v: torch.Tensor, damping: float, scale: float, depth: int
 
 def inverse_hvp(obj: Objective, theta: torch.Tensor, v: torch.Tensor, *, w=None, damping: float = 0.01,
                 solver: str = "cg", tol: float = 1e-6, max_iter: int = 200, scale: Optional[float] = None,
-                depth: int = 1000, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """``(H_w + damping I)^-1 v`` with CG or LiSSA; info carries the true relative residual."""
+                depth: int = 1000, seed: int = 0,
+                progress: Optional[Callable[[str], None]] = None) -> tuple[torch.Tensor, dict]:
+    """``(H_w + damping I)^-1 v`` with CG or LiSSA; info carries the true relative residual.
+    ``progress``: CG's per-iteration report."""
     A = hvp_fn(obj, theta, w, damping)
     t0 = time.perf_counter()
     if solver == "cg":
-        x, info = conjugate_gradient(A, v, tol, max_iter)
+        x, info = conjugate_gradient(A, v, tol, max_iter, progress=progress)
     elif solver == "lissa":
         if scale is None:
             # (H + damping) / scale must have its spectrum in (0, 2): 1.05 (|lambda|_max + damping)

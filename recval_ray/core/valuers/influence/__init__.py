@@ -109,7 +109,7 @@ class InfluenceValuer(Valuer):
                              f"|grad| = {rinfo['grad_norm']:.2e}")
         values, sinfo = influence_values(obj, theta, damping=opts.damping, solver=opts.solver, tol=opts.cg_tol,
                                          max_iter=opts.cg_max_iter, scale=opts.lissa_scale,
-                                         depth=opts.lissa_depth, seed=seed)
+                                         depth=opts.lissa_depth, seed=seed, progress=ctx.progress)
         info["solve"] = sinfo
         info["seconds"] = time.perf_counter() - t0
         if sinfo.get("negative_curvature"):
