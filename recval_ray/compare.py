@@ -66,7 +66,7 @@ from .config import JobConfig, check_compare, compare_methods, compare_variants
 from .grid import Cell, grid_cells, grid_keys, numeric_keys
 from .core.data import Split
 from .core.evaluation import evaluate_ranking, noise_detection, per_user_metric
-from .core.train import RATING_METRICS
+from .core.train import RATING_METRICS, training_rows
 from .core.verdict import (Candidate, best_candidate, bootstrap_relative_change, decide, paired_t_test,
                            relative_change, sentence)
 from .core.valuers.base import Valuation
@@ -163,8 +163,9 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
         """Per-user validation and test ``train.select_metric`` of a model (the verdict's pairs)."""
         if not per_user:
             return None
-        ctx_v = None if mask is None else [split.train.take(mask)]
-        ctx_t = None if mask is None else [split.train.take(mask), split.valid]
+        kept = None if mask is None else training_rows(cfg.model.kind, split.train, mask)
+        ctx_v = None if mask is None else [kept]
+        ctx_t = None if mask is None else [kept, split.valid]
         metric = cfg.train.select_metric
         return (per_user_metric(model, split, cfg.evaluate, metric, "valid", context=ctx_v),
                 per_user_metric(model, split, cfg.evaluate, metric, "test", context=ctx_t))

@@ -20,7 +20,7 @@ from .core.data import Split
 from .core.executor import LocalExecutor
 from .core.evaluation import per_user_metric
 from .core.prune import prune_valued, random_prune_mask
-from .core.train import RATING_METRICS, TrainResult
+from .core.train import RATING_METRICS, TrainResult, training_rows
 from .core.valuers.base import Valuation
 from .core.verdict import (Candidate, best_candidate, bootstrap_relative_change, decide, paired_t_test,
                            relative_change, sentence)
@@ -56,8 +56,8 @@ def score_training(shared, item: dict) -> dict:
     cfg, split, train = shared
     keep = np.unpackbits(item["keep"], count=len(split.train)).astype(bool)
     full = bool(keep.all())
-    kept = split.train if full else split.train.take(keep)
-    model = train(_seeded(cfg, item["seed"]), kept, split.valid, tag=item["tag"]).model
+    kept = split.train if full else training_rows(cfg.model.kind, split.train, keep)
+    model = train(_seeded(cfg, item["seed"]), kept, split.valid, tag=item["tag"], track_losses=False).model
     ev, metric = cfg.evaluate, cfg.train.select_metric
     return {"valid": per_user_metric(model, split, ev, metric, "valid", context=None if full else [kept]),
             "test": per_user_metric(model, split, ev, metric, "test", context=None if full else [kept, split.valid])}

@@ -29,7 +29,7 @@ from .core.noise import inject_noise
 from .core.text_types import TEXT_FORMATS, text_column_types, typed_text_columns
 from .core.prune import dropped_profile, prune_valued, random_prune_mask
 from .core.split import split_interactions
-from .core.train import TrainResult, train_model
+from .core.train import TrainResult, train_model, training_rows
 from .core.valuers.base import Valuation, ValuationContext
 from .registry import MODELS, VALUERS
 
@@ -85,24 +85,25 @@ def preflight(cfg: JobConfig, split: Split) -> None:
 
 def train(cfg: JobConfig, train_part: Interactions, valid: Interactions, *, tag: str,
           checkpoint_dir: Optional[str] = None, storage_path: Optional[str] = None,
-          on_epoch: Optional[Callable] = None) -> TrainResult:
+          on_epoch: Optional[Callable] = None, track_losses: bool = True) -> TrainResult:
     """Train ``model.kind`` on ``train_part``: in-process, or on Ray Train when asked for
     (``storage_path``: where Ray Train keeps its per-epoch checkpoints, e.g. the run's storage).
     ``on_epoch(record, task)``: the trainer's per-epoch hook (in-process training only; Tune
-    trials report there)."""
+    trials report there). ``track_losses``: record every training row's loss (the base model,
+    whose losses loss valuers read); retrainings and fold models skip it (memory and time)."""
     if cfg.train.workers > 0 or cfg.train.use_gpu:
         if on_epoch is not None:
             raise ValueError("train: on_epoch needs in-process training (train.workers 0, no use_gpu)")
         from .ray_layer.train import train_with_ray
         return train_with_ray(cfg, train_part, valid, tag=tag, checkpoint_dir=checkpoint_dir,
-                              storage_path=storage_path)
+                              storage_path=storage_path, track_losses=track_losses)
     if on_epoch is not None:
         from .core.train import build_task, fit
         return fit(build_task(cfg.model, train_part, cfg.train), cfg.train, valid=valid, exclude=[train_part],
                    eval_cfg=cfg.evaluate, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch,
-                   log_prefix=f"[{tag}] ")
+                   log_prefix=f"[{tag}] ", track_losses=track_losses)
     return train_model(cfg.model, train_part, cfg.train, valid=valid, eval_cfg=cfg.evaluate,
-                       checkpoint_dir=checkpoint_dir, log_prefix=f"[{tag}] ")
+                       checkpoint_dir=checkpoint_dir, log_prefix=f"[{tag}] ", track_losses=track_losses)
 
 
 def make_executor(cfg: JobConfig, use_ray: bool):
@@ -169,7 +170,7 @@ def crossfit_valuation(cfg: JobConfig, split: Split, valuer) -> Valuation:
              cfg.valuation.method, folds)
     stat, whole = crossfit(
         split, folds, cfg.train.seed,
-        train_fn=lambda tr, va, tag: train(cfg, tr, va, tag=tag),
+        train_fn=lambda tr, va, tag: train(cfg, tr, va, tag=tag, track_losses=False),
         statistic=lambda res, rows, seed: valuer.heldout_statistic(res, rows, seed, cfg.train),
         progress=log.info)
     whole.statistic = np.concatenate([stat[p] for p in PARTS])
@@ -307,8 +308,8 @@ def retrain_and_evaluate(cfg: JobConfig, split: Split, mask: np.ndarray, *, tag:
     the validation set (plus ``extra_exclude``), so every variant is ranked against the same
     candidates; context models
     read the kept rows (+ validation) as the users' histories."""
-    kept = split.train.take(mask)
-    res = train(cfg, kept, split.valid, tag=tag, on_epoch=on_epoch)
+    kept = training_rows(cfg.model.kind, split.train, mask)
+    res = train(cfg, kept, split.valid, tag=tag, on_epoch=on_epoch, track_losses=False)
     metrics = evaluate_ranking(res.model, target if target is not None else split, cfg.evaluate, "test",
                                exclude=[split.train, split.valid] + list(extra_exclude or []),
                                context=[kept, split.valid])

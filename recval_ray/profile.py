@@ -24,6 +24,17 @@ log = logging.getLogger("recval_ray")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def release_free_heap() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``; nothing elsewhere).
+    Arrays of a few MB (Ray Data blocks, chunks) are served from the heap, whose freed pages
+    glibc keeps: without this, what one stage freed still counts in the next stage's peak."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_bytes() -> int:
     """This process's resident set size now (bytes)."""
     try:
@@ -97,6 +108,7 @@ class Profiler:
 
     @contextmanager
     def stage(self, name: str, rows: Optional[int] = None):
+        release_free_heap()
         s = Stage(name, rows=rows, peak_rss=rss_bytes(), peak_private=private_bytes())
         with self._lock:
             self._current = s

@@ -117,6 +117,11 @@ class FastNegativeSampler(NegativeSampler):
 
     SCAN = 2
 
+    def padding(self, train: Interactions) -> tuple[int, int]:
+        """One sentinel slot before the keys; after them one and room for the longest walk
+        (``2^bit_length(max c)`` with ``c <= n_items``) plus ``SCAN``."""
+        return 1, 1 + (1 << int(train.n_items).bit_length()) + self.SCAN
+
     def __init__(self, train: Interactions, device: torch.device):
         super().__init__(train, device)
         free = self.free.cpu().numpy()
@@ -124,25 +129,27 @@ class FastNegativeSampler(NegativeSampler):
         self.levels = int(counts.max()).bit_length() if len(counts) else 0
         n = len(self.qkeys)
         big = torch.iinfo(torch.int64).max
-        # shifted[x] = qkeys[x - 1]; shifted[0] = -inf; +inf past the end (room for any walk)
-        shifted = torch.full((n + 2 + (1 << self.levels) + self.SCAN,), big, dtype=torch.int64, device=device)
+        # shifted[x] = qkeys[x - 1]; shifted[0] = -inf; +inf past the end (room for any walk):
+        # the parent's key buffer, built with these slots around the keys (no second copy)
+        shifted = torch.from_numpy(self.keys_buffer).to(device)
+        assert len(shifted) >= n + 2 + (1 << self.levels) + self.SCAN
         shifted[0] = torch.iinfo(torch.int64).min
-        shifted[1:n + 1] = self.qkeys
+        shifted[n + 1:] = big
         self.shifted = shifted
+        del self.keys_buffer
         self.qkeys = shifted[1:n + 1]          # a view: the keys are held once
         self.count = torch.as_tensor(counts, device=device)
         # the bucket directory, one entry per training key (bucket b of the key's user), built in
-        # chunks of keys (bounded temporaries)
+        # chunks of keys (bounded temporaries); positions fit int32 below 2^31 keys
         start = self.start.cpu().numpy()
         qkeys = self.qkeys.cpu().numpy()
-        user = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-        directory = np.empty(n, dtype=np.int64)
-        for a in range(0, n, 1 << 20):
-            u = user[a:a + (1 << 20)]
+        n_items = np.int64(self.n_items)
+        directory = np.empty(n, dtype=np.int32 if n + len(shifted) < 2 ** 31 else np.int64)
+        for a in range(0, n, self.CHUNK):
+            u = qkeys[a:a + self.CHUNK] // n_items        # q = u * n_items + (i - rank), i - rank < n_items
             b = np.arange(a, a + len(u), dtype=np.int64) - start[u]
             lower = (b * free[u] + counts[u] - 1) // np.maximum(counts[u], 1)   # ceil(b f / c)
-            directory[a:a + len(u)] = np.searchsorted(qkeys, u * self.n_items + lower, side="left")
-        del user
+            directory[a:a + len(u)] = np.searchsorted(qkeys, u * n_items + lower, side="left")
         self.dir = torch.as_tensor(directory, device=device)
 
     def sample(self, users: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -156,7 +163,7 @@ class FastNegativeSampler(NegativeSampler):
         has = (count > 0) & (free > 0)
         b = (r * count).div_(free.clamp_min(1), rounding_mode="floor")
         entry = torch.where(has, start + b, 0)
-        pos = torch.where(has, _lookup(self.dir, entry), start)
+        pos = torch.where(has, _lookup(self.dir, entry).long(), start)
         nxt = torch.empty_like(pos)
         ok = torch.empty(pos.shape, dtype=torch.bool, device=pos.device)
         for _ in range(self.SCAN):
@@ -384,7 +391,7 @@ class SparseBPRTask(BPRTask):
         chunk = max(1, CHUNK_ROWS // B) * B
         perm = self.visit_order(generator)
         for c in range(0, len(perm), chunk):
-            idx = perm[c:c + chunk]
+            idx = perm[c:c + chunk].long()
             users = self.users.index_select(0, idx).long()
             pos = self.items.index_select(0, idx).long()
             neg = self.negatives.sample(users, self.num_negatives, generator)

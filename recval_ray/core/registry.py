@@ -37,7 +37,9 @@ class Registry:
 
         * models: ``capabilities`` (``"bpr"``: trained by the BPR task, so ``train.denoise``
           and ``train.loss_pass: all`` apply; ``"checkpoints"``: per-epoch checkpoints a valuer
-          can read; ``"sequential"``), ``shard_by`` (``"user"`` for user-batched models);
+          can read; ``"sequential"``), ``shard_by`` (``"user"`` for user-batched models),
+          ``reads`` (the optional per-row fields its training and ranking read, of ``rating``
+          and ``timestamp``; default both: a retraining copies only these with its rows);
         * valuers: ``requires`` (model capabilities), ``entity_level`` (values of users, items
           or groups: ``prune.scope: entity`` applies), ``in_process_training`` (reads what the
           in-process trainer leaves, e.g. its checkpoints: no Ray Train), ``check`` (``check(job)``

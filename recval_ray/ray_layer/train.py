@@ -104,7 +104,8 @@ def _train_loop(config: dict) -> None:
             ray.train.report(metrics)
 
     result = fit(task, local_cfg, valid=valid, exclude=[full], eval_cfg=config["eval_cfg"],
-                 on_epoch=on_epoch, epoch_context=epoch_context)
+                 on_epoch=on_epoch, epoch_context=epoch_context,
+                 track_losses=bool(config.get("track_losses", True)))
     loss = result.interaction_loss if result.interaction_loss is not None else np.full(len(rows), np.nan)
     if restricted:   # the task spans the whole training set: keep this rank's rows
         loss = loss[rows]
@@ -131,8 +132,10 @@ def _train_loop(config: dict) -> None:
 
 
 def train_with_ray(cfg, train_part: Interactions, valid: Interactions, *, tag: str,
-                   checkpoint_dir: Optional[str] = None, storage_path: Optional[str] = None) -> TrainResult:
-    """Fit ``cfg.model`` on ``train_part`` with a ``TorchTrainer``; returns the selected model."""
+                   checkpoint_dir: Optional[str] = None, storage_path: Optional[str] = None,
+                   track_losses: bool = True) -> TrainResult:
+    """Fit ``cfg.model`` on ``train_part`` with a ``TorchTrainer``; returns the selected model
+    (and, with ``track_losses``, every training row's loss)."""
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -147,7 +150,7 @@ def train_with_ray(cfg, train_part: Interactions, valid: Interactions, *, tag: s
     if cfg.train.shard == "user":
         shard_by = "user"
     loop_config = {"valid": valid, "train_cfg": cfg.train, "model_cfg": cfg.model, "eval_cfg": cfg.evaluate,
-                   "shard_by": shard_by, "device": "cuda" if use_gpu else "cpu"}
+                   "shard_by": shard_by, "device": "cuda" if use_gpu else "cpu", "track_losses": track_losses}
     if cfg.train.shard == "user":
         # data-local shards: each rank receives only its users' rows through the object store;
         # the whole set is shared once, read-only, for excluding training items in validation

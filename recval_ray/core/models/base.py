@@ -54,9 +54,12 @@ class Task:
         self.visit = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
 
     def visit_order(self, generator: torch.Generator) -> torch.Tensor:
-        """A seeded random order of the rows to visit this epoch (all rows, or the shard)."""
+        """A seeded random order of the rows to visit this epoch (all rows, or the shard): int32
+        when the rows fit (the same permutation as int64, half the bytes); callers widen each
+        batch's slice (``.long()``) before indexing with it."""
         if self.visit is None:
-            return torch.randperm(self.n_train, generator=generator).to(self.device)
+            dtype = torch.int32 if self.n_train < 2 ** 31 else torch.int64
+            return torch.randperm(self.n_train, generator=generator, dtype=dtype).to(self.device)
         return self.visit[torch.randperm(len(self.visit), generator=generator).to(self.device)]
 
     def fit_closed_form(self) -> None:

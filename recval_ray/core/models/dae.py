@@ -295,7 +295,7 @@ def _build(model: AutoEncoder, train: Interactions, dev, **task_kw) -> AutoEncod
     return AutoEncoderTask(model, train, **task_kw)
 
 
-@register_model("dae", DAEConfig, shard_by="user")
+@register_model("dae", DAEConfig, shard_by="user", reads=())
 def build_dae(opts: DAEConfig, train: Interactions, train_cfg, device: str = "auto") -> AutoEncoderTask:
     dev = resolve_device(device)
     model = AutoEncoder(train.n_users, train.n_items, opts.hidden, opts.activation, "sigmoid",
@@ -304,7 +304,7 @@ def build_dae(opts: DAEConfig, train: Interactions, train_cfg, device: str = "au
                   drop=opts.corruption, rescale=False, rho=opts.rho)
 
 
-@register_model("multidae", MultiDAEConfig, shard_by="user")
+@register_model("multidae", MultiDAEConfig, shard_by="user", reads=())
 def build_multidae(opts: MultiDAEConfig, train: Interactions, train_cfg,
                    device: str = "auto") -> AutoEncoderTask:
     dev = resolve_device(device)

@@ -205,7 +205,7 @@ class LightGCN(nn.Module):
         return s_pos, s_neg, l2
 
 
-@register_model("lightgcn", LightGCNConfig, capabilities=("bpr",))
+@register_model("lightgcn", LightGCNConfig, capabilities=("bpr",), reads=())
 def build_lightgcn(opts: LightGCNConfig, train: Interactions, train_cfg, device: str = "auto") -> BPRTask:
     """LightGCN over ``train``'s graph, trained by :class:`BPRTask` (built on the CPU, so the
     seeded initialisation is device-independent, then moved)."""

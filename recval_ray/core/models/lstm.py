@@ -142,7 +142,8 @@ class NextItemTask(Task):
         return per.mean(), per.detach()
 
 
-@register_model("lstm", LSTMConfig, shard_by="user", capabilities=("sequential", "checkpoints"))
+@register_model("lstm", LSTMConfig, shard_by="user", capabilities=("sequential", "checkpoints"),
+                reads=("timestamp",))
 def build_lstm(opts: LSTMConfig, train: Interactions, train_cfg, device: str = "auto") -> NextItemTask:
     """Initialisation on the CPU (seeded by the caller), then moved to ``device``."""
     dev = resolve_device(device)

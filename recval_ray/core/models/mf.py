@@ -102,19 +102,36 @@ class NegativeSampler:
     interacted with every item gets uniform items (there is no negative to give).
     """
 
+    CHUNK = 1 << 20     # keys transformed at once (bounded temporaries)
+
+    def padding(self, train: Interactions) -> tuple[int, int]:
+        """Free slots before and after the keys in their buffer (:attr:`keys_buffer`), for a
+        subclass that needs sentinels around them without a second copy."""
+        return 0, 0
+
     def __init__(self, train: Interactions, device: torch.device):
-        keys = train.pair_keys()                  # a fresh int64 array: sorted and reused in place
+        front, back = self.padding(train)
+        n = len(train)
+        buf = np.empty(front + n + back, dtype=np.int64)
+        keys = buf[front:front + n]               # user * n_items + item, sorted in place
+        np.multiply(train.user, np.int64(train.n_items), out=keys)
+        keys += train.item
         keys.sort()
-        if len(keys) > 1 and (keys[1:] == keys[:-1]).any():
-            keys = keys[np.r_[True, keys[1:] != keys[:-1]]]
-        users = (keys // train.n_items).astype(np.int32 if train.n_users < 2 ** 31 else np.int64)
-        counts = np.bincount(users, minlength=train.n_users)
-        start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        # q = u * n_items + (i - rank) = key - rank, rank = position within the user's keys
-        keys -= np.arange(len(keys), dtype=np.int64)
-        keys += start[users]
-        del users
+        if n > 1 and (keys[1:] == keys[:-1]).any():
+            unique = keys[np.r_[True, keys[1:] != keys[:-1]]]
+            keys = buf[front:front + len(unique)]
+            keys[:] = unique
+            del unique
+        n_items = np.int64(train.n_items)
+        # user u's keys lie in [u * n_items, (u + 1) * n_items): its first position and count
+        start = np.searchsorted(keys, np.arange(train.n_users, dtype=np.int64) * n_items, side="left")
+        counts = np.diff(np.append(start, len(keys)))
+        # q = u * n_items + (i - rank) = key - rank, rank = position - start[u], chunk by chunk
+        for a in range(0, len(keys), self.CHUNK):
+            seg = keys[a:a + self.CHUNK]
+            seg -= np.arange(a, a + len(seg), dtype=np.int64) - start[seg // n_items]
         self.n_items = train.n_items
+        self.keys_buffer = buf[:front + len(keys) + back]
         self.qkeys = torch.from_numpy(keys).to(device)
         self.start = torch.as_tensor(start, device=device)
         self.free = torch.as_tensor(train.n_items - counts, device=device)
@@ -238,7 +255,7 @@ class BPRTask(Task):
         else:
             perm = self.visit_order(generator)
             for start in range(0, len(perm), self.batch_size):
-                yield self._batch(perm[start:start + self.batch_size], generator)
+                yield self._batch(perm[start:start + self.batch_size].long(), generator)
 
     def _batch(self, idx: torch.Tensor, generator: torch.Generator) -> dict:
         users = self.users[idx].long()
@@ -345,7 +362,7 @@ class BPRTask(Task):
         return choose
 
 
-@register_model("mf", MFConfig, capabilities=("bpr",))
+@register_model("mf", MFConfig, capabilities=("bpr",), reads=())
 def build_mf(opts: MFConfig, train: Interactions, train_cfg, device: str = "auto") -> BPRTask:
     dev = resolve_device(device)
     model = MF(train.n_users, train.n_items, opts.dim, opts.init_std, opts.init).to(dev)

@@ -200,7 +200,7 @@ class NCFTask(Task):
         dev = self.device
         perm = self.visit_order(generator)
         for start in range(0, len(perm), self.per_batch):
-            idx = perm[start:start + self.per_batch]
+            idx = perm[start:start + self.per_batch].long()
             batch = {"idx": idx, "user": self.users[idx], "item": self.items[idx]}
             if self.explicit:
                 batch["rating"] = self.ratings[idx]
@@ -236,7 +236,7 @@ def _require_ratings(train: Interactions, kind: str) -> None:
                          "interaction (set data.columns.rating; keep data.implicit: all)")
 
 
-@register_model("ncf", NCFConfig)
+@register_model("ncf", NCFConfig, reads=("rating",))
 def build_ncf(opts: NCFConfig, train: Interactions, train_cfg, device: str = "auto") -> NCFTask:
     dev = resolve_device(device)
     explicit = opts.mode == "explicit"

@@ -141,7 +141,7 @@ class PureSVDTask(Task):
         raise RuntimeError("PureSVD is fit in closed form (fit_closed_form), not by batches")
 
 
-@register_model("puresvd", PureSVDConfig)
+@register_model("puresvd", PureSVDConfig, reads=())
 def build_puresvd(opts: PureSVDConfig, train: Interactions, train_cfg, device: str = "auto") -> PureSVDTask:
     if opts.rank <= 0:
         raise ValueError(f"model.rank: {opts.rank} must be positive")
@@ -236,7 +236,7 @@ class SVDTask(Task):
     def batches(self, epoch: int, generator: torch.Generator) -> Iterator[dict]:
         perm = self.visit_order(generator)
         for start in range(0, len(perm), self.batch_size):
-            idx = perm[start:start + self.batch_size]
+            idx = perm[start:start + self.batch_size].long()
             yield {"idx": idx, "user": self.users[idx], "item": self.items[idx], "rating": self.ratings[idx]}
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +245,7 @@ class SVDTask(Task):
         return 0.5 * (sq + self.reg * penalty).sum(), sq.detach()
 
 
-@register_model("svd", SVDConfig)
+@register_model("svd", SVDConfig, reads=("rating",))
 def build_svd(opts: SVDConfig, train: Interactions, train_cfg, device: str = "auto") -> SVDTask:
     if train.rating is None or not np.isfinite(train.rating).all():
         raise ValueError("model.kind svd needs a rating on every training interaction "
