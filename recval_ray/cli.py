@@ -99,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(exp, "<run id>-explain", output_default="the run's parent", address=False, no_ray=False,
                  overwrite_help="replace a complete explanation with the same id")
 
+    chk = sub.add_parser("check", help="counterfactual checks (LDS) of an earlier run's values (a new output)",
+                         description="Rebuild a complete run's data and split from its manifest, train "
+                                     "valuation.checks.lds.subsets models (default 50) on random subsets of "
+                                     "its training rows and report how well its values/ predict them (LDS): "
+                                     "metrics.json, report.html and manifest.json (last) under "
+                                     "OUTPUT/RUN_ID/ (default: next to the run, <run id>-check).")
+    chk.add_argument("run", help="the run's URI: a local path or s3://bucket/prefix/RUN_ID")
+    chk.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key of the run's config, e.g. --set valuation.checks.lds.subsets=100 "
+                          "--set valuation.checks.actors=2 (repeatable)")
+    chk.add_argument("-v", "--verbose", action="store_true", help="more logging")
+    _output_args(chk, "<run id>-check", output_default="the run's parent", address=False, no_ray=True,
+                 overwrite_help="replace a complete check with the same id")
+
     sbm = sub.add_parser("submit", help="submit a job to a Ray cluster (Jobs API) and print its id",
                          description="Validate the job here, then submit `python -m recval_ray.cli run JOB` "
                                      "to the cluster's dashboard with a runtime_env: the working dir, the "
@@ -155,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
             result = explain_run(args.run, args.overrides, output_uri=args.output, run_id=args.run_id,
                                  overwrite=args.overwrite)
             print(f"explanation written to {result['uri']}")
+            return 0
+        if args.command == "check":
+            from .check_run import check_run
+            result = check_run(args.run, args.overrides, output_uri=args.output, run_id=args.run_id,
+                               overwrite=args.overwrite, use_ray=not args.no_ray)
+            print(f"check written to {result['uri']}")
+            print(result["headline"])
             return 0
         from .config import load_config
         overrides = list(args.overrides)

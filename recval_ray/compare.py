@@ -101,7 +101,7 @@ def runs_valuation(cfg: JobConfig) -> bool:
     listed = cfg.compare.variants
     if listed:
         return bool({"pruned", "random", "detection"} & set(listed))
-    return cfg.prune.strategy != "none" or cfg.noise.ratio > 0
+    return cfg.prune.strategy != "none" or cfg.noise.has_ground_truth()
 
 
 def compared_methods(cfg: JobConfig) -> list:

@@ -155,7 +155,7 @@ def applicable_variants(cfg, listed: list) -> tuple[list, list]:
     """(variants of ``listed`` that apply to the job ``cfg``, the others)."""
     keep, skip = [], []
     for v in listed:
-        no = (v in ("oracle", "detection") and cfg.noise.ratio <= 0) or \
+        no = (v in ("oracle", "detection") and not cfg.noise.has_ground_truth()) or \
              (v in ("pruned", "random") and cfg.prune.strategy == "none")
         (skip if no else keep).append(v)
     return keep, skip

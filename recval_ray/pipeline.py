@@ -25,7 +25,7 @@ from .schema import JobConfig
 from .core.data import Dataset, Interactions, Split
 from .core.evaluation import (drop_unseen, evaluate_ranking, exposure, noise_detection, sample_note,
                               sample_summary)
-from .core.noise import inject_noise
+from .core.noise import inject_noise, natural_noise
 from .core.text_types import TEXT_FORMATS, text_column_types, typed_text_columns
 from .core.prune import dropped_profile, prune_valued, random_prune_mask
 from .core.split import split_interactions
@@ -52,7 +52,10 @@ def load_data(cfg: JobConfig, use_ray: bool = True) -> Dataset:
 def make_split(cfg: JobConfig, dataset: Dataset) -> tuple[Split, list[str]]:
     """Split, inject noise into train (flagged ``is_noise``), drop unseen evaluation rows."""
     split = split_interactions(dataset.interactions, cfg.split, dataset.given_split)
-    split = inject_noise(split, cfg.noise.ratio, cfg.noise.seed)
+    if cfg.noise.kind == "natural":
+        split = natural_noise(split, cfg.noise.natural.rating_at_most)
+    else:
+        split = inject_noise(split, cfg.noise.ratio, cfg.noise.seed)
     split, warnings = drop_unseen(split, strict=cfg.data.strict)
     for w in warnings:
         log.warning(w)
@@ -157,7 +160,8 @@ def coverage(cfg: JobConfig) -> str:
     asked = getattr(cfg.valuation, "coverage", "train")
     can = VALUERS.get(cfg.valuation.method).factory(cfg.valuation).crossfits and \
         "bpr" in MODELS.meta(cfg.model.kind).get("capabilities", ())
-    return resolve_coverage(asked, cfg.data.format, cfg.noise.ratio, cfg.split.kind, can)
+    noise = cfg.noise.ratio if cfg.noise.kind == "injected" else 1.0     # natural noise: a benchmark protocol
+    return resolve_coverage(asked, cfg.data.format, noise, cfg.split.kind, can)
 
 
 def crossfit_valuation(cfg: JobConfig, split: Split, valuer) -> Valuation:
@@ -662,12 +666,20 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                                  len(candidates) * len(cfg.verdict.fractions) * len(cfg.verdict.scopes),
                                  ", ".join(label for label, _ in candidates))
                         verdict = decide_verdict(cfg, split, candidates, base, train, verdict_executor(cfg, use_ray))
+                checks = None
+                if cfg.checks.lds.subsets > 0:
+                    with prof.stage("checks", rows=len(split.train)):
+                        from .checks import checks_executor, run_checks
+                        checked = candidates if candidates else [(cfg.valuation.method, valuation)]
+                        checks = run_checks(cfg, split, checked, train, checks_executor(cfg, use_ray))
             finally:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
             metrics = build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, split_warnings)
             if verdict is not None:
                 metrics["verdict"] = verdict
+            if checks is not None:
+                metrics["checks"] = checks
             if base_exposure is not None:
                 metrics["exposure"] = {"base": base_exposure} | pruned.exposure
             profile_tab = dropped_profile_table(dataset, split, pruned.keep, pruned.keep_all) \

@@ -16,8 +16,10 @@ def _fmt_setting(cfg) -> dict:
 
 def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuation, explanation=None) -> str:
     rep = Report(f"recval run {run_id}", f"{cfg.valuation.method} values of {cfg.model.kind} training data")
+    from .checks import report_section as checks_section
     from .decision import report_section as verdict_section
     verdict_section(rep, metrics.get("verdict"))
+    checks_section(rep, metrics.get("checks"))
     rep.key_values(_fmt_setting(cfg) | {k: v for k, v in metrics["data"].items() if k != "warnings"})
     for w in metrics["data"].get("warnings", []):
         rep.paragraph(f"Warning: {w}")

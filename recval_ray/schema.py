@@ -49,9 +49,28 @@ from .output import check_run_id  # noqa: E402,F401 - run ids are the output's r
 
 
 @dataclass
+class NaturalNoiseConfig:
+    """``noise.natural``: training rows rated at most ``rating_at_most`` are the noise."""
+    rating_at_most: float = 2.0
+
+
+@dataclass
 class NoiseConfig:
+    """``noise``: the ground truth of noise the detection and oracle checks read.
+
+    ``kind: injected`` (the SVV and PLD papers): ``ratio`` x |train_u| never-interacted items
+    added to each user's training rows, seeded. ``kind: natural`` (DenoisingRec, DCF,
+    CrossDenoise): the log's own low-rated rows (``rating <= natural.rating_at_most``) stay in
+    training as positives, flagged ``is_noise``; validation and test keep only the rows rated
+    above it."""
     ratio: float = 0.0
     seed: int = 0
+    kind: Literal["injected", "natural"] = "injected"
+    natural: NaturalNoiseConfig = field(default_factory=NaturalNoiseConfig)
+
+    def has_ground_truth(self) -> bool:
+        """Whether training rows carry a noise flag (detection AUC, oracle pruning apply)."""
+        return self.kind == "natural" or self.ratio > 0
 
 
 @dataclass
@@ -188,6 +207,31 @@ class TuneConfig:
 
 
 @dataclass
+class LdsConfig:
+    """``valuation.checks.lds``: the linear datamodeling score of the run's values
+    (:mod:`recval_ray.core.counterfactual`). ``subsets`` models (0: off) each trained on a
+    seeded ``fraction`` of the training rows (drawn with ``seed``), ``seeds`` training seeds per
+    subset (outcomes averaged: ``train.seed``, ``train.seed + 1``, ...); the outcome is the
+    validation ``metric`` (empty: ``train.select_metric``) and, for BPR models, the validation
+    BPR loss too; ``bootstrap`` resamples of the subsets give its standard error."""
+    subsets: int = 0
+    fraction: float = 0.5
+    seeds: int = 1
+    metric: str = ""
+    bootstrap: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class ChecksConfig:
+    """``valuation.checks``: counterfactual checks of the values (``recval check`` runs them on a
+    finished run). ``actors`` > 0 trains the check's models on that many Ray actors of ``cpus``."""
+    lds: LdsConfig = field(default_factory=LdsConfig)
+    actors: int = 0
+    cpus: float = 1.0
+
+
+@dataclass
 class JobConfig:
     name: str
     data: DataConfig = field(default_factory=DataConfig)
@@ -205,9 +249,14 @@ class JobConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)   # surrogate Shapley explanation of the values
     verdict: VerdictConfig = field(default_factory=VerdictConfig)   # keep or prune: candidates, decision, test report
+    checks: ChecksConfig = field(default_factory=ChecksConfig)      # written valuation.checks (one section for every method)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        checks = d.pop("checks")
+        if isinstance(d.get("valuation"), dict):
+            d["valuation"]["checks"] = checks
+        return d
 
 
 # ---------------------------------------------------------------------------------------
@@ -414,6 +463,11 @@ def validate_schema(raw: dict) -> JobConfig:
     raw = copy.deepcopy(raw)
     source = copy.deepcopy(raw)
     model_raw, val_raw = raw.pop("model", None), raw.pop("valuation", None)
+    if "checks" in raw:
+        raise ConfigError("checks: is a key of valuation (valuation.checks.lds, one section for every method)")
+    if isinstance(val_raw, dict) and "checks" in val_raw:
+        val_raw = dict(val_raw)
+        raw["checks"] = val_raw.pop("checks")
     cfg = build_dataclass(JobConfig, raw)
     cfg.model = _registered_section(model_raw, MODELS, "kind", DEFAULT_MODEL, "model")
     cfg.valuation = _registered_section(val_raw, VALUERS, "method", DEFAULT_VALUER, "valuation")
@@ -436,6 +490,25 @@ def check_semantics(cfg: JobConfig) -> None:
             raise ConfigError(f"split.ratios: {r} must be 2 or 3 non-negative fractions summing to 1")
     if not 0 <= cfg.noise.ratio <= 10:
         raise ConfigError(f"noise.ratio: {cfg.noise.ratio} must be in [0, 10]")
+    lc = cfg.checks.lds
+    if lc.subsets < 0 or lc.subsets == 1 or lc.subsets == 2:
+        raise ConfigError(f"valuation.checks.lds.subsets: {lc.subsets}: 0 (off) or at least 3 (a rank correlation "
+                          f"over subsets; 50 or more for a usable standard error)")
+    if not 0 < lc.fraction < 1:
+        raise ConfigError(f"valuation.checks.lds.fraction: {lc.fraction} must be in (0, 1)")
+    if lc.seeds < 1:
+        raise ConfigError(f"valuation.checks.lds.seeds: {lc.seeds} must be >= 1")
+    if lc.metric:
+        from .core.metrics import parse_metric
+        try:
+            parse_metric(lc.metric)
+        except ValueError as e:
+            raise ConfigError(f"valuation.checks.lds.metric: {e}") from None
+    if cfg.noise.kind == "natural" and cfg.noise.ratio > 0:
+        raise ConfigError(f"noise.ratio: {cfg.noise.ratio} with noise.kind: natural: the natural-noise protocol "
+                          f"injects nothing (its noise is the low-rated rows); set noise.ratio: 0")
+    if cfg.noise.kind == "natural" and not cfg.data.columns.rating and cfg.data.format in ("csv", "tsv", "parquet"):
+        raise ConfigError("noise.kind: natural reads each row's rating: set data.columns.rating")
     if not 0 <= cfg.prune.fraction < 1:
         raise ConfigError(f"prune.fraction: {cfg.prune.fraction} must be in [0, 1)")
     if cfg.prune.count < 0:
@@ -602,8 +675,9 @@ def check_compare(cfg: JobConfig, running: bool = False) -> None:
     if c.grid:   # variants are checked per cell (skipped where they do not apply)
         variants = []
     for v in ("oracle", "detection"):
-        if v in variants and cfg.noise.ratio <= 0:
-            raise ConfigError(f"compare.variants: '{v}' needs injected noise (noise.ratio > 0)")
+        if v in variants and not cfg.noise.has_ground_truth():
+            raise ConfigError(f"compare.variants: '{v}' needs ground truth of noise (noise.ratio > 0 or "
+                              f"noise.kind: natural)")
     if cfg.prune.strategy == "none" and ({"pruned", "random"} & set(variants)):
         raise ConfigError("compare.variants: 'pruned' and 'random' need a prune strategy "
                           "(prune.strategy is 'none')")
@@ -621,4 +695,4 @@ def compare_variants(cfg: JobConfig) -> list[str]:
         return [v for v in COMPARE_VARIANTS if v in cfg.compare.variants]
     return [v for v in COMPARE_VARIANTS
             if not (v in ("pruned", "random") and cfg.prune.strategy == "none")
-            and not (v == "oracle" and cfg.noise.ratio <= 0)]
+            and not (v == "oracle" and not cfg.noise.has_ground_truth())]

@@ -16,7 +16,7 @@ import torch
 from recval_ray.config import load_config
 from recval_ray.core.data import Dataset, Interactions, Split
 from recval_ray.core.explain_values import (ExplainConfig, GBDTSurrogate, LinearSurrogate, MLPSurrogate,
-                                            _align, explain_array, explain_values, interaction_features,
+                                            align_values, explain_array, explain_values, interaction_features,
                                             interventional_shapley, tree_shap, within_user_recency)
 from recval_ray.core.shapley.exact import exact_shapley
 from recval_ray.errors import ConfigError
@@ -192,14 +192,14 @@ def test_shuffled_values_table_is_aligned_by_ids():
     tab = pa.table({"user_id": ds.original_users(train.user), "item_id": ds.original_items(train.item),
                     "value": values})
     perm = np.random.default_rng(0).permutation(len(values))
-    np.testing.assert_array_equal(_align(tab.take(pa.array(perm)), train, ds), values)
+    np.testing.assert_array_equal(align_values(tab.take(pa.array(perm)), train, ds), values)
     part = tab.take(pa.array(perm[:50]))
-    got = _align(part, train, ds)
+    got = align_values(part, train, ds)
     assert np.isnan(got).sum() == len(values) - 50 and np.isfinite(got[perm[:50]]).all()
     bad = pa.table({"user_id": [0], "item_id": ["i299"], "value": [1.0]})
     if not (train.user == 0)[train.item == 299].any():
         with pytest.raises(ValueError, match="not training interactions"):
-            _align(bad, train, ds)
+            align_values(bad, train, ds)
     cfg = ExplainConfig(surrogate="linear", max_rows=100, background=20)
     a = explain_values(tab.take(pa.array(perm)), Split(train, train.take(np.arange(0)), train.take(np.arange(0))),
                        ds, cfg)

@@ -348,3 +348,49 @@ def test_noise_vectorised_at_scale():
     nz = check_noise(s, noisy, 0.3)
     assert np.array_equal(nz.user_counts(),
                           np.floor(0.3 * s.train.user_counts() + 1e-9).astype(int))
+
+
+# ----------------------------------------------------------------------------- natural noise
+def hand_split() -> Split:
+    """Two users; ratings chosen by hand so the expected flags and kept rows are known."""
+    def part(u, i, r, src):
+        return Interactions(np.array(u), np.array(i), 2, 6, rating=np.array(r, dtype=np.float32),
+                            source_row=np.array(src, dtype=np.int64))
+    train = part([0, 0, 0, 1, 1], [0, 1, 2, 0, 3], [5, 2, 1, 3, 2.5], [0, 1, 2, 3, 4])
+    valid = part([0, 1], [3, 1], [2, 4], [5, 6])
+    test = part([0, 1, 1], [4, 2, 5], [4, 1, 5], [7, 8, 9])
+    return Split(train, valid, test)
+
+
+def test_natural_noise_flags_low_ratings_and_cleans_evaluation():
+    from recval_ray.core.noise import natural_noise
+    out = natural_noise(hand_split(), 2)
+    # training rows stay (same order, same source rows); rated <= 2 are the noise
+    assert out.train.source_row.tolist() == [0, 1, 2, 3, 4]
+    assert out.train.is_noise.tolist() == [False, True, True, False, False]   # 2.5 > 2: clean
+    # validation and test keep only rows rated above 2
+    assert out.valid.source_row.tolist() == [6]
+    assert out.test.source_row.tolist() == [7, 9]
+    assert np.all(out.test.rating > 2) and np.all(out.valid.rating > 2)
+    # the threshold is inclusive and configurable
+    assert natural_noise(hand_split(), 2.5).train.is_noise.tolist() == [False, True, True, False, True]
+
+
+def test_natural_noise_needs_ratings():
+    from recval_ray.core.noise import natural_noise
+    s = hand_split()
+    bare = Split(Interactions(s.train.user, s.train.item, 2, 6), s.valid, s.test)
+    with pytest.raises(ValueError, match="rating"):
+        natural_noise(bare, 2)
+
+
+def test_natural_noise_config_rules():
+    from recval_ray.config import ConfigError, validate_config as config_from_dict
+    base = {"name": "natural", "data": {"format": "csv", "path": "x.csv", "columns": {"user": "u", "item": "i", "rating": "r"}},
+            "noise": {"kind": "natural", "natural": {"rating_at_most": 3}}}
+    cfg = config_from_dict(base)
+    assert cfg.noise.has_ground_truth() and cfg.noise.natural.rating_at_most == 3
+    with pytest.raises(ConfigError, match="noise.ratio"):
+        config_from_dict({**base, "noise": {"kind": "natural", "ratio": 0.2}})
+    with pytest.raises(ConfigError, match="data.columns.rating"):
+        config_from_dict({**base, "data": {"format": "csv", "path": "x.csv", "columns": {"user": "u", "item": "i"}}})

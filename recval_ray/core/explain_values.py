@@ -422,7 +422,7 @@ class Explanation:
                             "base_value": self.base_value, "importance": self.importance()}
 
 
-def _align(values_table: pa.Table, train: Interactions, dataset: Dataset) -> np.ndarray:
+def align_values(values_table: pa.Table, train: Interactions, dataset: Dataset) -> np.ndarray:
     """The ``value`` column of ``values_table`` (rows keyed by original ``user_id``, ``item_id``)
     placed on the rows of ``train`` (NaN where the table has no row)."""
     def codes(col: str, ids: pa.Array) -> np.ndarray:
@@ -455,7 +455,7 @@ def explain_values(values_table: pa.Table, split: Union[Split, Interactions], da
     """Explain the ``value`` column of a valued table (the run's ``values/``, this run's or an
     earlier run's read back) over the training interactions of ``split``."""
     train = split.train if isinstance(split, Split) else split
-    values = _align(values_table, train, dataset)
+    values = align_values(values_table, train, dataset)
     return explain_array(values, train, dataset, cfg)
 
 

@@ -177,3 +177,31 @@ def noise_counts(train: Interactions) -> dict:
         "users_with_noise": int(np.count_nonzero(
             np.bincount(train.user[flags], minlength=train.n_users))),
     }
+
+
+def natural_noise(split: Split, rating_at_most: float) -> Split:
+    """The natural-noise protocol (DenoisingRec, DCF, CrossDenoise): the log's low-rated rows
+    are its noise. Training rows with ``rating <= rating_at_most`` stay in training as
+    positives, flagged ``is_noise``; validation and test keep only rows rated above it (a clean
+    evaluation). Nothing is added; every row keeps its ``source_row``. Raises ``ValueError``
+    when a part has rows without a rating."""
+    r = float(rating_at_most)
+    for name, part in split.parts().items():
+        if len(part) and (part.rating is None or not np.isfinite(np.asarray(part.rating, dtype=np.float64)).all()):
+            raise ValueError(f"noise.kind: natural needs a rating on every row; the {name} split has "
+                             f"{'no rating column' if part.rating is None else 'rows without a rating'} "
+                             f"(set data.columns.rating)")
+    train = split.train
+    flags = np.asarray(train.rating, dtype=np.float64) <= r if len(train) else np.zeros(0, dtype=bool)
+    if train.is_noise is not None:
+        flags |= np.asarray(train.is_noise, dtype=bool)
+    train = train.with_fields(is_noise=flags)
+
+    def clean(part: Interactions) -> Interactions:
+        return part if not len(part) else part.take(np.asarray(part.rating, dtype=np.float64) > r)
+
+    valid, test = clean(split.valid), clean(split.test)
+    log.info("natural noise: %d of %d training rows rated <= %g flagged noise; validation %d -> %d, "
+             "test %d -> %d rows (rated above %g)", int(flags.sum()), len(train), r, len(split.valid),
+             len(valid), len(split.test), len(test), r)
+    return Split(train, valid, test)

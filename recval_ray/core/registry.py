@@ -48,7 +48,8 @@ class Registry:
           the method's estimated peak memory, checked after the split, before training),
           ``report_sections``, ``work_items``, ``from_training_losses`` (values read from the
           base model's recorded training losses, no training of its own: the verdict tries its
-          prunings by default)."""
+          prunings by default), ``control`` (a control for the checks of values, not a method:
+          ``random`` and ``oracle``)."""
         def deco(factory):
             self._entries[name] = Entry(name, options, factory, dict(meta))
             return factory
@@ -108,7 +109,9 @@ VALUERS = Registry("valuation.method", ("recval_ray.core.valuers.small_loss",
                                          "recval_ray.core.valuers.tracin",
                                          "recval_ray.core.valuers.influence",
                                          "recval_ray.core.valuers.bilevel",
-                                         "recval_ray.core.valuers.dvrl"))
+                                         "recval_ray.core.valuers.dvrl",
+                                         "recval_ray.core.valuers.random",
+                                         "recval_ray.core.valuers.oracle"))
 
 register_model = MODELS.register
 register_valuer = VALUERS.register

@@ -1,0 +1,80 @@
+"""``recval check RUN``: counterfactual checks (LDS) of an earlier run's values.
+
+The run's config comes from its ``manifest.json``; its data and split are rebuilt from that
+config (ingestion, split and noise are deterministic) and its ``values/`` are placed on the
+training rows by original ids (rows of other splits, from ``valuation.coverage: all``, are
+not part of the check). Settings: the run's ``valuation.checks`` section and ``--set``
+overrides (``valuation.checks.lds.subsets`` defaults to 50 when the run had the check off).
+The run is never modified: the check is a new output (default ``<run>-check`` next to it) with
+``metrics.json``, ``report.html`` and ``manifest.json`` written last.
+"""
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from typing import Optional
+
+from . import fs as rfs
+from .errors import ConfigError
+
+log = logging.getLogger("recval_ray")
+
+DEFAULT_SUBSETS = 50
+
+
+def check_run(run_uri: str, overrides: Optional[list[str]] = None, *, output_uri: Optional[str] = None,
+              run_id: Optional[str] = None, overwrite: bool = False, use_ray: bool = True) -> dict:
+    """Check the values of the run at ``run_uri``; returns the new output's manifest."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .checks import checks_executor, report_section, run_checks
+    from .config import apply_override, validate_config
+    from .core.explain_values import align_values
+    from .core.valuers.base import Valuation
+    from .output import RunOutput, read_manifest
+    from .pipeline import load_data, make_split, train
+    from .report import Report
+
+    t0 = time.perf_counter()
+    fs, root = rfs.resolve(run_uri)
+    manifest = read_manifest(fs, posixpath.join(root, "manifest.json"))
+    if manifest is None or not isinstance(manifest.get("config"), dict):
+        raise ConfigError(f"{run_uri}: not a complete run (no complete manifest.json with its config); check a "
+                          f"finished `recval run`")
+    if not rfs.exists(fs, posixpath.join(root, "values")):
+        raise ConfigError(f"{run_uri}: has no values/ (a `recval compare` or `recval sweep` output? check one of "
+                          f"its runs)")
+    raw = manifest["config"]
+    lds_raw = raw.setdefault("valuation", {}).setdefault("checks", {}).setdefault("lds", {})
+    if not lds_raw.get("subsets"):
+        lds_raw["subsets"] = DEFAULT_SUBSETS
+    for o in overrides or []:
+        apply_override(raw, o)
+    cfg = validate_config(raw)
+    source_id = manifest.get("run_id") or posixpath.basename(root.rstrip("/"))
+    parent = run_uri.rstrip("/").rsplit("/", 1)[0] if "/" in run_uri.rstrip("/") else "."
+    out = RunOutput(output_uri or parent, run_id or f"{source_id}-check", cfg.storage).open(overwrite)
+    with out:
+        dataset = load_data(cfg, use_ray=False)
+        split, _ = make_split(cfg, dataset)
+        values = pq.read_table(posixpath.join(root, "values"), filesystem=fs)
+        if "split" in values.column_names:
+            values = values.filter(pc.equal(values["split"], "train"))
+        row_values = align_values(values, split.train, dataset)
+        valuation = Valuation(method=cfg.valuation.method, values=row_values)
+        checks = run_checks(cfg, split, [(cfg.valuation.method, valuation)], train, checks_executor(cfg, use_ray))
+        metrics = {"source_run": run_uri, "valuation": cfg.valuation.method, "checks": checks}
+        out.write_json("metrics.json", metrics)
+        rep = Report(f"recval check {source_id}", f"counterfactual checks of the {cfg.valuation.method} values "
+                                                  f"of {run_uri}")
+        report_section(rep, checks)
+        out.write_text("report.html", rep.html())
+        result = out.complete(kind="check", config=cfg.to_dict(), source_run=run_uri,
+                              timings={"total_s": time.perf_counter() - t0})
+    m = checks["lds"]["methods"][cfg.valuation.method]["metric"]
+    result["headline"] = (f"{cfg.valuation.method}: LDS {m['lds']:.3f} +- {m['se']:.3f} over "
+                          f"{checks['lds']['subsets']} subsets (per user {m['per_user']['mean']:.3f} +- "
+                          f"{m['per_user']['se']:.3f})")
+    return result

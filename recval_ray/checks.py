@@ -1,0 +1,165 @@
+"""Counterfactual checks of a run's values (``valuation.checks``; ``recval check RUN_URI``).
+
+LDS (:mod:`.core.counterfactual`): ``subsets`` models of the job's model, each trained as the
+job trains (its own early stopping on validation) on a seeded fraction of the training rows,
+are scored per validation user on the job's metric and, for BPR models, by the mean BPR loss
+of the validation rows; the values of every method given are checked against the same models
+(they do not depend on the values, so any number of methods costs the same trainings). Each
+training is a work item (:func:`subset_training`): in this process, or on Ray actors with
+``valuation.checks.actors``; the results depend only on the config, never on where they ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from .core.counterfactual import lds, per_user_lds, subset_mask
+from .core.data import Split
+from .core.evaluation import eligible_users, evaluation_users, per_user_metric
+from .core.executor import LocalExecutor
+from .core.train import training_rows
+from .schema import JobConfig
+
+log = logging.getLogger("recval_ray")
+
+
+def lds_metric(cfg: JobConfig) -> str:
+    return cfg.checks.lds.metric or cfg.train.select_metric
+
+
+def _seeded(cfg: JobConfig, seed: int) -> JobConfig:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
+
+
+def subset_training(shared, item: dict) -> dict:
+    """One model of the LDS, a work item: the job's model trained on subset ``item["j"]`` with
+    ``train.seed = item["seed"]``; returns its per-user validation metric (the evaluation users
+    of the split, in order) and, for a BPR model, the mean BPR loss of every validation row
+    (negatives from a stream seeded by the check's seed alone: common random numbers)."""
+    cfg, split, train = shared
+    lc = cfg.checks.lds
+    keep = subset_mask(len(split.train), lc.fraction, lc.seed, item["j"])
+    kept = training_rows(cfg.model.kind, split.train, keep)
+    res = train(_seeded(cfg, item["seed"]), kept, split.valid, tag=f"lds subset {item['j']} seed {item['seed']}",
+                track_losses=False)
+    out = {"valid": per_user_metric(res.model, split, cfg.evaluate, lds_metric(cfg), "valid", context=[kept]),
+           "loss": None}
+    if hasattr(res.task, "pair_losses") and len(split.valid):
+        from .core.crossfit import heldout_losses
+        out["loss"] = float(np.mean(heldout_losses(res, split.valid, [int(lc.seed), 0x4C4F], 1)))
+    return out
+
+
+def train_subsets(cfg: JobConfig, split: Split, train: Callable, executor=None,
+                  progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Every model of the LDS (``subsets`` x ``seeds`` trainings), assembled by subset:
+    ``{"valid": [M, users] (mean over seeds), "loss": [M] or None, "users": eval users}``."""
+    lc = cfg.checks.lds
+    items = [{"j": j, "seed": int(cfg.train.seed) + s} for j in range(lc.subsets) for s in range(lc.seeds)]
+    out: list = [None] * len(items)
+    t0 = time.perf_counter()
+
+    def done(i, result):
+        out[i] = result
+        if progress is not None:
+            n = sum(r is not None for r in out)
+            el = time.perf_counter() - t0
+            progress(f"lds: {n}/{len(items)} subset models trained ({el:.0f} s, ~{el / n * (len(items) - n):.0f} s left)")
+    (executor or LocalExecutor()).map(subset_training, (cfg, split, train), items, done)
+    valid = np.stack([np.mean([out[j * lc.seeds + s]["valid"] for s in range(lc.seeds)], axis=0)
+                      for j in range(lc.subsets)])
+    has_loss = all(r["loss"] is not None for r in out)
+    loss = np.array([np.mean([out[j * lc.seeds + s]["loss"] for s in range(lc.seeds)]) for j in range(lc.subsets)]) \
+        if has_loss else None
+    users, _ = evaluation_users(cfg.evaluate, split.valid)
+    if isinstance(users, str):      # every eligible user, in index order (as ranking_metrics takes them)
+        users = eligible_users(split.valid, users)
+    return {"valid": valid, "loss": loss, "users": np.asarray(users, dtype=np.int64),
+            "seconds": time.perf_counter() - t0}
+
+
+def lds_of(cfg: JobConfig, split: Split, values: np.ndarray, models: dict) -> dict:
+    """The LDS of ``values`` (one per training row) against the subset models ``models``
+    (:func:`train_subsets`): on the mean validation metric, per user, and on the negated
+    validation loss when there is one."""
+    lc = cfg.checks.lds
+    n = len(split.train)
+    masks = [subset_mask(n, lc.fraction, lc.seed, j) for j in range(lc.subsets)]
+    metric = lds_metric(cfg)
+    res = lds(values, masks, models["valid"].mean(1), outcome=f"valid {metric}", fraction=lc.fraction,
+              bootstrap=lc.bootstrap, seed=lc.seed)
+    res.per_user = per_user_lds(values, split.train.user, masks, models["valid"], models["users"])
+    out = {"metric": res.as_dict()}
+    if models.get("loss") is not None:
+        out["loss"] = lds(values, masks, -np.asarray(models["loss"]), outcome="valid BPR loss (negated)",
+                          fraction=lc.fraction, bootstrap=lc.bootstrap, seed=lc.seed).as_dict()
+    return out
+
+
+def run_checks(cfg: JobConfig, split: Split, valuations: list, train: Callable, executor=None) -> Optional[dict]:
+    """``metrics["checks"]``: the LDS of every ``(label, Valuation)`` given, over one set of
+    subset models; None when ``valuation.checks.lds.subsets`` is 0. Entity-level values
+    (deletion) are checked through their rows: each training row carries its entity's value."""
+    lc = cfg.checks.lds
+    if lc.subsets <= 0:
+        return None
+    log.info("checks: LDS over %d subsets of %.0f%% of the training rows (%d training seed(s) each), "
+             "validation %s", lc.subsets, 100 * lc.fraction, lc.seeds, lds_metric(cfg))
+    models = train_subsets(cfg, split, train, executor, progress=log.info)
+    per_method = {}
+    for label, valuation in valuations:
+        per_method[label] = lds_of(cfg, split, valuation.values, models)
+        m = per_method[label]["metric"]
+        log.info("checks: %s: LDS %.3f +- %.3f (per user %.3f +- %.3f over %d users)%s", label, m["lds"], m["se"],
+                 m["per_user"]["mean"], m["per_user"]["se"], m["per_user"]["users"],
+                 f"; on the validation loss {per_method[label]['loss']['lds']:.3f} +- "
+                 f"{per_method[label]['loss']['se']:.3f}" if "loss" in per_method[label] else "")
+    return {"lds": {"subsets": lc.subsets, "fraction": lc.fraction, "seeds": lc.seeds, "seed": lc.seed,
+                    "metric": lds_metric(cfg), "seconds": round(models["seconds"], 1),
+                    "users": int(len(models["users"])), "methods": per_method,
+                    "note": "Spearman over subsets between the sum of the kept rows' values and the outcome "
+                            "of a model trained on them (higher is better; ~0: no counterfactual signal); "
+                            "SE: bootstrap over subsets"}}
+
+
+def checks_executor(cfg: JobConfig, use_ray: bool):
+    """Ray actors for the check's trainings (``valuation.checks.actors`` > 0 and Ray on)."""
+    n = int(cfg.checks.actors)
+    if not use_ray or n <= 0:
+        return None
+    from .ray_layer.actors import ActorPoolExecutor
+    from .ray_layer.session import ensure_ray
+    ensure_ray(cfg.ray)
+    return ActorPoolExecutor(n, cfg.checks.cpus, 0.0)
+
+
+def report_section(rep, checks: Optional[dict]) -> None:
+    """The checks in a run's report: the LDS of every method (table), and for each method the
+    subsets' predicted effect against the outcome of the model trained on them (scatter)."""
+    if not checks or "lds" not in checks:
+        return
+    c = checks["lds"]
+    rep.heading("Do the values predict retraining? (LDS)")
+    rep.paragraph(f"{c['subsets']} models, each trained on a random {100 * c['fraction']:.0f}% of the training "
+                  f"rows ({c['seeds']} training seed(s) each, {c['seconds']:.0f} s). For each method, the "
+                  f"Spearman correlation over subsets between the sum of the kept rows' values and the model's "
+                  f"validation {c['metric']} (LDS; 1: the values rank what the data does; ~0: no "
+                  f"counterfactual signal, as random values), per user against each user's own metric "
+                  f"({c['users']} validation users), and against the validation BPR loss where there is one.")
+    rows = []
+    for label, m in c["methods"].items():
+        pu = m["metric"]["per_user"] or {}
+        rows.append({"method": label, "LDS": m["metric"]["lds"], "SE": m["metric"]["se"],
+                     "per-user LDS": pu.get("mean"), "per-user SE": pu.get("se"), "users": pu.get("users"),
+                     "LDS (loss)": m["loss"]["lds"] if "loss" in m else None,
+                     "SE (loss)": m["loss"]["se"] if "loss" in m else None})
+    rep.table(rows, ["method", "LDS", "SE", "per-user LDS", "per-user SE", "users", "LDS (loss)", "SE (loss)"],
+              caption=c["note"])
+    for label, m in c["methods"].items():
+        rep.scatter(m["metric"]["predicted"], m["metric"]["actual"],
+                    title=f"{label}: LDS {m['metric']['lds']:.3f} +- {m['metric']['se']:.3f}",
+                    xlabel="sum of the kept rows' values", ylabel=f"validation {c['metric']}")

@@ -1,0 +1,141 @@
+"""Counterfactual checks (LDS, per-user LDS, seed stability) and the control valuers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from recval_ray.core.counterfactual import (bootstrap_se, lds, per_user_lds, per_user_spearman, predicted_effects,
+                                            seed_stability, spearman, subset_mask)
+
+
+def linear_outcomes(w: np.ndarray, masks: list, noise: float, seed: int) -> np.ndarray:
+    """A linear toy 'model': its outcome on a subset is the sum of the subset's row effects."""
+    rng = np.random.default_rng(seed)
+    return np.array([w[m].sum() for m in masks]) + noise * rng.standard_normal(len(masks))
+
+
+def test_subsets_are_seeded_sized_and_independent_of_their_count():
+    a = [subset_mask(1000, 0.5, 7, j) for j in range(5)]
+    assert all(m.sum() == 500 for m in a)
+    assert np.array_equal(a[3], subset_mask(1000, 0.5, 7, 3))          # subset j alone fixes it
+    assert not np.array_equal(a[0], a[1])
+    assert not np.array_equal(a[0], subset_mask(1000, 0.5, 8, 0))      # the seed matters
+    assert subset_mask(10, 0.01, 0, 0).sum() == 1                      # never empty
+
+
+def test_lds_of_exact_additive_effects_is_one_and_of_random_values_is_zero():
+    n, M = 500, 80
+    w = np.random.default_rng(0).standard_normal(n)
+    masks = [subset_mask(n, 0.5, 1, j) for j in range(M)]
+    y = linear_outcomes(w, masks, noise=0.05, seed=2)
+    exact = lds(w, masks, y, outcome="toy", fraction=0.5, bootstrap=500, seed=0)
+    assert exact.lds > 0.98 and exact.se < 0.02
+    # values of the opposite sign predict the opposite order
+    assert lds(-w, masks, y, outcome="toy", fraction=0.5, bootstrap=0).lds < -0.98
+    # random values: ~0, within 3 bootstrap standard errors, for several draws
+    for s in range(5):
+        r = lds(np.random.default_rng(100 + s).standard_normal(n), masks, y, outcome="toy", fraction=0.5,
+                bootstrap=500, seed=s)
+        assert abs(r.lds) < 3 * r.se, (s, r.lds, r.se)
+        assert 0.05 < r.se < 0.25                     # ~1/sqrt(M): the SE is a real spread
+    # a noisier outcome lowers the LDS of the exact effects
+    assert lds(w, masks, linear_outcomes(w, masks, 8.0, 3), outcome="toy", fraction=0.5, bootstrap=0).lds < exact.lds
+
+
+def test_spearman_matches_scipy_and_is_nan_on_constants():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal(40), rng.standard_normal(40)
+    y[:5] = y[5]                                                      # ties
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
+    assert np.isnan(spearman(np.ones(10), y[:10]))
+    X, Y = rng.standard_normal((30, 7)), rng.standard_normal((30, 7))
+    Y[:, 3] = 1.0
+    rho = per_user_spearman(X, Y)
+    for k in (0, 1, 6):
+        assert rho[k] == pytest.approx(spearmanr(X[:, k], Y[:, k]).statistic)
+    assert np.isnan(rho[3])
+    assert np.isnan(bootstrap_se(x[:2], y[:2], 100, 0))
+
+
+def test_per_user_lds_finds_each_users_own_effects():
+    rng = np.random.default_rng(0)
+    n_users, per = 30, 20
+    row_user = np.repeat(np.arange(n_users), per)
+    w = rng.standard_normal(len(row_user))
+    masks = [subset_mask(len(w), 0.5, 4, j) for j in range(40)]
+    users = np.arange(0, n_users, 2)                                  # the evaluated users
+    outcome = np.stack([np.bincount(row_user[m], weights=w[m], minlength=n_users)[users] for m in masks])
+    out = per_user_lds(w, row_user, masks, outcome + 0.01 * rng.standard_normal(outcome.shape), users)
+    assert out["mean"] > 0.95 and out["users"] == len(users)
+    noise = per_user_lds(rng.standard_normal(len(w)), row_user, masks, outcome, users)
+    assert abs(noise["mean"]) < 3 * noise["se"]
+
+
+def test_predicted_effects_count_unvalued_rows_as_zero_and_seed_stability():
+    v = np.array([1.0, np.nan, 2.0, 3.0])
+    m = [np.array([True, True, False, False]), np.array([False, True, True, True])]
+    assert predicted_effects(v, m).tolist() == [1.0, 5.0]
+    a = np.arange(10.0)
+    assert seed_stability(a, a * 3 + 1) == pytest.approx(1.0)
+    assert seed_stability(a, -a) == pytest.approx(-1.0)
+
+
+# ------------------------------------------------------------------------- whole runs
+SMALL = ["data.synthetic.n_users=150", "data.synthetic.n_items=120", "data.synthetic.interactions_per_user=20",
+         "train.epochs=6", "train.patience=2", "train.loss_epochs=2", "train.batch_size=512",
+         "split.ratios=[0.6, 0.2, 0.2]", "verdict.enabled=false", "output.report=true",
+         "train.engine=sparse", "valuation.checks.lds.subsets=12", "valuation.checks.lds.bootstrap=200"]
+
+
+def _run(tmp_path, run_id, *extra):
+    import json
+    from pathlib import Path
+    from recval_ray.config import load_config
+    from recval_ray.pipeline import run_job
+    job = str(Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml")
+    run_job(load_config(job, SMALL + list(extra)), run_id=run_id, output_uri=str(tmp_path), use_ray=False)
+    return json.loads((tmp_path / run_id / "metrics.json").read_text())
+
+
+def test_run_reports_lds_of_its_values_and_random_values_score_near_zero(tmp_path):
+    m = _run(tmp_path, "rand", "valuation.method=random")
+    c = m["checks"]["lds"]
+    assert c["subsets"] == 12 and c["fraction"] == 0.5 and c["users"] > 50
+    r = c["methods"]["random"]
+    assert len(r["metric"]["predicted"]) == 12 and len(r["metric"]["actual"]) == 12
+    assert abs(r["metric"]["lds"]) < 3 * r["metric"]["se"]
+    assert abs(r["loss"]["lds"]) < 3 * r["loss"]["se"]
+    # the outcomes are real trainings: they differ between subsets
+    assert np.ptp(r["metric"]["actual"]) > 0 and np.ptp(r["loss"]["actual"]) > 0
+    assert "Do the values predict retraining" in (tmp_path / "rand" / "report.html").read_text()
+    # the subset models do not depend on the values: the oracle's run trains the same ones
+    o = _run(tmp_path, "oracle", "valuation.method=oracle")["checks"]["lds"]["methods"]["oracle"]
+    assert o["metric"]["actual"] == pytest.approx(r["metric"]["actual"])
+    assert o["loss"]["actual"] == pytest.approx(r["loss"]["actual"])
+    assert np.isfinite(o["loss"]["lds"]) and np.isfinite(o["metric"]["lds"])
+    # predicted effects are the values' sums: the oracle's is minus the injected rows kept
+    assert all(float(x).is_integer() or abs(x - round(x)) < 1e-3 for x in o["metric"]["predicted"])
+
+
+def test_recval_check_on_a_finished_run_equals_the_runs_own_check(tmp_path):
+    from recval_ray.check_run import check_run
+    m = _run(tmp_path, "sl", "valuation.method=small-loss")
+    res = check_run(str(tmp_path / "sl"), ["valuation.checks.lds.subsets=12"], use_ray=False)
+    import json
+    got = json.loads((tmp_path / "sl-check" / "metrics.json").read_text())["checks"]["lds"]["methods"]["small-loss"]
+    own = m["checks"]["lds"]["methods"]["small-loss"]
+    assert got["metric"]["lds"] == pytest.approx(own["metric"]["lds"])
+    assert got["metric"]["predicted"] == pytest.approx(own["metric"]["predicted"])
+    assert "LDS" in res["headline"] and (tmp_path / "sl-check" / "manifest.json").exists()
+
+
+def test_control_valuers(tmp_path):
+    from recval_ray.config import ConfigError, validate_config
+    with pytest.raises(ConfigError, match="oracle needs ground truth"):
+        validate_config({"name": "t", "valuation": {"method": "oracle"}})
+    with pytest.raises(ConfigError, match="subsets"):
+        validate_config({"name": "t", "valuation": {"checks": {"lds": {"subsets": 2}}}})
+    cfg = validate_config({"name": "t", "valuation": {"method": "random", "checks": {"lds": {"subsets": 5}}}})
+    assert cfg.checks.lds.subsets == 5 and cfg.to_dict()["valuation"]["checks"]["lds"]["subsets"] == 5
+    assert validate_config(cfg.to_dict()).checks.lds.subsets == 5           # the manifest's config reloads
