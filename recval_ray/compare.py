@@ -77,6 +77,8 @@ log = logging.getLogger("recval_ray")
 
 DETECTION = "detection"          # the variant name of the noise-detection rows
 DETECTION_METRICS = ("auc", "precision_at_n")
+CHECKS = "checks"                # the variant name of the counterfactual checks' rows (valuation.checks)
+CHECK_METRICS = ("lds", "lds_se", "lds_per_user", "lds_loss")
 TABLE_SCHEMA = pa.schema([("seed", pa.int64()), ("variant", pa.string()), ("method", pa.string()),
                           ("metric", pa.string()), ("value", pa.float64())])
 
@@ -125,6 +127,7 @@ class SeedOutcome:
     per_user: dict = field(default_factory=dict)    # variant label -> (valid, test) per-user metric (verdict)
     dropped: dict = field(default_factory=dict)     # method label -> rows its pruning dropped
     keep_all: dict = field(default_factory=dict)    # method label -> kept rows of the whole log (coverage: all)
+    values: dict = field(default_factory=dict)      # method label -> values of the training rows (seed stability)
 
 
 def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shared_split=None,
@@ -210,6 +213,7 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
                 out.rows.append((int(seed), DETECTION, label, k, float(nd[k])))
         keep, random_keep, keep_all = prune_masks(cfg_m, split, valuation, random_control="random" in variants)
         out.valuations[label] = (valuation, keep)
+        out.values[label] = np.asarray(valuation.values, dtype=np.float64)
         out.keep_all[label] = keep_all
         out.dropped[label] = int((~keep).sum())
         if cfg.prune.strategy != "none":
@@ -217,6 +221,18 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
                 retrain("pruned", label, keep, cfg_m)
             if "random" in variants:
                 retrain("random", label, random_keep, cfg_m)
+
+    if cfg.checks.lds.subsets > 0 and out.values:
+        from .checks import checks_executor, lds_of, train_subsets
+        log.info("%s: LDS over %d subset models", where, cfg.checks.lds.subsets * cfg.checks.lds.seeds)
+        models = train_subsets(cfg_s, split, train, checks_executor(cfg, use_ray), progress=log.info)
+        for label, values in out.values.items():
+            r = lds_of(cfg_s, split, values, models)
+            figures = {"lds": r["metric"]["lds"], "lds_se": r["metric"]["se"],
+                       "lds_per_user": r["metric"]["per_user"]["mean"],
+                       "lds_loss": r["loss"]["lds"] if "loss" in r else float("nan")}
+            for k in CHECK_METRICS:
+                out.rows.append((int(seed), CHECKS, label, k, float(figures[k])))
 
     if "oracle" in variants:
         if is_noise is None:
@@ -332,12 +348,15 @@ def summarise(table: pa.Table, seeds: list[int]) -> dict:
     for s, v, m, k, x in zip(d["seed"], d["variant"], d["method"], d["metric"], d["value"]):
         by.setdefault((v, m), {}).setdefault(k, {})[s] = x
     order = {s: i for i, s in enumerate(seeds)}
-    summary, relative, detection = {}, {}, {}
+    summary, relative, detection, checks = {}, {}, {}, {}
     full = by.get(("full", ""), {})
     for (v, m), metrics in by.items():
         stats = {k: _stats([per[s] for s in sorted(per, key=order.get)]) for k, per in metrics.items()}
         if v == DETECTION:
             detection[m] = stats
+            continue
+        if v == CHECKS:
+            checks[m] = stats
             continue
         label = variant_label(v, m)
         summary[label] = stats
@@ -348,7 +367,27 @@ def summarise(table: pa.Table, seeds: list[int]) -> dict:
                 diffs = [(per[s] - full[k][s]) / full[k][s] if full[k][s] else float("nan") for s in common]
                 rel[k] = _stats(diffs)
             relative[label] = rel
-    return {"summary": summary, "relative_to_full": relative, "noise_detection": detection}
+    out = {"summary": summary, "relative_to_full": relative, "noise_detection": detection}
+    if checks:
+        out["checks"] = checks
+    return out
+
+
+def seed_stability(outcomes: list, shared_split: bool) -> Optional[dict]:
+    """Per method, Spearman between the values of every pair of seeds (mean, std, pairs):
+    whether a method's values survive a change of training seed. None unless the seeds share
+    one split (else their rows differ) and there are two or more."""
+    if not shared_split or len(outcomes) < 2:
+        return None
+    from .core.counterfactual import seed_stability as rho
+    out = {}
+    for label in outcomes[0].values:
+        vals = [o.values[label] for o in outcomes if label in o.values]
+        pairs = [rho(vals[a], vals[b]) for a in range(len(vals)) for b in range(a + 1, len(vals))]
+        out[label] = {"mean": float(np.nanmean(pairs)) if pairs else float("nan"),
+                      "std": float(np.nanstd(pairs, ddof=1)) if len(pairs) > 1 else float("nan"),
+                      "pairs": [float(x) for x in pairs]}
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -515,7 +554,7 @@ def run_compare(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Opt
                         use_ray=use_ray, work_dir=cell_dir,
                         stores=lambda label, s=s, sub=u.sub: ShardStore(out.fs, out.root_path(WORK, *sub, f"seed-{s}", label)),
                         base_storage=out.attempt_uri("checkpoints", *u.sub, f"seed-{s}") if on_cluster else None)
-                    if i > 0:   # only the first seed's valuations are written
+                    if i > 0:   # only the first seed's valuations are written (their values stay: seed stability)
                         outcome.valuations, outcome.keep_all = {}, {}
                     u.outcomes.append(outcome)
                     timings[f"{u.cell.id}_seed_{s}_s" if u.cell is not None else f"seed_{s}_s"] = time.perf_counter() - t
@@ -534,6 +573,9 @@ def run_compare(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Opt
                 "valuation": {label: dict(v.info) for label, (v, _) in u.outcomes[0].valuations.items()},
                 "verdict": compare_verdict(cfg, u.outcomes, u.shared is not None),
             }
+            stability = seed_stability(u.outcomes, u.shared is not None)
+            if stability is not None:
+                metrics["seed_stability"] = stability
         else:
             table, runs, metrics = _grid_results(cfg, cells, units, seeds)
 

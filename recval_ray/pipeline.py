@@ -30,6 +30,7 @@ from .core.text_types import TEXT_FORMATS, text_column_types, typed_text_columns
 from .core.prune import dropped_profile, prune_valued, random_prune_mask
 from .core.split import split_interactions
 from .core.train import TrainResult, train_model, training_rows
+from .profile import release_free_heap
 from .core.valuers.base import Valuation, ValuationContext
 from .registry import MODELS, VALUERS
 
@@ -283,8 +284,9 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
         out.training[tag] = training_summary(res)
         if not extra and target is split and not getattr(res.model, "explicit", False):
             out.exposure[tag] = exposure(res.model, split, cfg.evaluate, item_popularity(split),
-                                         context=[split.train.take(mask), split.valid])
+                                         context=[training_rows(cfg.model.kind, split.train, mask), split.valid])
         del res                                    # one retrained model at a time
+        release_free_heap()                        # its freed arrays back to the system before the next
     return out
 
 

@@ -220,6 +220,21 @@ def build_compare_report(cfg, run_id: str, metrics: dict, values: dict) -> str:
                     f"precision@{metrics['data']['injected_noise']}": cell(st["precision_at_n"])}
                    for m, st in nd.items()],
                   caption="per method, mean \u00b1 std over seeds (precision among the n_noise lowest values)")
+    ch, stab = metrics.get("checks", {}), metrics.get("seed_stability") or {}
+    if ch or stab:
+        rep.heading("Do the values carry counterfactual signal?")
+        rows = []
+        for m in dict.fromkeys(list(ch) + list(stab)):
+            st = ch.get(m, {})
+            rows.append({"method": m, "LDS": cell(st["lds"]) if "lds" in st else "",
+                         "LDS SE (bootstrap, mean)": f"{st['lds_se']['mean']:.3f}" if "lds_se" in st else "",
+                         "per-user LDS": cell(st["lds_per_user"]) if "lds_per_user" in st else "",
+                         "LDS on the validation loss": cell(st["lds_loss"]) if "lds_loss" in st else "",
+                         "seed stability": f"{stab[m]['mean']:.3f}" if m in stab else ""})
+        rep.table(rows, caption="LDS: Spearman over random half subsets between the sum of the kept rows' values "
+                                "and the validation metric of a model trained on them (mean \u00b1 std over seeds; ~0: "
+                                "no signal); seed stability: Spearman between the values of two training seeds "
+                                "(mean over pairs)")
     if values:
         rep.heading(f"Value distributions (seed {seeds[0]})")
         value_distributions(rep, values)

@@ -139,3 +139,25 @@ def test_control_valuers(tmp_path):
     cfg = validate_config({"name": "t", "valuation": {"method": "random", "checks": {"lds": {"subsets": 5}}}})
     assert cfg.checks.lds.subsets == 5 and cfg.to_dict()["valuation"]["checks"]["lds"]["subsets"] == 5
     assert validate_config(cfg.to_dict()).checks.lds.subsets == 5           # the manifest's config reloads
+
+
+def test_compare_reports_lds_and_seed_stability_per_method(tmp_path):
+    from pathlib import Path
+    from recval_ray.compare import run_compare
+    from recval_ray.config import load_config
+    job = str(Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml")
+    cfg = load_config(job, SMALL + ["valuation.checks.lds.subsets=6", "compare.seeds=[0, 1]",
+                                    "compare.methods=[small-loss, random]", "compare.variants=[full, detection]",
+                                    "train.epochs=40", "train.patience=40", "train.loss_epochs=5", "train.lr=0.02"])
+    res = run_compare(cfg, run_id="c", output_uri=str(tmp_path), use_ray=False)
+    m = res.metrics
+    assert set(m["checks"]) == {"small-loss", "random"}
+    for label in ("small-loss", "random"):
+        lds = m["checks"][label]["lds"]
+        assert lds["n"] == 2 and len(lds["values"]) == 2 and all(np.isfinite(lds["values"]))
+    # small-loss values of two training seeds agree (a trained model's losses), random ones do not
+    st = m["seed_stability"]
+    assert st["small-loss"]["mean"] > 0.2 and abs(st["random"]["mean"]) < 0.05
+    assert "counterfactual signal" in (tmp_path / "c" / "report.html").read_text()
+    rows = res.table.to_pydict()
+    assert {"lds", "lds_per_user", "lds_loss"} <= {k for v, k in zip(rows["variant"], rows["metric"]) if v == "checks"}

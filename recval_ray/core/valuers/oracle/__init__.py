@@ -38,7 +38,7 @@ class OracleValuer(Valuer):
                              "(noise.ratio > 0) or noise.kind: natural; this training split has no "
                              "row flagged is_noise")
         flag = np.asarray(flag, dtype=bool)
-        tie = np.random.default_rng(np.random.SeedSequence([int(self.options.seed), 0x6F72])).random(len(flag))
+        tie = np.random.default_rng(np.random.SeedSequence([int(self.options.seed), int(ctx.seed), 0x6F72])).random(len(flag))
         values = np.where(flag, -1.0, 0.0) + 1e-7 * tie
         return Valuation(method=self.name, values=values, info=OracleInfo(noisy_rows=int(flag.sum())))
 

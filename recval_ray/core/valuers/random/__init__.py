@@ -1,4 +1,5 @@
-"""Random valuer: a control. ``value(u, i) ~ N(0, 1)``, seeded (``valuation.seed``),
+"""Random valuer: a control. ``value(u, i) ~ N(0, 1)``, seeded by ``valuation.seed`` and the
+training seed (so two training seeds give unrelated values, as for a method without signal),
 independent of the data and of the model.
 
 What a check of values must give for it: LDS ~ 0 and leave-one-out correlation ~ 0 (within
@@ -32,7 +33,8 @@ class RandomValuer(Valuer):
 
     def value(self, ctx: ValuationContext) -> Valuation:
         seed = int(self.options.seed)
-        values = np.random.default_rng(np.random.SeedSequence([seed, 0x7261])).standard_normal(len(ctx.split.train))
+        rng = np.random.default_rng(np.random.SeedSequence([seed, int(ctx.seed), 0x7261]))
+        values = rng.standard_normal(len(ctx.split.train))
         return Valuation(method=self.name, values=values, info=RandomInfo(seed=seed))
 
 
