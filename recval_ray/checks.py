@@ -100,13 +100,104 @@ def lds_of(cfg: JobConfig, split: Split, values: np.ndarray, models: dict) -> di
     return out
 
 
-def run_checks(cfg: JobConfig, split: Split, valuations: list, train: Callable, executor=None) -> Optional[dict]:
+def loo_rows(cfg: JobConfig, n_train: int) -> np.ndarray:
+    """The seeded sample of training rows the leave-one-out check removes, ascending."""
+    lc = cfg.checks.loo
+    rng = np.random.default_rng(np.random.SeedSequence([int(lc.seed), 0x100]))
+    return np.sort(rng.choice(n_train, size=min(int(lc.rows), n_train), replace=False))
+
+
+def loo_training(shared, item: dict) -> dict:
+    """One model of the leave-one-out check, a work item: the job's model trained for
+    ``epochs`` epochs (no early stopping: every model stops at the same epoch) on the whole
+    training set with row ``item["row"]`` removed from the batch stream (-1: none), seed
+    ``item["seed"]``; returns its mean validation metric and (BPR models) mean validation BPR
+    loss with seeded negatives."""
+    import torch
+
+    from .core.train import build_task, fit
+    cfg, split, epochs = shared
+    tcfg = dataclasses.replace(cfg.train, epochs=int(epochs), seed=int(item["seed"]))
+    task = build_task(cfg.model, split.train, tcfg)
+    drop = None
+    if item["row"] >= 0:
+        drop = torch.zeros(len(split.train), dtype=torch.bool, device=task.device)
+        drop[int(item["row"])] = True
+    res = fit(task, tcfg, valid=None, track_losses=False, drop_rows=drop)
+    out = {"metric": float(np.mean(per_user_metric(res.model, split, cfg.evaluate, lds_metric(cfg), "valid"))),
+           "loss": None}
+    if hasattr(task, "pair_losses") and len(split.valid):
+        from .core.crossfit import heldout_losses
+        out["loss"] = float(np.mean(heldout_losses(res, split.valid, [int(cfg.checks.loo.seed), 0x4C4F], 1)))
+    return out
+
+
+def loo_effects(cfg: JobConfig, split: Split, epochs: int, executor=None,
+                progress: Optional[Callable[[str], None]] = None) -> dict:
+    """The actual effect of removing each sampled row (:func:`loo_rows`): ``metric`` = the full
+    model's validation metric minus the model's without the row, ``loss`` = the validation loss
+    without the row minus the full model's (both positive when the row helped)."""
+    rows = loo_rows(cfg, len(split.train))
+    seed = int(cfg.train.seed)
+    items = [{"row": -1, "seed": seed}] + [{"row": int(r), "seed": seed} for r in rows]
+    out: list = [None] * len(items)
+    t0 = time.perf_counter()
+
+    def done(i, result):
+        out[i] = result
+        if progress is not None:
+            n = sum(r is not None for r in out)
+            if n % max(1, len(items) // 10) == 0 or n == len(items):
+                el = time.perf_counter() - t0
+                progress(f"loo: {n}/{len(items)} models trained ({el:.0f} s, ~{el / n * (len(items) - n):.0f} s left)")
+    (executor or LocalExecutor()).map(loo_training, (cfg, split, epochs), items, done)
+    full, rest = out[0], out[1:]
+    metric = np.array([full["metric"] - r["metric"] for r in rest])
+    loss = np.array([r["loss"] - full["loss"] for r in rest]) if full["loss"] is not None else None
+    return {"rows": rows, "metric": metric, "loss": loss, "epochs": int(epochs),
+            "seconds": time.perf_counter() - t0}
+
+
+def loo_of(values: np.ndarray, effects: dict) -> dict:
+    """Spearman between the values of the sampled rows and their leave-one-out effects (with a
+    bootstrap SE over rows)."""
+    from .core.counterfactual import bootstrap_se, spearman
+    v = np.asarray(values, dtype=np.float64)[effects["rows"]]
+    out = {"rows": int(len(v)), "metric": spearman(v, effects["metric"]),
+           "metric_se": bootstrap_se(v, effects["metric"], 500, 0),
+           "changed": int(np.count_nonzero(effects["metric"]))}
+    if effects["loss"] is not None:
+        out["loss"] = spearman(v, effects["loss"])
+        out["loss_se"] = bootstrap_se(v, effects["loss"], 500, 0)
+    return out
+
+
+def loo_epochs(cfg: JobConfig, base_epochs: Optional[int]) -> int:
+    """The leave-one-out models' epochs: the base model's selected epoch count when known."""
+    return int(base_epochs) if base_epochs else int(cfg.train.epochs)
+
+
+def run_checks(cfg: JobConfig, split: Split, valuations: list, train: Callable, executor=None,
+               base_epochs: Optional[int] = None) -> Optional[dict]:
     """``metrics["checks"]``: the LDS of every ``(label, Valuation)`` given, over one set of
     subset models; None when ``valuation.checks.lds.subsets`` is 0. Entity-level values
     (deletion) are checked through their rows: each training row carries its entity's value."""
     lc = cfg.checks.lds
+    result: dict = {}
+    if cfg.checks.loo.rows > 0:
+        effects = loo_effects(cfg, split, loo_epochs(cfg, base_epochs), executor, progress=log.info)
+        result["loo"] = {"rows": int(len(effects["rows"])), "epochs": effects["epochs"],
+                         "seconds": round(effects["seconds"], 1), "metric": lds_metric(cfg),
+                         "methods": {label: loo_of(v.values, effects) for label, v in valuations},
+                         "note": "Spearman over a seeded sample of training rows between each row's value and "
+                                 "the effect of retraining without it (same initialisation and batch stream "
+                                 "minus the row; positive when the row helped)"}
+        for label, r in result["loo"]["methods"].items():
+            log.info("checks: %s: leave-one-out correlation %.3f +- %.3f (metric; %d of %d removals changed it)%s",
+                     label, r["metric"], r["metric_se"], r["changed"], r["rows"],
+                     f", {r['loss']:.3f} +- {r['loss_se']:.3f} (validation loss)" if "loss" in r else "")
     if lc.subsets <= 0:
-        return None
+        return result or None
     log.info("checks: LDS over %d subsets of %.0f%% of the training rows (%d training seed(s) each), "
              "validation %s", lc.subsets, 100 * lc.fraction, lc.seeds, lds_metric(cfg))
     models = train_subsets(cfg, split, train, executor, progress=log.info)
@@ -118,7 +209,7 @@ def run_checks(cfg: JobConfig, split: Split, valuations: list, train: Callable, 
                  m["per_user"]["mean"], m["per_user"]["se"], m["per_user"]["users"],
                  f"; on the validation loss {per_method[label]['loss']['lds']:.3f} +- "
                  f"{per_method[label]['loss']['se']:.3f}" if "loss" in per_method[label] else "")
-    return {"lds": {"subsets": lc.subsets, "fraction": lc.fraction, "seeds": lc.seeds, "seed": lc.seed,
+    return result | {"lds": {"subsets": lc.subsets, "fraction": lc.fraction, "seeds": lc.seeds, "seed": lc.seed,
                     "metric": lds_metric(cfg), "seconds": round(models["seconds"], 1),
                     "users": int(len(models["users"])), "methods": per_method,
                     "note": "Spearman over subsets between the sum of the kept rows' values and the outcome "
@@ -140,7 +231,19 @@ def checks_executor(cfg: JobConfig, use_ray: bool):
 def report_section(rep, checks: Optional[dict]) -> None:
     """The checks in a run's report: the LDS of every method (table), and for each method the
     subsets' predicted effect against the outcome of the model trained on them (scatter)."""
-    if not checks or "lds" not in checks:
+    if not checks:
+        return
+    if "loo" in checks:
+        lo = checks["loo"]
+        rep.heading("Does each row's value predict retraining without it? (leave-one-out)")
+        rep.paragraph(f"{lo['rows']} seeded training rows, each removed from the full training's batch stream "
+                      f"(same initialisation, {lo['epochs']} epochs, {lo['seconds']:.0f} s in all). {lo['note']}.")
+        rep.table([{"method": label, "LOO correlation": r["metric"], "SE": r["metric_se"],
+                    "removals that changed the metric": r["changed"], "LOO correlation (loss)": r.get("loss"),
+                    "SE (loss)": r.get("loss_se")} for label, r in lo["methods"].items()],
+                  ["method", "LOO correlation", "SE", "removals that changed the metric", "LOO correlation (loss)",
+                   "SE (loss)"], caption=f"validation {lo['metric']} and validation BPR loss")
+    if "lds" not in checks:
         return
     c = checks["lds"]
     rep.heading("Do the values predict retraining? (LDS)")

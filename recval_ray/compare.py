@@ -78,7 +78,7 @@ log = logging.getLogger("recval_ray")
 DETECTION = "detection"          # the variant name of the noise-detection rows
 DETECTION_METRICS = ("auc", "precision_at_n")
 CHECKS = "checks"                # the variant name of the counterfactual checks' rows (valuation.checks)
-CHECK_METRICS = ("lds", "lds_se", "lds_per_user", "lds_loss")
+CHECK_METRICS = ("lds", "lds_se", "lds_per_user", "lds_loss", "loo", "loo_loss")
 TABLE_SCHEMA = pa.schema([("seed", pa.int64()), ("variant", pa.string()), ("method", pa.string()),
                           ("metric", pa.string()), ("value", pa.float64())])
 
@@ -222,17 +222,29 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
             if "random" in variants:
                 retrain("random", label, random_keep, cfg_m)
 
-    if cfg.checks.lds.subsets > 0 and out.values:
-        from .checks import checks_executor, lds_of, train_subsets
-        log.info("%s: LDS over %d subset models", where, cfg.checks.lds.subsets * cfg.checks.lds.seeds)
-        models = train_subsets(cfg_s, split, train, checks_executor(cfg, use_ray), progress=log.info)
-        for label, values in out.values.items():
-            r = lds_of(cfg_s, split, values, models)
-            figures = {"lds": r["metric"]["lds"], "lds_se": r["metric"]["se"],
-                       "lds_per_user": r["metric"]["per_user"]["mean"],
-                       "lds_loss": r["loss"]["lds"] if "loss" in r else float("nan")}
+    if cfg.checks.enabled() and out.values:
+        from .checks import checks_executor, lds_of, loo_effects, loo_epochs, loo_of, train_subsets
+        executor = checks_executor(cfg, use_ray)
+        figures = {label: {} for label in out.values}
+        if cfg.checks.lds.subsets > 0:
+            log.info("%s: LDS over %d subset models", where, cfg.checks.lds.subsets * cfg.checks.lds.seeds)
+            models = train_subsets(cfg_s, split, train, executor, progress=log.info)
+            for label, values in out.values.items():
+                r = lds_of(cfg_s, split, values, models)
+                figures[label] |= {"lds": r["metric"]["lds"], "lds_se": r["metric"]["se"],
+                                   "lds_per_user": r["metric"]["per_user"]["mean"],
+                                   "lds_loss": r["loss"]["lds"] if "loss" in r else float("nan")}
+        if cfg.checks.loo.rows > 0:
+            log.info("%s: leave-one-out over %d rows", where, cfg.checks.loo.rows)
+            effects = loo_effects(cfg_s, split, loo_epochs(cfg_s, base.best_epoch + 1 if base.best_epoch >= 0 else None),
+                                  executor, progress=log.info)
+            for label, values in out.values.items():
+                r = loo_of(values, effects)
+                figures[label] |= {"loo": r["metric"], "loo_loss": r.get("loss", float("nan"))}
+        for label, fig in figures.items():
             for k in CHECK_METRICS:
-                out.rows.append((int(seed), CHECKS, label, k, float(figures[k])))
+                if k in fig:
+                    out.rows.append((int(seed), CHECKS, label, k, float(fig[k])))
 
     if "oracle" in variants:
         if is_noise is None:

@@ -669,11 +669,12 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                                  ", ".join(label for label, _ in candidates))
                         verdict = decide_verdict(cfg, split, candidates, base, train, verdict_executor(cfg, use_ray))
                 checks = None
-                if cfg.checks.lds.subsets > 0:
+                if cfg.checks.enabled():
                     with prof.stage("checks", rows=len(split.train)):
                         from .checks import checks_executor, run_checks
                         checked = candidates if candidates else [(cfg.valuation.method, valuation)]
-                        checks = run_checks(cfg, split, checked, train, checks_executor(cfg, use_ray))
+                        checks = run_checks(cfg, split, checked, train, checks_executor(cfg, use_ray),
+                                            base_epochs=base.best_epoch + 1 if base.best_epoch >= 0 else None)
             finally:
                 shutil.rmtree(work_dir, ignore_errors=True)
 

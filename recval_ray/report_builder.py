@@ -230,10 +230,13 @@ def build_compare_report(cfg, run_id: str, metrics: dict, values: dict) -> str:
                          "LDS SE (bootstrap, mean)": f"{st['lds_se']['mean']:.3f}" if "lds_se" in st else "",
                          "per-user LDS": cell(st["lds_per_user"]) if "lds_per_user" in st else "",
                          "LDS on the validation loss": cell(st["lds_loss"]) if "lds_loss" in st else "",
+                         "LOO correlation": cell(st["loo"]) if "loo" in st else "",
+                         "LOO correlation (loss)": cell(st["loo_loss"]) if "loo_loss" in st else "",
                          "seed stability": f"{stab[m]['mean']:.3f}" if m in stab else ""})
         rep.table(rows, caption="LDS: Spearman over random half subsets between the sum of the kept rows' values "
                                 "and the validation metric of a model trained on them (mean \u00b1 std over seeds; ~0: "
-                                "no signal); seed stability: Spearman between the values of two training seeds "
+                                "no signal); LOO: Spearman between sampled rows' values and the effect of "
+                                "retraining without each; seed stability: Spearman between the values of two training seeds "
                                 "(mean over pairs)")
     if values:
         rep.heading(f"Value distributions (seed {seeds[0]})")

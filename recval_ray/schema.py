@@ -223,12 +223,24 @@ class LdsConfig:
 
 
 @dataclass
+class LooConfig:
+    """``valuation.checks.loo``: leave-one-out correlation on ``rows`` seeded training rows (0:
+    off): one retraining per row with the row removed from the full training's batch stream."""
+    rows: int = 0
+    seed: int = 0
+
+
+@dataclass
 class ChecksConfig:
     """``valuation.checks``: counterfactual checks of the values (``recval check`` runs them on a
     finished run). ``actors`` > 0 trains the check's models on that many Ray actors of ``cpus``."""
     lds: LdsConfig = field(default_factory=LdsConfig)
+    loo: LooConfig = field(default_factory=LooConfig)
     actors: int = 0
     cpus: float = 1.0
+
+    def enabled(self) -> bool:
+        return self.lds.subsets > 0 or self.loo.rows > 0
 
 
 @dataclass
@@ -494,6 +506,8 @@ def check_semantics(cfg: JobConfig) -> None:
     if lc.subsets < 0 or lc.subsets == 1 or lc.subsets == 2:
         raise ConfigError(f"valuation.checks.lds.subsets: {lc.subsets}: 0 (off) or at least 3 (a rank correlation "
                           f"over subsets; 50 or more for a usable standard error)")
+    if cfg.checks.loo.rows < 0 or cfg.checks.loo.rows in (1, 2):
+        raise ConfigError(f"valuation.checks.loo.rows: {cfg.checks.loo.rows}: 0 (off) or at least 3")
     if not 0 < lc.fraction < 1:
         raise ConfigError(f"valuation.checks.lds.fraction: {lc.fraction} must be in (0, 1)")
     if lc.seeds < 1:

@@ -362,6 +362,10 @@ class SparseBPRTask(BPRTask):
         # the L2 weights of the item blocks: 1 for the positive, 1/n for each negative
         self._rvec = torch.tensor([1.0] + [1.0 / n] * n, dtype=dt, device=dev)
 
+    def without_examples(self, batch: dict, keep: torch.Tensor) -> dict:
+        out = super().without_examples({k: v for k, v in batch.items() if k != "items"}, keep)
+        return out          # "items" (positives then negatives, transposed) is rebuilt by the step
+
     def _buf(self, name: str, *shape: int) -> torch.Tensor:
         return self._flat[name][:math.prod(shape)].view(shape)
 

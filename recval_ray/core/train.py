@@ -130,9 +130,12 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         on_epoch: Optional[Callable[[dict, Task], None]] = None,
         should_stop: Optional[Callable[[bool], bool]] = None,
         epoch_context: Optional[Callable[[], ContextManager]] = None,
-        log_prefix: str = "") -> TrainResult:
+        log_prefix: str = "", drop_rows: Optional[torch.Tensor] = None) -> TrainResult:
     """Train ``task`` for ``train.epochs`` epochs with early stopping on validation.
 
+    ``drop_rows`` (boolean ``[n_train]``): training rows removed from every batch they fall in
+    (:meth:`~.models.base.Task.without_examples`): the same initialisation and batch stream as
+    the full training, minus those rows (common random numbers; leave-one-out checks).
     ``exclude`` are the interactions removed from the validation ranking (the training
     set). ``on_epoch(record, task)`` is called after each epoch (Ray Train reports there).
     ``interaction_loss[r]`` is the mean loss of training row ``r`` over the last
@@ -184,6 +187,12 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         total, n_batches = torch.zeros((), device=dev), 0
         with (epoch_context() if epoch_context is not None else contextlib.nullcontext()):
             for batch in task.batches(epoch, gen):
+                if drop_rows is not None:
+                    keep = ~drop_rows[batch["idx"]]
+                    if not bool(keep.all()):
+                        if not bool(keep.any()):
+                            continue
+                        batch = task.without_examples(batch, keep)
                 if train_step is not None:
                     loss, per = train_step(batch)
                 else:

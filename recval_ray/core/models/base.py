@@ -84,6 +84,18 @@ class Task:
     def on_epoch_start(self, epoch: int) -> None:
         """Hook for schedules (e.g. warm-up, drop-rate ramps)."""
 
+    def without_examples(self, batch: dict, keep: torch.Tensor) -> dict:
+        """``batch`` without the examples where ``keep`` is False: every tensor whose first
+        dimension is the batch's. The step then runs on the same batch stream with those
+        training rows removed (common random numbers; :func:`~..train.fit`'s ``drop_rows``).
+        Tasks whose batches are not one example per slot override it or raise."""
+        n = len(keep)
+        if "pool" in batch or "masks" in batch:
+            raise NotImplementedError(f"{type(self).__name__}: removing rows from a batch of pools or dropout "
+                                      f"masks is not supported")
+        return {k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v)
+                for k, v in batch.items()}
+
     def release_data(self) -> None:
         """Drop what the task built from its training rows (index tensors, samplers, graphs,
         optimiser-side buffers) once training and valuation are done: the model still scores
