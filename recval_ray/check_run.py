@@ -23,6 +23,18 @@ log = logging.getLogger("recval_ray")
 DEFAULT_SUBSETS = 50
 
 
+def _base_epochs(fs, root: str) -> Optional[int]:
+    """The run's base model's selected epoch count (``metrics.json`` ``training.base``), which
+    the check's models train for; None when the run does not record it."""
+    import json
+    try:
+        with fs.open_input_stream(posixpath.join(root, "metrics.json")) as f:
+            base = json.loads(f.read().decode())["training"]["base"]
+        return int(base["best_epoch"]) + 1 if base.get("best_epoch", -1) >= 0 else None
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def check_run(run_uri: str, overrides: Optional[list[str]] = None, *, output_uri: Optional[str] = None,
               run_id: Optional[str] = None, overwrite: bool = False, use_ray: bool = True) -> dict:
     """Check the values of the run at ``run_uri``; returns the new output's manifest."""
@@ -34,7 +46,7 @@ def check_run(run_uri: str, overrides: Optional[list[str]] = None, *, output_uri
     from .core.explain_values import align_values
     from .core.valuers.base import Valuation
     from .output import RunOutput, read_manifest
-    from .pipeline import load_data, make_split, train
+    from .pipeline import load_data, make_split
     from .report import Report
 
     t0 = time.perf_counter()
@@ -64,7 +76,9 @@ def check_run(run_uri: str, overrides: Optional[list[str]] = None, *, output_uri
             values = values.filter(pc.equal(values["split"], "train"))
         row_values = align_values(values, split.train, dataset)
         valuation = Valuation(method=cfg.valuation.method, values=row_values)
-        checks = run_checks(cfg, split, [(cfg.valuation.method, valuation)], train, checks_executor(cfg, use_ray))
+        base_epochs = _base_epochs(fs, root)
+        checks = run_checks(cfg, split, [(cfg.valuation.method, valuation)], checks_executor(cfg, use_ray),
+                            base_epochs=base_epochs)
         metrics = {"source_run": run_uri, "valuation": cfg.valuation.method, "checks": checks}
         out.write_json("metrics.json", metrics)
         rep = Report(f"recval check {source_id}", f"counterfactual checks of the {cfg.valuation.method} values "

@@ -1,12 +1,17 @@
 """Counterfactual checks of a run's values (``valuation.checks``; ``recval check RUN_URI``).
 
-LDS (:mod:`.core.counterfactual`): ``subsets`` models of the job's model, each trained as the
-job trains (its own early stopping on validation) on a seeded fraction of the training rows,
-are scored per validation user on the job's metric and, for BPR models, by the mean BPR loss
-of the validation rows; the values of every method given are checked against the same models
-(they do not depend on the values, so any number of methods costs the same trainings). Each
-training is a work item (:func:`subset_training`): in this process, or on Ray actors with
-``valuation.checks.actors``; the results depend only on the config, never on where they ran.
+LDS (:mod:`.core.counterfactual`): ``subsets`` models of the job's model, each trained with
+the job's training settings for the base model's selected number of epochs (no early stopping:
+the outcome is measured on validation, so nothing is selected on it) on a seeded fraction of
+the training rows, are scored per validation user on the job's metric and, for BPR models, by
+the mean BPR loss of the validation rows; the values of every method given are checked against
+the same models (they do not depend on the values, so any number of methods costs the same
+trainings). Each training is a work item (:func:`subset_training`): in this process, or on Ray
+actors with ``valuation.checks.actors``; the results depend only on the config, never on where
+they ran. ``valuation.checks.lds.engine: stacked`` trains every subset model of a seed at once
+for the models the batched engine knows (NCF/NeuMF, SVD: :mod:`.core.valuers.deletion.stacked`,
+its row-sparse optimisers; every model starts from the same weights and sees the whole
+training's batch stream with the rows outside its subset masked).
 """
 from __future__ import annotations
 
@@ -35,33 +40,71 @@ def _seeded(cfg: JobConfig, seed: int) -> JobConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
 
 
-def subset_training(shared, item: dict) -> dict:
-    """One model of the LDS, a work item: the job's model trained on subset ``item["j"]`` with
-    ``train.seed = item["seed"]``; returns its per-user validation metric (the evaluation users
-    of the split, in order) and, for a BPR model, the mean BPR loss of every validation row
-    (negatives from a stream seeded by the check's seed alone: common random numbers)."""
-    cfg, split, train = shared
-    lc = cfg.checks.lds
-    keep = subset_mask(len(split.train), lc.fraction, lc.seed, item["j"])
-    kept = training_rows(cfg.model.kind, split.train, keep)
-    res = train(_seeded(cfg, item["seed"]), kept, split.valid, tag=f"lds subset {item['j']} seed {item['seed']}",
-                track_losses=False)
-    out = {"valid": per_user_metric(res.model, split, cfg.evaluate, lds_metric(cfg), "valid", context=[kept]),
+def _outcomes(cfg: JobConfig, split: Split, model, task, kept) -> dict:
+    """A check model's outcomes: per-user validation metric (the split's evaluation users, in
+    order) and, for a BPR task, the mean BPR loss of the validation rows (negatives from a
+    stream seeded by the check's seed alone: the same for every model)."""
+    out = {"valid": per_user_metric(model, split, cfg.evaluate, lds_metric(cfg), "valid", context=[kept]),
            "loss": None}
-    if hasattr(res.task, "pair_losses") and len(split.valid):
+    if hasattr(task, "pair_losses") and len(split.valid):
         from .core.crossfit import heldout_losses
-        out["loss"] = float(np.mean(heldout_losses(res, split.valid, [int(lc.seed), 0x4C4F], 1)))
+        from .core.train import TrainResult
+        res = TrainResult(task=task, history=[], best_epoch=0, best_valid=float("nan"))
+        out["loss"] = float(np.mean(heldout_losses(res, split.valid, [int(cfg.checks.lds.seed), 0x4C4F], 1)))
     return out
 
 
-def train_subsets(cfg: JobConfig, split: Split, train: Callable, executor=None,
+def subset_training(shared, item: dict) -> dict:
+    """One model of the LDS, a work item: the job's model trained on subset ``item["j"]`` for
+    ``epochs`` epochs with ``train.seed = item["seed"]`` (:func:`_outcomes`)."""
+    from .core.train import build_task, fit
+    cfg, split, epochs = shared
+    lc = cfg.checks.lds
+    keep = subset_mask(len(split.train), lc.fraction, lc.seed, item["j"])
+    kept = training_rows(cfg.model.kind, split.train, keep)
+    tcfg = dataclasses.replace(cfg.train, epochs=int(epochs), seed=int(item["seed"]))
+    res = fit(build_task(cfg.model, kept, tcfg), tcfg, valid=None, track_losses=False)
+    return _outcomes(cfg, split, res.model, res.task, kept)
+
+
+def _stacked_subsets(cfg: JobConfig, split: Split, epochs: int, seed: int) -> list:
+    """Every subset model of one training seed in one batched run (``engine: stacked``)."""
+    import copy
+
+    import torch
+
+    from .core.train import build_task
+    from .core.valuers.deletion.stacked import train_stacked
+    lc = cfg.checks.lds
+    n = len(split.train)
+    tcfg = dataclasses.replace(cfg.train, epochs=int(epochs), seed=int(seed))
+    task = build_task(cfg.model, split.train, tcfg)
+    drop = torch.stack([~torch.as_tensor(subset_mask(n, lc.fraction, lc.seed, j)) for j in range(lc.subsets)])
+    stack = train_stacked(task, tcfg, drop, torch.arange(n), seed=int(seed))
+    module = copy.deepcopy(task.model)
+    module.eval()
+    out = []
+    for j in range(lc.subsets):
+        kept = training_rows(cfg.model.kind, split.train, ~drop[j].numpy())
+        out.append(_outcomes(cfg, split, stack.load(module, j), None, kept))
+    return out
+
+
+def train_subsets(cfg: JobConfig, split: Split, epochs: int, executor=None,
                   progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Every model of the LDS (``subsets`` x ``seeds`` trainings), assembled by subset:
-    ``{"valid": [M, users] (mean over seeds), "loss": [M] or None, "users": eval users}``."""
+    """Every model of the LDS (``subsets`` x ``seeds`` trainings of ``epochs`` epochs),
+    assembled by subset: ``{"valid": [M, users] (mean over seeds), "loss": [M] or None,
+    "users": eval users}``."""
     lc = cfg.checks.lds
     items = [{"j": j, "seed": int(cfg.train.seed) + s} for j in range(lc.subsets) for s in range(lc.seeds)]
     out: list = [None] * len(items)
     t0 = time.perf_counter()
+    if lc.engine == "stacked":
+        per_seed = [_stacked_subsets(cfg, split, epochs, int(cfg.train.seed) + s) for s in range(lc.seeds)]
+        for j in range(lc.subsets):
+            for s in range(lc.seeds):
+                out[j * lc.seeds + s] = per_seed[s][j]
+        executor = _Done()
 
     def done(i, result):
         out[i] = result
@@ -69,7 +112,7 @@ def train_subsets(cfg: JobConfig, split: Split, train: Callable, executor=None,
             n = sum(r is not None for r in out)
             el = time.perf_counter() - t0
             progress(f"lds: {n}/{len(items)} subset models trained ({el:.0f} s, ~{el / n * (len(items) - n):.0f} s left)")
-    (executor or LocalExecutor()).map(subset_training, (cfg, split, train), items, done)
+    (executor or LocalExecutor()).map(subset_training, (cfg, split, epochs), items, done)
     valid = np.stack([np.mean([out[j * lc.seeds + s]["valid"] for s in range(lc.seeds)], axis=0)
                       for j in range(lc.subsets)])
     has_loss = all(r["loss"] is not None for r in out)
@@ -80,6 +123,13 @@ def train_subsets(cfg: JobConfig, split: Split, train: Callable, executor=None,
         users = eligible_users(split.valid, users)
     return {"valid": valid, "loss": loss, "users": np.asarray(users, dtype=np.int64),
             "seconds": time.perf_counter() - t0}
+
+
+class _Done:
+    """An executor whose items are already done (the stacked engine trained them)."""
+
+    def map(self, fn, shared, items, on_result) -> None:
+        return None
 
 
 def lds_of(cfg: JobConfig, split: Split, values: np.ndarray, models: dict) -> dict:
@@ -177,7 +227,7 @@ def loo_epochs(cfg: JobConfig, base_epochs: Optional[int]) -> int:
     return int(base_epochs) if base_epochs else int(cfg.train.epochs)
 
 
-def run_checks(cfg: JobConfig, split: Split, valuations: list, train: Callable, executor=None,
+def run_checks(cfg: JobConfig, split: Split, valuations: list, executor=None,
                base_epochs: Optional[int] = None) -> Optional[dict]:
     """``metrics["checks"]``: the LDS of every ``(label, Valuation)`` given, over one set of
     subset models; None when ``valuation.checks.lds.subsets`` is 0. Entity-level values
@@ -200,7 +250,7 @@ def run_checks(cfg: JobConfig, split: Split, valuations: list, train: Callable, 
         return result or None
     log.info("checks: LDS over %d subsets of %.0f%% of the training rows (%d training seed(s) each), "
              "validation %s", lc.subsets, 100 * lc.fraction, lc.seeds, lds_metric(cfg))
-    models = train_subsets(cfg, split, train, executor, progress=log.info)
+    models = train_subsets(cfg, split, loo_epochs(cfg, base_epochs), executor, progress=log.info)
     per_method = {}
     for label, valuation in valuations:
         per_method[label] = lds_of(cfg, split, valuation.values, models)

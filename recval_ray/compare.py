@@ -228,7 +228,8 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
         figures = {label: {} for label in out.values}
         if cfg.checks.lds.subsets > 0:
             log.info("%s: LDS over %d subset models", where, cfg.checks.lds.subsets * cfg.checks.lds.seeds)
-            models = train_subsets(cfg_s, split, train, executor, progress=log.info)
+            models = train_subsets(cfg_s, split, loo_epochs(cfg_s, base.best_epoch + 1 if base.best_epoch >= 0 else None),
+                                   executor, progress=log.info)
             for label, values in out.values.items():
                 r = lds_of(cfg_s, split, values, models)
                 figures[label] |= {"lds": r["metric"]["lds"], "lds_se": r["metric"]["se"],

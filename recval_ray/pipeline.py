@@ -673,7 +673,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                     with prof.stage("checks", rows=len(split.train)):
                         from .checks import checks_executor, run_checks
                         checked = candidates if candidates else [(cfg.valuation.method, valuation)]
-                        checks = run_checks(cfg, split, checked, train, checks_executor(cfg, use_ray),
+                        checks = run_checks(cfg, split, checked, checks_executor(cfg, use_ray),
                                             base_epochs=base.best_epoch + 1 if base.best_epoch >= 0 else None)
             finally:
                 shutil.rmtree(work_dir, ignore_errors=True)

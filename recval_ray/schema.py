@@ -213,13 +213,15 @@ class LdsConfig:
     seeded ``fraction`` of the training rows (drawn with ``seed``), ``seeds`` training seeds per
     subset (outcomes averaged: ``train.seed``, ``train.seed + 1``, ...); the outcome is the
     validation ``metric`` (empty: ``train.select_metric``) and, for BPR models, the validation
-    BPR loss too; ``bootstrap`` resamples of the subsets give its standard error."""
-    subsets: int = 0
+    BPR loss too; ``bootstrap`` resamples of the subsets give its standard error. Every model
+    trains for the base model's selected number of epochs (no early stopping)."""
+    subsets: int = 0          # (engine: stacked trains a seed's subset models at once: NCF, SVD)
     fraction: float = 0.5
     seeds: int = 1
     metric: str = ""
     bootstrap: int = 1000
     seed: int = 0
+    engine: Literal["sequential", "stacked"] = "sequential"
 
 
 @dataclass

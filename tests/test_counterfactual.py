@@ -201,3 +201,33 @@ def test_run_reports_leave_one_out_correlation(tmp_path):
     r = lo["methods"]["small-loss"]
     assert -1 <= r["loss"] <= 1 and np.isfinite(r["loss_se"])
     assert "leave-one-out" in (tmp_path / "loo" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("family", ["ncf-implicit", "svd-sgd"])
+def test_stacked_subset_models_equal_each_subset_trained_alone(family):
+    """The LDS's subset models in one batched run (valuation.checks.lds.engine: stacked; a row is
+    its own group, model j drops the rows outside subset j) = each subset model trained alone
+    on the same batch stream (the engine's reference trainer)."""
+    import torch
+    from recval_ray.core.train import build_task
+    from recval_ray.core.valuers.deletion.stacked import train_reference, train_stacked
+    from test_deletion import FAMILIES, data
+    mc, tc = FAMILIES[family]
+    tr = data()
+    n = len(tr)
+    masks = [subset_mask(n, 0.5, 9, j) for j in range(3)]
+    drop = torch.stack([~torch.as_tensor(m) for m in masks])
+    rows = torch.arange(n)
+    stack = train_stacked(build_task(mc, tr, tc), tc, drop, rows, seed=0)
+    for j, m in enumerate(masks):
+        ref = train_reference(build_task(mc, tr, tc), tc, torch.as_tensor(np.flatnonzero(~m)), rows, seed=0)
+        got = stack.load(build_task(mc, tr, tc).model, j)
+        for (name, p), (_, q) in zip(ref.named_parameters(), got.named_parameters()):
+            torch.testing.assert_close(q, p, atol=2e-6, rtol=1e-5, msg=f"subset {j} {name}")
+
+
+def test_lds_with_the_stacked_engine_in_a_run(tmp_path):
+    m = _run(tmp_path, "ncf", "model={kind: ncf, dim: 8, mlp_layers: [16, 8]}", "train.engine=autograd",
+             "valuation.method=random", "valuation.checks.lds.engine=stacked", "valuation.checks.lds.subsets=6")
+    r = m["checks"]["lds"]["methods"]["random"]["metric"]
+    assert len(r["actual"]) == 6 and np.ptp(r["actual"]) > 0 and np.isfinite(r["lds"])
