@@ -232,7 +232,9 @@ def _validate(cfg) -> int:
     n_noise = int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0
     print(f"config ok: {cfg.name} (model {cfg.model.kind}, valuation {cfg.valuation.method})")
     print(f"data ok: {dataset.n_users} users, {dataset.n_items} items, {len(dataset.interactions)} interactions")
-    print(f"split ok: train {len(split.train)} (injected noise {n_noise}), valid {len(split.valid)}, "
+    noise_kind = (f"natural noise, rated <= {cfg.noise.natural.rating_at_most:g}" if cfg.noise.kind == "natural"
+                  else "injected noise")
+    print(f"split ok: train {len(split.train)} ({noise_kind} {n_noise}), valid {len(split.valid)}, "
           f"test {len(split.test)}")
     from .config import compare_methods, compare_variants
     print(f"compare: seeds {cfg.compare.seeds} (varying {', '.join(cfg.compare.vary)}), variants "

@@ -63,7 +63,7 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
     noise = values.column("is_noise").to_numpy(zero_copy_only=False).astype(bool) \
         if "is_noise" in values.column_names else None
     if noise is not None and noise.any():            # only when noise was injected
-        rep.histogram({"clean": v[~noise], "injected noise": v[noise]}, title="values by is_noise",
+        rep.histogram({"clean": v[~noise], "noise": v[noise]}, title="values by is_noise",
                       xlabel="value (higher = more useful)")
         nd = metrics.get("noise_detection", {})
         if nd.get("n_noise"):
@@ -188,7 +188,7 @@ def build_compare_report(cfg, run_id: str, metrics: dict, values: dict) -> str:
         rep.paragraph(f"Warning: {w}")
     rep.paragraph("full: the base model on all (noisy) training data; pruned:M: retrained without "
                   "what method M prunes; random:M: retrained without as many random interactions; "
-                  "oracle: retrained without the injected noise. Every model selected on validation, "
+                  "oracle: retrained without the noise (is_noise). Every model selected on validation, "
                   "evaluated on test; mean +- sample standard deviation over seeds.")
 
     summary = metrics["summary"]

@@ -9,6 +9,7 @@ counterfactual check it tells whether dropping exactly the noise is what helps t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from ..base import MethodInfo, Valuation, ValuationContext, Valuer
 @dataclass(eq=False)
 class OracleInfo(MethodInfo):
     """How many training rows carry the noise flag."""
-    noisy_rows: int = 0
+    noisy_rows: Optional[int] = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ that does no better than this one on a check carries no signal for that check.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from ..base import MethodInfo, Valuation, ValuationContext, Valuer
 @dataclass(eq=False)
 class RandomInfo(MethodInfo):
     """The seed the values were drawn with."""
-    seed: int = 0
+    seed: Optional[int] = None
 
 
 @dataclass
