@@ -257,6 +257,16 @@ def _validate(cfg) -> int:
         n = len(labels) * len(cfg.verdict.fractions) * len(cfg.verdict.scopes)
         print(f"verdict: candidates {', '.join(labels)} x fractions {list(cfg.verdict.fractions)} x scopes "
               f"{list(cfg.verdict.scopes)}: up to {n} retrainings and a random control")
+    ck = cfg.checks
+    if ck.enabled():
+        parts = []
+        if ck.lds.subsets:
+            parts.append(f"LDS over {ck.lds.subsets} subsets of {ck.lds.fraction:.0%} x {ck.lds.seeds} seed(s) "
+                         f"({ck.lds.engine})")
+        if ck.loo.rows:
+            parts.append(f"leave-one-out on {ck.loo.rows} rows")
+        print(f"checks: {'; '.join(parts)}: {ck.lds.subsets * ck.lds.seeds + (ck.loo.rows + 1 if ck.loo.rows else 0)} "
+              f"trainings per run or comparison seed")
     warnings = list(dataset.warnings) + list(split_warnings)
     for w in warnings:
         print(f"warning: {w}")

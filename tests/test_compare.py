@@ -230,7 +230,7 @@ def test_bad_compare_options_are_config_errors(compare, message):
 
 
 def test_oracle_needs_noise_and_entity_scope_is_refused():
-    with pytest.raises(ConfigError, match="'oracle' needs injected noise"):
+    with pytest.raises(ConfigError, match="'oracle' needs ground truth of noise"):
         validate_config({"name": "t", "compare": {"variants": ["oracle"]}})
     with pytest.raises(ConfigError, match="'pruned' and 'random' need a prune strategy"):
         validate_config({"name": "t", "prune": {"strategy": "none"}, "compare": {"variants": ["pruned"]}})

@@ -266,7 +266,7 @@ def test_full_only_trains_and_evaluates_without_valuing(tmp_path, monkeypatch, v
     assert variants_run == ({"full", "detection"} if values else {"full"})
     assert (tmp_path / "quickstart-compare" / "method_values").exists() == values
     assert res.metrics["methods"] == (["small-loss"] if values else [])
-    with pytest.raises(ConfigError, match="'detection' needs injected noise"):
+    with pytest.raises(ConfigError, match="'detection' needs ground truth of noise"):
         load_config(JOB, TINY + ["noise.ratio=0", "compare.variants=[full,detection]"])
 
 
