@@ -15,9 +15,6 @@ import posixpath
 import time
 from typing import Optional
 
-from . import fs as rfs
-from .errors import ConfigError
-
 log = logging.getLogger("recval_ray")
 
 DEFAULT_SUBSETS = 50
@@ -42,32 +39,20 @@ def check_run(run_uri: str, overrides: Optional[list[str]] = None, *, output_uri
     import pyarrow.parquet as pq
 
     from .checks import checks_executor, report_section, run_checks
-    from .config import apply_override, validate_config
     from .core.explain_values import align_values
     from .core.valuers.base import Valuation
-    from .output import RunOutput, read_manifest
+    from .explain_run import open_beside, read_run
     from .pipeline import load_data, make_split
     from .report import Report
 
     t0 = time.perf_counter()
-    fs, root = rfs.resolve(run_uri)
-    manifest = read_manifest(fs, posixpath.join(root, "manifest.json"))
-    if manifest is None or not isinstance(manifest.get("config"), dict):
-        raise ConfigError(f"{run_uri}: not a complete run (no complete manifest.json with its config); check a "
-                          f"finished `recval run`")
-    if not rfs.exists(fs, posixpath.join(root, "values")):
-        raise ConfigError(f"{run_uri}: has no values/ (a `recval compare` or `recval sweep` output? check one of "
-                          f"its runs)")
-    raw = manifest["config"]
-    lds_raw = raw.setdefault("valuation", {}).setdefault("checks", {}).setdefault("lds", {})
-    if not lds_raw.get("subsets"):
-        lds_raw["subsets"] = DEFAULT_SUBSETS
-    for o in overrides or []:
-        apply_override(raw, o)
-    cfg = validate_config(raw)
-    source_id = manifest.get("run_id") or posixpath.basename(root.rstrip("/"))
-    parent = run_uri.rstrip("/").rsplit("/", 1)[0] if "/" in run_uri.rstrip("/") else "."
-    out = RunOutput(output_uri or parent, run_id or f"{source_id}-check", cfg.storage).open(overwrite)
+
+    def default_subsets(raw: dict) -> None:
+        lds_raw = raw.setdefault("valuation", {}).setdefault("checks", {}).setdefault("lds", {})
+        if not lds_raw.get("subsets"):
+            lds_raw["subsets"] = DEFAULT_SUBSETS
+    cfg, manifest, fs, root = read_run(run_uri, list(overrides or []), "check", prepare=default_subsets)
+    source_id, out = open_beside(run_uri, manifest, root, "check", cfg, output_uri, run_id, overwrite)
     with out:
         dataset = load_data(cfg, use_ray=False)
         split, _ = make_split(cfg, dataset)

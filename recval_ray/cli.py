@@ -37,6 +37,18 @@ def _output_args(p: argparse.ArgumentParser, run_id_default: str, *, output_defa
                        help="run the Ray-free core in this process (debugging; Ray Train paths unavailable)")
 
 
+def _run_command(sub, name: str, help: str, description: str, example: str, noun: str, no_ray: bool) -> None:
+    """A command about a finished run (``recval explain``, ``recval check``): the run's URI,
+    ``--set`` overrides of its recorded config and a new output next to it."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("run", help="the run's URI: a local path or s3://bucket/prefix/RUN_ID")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a key of the run's config, e.g. {example} (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="more logging")
+    _output_args(p, f"<run id>-{name}", output_default="the run's parent", address=False, no_ray=no_ray,
+                 overwrite_help=f"replace a complete {noun} with the same id")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recval",
@@ -85,33 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      "noise, and print a summary. Nothing is trained or written.")
     _common(val)
 
-    exp = sub.add_parser("explain", help="Shapley explanations of an earlier run's values (a new output)",
-                         description="Rebuild a complete run's data and split from its manifest, fit a "
-                                     "surrogate to its values/ and write Shapley attributions: "
-                                     "explanations/, metrics.json, report.html and manifest.json (last) "
-                                     "under OUTPUT/RUN_ID/ (default: next to the run, <run id>-explain). "
-                                     "Settings: the run's explain: section and --set explain.KEY=VALUE.")
-    exp.add_argument("run", help="the run's URI: a local path or s3://bucket/prefix/RUN_ID")
-    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a key of the run's config, e.g. --set explain.surrogate=gbdt "
-                          "--set data.path=/new/place (repeatable)")
-    exp.add_argument("-v", "--verbose", action="store_true", help="more logging")
-    _output_args(exp, "<run id>-explain", output_default="the run's parent", address=False, no_ray=False,
-                 overwrite_help="replace a complete explanation with the same id")
-
-    chk = sub.add_parser("check", help="counterfactual checks (LDS) of an earlier run's values (a new output)",
-                         description="Rebuild a complete run's data and split from its manifest, train "
-                                     "valuation.checks.lds.subsets models (default 50) on random subsets of "
-                                     "its training rows and report how well its values/ predict them (LDS): "
-                                     "metrics.json, report.html and manifest.json (last) under "
-                                     "OUTPUT/RUN_ID/ (default: next to the run, <run id>-check).")
-    chk.add_argument("run", help="the run's URI: a local path or s3://bucket/prefix/RUN_ID")
-    chk.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a key of the run's config, e.g. --set valuation.checks.lds.subsets=100 "
-                          "--set valuation.checks.actors=2 (repeatable)")
-    chk.add_argument("-v", "--verbose", action="store_true", help="more logging")
-    _output_args(chk, "<run id>-check", output_default="the run's parent", address=False, no_ray=True,
-                 overwrite_help="replace a complete check with the same id")
+    _run_command(sub, "explain", "Shapley explanations of an earlier run's values (a new output)",
+                 "Rebuild a complete run's data and split from its manifest, fit a surrogate to its values/ and "
+                 "write Shapley attributions: explanations/, metrics.json, report.html and manifest.json (last) "
+                 "under OUTPUT/RUN_ID/ (default: next to the run, <run id>-explain). Settings: the run's "
+                 "explain: section and --set explain.KEY=VALUE.",
+                 "--set explain.surrogate=gbdt --set data.path=/new/place", "explanation", no_ray=False)
+    _run_command(sub, "check", "counterfactual checks (LDS, leave-one-out) of an earlier run's values (a new output)",
+                 "Rebuild a complete run's data and split from its manifest, train valuation.checks.lds.subsets "
+                 "models (default 50) on random subsets of its training rows and report how well its values/ "
+                 "predict them (LDS; valuation.checks.loo.rows adds leave-one-out retrainings): metrics.json, "
+                 "report.html and manifest.json (last) under OUTPUT/RUN_ID/ (default: next to the run, "
+                 "<run id>-check).",
+                 "--set valuation.checks.lds.subsets=100 --set valuation.checks.actors=2", "check", no_ray=True)
 
     sbm = sub.add_parser("submit", help="submit a job to a Ray cluster (Jobs API) and print its id",
                          description="Validate the job here, then submit `python -m recval_ray.cli run JOB` "

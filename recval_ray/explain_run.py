@@ -22,27 +22,46 @@ from .errors import ConfigError
 log = logging.getLogger("recval_ray")
 
 
-def read_run_config(run_uri: str, overrides: list[str]):
-    """The config of the complete run at ``run_uri`` with ``overrides`` applied and
-    ``explain.enabled`` on; raises ConfigError for a missing or incomplete run."""
+def read_run(run_uri: str, overrides: list[str], verb: str, prepare=None):
+    """``(config, manifest, fs, root)`` of the complete run at ``run_uri`` (a run with values/:
+    what ``recval explain`` and ``recval check`` read), ``prepare(raw)`` then ``overrides``
+    applied to its recorded config; raises ConfigError for a missing or incomplete run."""
     from .config import apply_override, validate_config
     from .output import read_manifest
     fs, root = rfs.resolve(run_uri)
     manifest_path = posixpath.join(root, "manifest.json")
     manifest = read_manifest(fs, manifest_path)
     if manifest is None:
-        raise ConfigError(f"{run_uri}: not a complete run (no complete manifest.json); explain a finished "
+        raise ConfigError(f"{run_uri}: not a complete run (no complete manifest.json); {verb} a finished "
                           f"`recval run`")
     raw = manifest.get("config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{manifest_path}: no config recorded")
     if not rfs.exists(fs, posixpath.join(root, "values")):
-        raise ConfigError(f"{run_uri}: has no values/ (a `recval compare` or `recval sweep` output? explain "
+        raise ConfigError(f"{run_uri}: has no values/ (a `recval compare` or `recval sweep` output? {verb} "
                           f"one of its runs, e.g. {run_uri}/best)")
+    if prepare is not None:
+        prepare(raw)
     for o in overrides:
         apply_override(raw, o)
-    raw.setdefault("explain", {})["enabled"] = True
     return validate_config(raw), manifest, fs, root
+
+
+def open_beside(run_uri: str, manifest: dict, root: str, suffix: str, cfg, output_uri: Optional[str],
+                run_id: Optional[str], overwrite: bool):
+    """A new output for a command about a run: ``OUTPUT/RUN_ID``, by default next to the run
+    with the id ``<run id>-<suffix>``."""
+    from .output import RunOutput
+    source_id = manifest.get("run_id") or posixpath.basename(root.rstrip("/"))
+    parent = run_uri.rstrip("/").rsplit("/", 1)[0] if "/" in run_uri.rstrip("/") else "."
+    return source_id, RunOutput(output_uri or parent, run_id or f"{source_id}-{suffix}", cfg.storage).open(overwrite)
+
+
+def read_run_config(run_uri: str, overrides: list[str]):
+    """The config of the complete run at ``run_uri`` with ``overrides`` applied and
+    ``explain.enabled`` on; raises ConfigError for a missing or incomplete run."""
+    return read_run(run_uri, overrides, "explain",
+                    prepare=lambda raw: raw.setdefault("explain", {}).__setitem__("enabled", True))
 
 
 def explain_run(run_uri: str, overrides: Optional[list[str]] = None, *, output_uri: Optional[str] = None,
@@ -52,15 +71,12 @@ def explain_run(run_uri: str, overrides: Optional[list[str]] = None, *, output_u
 
     from .core.explain_values import explain_values
     from .pipeline import load_data, make_split
-    from .output import RunOutput
     from .report import Report
     from .report_builder import why_section
 
     t0 = time.perf_counter()
     cfg, manifest, fs, root = read_run_config(run_uri, list(overrides or []))
-    source_id = manifest.get("run_id") or posixpath.basename(root.rstrip("/"))
-    parent = run_uri.rstrip("/").rsplit("/", 1)[0] if "/" in run_uri.rstrip("/") else "."
-    out = RunOutput(output_uri or parent, run_id or f"{source_id}-explain", cfg.storage).open(overwrite)
+    source_id, out = open_beside(run_uri, manifest, root, "explain", cfg, output_uri, run_id, overwrite)
     with out:
         dataset = load_data(cfg, use_ray=False)
         split, _ = make_split(cfg, dataset)

@@ -36,7 +36,6 @@ warm-started from the previous theta. The final weights are the values (higher =
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import numpy as np
 import torch

@@ -28,7 +28,6 @@ from typing import Iterator, Optional, Protocol
 
 import numpy as np
 
-import numpy as np
 import torch
 
 
