@@ -243,6 +243,8 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
                 r = loo_of(values, effects)
                 figures[label] |= {"loo": r["metric"], "loo_loss": r.get("loss", float("nan"))}
         for label, fig in figures.items():
+            log.info("%s: checks of %s: %s", where, label,
+                     ", ".join(f"{k} {fig[k]:.3f}" for k in CHECK_METRICS if k in fig))
             for k in CHECK_METRICS:
                 if k in fig:
                     out.rows.append((int(seed), CHECKS, label, k, float(fig[k])))
