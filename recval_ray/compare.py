@@ -493,7 +493,7 @@ def _data_info(u: _Unit, with_warnings: bool = True) -> dict:
     d = {"format": u.cfg.data.format, "users": u.dataset.n_users, "items": u.dataset.n_items,
          "train": len(split.train), "valid": len(split.valid), "test": len(split.test),
          "injected_noise": int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0,
-         "split_varies": not u.fixed_data}
+         "noise_kind": u.cfg.noise.kind, "split_varies": not u.fixed_data}
     if with_warnings:
         d["warnings"] = list(u.dataset.warnings) + sorted({w for o in u.outcomes for w in o.warnings})
     return d

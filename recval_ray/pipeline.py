@@ -708,7 +708,8 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                 if counts is not None:
                     metrics["keep_drop"] = counts
                     if valuation.whole_log is not None:
-                        valued = sum(metrics["coverage"]["rows_valued"].values()) - metrics["data"]["injected_noise"]
+                        injected = metrics["data"]["injected_noise"] if cfg.noise.kind == "injected" else 0
+                        valued = sum(metrics["coverage"]["rows_valued"].values()) - injected
                         metrics["coverage"]["input_rows"] = counts["input_rows"]
                         metrics["coverage"]["input_rows_not_valued"] = counts["input_rows"] - valued
                         metrics["coverage"]["not_valued_why"] = (
@@ -832,7 +833,8 @@ def build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, wa
         "method": cfg.valuation.method, "model": cfg.model.kind,
         "data": {"format": cfg.data.format, "users": dataset.n_users, "items": dataset.n_items,
                  "train": len(split.train), "valid": len(split.valid), "test": len(split.test),
-                 "injected_noise": n_noise, "warnings": list(dataset.warnings) + list(warnings)},
+                 "injected_noise": n_noise, "noise_kind": cfg.noise.kind,
+                 "warnings": list(dataset.warnings) + list(warnings)},
         "test": test, **({"evaluation": sample} if sample else {}), "relative": relative,
         "training": {"base": training_summary(base)} | pruned.training,
         "prune": {"strategy": cfg.prune.strategy, "scope": cfg.prune.scope, "dropped": int((~pruned.keep).sum()),

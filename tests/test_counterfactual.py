@@ -231,3 +231,30 @@ def test_lds_with_the_stacked_engine_in_a_run(tmp_path):
              "valuation.method=random", "valuation.checks.lds.engine=stacked", "valuation.checks.lds.subsets=6")
     r = m["checks"]["lds"]["methods"]["random"]["metric"]
     assert len(r["actual"]) == 6 and np.ptp(r["actual"]) > 0 and np.isfinite(r["lds"])
+
+
+def test_a_run_under_natural_noise_flags_low_ratings_and_evaluates_on_high_ones(tmp_path):
+    import json
+    import pyarrow.parquet as pq
+    from recval_ray.config import load_config
+    from recval_ray.pipeline import run_job
+    rng = np.random.default_rng(0)
+    users, items = np.repeat(np.arange(80), 25), np.concatenate([rng.choice(120, 25, replace=False) for _ in range(80)])
+    rating = rng.integers(1, 6, len(users))
+    path = tmp_path / "log.csv"
+    path.write_text("u,i,r\n" + "".join(f"user{u},item{i},{r}\n" for u, i, r in zip(users, items, rating)))
+    from pathlib import Path
+    job = str(Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml")
+    cfg = load_config(job, ["data={format: csv, path: " + str(path) + ", columns: {user: u, item: i, rating: r}}",
+                            "noise={kind: natural, natural: {rating_at_most: 2}}", "valuation.method=oracle",
+                            "train.epochs=3", "verdict.enabled=false", "output.report=false"])
+    run_job(cfg, run_id="nat", output_uri=str(tmp_path), use_ray=False)
+    m = json.loads((tmp_path / "nat" / "metrics.json").read_text())
+    assert m["data"]["noise_kind"] == "natural"
+    values = pq.read_table(tmp_path / "nat" / "values").to_pydict()
+    low = np.asarray(values["rating"]) <= 2
+    assert low.any() and np.array_equal(np.asarray(values["is_noise"]), low)    # the flag is the low rating
+    assert m["noise_detection"]["auc"] == 1.0                                   # the oracle finds them all
+    for part in ("valid", "test"):
+        r = np.asarray(pq.read_table(tmp_path / "nat" / "splits" / part).column("rating").to_pylist(), dtype=float)
+        assert len(r) and (r > 2).all()
