@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .core.counterfactual import lds, per_user_lds, subset_mask
+from .core.counterfactual import lds_of_effects, per_user_lds_of_effects, subset_effects, subset_mask
 from .core.data import Split
 from .core.evaluation import eligible_users, evaluation_users, per_user_metric
 from .core.executor import LocalExecutor
@@ -36,21 +36,17 @@ def lds_metric(cfg: JobConfig) -> str:
     return cfg.checks.lds.metric or cfg.train.select_metric
 
 
-def _seeded(cfg: JobConfig, seed: int) -> JobConfig:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
-
-
-def _outcomes(cfg: JobConfig, split: Split, model, task, kept) -> dict:
+def _outcomes(cfg: JobConfig, split: Split, model, task, kept, seed: int) -> dict:
     """A check model's outcomes: per-user validation metric (the split's evaluation users, in
     order) and, for a BPR task, the mean BPR loss of the validation rows (negatives from a
-    stream seeded by the check's seed alone: the same for every model)."""
-    out = {"valid": per_user_metric(model, split, cfg.evaluate, lds_metric(cfg), "valid", context=[kept]),
+    stream seeded by the check's ``seed`` alone: the same for every model). ``kept``: the
+    rows the model read as the users' histories (None: the whole training set)."""
+    out = {"valid": per_user_metric(model, split, cfg.evaluate, lds_metric(cfg), "valid",
+                                    context=None if kept is None else [kept]),
            "loss": None}
     if hasattr(task, "pair_losses") and len(split.valid):
-        from .core.crossfit import heldout_losses
-        from .core.train import TrainResult
-        res = TrainResult(task=task, history=[], best_epoch=0, best_valid=float("nan"))
-        out["loss"] = float(np.mean(heldout_losses(res, split.valid, [int(cfg.checks.lds.seed), 0x4C4F], 1)))
+        from .core.crossfit import task_losses
+        out["loss"] = float(np.mean(task_losses(task, split.valid, [int(seed), 0x4C4F], 1)))
     return out
 
 
@@ -64,7 +60,7 @@ def subset_training(shared, item: dict) -> dict:
     kept = training_rows(cfg.model.kind, split.train, keep)
     tcfg = dataclasses.replace(cfg.train, epochs=int(epochs), seed=int(item["seed"]))
     res = fit(build_task(cfg.model, kept, tcfg), tcfg, valid=None, track_losses=False)
-    return _outcomes(cfg, split, res.model, res.task, kept)
+    return _outcomes(cfg, split, res.model, res.task, kept, lc.seed)
 
 
 def _stacked_subsets(cfg: JobConfig, split: Split, epochs: int, seed: int) -> list:
@@ -86,7 +82,7 @@ def _stacked_subsets(cfg: JobConfig, split: Split, epochs: int, seed: int) -> li
     out = []
     for j in range(lc.subsets):
         kept = training_rows(cfg.model.kind, split.train, ~drop[j].numpy())
-        out.append(_outcomes(cfg, split, stack.load(module, j), None, kept))
+        out.append(_outcomes(cfg, split, stack.load(module, j), None, kept, lc.seed))
     return out
 
 
@@ -99,12 +95,6 @@ def train_subsets(cfg: JobConfig, split: Split, epochs: int, executor=None,
     items = [{"j": j, "seed": int(cfg.train.seed) + s} for j in range(lc.subsets) for s in range(lc.seeds)]
     out: list = [None] * len(items)
     t0 = time.perf_counter()
-    if lc.engine == "stacked":
-        per_seed = [_stacked_subsets(cfg, split, epochs, int(cfg.train.seed) + s) for s in range(lc.seeds)]
-        for j in range(lc.subsets):
-            for s in range(lc.seeds):
-                out[j * lc.seeds + s] = per_seed[s][j]
-        executor = _Done()
 
     def done(i, result):
         out[i] = result
@@ -112,7 +102,12 @@ def train_subsets(cfg: JobConfig, split: Split, epochs: int, executor=None,
             n = sum(r is not None for r in out)
             el = time.perf_counter() - t0
             progress(f"lds: {n}/{len(items)} subset models trained ({el:.0f} s, ~{el / n * (len(items) - n):.0f} s left)")
-    (executor or LocalExecutor()).map(subset_training, (cfg, split, epochs), items, done)
+    if lc.engine == "stacked":
+        for s in range(lc.seeds):
+            for j, result in enumerate(_stacked_subsets(cfg, split, epochs, int(cfg.train.seed) + s)):
+                done(j * lc.seeds + s, result)
+    else:
+        (executor or LocalExecutor()).map(subset_training, (cfg, split, epochs), items, done)
     valid = np.stack([np.mean([out[j * lc.seeds + s]["valid"] for s in range(lc.seeds)], axis=0)
                       for j in range(lc.subsets)])
     has_loss = all(r["loss"] is not None for r in out)
@@ -125,28 +120,23 @@ def train_subsets(cfg: JobConfig, split: Split, epochs: int, executor=None,
             "seconds": time.perf_counter() - t0}
 
 
-class _Done:
-    """An executor whose items are already done (the stacked engine trained them)."""
-
-    def map(self, fn, shared, items, on_result) -> None:
-        return None
-
-
-def lds_of(cfg: JobConfig, split: Split, values: np.ndarray, models: dict) -> dict:
-    """The LDS of ``values`` (one per training row) against the subset models ``models``
-    (:func:`train_subsets`): on the mean validation metric, per user, and on the negated
-    validation loss when there is one."""
+def lds_of(cfg: JobConfig, split: Split, values: dict, models: dict) -> dict:
+    """The LDS of every ``label -> values`` (one per training row) against the subset models
+    ``models`` (:func:`train_subsets`): on the mean validation metric, per user, and on the
+    negated validation loss when there is one. One pass over the subsets for every method."""
     lc = cfg.checks.lds
-    n = len(split.train)
-    masks = [subset_mask(n, lc.fraction, lc.seed, j) for j in range(lc.subsets)]
     metric = lds_metric(cfg)
-    res = lds(values, masks, models["valid"].mean(1), outcome=f"valid {metric}", fraction=lc.fraction,
-              bootstrap=lc.bootstrap, seed=lc.seed)
-    res.per_user = per_user_lds(values, split.train.user, masks, models["valid"], models["users"])
-    out = {"metric": res.as_dict()}
-    if models.get("loss") is not None:
-        out["loss"] = lds(values, masks, -np.asarray(models["loss"]), outcome="valid BPR loss (negated)",
-                          fraction=lc.fraction, bootstrap=lc.bootstrap, seed=lc.seed).as_dict()
+    effects = subset_effects(values, len(split.train), lc.fraction, lc.seed, lc.subsets,
+                             row_user=split.train.user, users=models["users"])
+    out = {}
+    for label, e in effects.items():
+        res = lds_of_effects(e["g"], models["valid"].mean(1), outcome=f"valid {metric}", fraction=lc.fraction,
+                             bootstrap=lc.bootstrap, seed=lc.seed)
+        res.per_user = per_user_lds_of_effects(e["per_user"], models["valid"], models["users"])
+        out[label] = {"metric": res.as_dict()}
+        if models.get("loss") is not None:
+            out[label]["loss"] = lds_of_effects(e["g"], -np.asarray(models["loss"]), outcome="valid BPR loss (negated)",
+                                                fraction=lc.fraction, bootstrap=lc.bootstrap, seed=lc.seed).as_dict()
     return out
 
 
@@ -174,12 +164,8 @@ def loo_training(shared, item: dict) -> dict:
         drop = torch.zeros(len(split.train), dtype=torch.bool, device=task.device)
         drop[int(item["row"])] = True
     res = fit(task, tcfg, valid=None, track_losses=False, drop_rows=drop)
-    out = {"metric": float(np.mean(per_user_metric(res.model, split, cfg.evaluate, lds_metric(cfg), "valid"))),
-           "loss": None}
-    if hasattr(task, "pair_losses") and len(split.valid):
-        from .core.crossfit import heldout_losses
-        out["loss"] = float(np.mean(heldout_losses(res, split.valid, [int(cfg.checks.loo.seed), 0x4C4F], 1)))
-    return out
+    out = _outcomes(cfg, split, res.model, task, None, cfg.checks.loo.seed)
+    return {"metric": float(np.mean(out["valid"])), "loss": out["loss"]}
 
 
 def loo_effects(cfg: JobConfig, split: Split, epochs: int, executor=None,
@@ -251,9 +237,8 @@ def run_checks(cfg: JobConfig, split: Split, valuations: list, executor=None,
     log.info("checks: LDS over %d subsets of %.0f%% of the training rows (%d training seed(s) each), "
              "validation %s", lc.subsets, 100 * lc.fraction, lc.seeds, lds_metric(cfg))
     models = train_subsets(cfg, split, loo_epochs(cfg, base_epochs), executor, progress=log.info)
-    per_method = {}
-    for label, valuation in valuations:
-        per_method[label] = lds_of(cfg, split, valuation.values, models)
+    per_method = lds_of(cfg, split, {label: v.values for label, v in valuations}, models)
+    for label in per_method:
         m = per_method[label]["metric"]
         log.info("checks: %s: LDS %.3f +- %.3f (per user %.3f +- %.3f over %d users)%s", label, m["lds"], m["se"],
                  m["per_user"]["mean"], m["per_user"]["se"], m["per_user"]["users"],

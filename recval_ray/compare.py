@@ -230,8 +230,7 @@ def compare_seed(cfg: JobConfig, dataset, seed: int, *, position: str = "", shar
             log.info("%s: LDS over %d subset models", where, cfg.checks.lds.subsets * cfg.checks.lds.seeds)
             models = train_subsets(cfg_s, split, loo_epochs(cfg_s, base.best_epoch + 1 if base.best_epoch >= 0 else None),
                                    executor, progress=log.info)
-            for label, values in out.values.items():
-                r = lds_of(cfg_s, split, values, models)
+            for label, r in lds_of(cfg_s, split, out.values, models).items():
                 figures[label] |= {"lds": r["metric"]["lds"], "lds_se": r["metric"]["se"],
                                    "lds_per_user": r["metric"]["per_user"]["mean"],
                                    "lds_loss": r["loss"]["lds"] if "loss" in r else float("nan")}

@@ -258,3 +258,18 @@ def test_a_run_under_natural_noise_flags_low_ratings_and_evaluates_on_high_ones(
     for part in ("valid", "test"):
         r = np.asarray(pq.read_table(tmp_path / "nat" / "splits" / part).column("rating").to_pylist(), dtype=float)
         assert len(r) and (r > 2).all()
+
+
+def test_subset_effects_in_one_pass_equal_the_sums_over_explicit_masks():
+    from recval_ray.core.counterfactual import subset_effects
+    rng = np.random.default_rng(1)
+    row_user = rng.integers(0, 12, 300)
+    vals = {"a": rng.standard_normal(300), "b": np.where(rng.random(300) < 0.1, np.nan, rng.standard_normal(300))}
+    users = np.array([0, 3, 5, 11])
+    got = subset_effects(vals, 300, 0.4, 7, 9, row_user=row_user, users=users)
+    masks = [subset_mask(300, 0.4, 7, j) for j in range(9)]
+    for k, v in vals.items():
+        np.testing.assert_allclose(got[k]["g"], predicted_effects(v, masks))
+        v0 = np.nan_to_num(v)
+        want = np.stack([np.bincount(row_user[m], weights=v0[m], minlength=12)[users] for m in masks])
+        np.testing.assert_allclose(got[k]["per_user"], want)

@@ -46,6 +46,24 @@ def predicted_effects(values: np.ndarray, masks) -> np.ndarray:
     return np.array([v[m].sum() for m in masks], dtype=np.float64)
 
 
+def subset_effects(values: dict, n: int, fraction: float, seed: int, subsets: int,
+                   row_user: Optional[np.ndarray] = None, users: Optional[np.ndarray] = None) -> dict:
+    """For every ``label -> values`` (one per row), ``g [M]`` (:func:`predicted_effects`) and,
+    with ``row_user``/``users``, the per-user sums ``[M, len(users)]`` of the kept rows' values:
+    one pass over the subsets, each drawn once and dropped (memory of one mask, not ``M``)."""
+    vals = {k: np.nan_to_num(np.asarray(v, dtype=np.float64), nan=0.0) for k, v in values.items()}
+    g = {k: np.empty(subsets) for k in vals}
+    per_user = {k: [] for k in vals} if row_user is not None else None
+    n_users = int(max(int(row_user.max(initial=-1)), int(np.max(users, initial=-1)))) + 1 if per_user is not None else 0
+    for j in range(subsets):
+        m = subset_mask(n, fraction, seed, j)
+        for k, v in vals.items():
+            g[k][j] = v[m].sum()
+            if per_user is not None:
+                per_user[k].append(np.bincount(row_user[m], weights=v[m], minlength=n_users)[users])
+    return {k: {"g": g[k], "per_user": np.stack(per_user[k]) if per_user is not None else None} for k in vals}
+
+
 def _ranks(a: np.ndarray) -> np.ndarray:
     from scipy.stats import rankdata
     return rankdata(a, axis=0)
@@ -108,9 +126,16 @@ def lds(values: np.ndarray, masks: list, outcomes, *, outcome: str, fraction: fl
         bootstrap: int = 1000, seed: int = 0) -> LdsResult:
     """LDS of ``values`` (one per training row) over the subsets ``masks`` with outcomes
     ``outcomes[j]`` (higher is better)."""
-    g = predicted_effects(values, masks)
+    return lds_of_effects(predicted_effects(values, masks), outcomes, outcome=outcome, fraction=fraction,
+                          bootstrap=bootstrap, seed=seed)
+
+
+def lds_of_effects(g: np.ndarray, outcomes, *, outcome: str, fraction: float, bootstrap: int = 1000,
+                   seed: int = 0) -> LdsResult:
+    """:func:`lds` from the predicted effects ``g_j`` already summed."""
+    g = np.asarray(g, dtype=np.float64)
     y = np.asarray(outcomes, dtype=np.float64)
-    return LdsResult(lds=spearman(g, y), se=bootstrap_se(g, y, bootstrap, seed), subsets=len(masks),
+    return LdsResult(lds=spearman(g, y), se=bootstrap_se(g, y, bootstrap, seed), subsets=len(g),
                      fraction=float(fraction), outcome=outcome, predicted=g.tolist(), actual=y.tolist())
 
 
@@ -122,6 +147,11 @@ def per_user_lds(values: np.ndarray, row_user: np.ndarray, masks: list, user_out
     users = np.asarray(users, dtype=np.int64)
     n_users = int(max(int(row_user.max(initial=-1)), int(users.max(initial=-1))) + 1)
     pred = np.stack([np.bincount(row_user[m], weights=v[m], minlength=n_users)[users] for m in masks])
+    return per_user_lds_of_effects(pred, user_outcomes, users)
+
+
+def per_user_lds_of_effects(pred: np.ndarray, user_outcomes: np.ndarray, users: np.ndarray) -> dict:
+    """:func:`per_user_lds` from the per-user sums ``pred [M, users]`` already summed."""
     rho = per_user_spearman(pred, np.asarray(user_outcomes, dtype=np.float64))
     ok = rho[np.isfinite(rho)]
     return {"mean": float(ok.mean()) if len(ok) else float("nan"),

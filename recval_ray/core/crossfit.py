@@ -109,7 +109,11 @@ def assign_folds(user: np.ndarray, n_users: int, k: int, seed) -> np.ndarray:
 def heldout_losses(result, rows: Interactions, seed, negatives: int) -> np.ndarray:
     """The BPR loss of each of ``rows`` under ``result``'s model (trained without them), against
     ``negatives`` negatives drawn by the model's own sampler from a stream seeded by ``seed``."""
-    task = result.task
+    return task_losses(result.task, rows, seed, negatives)
+
+
+def task_losses(task, rows: Interactions, seed, negatives: int) -> np.ndarray:
+    """:func:`heldout_losses` of a task's current model."""
     if not hasattr(task, "pair_losses"):
         raise ValueError("valuation.coverage: all scores rows a model was not trained on, which needs a "
                          "BPR-trained model (model.kind mf or lightgcn)")

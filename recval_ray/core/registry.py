@@ -48,8 +48,7 @@ class Registry:
           the method's estimated peak memory, checked after the split, before training),
           ``report_sections``, ``work_items``, ``from_training_losses`` (values read from the
           base model's recorded training losses, no training of its own: the verdict tries its
-          prunings by default), ``control`` (a control for the checks of values, not a method:
-          ``random`` and ``oracle``)."""
+          prunings by default)."""
         def deco(factory):
             self._entries[name] = Entry(name, options, factory, dict(meta))
             return factory

@@ -131,7 +131,8 @@ class NegativeSampler:
             seg = keys[a:a + self.CHUNK]
             seg -= np.arange(a, a + len(seg), dtype=np.int64) - start[seg // n_items]
         self.n_items = train.n_items
-        self.keys_buffer = buf[:front + len(keys) + back]
+        # kept only for a subclass that asked for sentinel slots (it takes them, then drops this)
+        self.keys_buffer = buf[:front + len(keys) + back] if (front or back) else None
         self.qkeys = torch.from_numpy(keys).to(device)
         self.start = torch.as_tensor(start, device=device)
         self.free = torch.as_tensor(train.n_items - counts, device=device)

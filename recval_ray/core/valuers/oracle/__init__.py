@@ -53,6 +53,6 @@ def _check(job) -> None:
                          "(injected) or noise.kind: natural")
 
 
-@register_valuer("oracle", OracleConfig, control=True, check=_check)
+@register_valuer("oracle", OracleConfig, check=_check)
 def build_oracle(opts: OracleConfig) -> OracleValuer:
     return OracleValuer(opts)

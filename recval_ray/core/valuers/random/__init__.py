@@ -39,6 +39,6 @@ class RandomValuer(Valuer):
         return Valuation(method=self.name, values=values, info=RandomInfo(seed=seed))
 
 
-@register_valuer("random", RandomConfig, control=True)
+@register_valuer("random", RandomConfig)
 def build_random(opts: RandomConfig) -> RandomValuer:
     return RandomValuer(opts)
