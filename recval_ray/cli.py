@@ -111,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
                  "<run id>-check).",
                  "--set valuation.checks.lds.subsets=100 --set valuation.checks.actors=2", "check", no_ray=True)
 
+    upd = sub.add_parser("update", help="value a newly arrived log against an earlier run (a new run)",
+                         description="The job's data: is the new log; the base run's manifest and state/ supply "
+                                     "its config, id maps, splits, weights and method state. New users and items "
+                                     "join the id maps, the base model is fine-tuned on old + new rows "
+                                     "(update.epochs), every row is valued again by the method's own pass, and "
+                                     "values/ (is_new, valued_by), pruned/, keep/, drop/, splits/, state/, "
+                                     "metrics.json, report.html and manifest.json (last, with the lineage back to "
+                                     "the first full run) are written under OUTPUT/RUN_ID/ (default: next to the "
+                                     "base run, run id: the job's name).")
+    _common(upd)
+    upd.add_argument("--base", required=True, metavar="RUN_URI",
+                     help="the earlier run (a `recval run` or `recval update` output): a local path or s3://...")
+    _output_args(upd, "the job's name (else <base run id>-update)", output_default="the base run's parent",
+                 address=False)
+
     sbm = sub.add_parser("submit", help="submit a job to a Ray cluster (Jobs API) and print its id",
                          description="Validate the job here, then submit `python -m recval_ray.cli run JOB` "
                                      "to the cluster's dashboard with a runtime_env: the working dir, the "
@@ -173,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
             result = check_run(args.run, args.overrides, output_uri=args.output, run_id=args.run_id,
                                overwrite=args.overwrite, use_ray=not args.no_ray)
             print(f"check written to {result['uri']}")
+            print(result["headline"])
+            return 0
+        if args.command == "update":
+            from .update_run import update_run
+            result = update_run(args.job, args.base, args.overrides, output_uri=args.output, run_id=args.run_id,
+                                overwrite=args.overwrite, use_ray=not args.no_ray)
+            print(f"update written to {result['uri']}")
             print(result["headline"])
             return 0
         from .config import load_config

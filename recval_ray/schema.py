@@ -136,6 +136,7 @@ class OutputConfig:
     overwrite: bool = False
     report: bool = True
     checkpoints: bool = False
+    state: bool = True      # state/: id maps, split codes, values, weights, method state (what `recval update` reads)
 
 
 @dataclass
@@ -246,6 +247,25 @@ class ChecksConfig:
 
 
 @dataclass
+class UpdateConfig:
+    """``recval update JOB --base RUN``: value newly arrived rows against an earlier run.
+
+    ``mode``: ``warm`` (the base run's selected weights fine-tuned for ``epochs`` epochs on old +
+    new rows, at ``lr``, null: ``train.lr``, with a batch stream of its own seeded by ``train.seed``
+    and the update's depth in the lineage) or ``full`` (train from scratch on old + new rows with
+    ``train.*``, no state reused: the reference a warm update is measured against)."""
+    mode: Literal["warm", "full"] = "warm"
+    epochs: int = 2
+    lr: Optional[float] = None
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"update.epochs: {self.epochs} must be >= 1")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"update.lr: {self.lr} must be > 0 (or null: train.lr)")
+
+
+@dataclass
 class JobConfig:
     name: str
     data: DataConfig = field(default_factory=DataConfig)
@@ -264,6 +284,7 @@ class JobConfig:
     explain: ExplainConfig = field(default_factory=ExplainConfig)   # surrogate Shapley explanation of the values
     verdict: VerdictConfig = field(default_factory=VerdictConfig)   # keep or prune: candidates, decision, test report
     checks: ChecksConfig = field(default_factory=ChecksConfig)      # written valuation.checks (one section for every method)
+    update: UpdateConfig = field(default_factory=UpdateConfig)      # recval update: how new rows are valued
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -504,6 +525,7 @@ def check_semantics(cfg: JobConfig) -> None:
             raise ConfigError(f"split.ratios: {r} must be 2 or 3 non-negative fractions summing to 1")
     if not 0 <= cfg.noise.ratio <= 10:
         raise ConfigError(f"noise.ratio: {cfg.noise.ratio} must be in [0, 10]")
+    cfg.update.validate()
     lc = cfg.checks.lds
     if lc.subsets < 0 or lc.subsets == 1 or lc.subsets == 2:
         raise ConfigError(f"valuation.checks.lds.subsets: {lc.subsets}: 0 (off) or at least 3 (a rank correlation "

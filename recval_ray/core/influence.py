@@ -223,14 +223,16 @@ def lissa(H: Callable, v: torch.Tensor, damping: float, scale: float, depth: int
 
 def inverse_hvp(obj: Objective, theta: torch.Tensor, v: torch.Tensor, *, w=None, damping: float = 0.01,
                 solver: str = "cg", tol: float = 1e-6, max_iter: int = 200, scale: Optional[float] = None,
-                depth: int = 1000, seed: int = 0,
+                depth: int = 1000, seed: int = 0, x0: Optional[torch.Tensor] = None,
                 progress: Optional[Callable[[str], None]] = None) -> tuple[torch.Tensor, dict]:
     """``(H_w + damping I)^-1 v`` with CG or LiSSA; info carries the true relative residual.
-    ``progress``: CG's per-iteration report."""
+    ``x0``: CG's starting point (e.g. an earlier run's solve: ``recval update``); ``progress``:
+    CG's per-iteration report."""
     A = hvp_fn(obj, theta, w, damping)
     t0 = time.perf_counter()
     if solver == "cg":
-        x, info = conjugate_gradient(A, v, tol, max_iter, progress=progress)
+        x, info = conjugate_gradient(A, v, tol, max_iter, x0=x0, progress=progress)
+        info["warm_start"] = x0 is not None
     elif solver == "lissa":
         if scale is None:
             # (H + damping) / scale must have its spectrum in (0, 2): 1.05 (|lambda|_max + damping)
@@ -243,13 +245,17 @@ def inverse_hvp(obj: Objective, theta: torch.Tensor, v: torch.Tensor, *, w=None,
     return x, info
 
 
-def influence_values(obj: Objective, theta: Optional[torch.Tensor] = None, **solve) -> tuple[np.ndarray, dict]:
+def influence_values(obj: Objective, theta: Optional[torch.Tensor] = None, solution: Optional[list] = None,
+                     **solve) -> tuple[np.ndarray, dict]:
     """``value_i = grad L_val^T (H + lambda I)^-1 grad l_i`` at ``theta`` (default ``obj.theta``),
-    ``~= L_val(without i) - L_val(with i)``. ``solve``: :func:`inverse_hvp` options."""
+    ``~= L_val(without i) - L_val(with i)``. ``solve``: :func:`inverse_hvp` options (``x0``: a
+    starting point); ``solution``: a list the solve ``s`` is appended to (what an update reuses)."""
     theta = obj.theta if theta is None else theta
     t0 = time.perf_counter()
     g_val = grad(obj.val_loss)(theta).detach()
     s, info = inverse_hvp(obj, theta, g_val, **solve)
+    if solution is not None:
+        solution.append(s)
     t1 = time.perf_counter()
     vals = per_example_dots(obj, theta, s)
     info.update(grad_val_norm=float(torch.linalg.vector_norm(g_val)),

@@ -48,7 +48,10 @@ class Registry:
           the method's estimated peak memory, checked after the split, before training),
           ``report_sections``, ``work_items``, ``from_training_losses`` (values read from the
           base model's recorded training losses, no training of its own: the verdict tries its
-          prunings by default)."""
+          prunings by default), ``updates`` (how ``recval update`` values new rows with it:
+          ``"refresh"``: the method's own pass over the fine-tuned model values every row, new
+          and old, reusing what the base run saved in ``Valuation.state`` through
+          ``ValuationContext.prior``; absent: the method has no incremental form)."""
         def deco(factory):
             self._entries[name] = Entry(name, options, factory, dict(meta))
             return factory

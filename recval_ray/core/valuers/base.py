@@ -39,6 +39,9 @@ class ValuationContext:
     dataset: Optional[Any] = None
     store: Optional[Any] = None     # a ShardStore for resumable work (None: no resume)
     distributed: Optional[Any] = None   # a core.ports.Distributed (None: in this process)
+    # ``recval update``: the base run's saved method state (``Valuation.state`` of the base run,
+    # each tensor zero-padded to the grown model's shape); None in a full run
+    prior: Optional[dict] = None
 
 
 @dataclass
@@ -191,6 +194,9 @@ class Valuation:
     value_se: Optional[np.ndarray] = None       # standard error of each value (repeated estimates)
     n_estimates: Optional[int] = None           # how many estimates (seeds, samples) each value averages
     whole_log: Optional[Any] = None             # valuation.coverage: all: a core.crossfit.WholeLog
+    # what a later ``recval update`` reuses (saved in the run's state/valuer.pt): tensors keyed
+    # by model parameter name, padded for new users and items, e.g. influence's solve
+    state: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.values = np.asarray(self.values, dtype=np.float64)

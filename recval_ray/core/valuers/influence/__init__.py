@@ -107,9 +107,11 @@ class InfluenceValuer(Valuer):
             if ctx.progress:
                 ctx.progress(f"influence: refined {rinfo['iterations']} L-BFGS iterations, "
                              f"|grad| = {rinfo['grad_norm']:.2e}")
-        values, sinfo = influence_values(obj, theta, damping=opts.damping, solver=opts.solver, tol=opts.cg_tol,
-                                         max_iter=opts.cg_max_iter, scale=opts.lissa_scale,
-                                         depth=opts.lissa_depth, seed=seed, progress=ctx.progress)
+        x0 = warm_start(obj, ctx.prior) if opts.solver == "cg" else None
+        solution: list = []
+        values, sinfo = influence_values(obj, theta, solution=solution, damping=opts.damping, solver=opts.solver,
+                                         tol=opts.cg_tol, max_iter=opts.cg_max_iter, scale=opts.lissa_scale,
+                                         depth=opts.lissa_depth, seed=seed, x0=x0, progress=ctx.progress)
         info["solve"] = sinfo
         info["seconds"] = time.perf_counter() - t0
         if sinfo.get("negative_curvature"):
@@ -121,10 +123,24 @@ class InfluenceValuer(Valuer):
             ctx.progress(f"influence: {sinfo['solver']} {sinfo['iterations']} iterations, "
                          f"residual {sinfo.get('residual', float('nan')):.2e}, {info['seconds']:.1f} s")
         loss = obj.losses(theta).cpu().numpy().astype(np.float64)
+        state = {"solve": {k: v.detach().float().cpu().clone() for k, v in obj.unflatten(solution[0]).items()}}
         return Valuation(method=self.name, values=values, columns={"influence": values, "train_loss": loss},
-                         info=info)
+                         info=info, state=state)
 
 
-@register_valuer("influence", InfluenceConfig)
+def warm_start(obj, prior: Optional[dict]):
+    """CG's starting point from an earlier run's solve (``recval update``: ``prior["solve"]``,
+    per parameter, already padded with zeros for new users and items), flattened in the
+    objective's parameter order; None without one."""
+    if not prior or "solve" not in prior:
+        return None
+    import torch
+    solve = prior["solve"]
+    if any(n not in solve or tuple(solve[n].shape) != tuple(s) for n, s in zip(obj.names, obj.shapes)):
+        return None       # another model's solve: start from zero
+    return torch.cat([solve[n].reshape(-1) for n in obj.names]).to(dtype=obj.theta.dtype, device=obj.theta.device)
+
+
+@register_valuer("influence", InfluenceConfig, updates="refresh")
 def build_influence(opts: InfluenceConfig) -> InfluenceValuer:
     return InfluenceValuer(opts)

@@ -89,6 +89,6 @@ class PLDValuer(Valuer):
         return Valuation(method=self.name, values=-z, columns={"train_loss": loss, "loss_z": z}, info=info)
 
 
-@register_valuer("pld", PLDValuerConfig, from_training_losses=True, report_sections=("recval_ray.core.valuers.pld.report:section",))
+@register_valuer("pld", PLDValuerConfig, from_training_losses=True, updates="refresh", report_sections=("recval_ray.core.valuers.pld.report:section",))
 def build_pld(opts: PLDValuerConfig) -> PLDValuer:
     return PLDValuer(opts)

@@ -52,6 +52,6 @@ class SmallLossValuer(Valuer):
                                             selected_epoch=int(ctx.base.best_epoch)))
 
 
-@register_valuer("small-loss", SmallLossConfig, from_training_losses=True)
+@register_valuer("small-loss", SmallLossConfig, from_training_losses=True, updates="refresh")
 def build_small_loss(opts: SmallLossConfig) -> SmallLossValuer:
     return SmallLossValuer(opts)
