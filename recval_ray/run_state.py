@@ -108,7 +108,7 @@ def _read_rows(fs, path: str, n_users: int, n_items: int) -> tuple[Interactions,
         raise ConfigError(f"{path}: no state files")
 
     def col(name, dtype):
-        return tab[name].to_numpy().astype(dtype, copy=False) if name in tab.column_names else None
+        return np.array(tab[name].to_numpy(), dtype=dtype) if name in tab.column_names else None   # writable
     part = Interactions(col("user", np.int32), col("item", np.int32), n_users, n_items,
                         rating=col("rating", np.float32), timestamp=col("timestamp", np.int64),
                         is_noise=col("is_noise", bool))

@@ -253,10 +253,13 @@ class UpdateConfig:
     ``mode``: ``warm`` (the base run's selected weights fine-tuned for ``epochs`` epochs on old +
     new rows, at ``lr``, null: ``train.lr``, with a batch stream of its own seeded by ``train.seed``
     and the update's depth in the lineage) or ``full`` (train from scratch on old + new rows with
-    ``train.*``, no state reused: the reference a warm update is measured against)."""
+    ``train.*``, no state reused: the reference a warm update is measured against);
+    ``reuse_state``: start the method from the base run's saved state (influence: CG from the
+    base solve; false: from zero, e.g. to measure what the reuse saves)."""
     mode: Literal["warm", "full"] = "warm"
     epochs: int = 2
     lr: Optional[float] = None
+    reuse_state: bool = True
 
     def validate(self) -> None:
         if self.epochs < 1:

@@ -152,6 +152,23 @@ def grown_split(state, dataset, users_codes, items_codes, n_users: int, n_items:
         "repeats_base_training_pair": int(in_train.sum()), "repeats_base_held_out_pair": int((held & ~in_train).sum())}
 
 
+def read_new_log(cfg, state, use_ray: bool):
+    """The new log's Dataset; an input without a single row (a quiet day's partition) is no new
+    rows, over the base run's fields and id types."""
+    from .core.data import Dataset, Interactions
+    from .core.errors import EmptyInputError
+    from .pipeline import load_data
+    try:
+        return load_data(cfg, use_ray=use_ray)
+    except EmptyInputError:
+        fields = set(state.info.get("fields") or [])
+        e = np.zeros(0, np.int64)
+        rows = Interactions(e, e, 0, 0, rating=np.zeros(0, np.float32) if "rating" in fields else None,
+                            timestamp=e if "timestamp" in fields else None)
+        return Dataset(interactions=rows, user_ids=pa.array([], state.user_ids.type),
+                       item_ids=pa.array([], state.item_ids.type))
+
+
 def warm_task(cfg, split, state, train_cfg):
     """The task of ``model.kind`` on the grown training rows with the base run's weights copied
     into the leading block of every tensor (:func:`~.core.update.grow_state`)."""
@@ -178,7 +195,7 @@ def update_run(job_path: str, base_uri: str, overrides: Optional[list[str]] = No
     from .core.valuers.base import Valuation, ValuationContext
     from .core.data import Dataset
     from .output import RunOutput, read_manifest
-    from .pipeline import PruneOutcome, load_data, prune_masks, train as train_from_scratch, write_outputs, \
+    from .pipeline import PruneOutcome, prune_masks, train as train_from_scratch, write_outputs, \
         values_table
     from .profile import Profiler
     from .registry import VALUERS
@@ -219,7 +236,7 @@ def update_run(job_path: str, base_uri: str, overrides: Optional[list[str]] = No
     try:
         with out:
             with prof.stage("ingest") as st:
-                dataset = load_data(cfg, use_ray=use_ray)
+                dataset = read_new_log(cfg, state, use_ray)
                 st.rows = len(dataset.interactions)
                 _check_schema(state, dataset, source)
                 u_codes, user_ids, new_users = extend_ids(state.user_ids, dataset.user_ids, "user", source)
@@ -259,9 +276,12 @@ def update_run(job_path: str, base_uri: str, overrides: Optional[list[str]] = No
                 else:
                     shapes = {n: tuple(p.shape) for n, p in res.model.named_parameters()}
                     prior = None
-                    if cfg.update.mode == "warm" and state.valuer:
-                        prior = {k: (pad_like(v, {n: shapes[n] for n in v if n in shapes})
-                                     if isinstance(v, dict) else v) for k, v in state.valuer.items()}
+                    if cfg.update.mode == "warm" and cfg.update.reuse_state and state.valuer:
+                        # entries keyed by parameter name grow with the model (zeros for new
+                        # users and items); anything else passes as saved
+                        prior = {k: ({n: (pad_like({n: t}, {n: shapes[n]})[n] if n in shapes else t)
+                                      for n, t in v.items()} if isinstance(v, dict) else v)
+                                 for k, v in state.valuer.items()}
                     valuer = VALUERS.get(method).factory(cfg.valuation)
                     ctx = ValuationContext(split=split, base=res, model_cfg=cfg.model, train_cfg=train_cfg,
                                            eval_cfg=cfg.evaluate, seed=cfg.train.seed, prior=prior,

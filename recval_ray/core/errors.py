@@ -60,3 +60,7 @@ class OutputVerificationError(RecvalError):
     """Storage does not hold what the run wrote (a lost or truncated object): nothing is published."""
 
     exit_code = 1
+
+
+class EmptyInputError(InputError):
+    """The input holds no interactions at all (``recval update`` reads it as no new rows)."""

@@ -149,6 +149,7 @@ def conjugate_gradient(A: Callable, b: torch.Tensor, tol: float = 1e-6, max_iter
     p = r.clone()
     rr = torch.dot(r, r)
     bn = float(torch.linalg.vector_norm(b)) or 1.0
+    start = math.sqrt(float(rr)) / bn           # 1 from zero; below 1 when x0 is a head start
     it, neg = 0, False
     t_start = time.perf_counter()
     while it < max_iter and math.sqrt(float(rr)) > tol * bn:
@@ -168,8 +169,8 @@ def conjugate_gradient(A: Callable, b: torch.Tensor, tol: float = 1e-6, max_iter
             progress(f"CG iteration {it}/{max_iter}: relative residual {math.sqrt(float(rr)) / bn:.2e} "
                      f"(target {tol:.0e}), {(time.perf_counter() - t_start) / it:.1f} s per Hessian-vector product")
     res = math.sqrt(float(rr)) / bn
-    return x, {"solver": "cg", "iterations": it, "residual": res, "converged": res <= tol,
-               "negative_curvature": neg}
+    return x, {"solver": "cg", "iterations": it, "residual": res, "initial_residual": start,
+               "converged": res <= tol, "negative_curvature": neg}
 
 
 def power_iteration(A: Callable, dim_like: torch.Tensor, iters: int = 30, seed: int = 0) -> float:
@@ -315,14 +316,17 @@ class ModelObjective(Objective):
 def model_objective(task, train: Interactions, valid: Interactions, *, seed: int,
                     negatives: Optional[int] = None, valid_negatives: int = 4,
                     validation: str = "loss", penalty: float = 0.0,
-                    dtype: torch.dtype = torch.float64, chunk: int = 1 << 17) -> ModelObjective:
+                    dtype: torch.dtype = torch.float64, chunk: int = 1 << 17,
+                    kept_negatives: Optional[dict] = None) -> ModelObjective:
     """The :class:`Objective` of a trained MF-BPR (``BPRTask`` with plain BPR) or NeuMF task:
     theta = the model's parameters (a float64 copy); every training row gets ``negatives``
     (default: the task's) items outside the user's training items, and every validation row
     ``valid_negatives`` items outside its train and validation items, drawn once from
     ``seed``; ``validation``: ``loss`` (the model's loss without regulariser) or ``softmax``
     (mean -log softmax over all items of the validation item's score); ``penalty``: an extra
-    ``penalty/2 |theta|^2``."""
+    ``penalty/2 |theta|^2``. ``kept_negatives`` (``recval update``: an earlier objective's
+    ``{"neg", "vneg"}``): the first rows and the validation rows keep those negatives, so the
+    objective of the rows the earlier run had is the same one; only appended rows draw theirs."""
     from .models.mf import MF, NegativeSampler
     from .models.ncf import NeuMF
     module = task.model
@@ -356,10 +360,24 @@ def model_objective(task, train: Interactions, valid: Interactions, *, seed: int
     vi = torch.as_tensor(valid.item, dtype=torch.long, device=dev)
     data = {"user": users, "item": items}
     if kind != "ncf-explicit":
-        data["neg"] = NegativeSampler(train, dev).sample(users, n_neg, seeded_generator(seed, 0))
-        both = Interactions(np.concatenate([train.user, valid.user]), np.concatenate([train.item, valid.item]),
-                            train.n_users, train.n_items)
-        vneg = NegativeSampler(both, dev).sample(vu, max(1, int(valid_negatives)), seeded_generator(seed, 1))
+        kept = kept_negatives or {}
+        old_neg, old_vneg = kept.get("neg"), kept.get("vneg")
+        if old_neg is not None and (old_neg.shape[0] > len(train) or old_neg.shape[1] != n_neg):
+            old_neg = None                      # another objective's: draw every row's
+        if old_neg is None:
+            data["neg"] = NegativeSampler(train, dev).sample(users, n_neg, seeded_generator(seed, 0))
+        else:
+            nb = int(old_neg.shape[0])
+            fresh = NegativeSampler(train, dev).sample(users[nb:], n_neg, seeded_generator(seed, 2)) \
+                if nb < len(train) else users.new_zeros((0, n_neg))
+            data["neg"] = torch.cat([old_neg.to(device=dev, dtype=torch.long), fresh])
+        if old_vneg is not None and old_vneg.shape == (len(valid), max(1, int(valid_negatives))):
+            vneg = old_vneg.to(device=dev, dtype=torch.long)
+        else:
+            both = Interactions(np.concatenate([train.user, valid.user]), np.concatenate([train.item, valid.item]),
+                                train.n_users, train.n_items)
+            vneg = NegativeSampler(both, dev).sample(vu, max(1, int(valid_negatives)), seeded_generator(seed, 1))
+        data["vneg"] = vneg
     else:
         if train.rating is None or valid.rating is None:
             raise ValueError("explicit NeuMF influence needs ratings on train and validation")

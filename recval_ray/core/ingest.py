@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .options import Columns, DataConfig
-from .errors import InputError
+from .errors import EmptyInputError, InputError
 from .data import Dataset, Interactions, encode_ids, index_dtype
 from .formats import (PARTS, SHOW, SOURCE, data_files, from_table, hidden_data_files, parse_file,
                       source_columns)
@@ -299,7 +299,7 @@ class DatasetBuilder:
         n_total = sum(b.n for b in blocks)
         files = list(dict.fromkeys(b.file for b in blocks))
         if not blocks or n_total == 0:
-            raise InputError("the input has no interactions" + (f" ({len(files)} files read)" if files else ""),
+            raise EmptyInputError("the input has no interactions" + (f" ({len(files)} files read)" if files else ""),
                              file=files[0] if len(files) == 1 else None)
         cols = source_columns(cfg)
         self._starts = np.r_[0, np.cumsum([b.n for b in blocks])[:-1]].astype(np.int64)

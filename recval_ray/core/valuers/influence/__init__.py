@@ -84,8 +84,9 @@ def objective_of(ctx: ValuationContext, opts) -> tuple:
     seed = int(opts.seed if opts.seed is not None else ctx.train_cfg.seed)
     task = ctx.base.task
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    kept = (ctx.prior or {}).get("negatives")
     obj = model_objective(task, ctx.split.train, ctx.split.valid, seed=seed, negatives=opts.negatives,
-                          valid_negatives=opts.valid_negatives, validation=opts.validation)
+                          valid_negatives=opts.valid_negatives, validation=opts.validation, kept_negatives=kept)
     return obj, seed
 
 
@@ -93,6 +94,7 @@ class InfluenceValuer(Valuer):
     name = "influence"
 
     def value(self, ctx: ValuationContext) -> Valuation:
+        import torch
         opts: InfluenceConfig = self.options
         t0 = time.perf_counter()
         obj, seed = objective_of(ctx, opts)
@@ -123,7 +125,10 @@ class InfluenceValuer(Valuer):
             ctx.progress(f"influence: {sinfo['solver']} {sinfo['iterations']} iterations, "
                          f"residual {sinfo.get('residual', float('nan')):.2e}, {info['seconds']:.1f} s")
         loss = obj.losses(theta).cpu().numpy().astype(np.float64)
-        state = {"solve": {k: v.detach().float().cpu().clone() for k, v in obj.unflatten(solution[0]).items()}}
+        # what an update reuses: the solve per parameter, and the objective's negatives (its old
+        # rows keep them, so their part of the objective is this one)
+        state = {"solve": {k: v.detach().float().cpu().clone() for k, v in obj.unflatten(solution[0]).items()},
+                 "negatives": {k: obj.data[k].to(torch.int32).cpu() for k in ("neg", "vneg") if k in obj.data}}
         return Valuation(method=self.name, values=values, columns={"influence": values, "train_loss": loss},
                          info=info, state=state)
 
