@@ -57,13 +57,15 @@ def test_every_image_and_ray_version_matches_the_pin(path):
 
 
 def _cluster_spec(doc: dict) -> dict:
+    if doc["kind"] == "RayCronJob":
+        return doc["spec"]["jobTemplate"]["rayClusterSpec"]
     return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
 
 
-@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "raycronjob.yaml"])
 def test_kuberay_manifests(name):
     doc = load(CLUSTER / name)
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayCluster", "RayJob")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayCluster", "RayJob", "RayCronJob")
     spec = _cluster_spec(doc)
     assert spec["rayVersion"].startswith(pinned_minor() + ".")
     head = spec["headGroupSpec"]
@@ -71,6 +73,15 @@ def test_kuberay_manifests(name):
     head_c = head["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head_c["resources"].get("limits", {})          # a CPU head
     groups = spec["workerGroupSpecs"]
+    if doc["kind"] == "RayCronJob":
+        assert len(doc["spec"]["schedule"].split()) == 5                       # a cron schedule
+        job = doc["spec"]["jobTemplate"]
+        assert "recval update jobs/daily_update.yaml" in job["entrypoint"] and "--base" in job["entrypoint"]
+        assert job["shutdownAfterJobFinishes"] is True and "working_dir" in yaml.safe_load(job["runtimeEnvYAML"])
+        assert (CLUSTER.parent / "jobs" / "daily_update.yaml").exists()
+        for c in [head_c] + [c for g in groups for c in g["template"]["spec"]["containers"]]:
+            assert any("secretRef" in e for e in c.get("envFrom", [])), c["name"]
+        return                                # a CPU cluster: an update fine-tunes, it needs no GPU
     gpu = [g for g in groups if any("nvidia.com/gpu" in c["resources"].get("limits", {})
                                     for c in g["template"]["spec"]["containers"])]
     assert gpu, "no GPU worker group"

@@ -47,6 +47,7 @@ def test_there_are_job_files():
 def test_every_job_file_validates(path, monkeypatch):
     monkeypatch.setenv("RECVAL_DATA_DIR", "/nonexistent/recval-data")
     monkeypatch.setenv("RECVAL_SCALE_DATA", "/nonexistent/recval-scale")
+    monkeypatch.setenv("RECVAL_DAY", "2026-12-02")           # jobs/daily_update.yaml: the partition
     cfg = load_config(path)
     assert isinstance(cfg, JobConfig)
     assert cfg.name == os.path.splitext(os.path.basename(path))[0]
