@@ -11,7 +11,7 @@ Spearman and top/bottom-10% overlap of the final warm values with the full rerun
 row and over the rows that arrived in the updates, and the same for the two full reruns.
 Everything runs in this process (``use_ray=False``), one method after another.
 
-    python bench/incremental.py [--methods small-loss,pld,influence] [--days 4]
+    python bench/incremental.py [--methods small-loss,pld,influence,svv] [--days 4]
 
 Ends with one JSON line (name, ratio: the smallest full/update time ratio over methods, rows, and
 per-method figures).
@@ -47,6 +47,17 @@ METHODS = {
     "pld": {"method": "pld", "coverage": "train"},
     "influence": {"method": "influence", "solver": "cg", "damping": 10.0, "cg_tol": 1.0e-5, "cg_max_iter": 300,
                   "validation": "loss", "valid_negatives": 4},
+    # SVV on the DAE of jobs/ml100k_svv.yaml (the explainer there: 300 epochs, patience 10)
+    "svv": {"method": "svv", "variant": "recon-error", "hidden": [256, 256], "samples": 32, "paired": True,
+            "epochs": 300, "lr": 1.0e-3, "batch_size": 256, "patience": 10, "valid_samples": 32,
+            "inference": "local", "reference": False},
+}
+# the model and training of a method when not COMMON's MF-BPR
+MODEL_OF = {
+    "svv": {"model": {"kind": "dae", "hidden": [50], "activation": "relu", "corruption": 0.5, "rho": 24.0,
+                      "init": "torch", "context": "first"},
+            "train": {"epochs": 200, "batch_size": 256, "lr": 1.0e-3, "weight_decay": 1.0e-3, "seed": 0,
+                      "patience": 10, "select_metric": "ndcg@10"}},
 }
 
 
@@ -89,7 +100,7 @@ def aligned(a_uri: str, b_uri: str, new_keys: np.ndarray):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default="small-loss,pld,influence")
+    p.add_argument("--methods", default="small-loss,pld,influence,svv")
     p.add_argument("--days", type=int, default=4)
     p.add_argument("--base-fraction", type=float, default=0.8)
     p.add_argument("--epochs", type=int, default=2, help="update.epochs of the warm updates")
@@ -123,6 +134,7 @@ def main() -> None:
             out = os.path.join(root, method)
             base_cfg = dict(COMMON, name="base", data=data_section(os.path.join(root, "base.csv")),
                             valuation=METHODS[method], output={"uri": out, "report": False})
+            base_cfg.update(MODEL_OF.get(method, {}))
             t = time.perf_counter()
             run_job(validate_config(base_cfg), use_ray=False, overwrite=True)
             base_s = time.perf_counter() - t

@@ -191,7 +191,7 @@ def update_run(job_path: str, base_uri: str, overrides: Optional[list[str]] = No
     manifest with ``metrics`` and ``headline`` added."""
     from .core.evaluation import evaluate_ranking
     from .core.train import TrainResult, fit
-    from .core.update import extend_ids, lineage_of, pad_like, update_seed
+    from .core.update import extend_ids, lineage_of, update_seed
     from .core.valuers.base import Valuation, ValuationContext
     from .core.data import Dataset
     from .output import RunOutput, read_manifest
@@ -274,14 +274,10 @@ def update_run(job_path: str, base_uri: str, overrides: Optional[list[str]] = No
                     valued_by = state.valued_by
                     refreshed = 0
                 else:
-                    shapes = {n: tuple(p.shape) for n, p in res.model.named_parameters()}
-                    prior = None
-                    if cfg.update.mode == "warm" and cfg.update.reuse_state and state.valuer:
-                        # entries keyed by parameter name grow with the model (zeros for new
-                        # users and items); anything else passes as saved
-                        prior = {k: ({n: (pad_like({n: t}, {n: shapes[n]})[n] if n in shapes else t)
-                                      for n, t in v.items()} if isinstance(v, dict) else v)
-                                 for k, v in state.valuer.items()}
+                    # the method grows what it saved to the grown model itself (e.g. influence
+                    # pads its solve with zeros for new users and items)
+                    prior = dict(state.valuer) if cfg.update.mode == "warm" and cfg.update.reuse_state \
+                        and state.valuer else None
                     valuer = VALUERS.get(method).factory(cfg.valuation)
                     ctx = ValuationContext(split=split, base=res, model_cfg=cfg.model, train_cfg=train_cfg,
                                            eval_cfg=cfg.evaluate, seed=cfg.train.seed, prior=prior,

@@ -243,3 +243,27 @@ def test_cg_from_a_nearby_start_reaches_the_same_solution_in_fewer_products():
     assert ci["initial_residual"] == pytest.approx(1.0) and wi["initial_residual"] < 1e-2
     assert wi["iterations"] < ci["iterations"]
     torch.testing.assert_close(warm, cold, rtol=1e-7, atol=1e-9)
+
+
+def test_svv_update_reuses_the_base_explainer_and_keeps_efficiency(tmp_path):
+    log = make_log(seed=2, users=30, items=40, per_user=12)
+    cut = int(0.8 * len(log))
+    extra = np.array([(500, 900, 3, 20_000), (500, 3, 3, 20_001), (7, 900, 3, 20_002)], dtype=np.int64)
+    write_log(str(tmp_path / "base.csv"), log[:cut])
+    write_log(str(tmp_path / "new.csv"), np.concatenate([log[cut:], extra]))
+    d = job_dict(str(tmp_path / "base.csv"), str(tmp_path / "out"), method="svv", hidden=[16], samples=4,
+                 epochs=3, batch_size=16, valid_samples=4, inference="local")
+    d["valuation"].pop("coverage")
+    d["model"] = {"kind": "dae", "hidden": [8], "corruption": 0.5, "rho": 4.0}
+    d["train"] = {"epochs": 3, "batch_size": 16, "lr": 1e-2, "seed": 0, "patience": 3, "select_metric": "ndcg@10"}
+    run_job(load_config(write_job(str(tmp_path / "base.yaml"), d)), use_ray=False)
+    base = str(tmp_path / "out" / "base")
+    m = update_run(update_job(tmp_path, "svvday", str(tmp_path / "new.csv")), base, use_ray=False)
+    ex = m["metrics"]["valuation"]["explainer"]
+    assert ex["reused"] and ex["epochs_run"] == 0                       # no explainer training in an update
+    vals = pq.read_table(os.path.join(m["uri"], "values")).to_pandas()
+    assert np.isfinite(vals.value).all() and {500} <= set(vals.user_id) and {900} <= set(vals.item_id)
+    # efficiency: each user's values sum to the user's gain under the fine-tuned DAE
+    sums = vals.groupby("user_id").agg(total=("value", "sum"), gain=("user_gain", "first"))
+    np.testing.assert_allclose(sums.total, sums.gain, rtol=1e-4, atol=1e-6)
+    assert os.path.exists(os.path.join(m["uri"], "state", "valuer.pt"))

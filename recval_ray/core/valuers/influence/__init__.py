@@ -135,15 +135,18 @@ class InfluenceValuer(Valuer):
 
 def warm_start(obj, prior: Optional[dict]):
     """CG's starting point from an earlier run's solve (``recval update``: ``prior["solve"]``,
-    per parameter, already padded with zeros for new users and items), flattened in the
-    objective's parameter order; None without one."""
+    per parameter), zero-padded for new users and items and flattened in the objective's
+    parameter order; None without one (or for another model's solve)."""
     if not prior or "solve" not in prior:
         return None
     import torch
+    from ...update import pad_like
     solve = prior["solve"]
-    if any(n not in solve or tuple(solve[n].shape) != tuple(s) for n, s in zip(obj.names, obj.shapes)):
+    try:
+        padded = pad_like(solve, dict(zip(obj.names, obj.shapes)))
+    except (KeyError, ValueError):
         return None       # another model's solve: start from zero
-    return torch.cat([solve[n].reshape(-1) for n in obj.names]).to(dtype=obj.theta.dtype, device=obj.theta.device)
+    return torch.cat([padded[n].reshape(-1) for n in obj.names]).to(dtype=obj.theta.dtype, device=obj.theta.device)
 
 
 @register_valuer("influence", InfluenceConfig, updates="refresh")

@@ -133,7 +133,13 @@ class SVVValuer(Valuer):
         game = DAEGame(model, ctx.model_cfg.rho, o.variant, batch_size=o.value_batch, targets=targets)
         players, player_of_row = interaction_players(train, dev)
         config = FastSHAPConfig(**{f.name: copy.deepcopy(getattr(o, f.name)) for f in dataclasses.fields(FastSHAPConfig)})
-        explainer = train_explainer(game, players, config, seed=seed, device=dev, progress=ctx.progress)
+        saved = (ctx.prior or {}).get("explainer")
+        if saved is not None:
+            # recval update: the base run's explainer applied to the updated users' coalitions
+            # under the fine-tuned DAE, not trained again (the amortisation pays here)
+            explainer = reuse_explainer(saved, game, players, config, seed, dev)
+        else:
+            explainer = train_explainer(game, players, config, seed=seed, device=dev, progress=ctx.progress)
         dist = ctx.distributed
         inference = _resolve(o.inference, "ray-data", dist, "inference")
         t = time.perf_counter()
@@ -152,7 +158,8 @@ class SVVValuer(Valuer):
             values = np.where(has_targets[train.user], values, 0.0)
         gain = explainer.gain.cpu().numpy()[train.user]
         info = SVVInfo(variant=o.variant, seed=seed, device=str(dev),
-                       explainer={"epochs_run": len(explainer.history), "best_epoch": explainer.best_epoch,
+                       explainer={"reused": saved is not None,
+                                  "epochs_run": len(explainer.history), "best_epoch": explainer.best_epoch,
                                   "best_valid_loss": explainer.best_valid, "train_s": explainer.seconds,
                                   "explain_s": explain_s, "inference": inference, "history": explainer.history})
         if inference == "ray-data":
@@ -162,7 +169,9 @@ class SVVValuer(Valuer):
             where = _resolve(o.reference_on, "ray", dist, "reference_on")
             info["reference"], refs, est = self._reference(game, players, explainer, seed, where, dist)
             tables["shapley_reference"] = _reference_table(ctx, players, player_of_row, refs, est)
-        return Valuation(method=self.name, values=values, columns={"user_gain": gain}, tables=tables, info=info)
+        state = {"explainer": {k: v.detach().cpu().clone() for k, v in explainer.net.state_dict().items()}}
+        return Valuation(method=self.name, values=values, columns={"user_gain": gain}, tables=tables, info=info,
+                         state=state)
 
     def _reference(self, game, players, explainer, seed: int, where: str = "local", dist=None):
         """Agreement of the explainer with reference values on ``reference_users`` users
@@ -188,6 +197,27 @@ class SVVValuer(Valuer):
                    converged_users=sum(r.converged for r in perm),
                    permutations=int(sum(r.n_permutations for r in perm)), seconds=ref_s, on=where)
         return out, refs, est
+
+
+def reuse_explainer(saved: dict, game, players, config, seed: int, dev):
+    """A trained explainer from an earlier run's weights (``saved``), grown to this catalogue
+    (every weight copied into its leading block; new items' output rows and input columns keep
+    the seeded initialisation), with this game's endpoints (``v_u({})`` and ``v_u(P_u)`` under
+    the current DAE): the efficiency normalisation keeps each user's values summing to its gain."""
+    from ...shapley.fastshap import ExplainerNet, TrainedExplainer, game_endpoints, seeded_generator, _INIT
+    from ...update import grow_state
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeded_generator(seed, _INIT).initial_seed())
+        net = ExplainerNet(players.n_items, config.hidden)
+    grown, _ = grow_state(saved, net.state_dict())
+    net.load_state_dict(grown)
+    net = net.to(dev).eval()
+    players = players.to(dev)
+    empty, full = game_endpoints(game, players)
+    out = TrainedExplainer(net, players, full - empty, empty)
+    out.seconds = time.perf_counter() - t0
+    return out
 
 
 def _reference_table(ctx: ValuationContext, players: UserRows, player_of_row: np.ndarray, refs, est) -> dict:
@@ -242,6 +272,6 @@ def check_job(job) -> None:
         require_validation(job, "valuation.variant valid-margin")
 
 
-@register_valuer("svv", SVVConfig, check=check_job, peak_bytes=peak_bytes, report_sections=("recval_ray.core.valuers.svv.report:section",))
+@register_valuer("svv", SVVConfig, check=check_job, updates="refresh", peak_bytes=peak_bytes, report_sections=("recval_ray.core.valuers.svv.report:section",))
 def build_svv(opts: SVVConfig) -> SVVValuer:
     return SVVValuer(opts)
