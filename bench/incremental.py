@@ -105,6 +105,8 @@ def main() -> None:
     p.add_argument("--base-fraction", type=float, default=0.8)
     p.add_argument("--epochs", type=int, default=2, help="update.epochs of the warm updates")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--damping", type=float, default=50.0,
+                   help="influence's damping (jobs/ml100k_influence.yaml's 10 leaves this split's Hessian indefinite)")
     p.add_argument("--keep", help="keep the runs under this folder (default: a temp dir, removed)")
     args = p.parse_args()
 
@@ -126,6 +128,7 @@ def main() -> None:
     for d in range(args.days):
         write_csv(os.path.join(root, f"day{d + 1}.csv"), log[bounds[d]:bounds[d + 1]])
     new_keys = log[cut:, 0] * 1_000_000 + log[cut:, 1]
+    METHODS["influence"]["damping"] = args.damping
     print(f"ML-100K by time: base {cut} rows, {args.days} updates of ~{(n - cut) // args.days} rows; runs in {root}",
           flush=True)
     results = {}

@@ -267,3 +267,14 @@ def test_svv_update_reuses_the_base_explainer_and_keeps_efficiency(tmp_path):
     sums = vals.groupby("user_id").agg(total=("value", "sum"), gain=("user_gain", "first"))
     np.testing.assert_allclose(sums.total, sums.gain, rtol=1e-4, atol=1e-6)
     assert os.path.exists(os.path.join(m["uri"], "state", "valuer.pt"))
+
+
+def test_update_on_ray_reads_the_new_log_with_ray_data_and_gives_the_same_values(base_run, ray_session):
+    tmp = base_run["tmp"]
+    job = update_job(tmp, "onray", str(tmp / "new.csv"))
+    local = update_run(job, base_run["base"], run_id="onray-local", use_ray=False)
+    on_ray = update_run(job, base_run["base"], use_ray=True)
+    a = pq.read_table(os.path.join(local["uri"], "values")).to_pandas().sort_values(["user_id", "item_id"])
+    b = pq.read_table(os.path.join(on_ray["uri"], "values")).to_pandas().sort_values(["user_id", "item_id"])
+    assert len(a) == len(b) and np.array_equal(a.value.to_numpy(), b.value.to_numpy())
+    assert on_ray["metrics"]["update"]["new_users"] == local["metrics"]["update"]["new_users"]
