@@ -11,7 +11,9 @@ Spearman and top/bottom-10% overlap of the final warm values with the full rerun
 row and over the rows that arrived in the updates, and the same for the two full reruns.
 Everything runs in this process (``use_ray=False``), one method after another.
 
-    python bench/incremental.py [--methods small-loss,pld,influence,svv] [--days 4]
+    python bench/incremental.py [--methods small-loss,pld,influence,influence-reuse,svv] [--days 4]
+
+(``influence-reuse``: ``valuation.update_solve: reuse``, the base run's solve reused as it is.)
 
 Ends with one JSON line (name, ratio: the smallest full/update time ratio over methods, rows, and
 per-method figures).
@@ -47,6 +49,8 @@ METHODS = {
     "pld": {"method": "pld", "coverage": "train"},
     "influence": {"method": "influence", "solver": "cg", "damping": 10.0, "cg_tol": 1.0e-5, "cg_max_iter": 300,
                   "validation": "loss", "valid_negatives": 4},
+    "influence-reuse": {"method": "influence", "solver": "cg", "damping": 10.0, "cg_tol": 1.0e-5, "cg_max_iter": 300,
+                        "validation": "loss", "valid_negatives": 4, "update_solve": "reuse"},
     # SVV on the DAE of jobs/ml100k_svv.yaml (the explainer there: 300 epochs, patience 10)
     "svv": {"method": "svv", "variant": "recon-error", "hidden": [256, 256], "samples": 32, "paired": True,
             "epochs": 300, "lr": 1.0e-3, "batch_size": 256, "patience": 10, "valid_samples": 32,
@@ -100,7 +104,7 @@ def aligned(a_uri: str, b_uri: str, new_keys: np.ndarray):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default="small-loss,pld,influence,svv")
+    p.add_argument("--methods", default="small-loss,pld,influence,influence-reuse,svv")
     p.add_argument("--days", type=int, default=4)
     p.add_argument("--base-fraction", type=float, default=0.8)
     p.add_argument("--epochs", type=int, default=2, help="update.epochs of the warm updates")
@@ -128,7 +132,7 @@ def main() -> None:
     for d in range(args.days):
         write_csv(os.path.join(root, f"day{d + 1}.csv"), log[bounds[d]:bounds[d + 1]])
     new_keys = log[cut:, 0] * 1_000_000 + log[cut:, 1]
-    METHODS["influence"]["damping"] = args.damping
+    METHODS["influence"]["damping"] = METHODS["influence-reuse"]["damping"] = args.damping
     print(f"ML-100K by time: base {cut} rows, {args.days} updates of ~{(n - cut) // args.days} rows; runs in {root}",
           flush=True)
     results = {}

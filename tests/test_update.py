@@ -226,6 +226,11 @@ def test_influence_update_starts_cg_from_the_base_solve(tmp_path):
     sw, sc = warm["metrics"]["valuation"]["solve"], cold["metrics"]["valuation"]["solve"]
     assert sw["warm_start"] and not sc["warm_start"]
     assert sw["converged"] and sc["converged"]
+    reuse = update_run(job, base, ["update.epochs=1", "update.lr=1e-4", "valuation.update_solve=reuse"],
+                       run_id="reuse", use_ray=False)
+    sr = reuse["metrics"]["valuation"]["solve"]
+    assert sr["solver"] == "reused" and sr["iterations"] == 0           # no Hessian-vector product
+    assert np.isfinite(pq.read_table(os.path.join(reuse["uri"], "values"))["value"].to_numpy()).all()
     assert sc["initial_residual"] == pytest.approx(1.0)
     assert sw["initial_residual"] < 0.9                         # the base solve is a head start
     assert sw["iterations"] <= sc["iterations"]

@@ -21,7 +21,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from ...registry import register_valuer
-from ...influence import influence_values, model_objective, refine
+from ...influence import influence_values, model_objective, per_example_dots, refine
 from ..base import MethodInfo, Valuation, ValuationContext, Valuer
 
 
@@ -53,7 +53,11 @@ class InfluenceConfig:
     model's loss on validation rows, ``valid_negatives`` seeded negatives) or ``softmax``;
     ``negatives``: fixed negatives per training row (null: the model's); ``refine_steps``:
     L-BFGS iterations on the proximal objective before valuing (0: value at the base model);
-    ``seed``: the negatives' seed (null: ``train.seed``)."""
+    ``seed``: the negatives' seed (null: ``train.seed``); ``update_solve`` (``recval update``
+    only): ``warm`` solves again at the fine-tuned model, CG starting from the base run's solve;
+    ``reuse`` takes the base run's solve as it is (zero for new users and items) and only
+    recomputes every row's ``grad l_i . s`` at the fine-tuned model: no Hessian-vector product,
+    values with a stale solve."""
     method: str = "influence"
     solver: Literal["cg", "lissa"] = "cg"
     damping: float = 0.01
@@ -67,6 +71,7 @@ class InfluenceConfig:
     refine_steps: int = 0
     refine_tol: float = 1e-6
     seed: Optional[int] = None
+    update_solve: Literal["warm", "reuse"] = "warm"
 
     def validate(self) -> None:
         if self.damping < 0 or self.cg_tol <= 0 or self.cg_max_iter < 1 or self.lissa_depth < 1:
@@ -109,11 +114,19 @@ class InfluenceValuer(Valuer):
             if ctx.progress:
                 ctx.progress(f"influence: refined {rinfo['iterations']} L-BFGS iterations, "
                              f"|grad| = {rinfo['grad_norm']:.2e}")
-        x0 = warm_start(obj, ctx.prior) if opts.solver == "cg" else None
+        x0 = warm_start(obj, ctx.prior) if opts.solver == "cg" or opts.update_solve == "reuse" else None
         solution: list = []
-        values, sinfo = influence_values(obj, theta, solution=solution, damping=opts.damping, solver=opts.solver,
-                                         tol=opts.cg_tol, max_iter=opts.cg_max_iter, scale=opts.lissa_scale,
-                                         depth=opts.lissa_depth, seed=seed, x0=x0, progress=ctx.progress)
+        if x0 is not None and opts.update_solve == "reuse":
+            t1 = time.perf_counter()
+            values = per_example_dots(obj, theta, x0).cpu().numpy().astype(np.float64)
+            solution.append(x0)
+            sinfo = {"solver": "reused", "iterations": 0, "warm_start": True,
+                     "dots_seconds": time.perf_counter() - t1, "seconds": time.perf_counter() - t1}
+        else:
+            values, sinfo = influence_values(obj, theta, solution=solution, damping=opts.damping,
+                                             solver=opts.solver, tol=opts.cg_tol, max_iter=opts.cg_max_iter,
+                                             scale=opts.lissa_scale, depth=opts.lissa_depth, seed=seed, x0=x0,
+                                             progress=ctx.progress)
         info["solve"] = sinfo
         info["seconds"] = time.perf_counter() - t0
         if sinfo.get("negative_curvature"):
