@@ -282,6 +282,7 @@ class ModelObjective(Objective):
     kind: str = "mf"
     reg: float = 0.0
     data: dict = field(default_factory=dict)
+    pair_score: Optional[Callable] = None     # (theta, users, items) -> the model's scores
 
     def unflatten(self, theta: torch.Tensor) -> dict:
         sizes = [math.prod(s) for s in self.shapes]
@@ -405,6 +406,10 @@ def model_objective(task, train: Interactions, valid: Interactions, *, seed: int
 
         def val_pair(t):
             return pair_losses(unflatten(t), vu, vi, vneg)[0].mean()
+
+        def pair_score(t, u, i):
+            p = unflatten(t)
+            return (p["user_emb.weight"][u] * p["item_emb.weight"][i]).sum(-1)
     else:
         def ncf_loss(params, u, i, j):
             n = j.shape[1]
@@ -427,6 +432,9 @@ def model_objective(task, train: Interactions, valid: Interactions, *, seed: int
             return functional_call(module, unflatten(t), (u.repeat_interleave(train.n_items),
                                    torch.arange(train.n_items, device=dev).repeat(len(u)))).view(len(u), -1)
 
+        def pair_score(t, u, i):
+            return functional_call(module, unflatten(t), (u, i))
+
         def val_pair(t):
             if kind == "ncf-explicit":
                 return (functional_call(module, unflatten(t), (vu, vi)) - vr).pow(2).mean()
@@ -438,6 +446,7 @@ def model_objective(task, train: Interactions, valid: Interactions, *, seed: int
         return -logp[inv, vi].mean()
 
     obj.train_losses = train_losses
+    obj.pair_score = pair_score        # the model's score s(u, i) as a function of theta
     obj.val_loss = val_softmax if validation == "softmax" else val_pair
     if penalty:
         obj.penalty = lambda t: 0.5 * penalty * t.pow(2).sum()

@@ -1,0 +1,87 @@
+"""Per-recommendation attribution (``recval why``): sparse TracIn equals dense per-example
+gradients, influence equals the explicit Hessian solve, and a strong proponent really holds the
+score up (a one-step check)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from recval_ray.core.attribution import influence, rank_of, score_gradient, touching_rows, tracin
+from recval_ray.core.influence import model_objective, per_example_grads_dense
+
+from test_influence import MODELS as INFLUENCE_MODELS, trained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("kind", ["mf", "ncf"])
+def test_tracin_equals_dense_per_example_gradients(kind):
+    sp, res = trained(kind)
+    obj = model_objective(res.task, sp.train, sp.valid, seed=0)
+    th = obj.theta
+    user, item = int(sp.train.user[0]), 5
+    att = tracin([(obj, th, 0.05), (obj, th * 0.9, 0.02)], user, item)
+    want = torch.zeros(obj.n, dtype=torch.float64)
+    for t, lr in ((th, 0.05), (th * 0.9, 0.02)):
+        G = per_example_grads_dense(obj, t, torch.arange(obj.n))
+        want -= lr * (G @ score_gradient(obj, t, user, item))
+    np.testing.assert_allclose(att.scores, want.numpy(), rtol=1e-6, atol=1e-10)
+    if kind == "mf":
+        # the row-sparse path computed only the rows that touch U or X, and the rest are exact zeros
+        rows = touching_rows(obj, user, item)
+        assert att.info["sparse"] and att.rows_computed == len(rows) < obj.n
+        untouched = np.setdiff1d(np.arange(obj.n), rows.numpy())
+        assert np.all(want.numpy()[untouched] == 0)
+    # the dense path (every row) gives the same numbers
+    np.testing.assert_allclose(tracin([(obj, th, 0.05), (obj, th * 0.9, 0.02)], user, item, sparse=False).scores,
+                               att.scores, rtol=1e-9, atol=1e-12)
+
+
+def test_influence_equals_the_explicit_hessian_solve():
+    sp, res = trained("mf")
+    obj = model_objective(res.task, sp.train, sp.valid, seed=0)
+    th = obj.theta
+    H = torch.func.hessian(lambda t: obj.train_loss(t))(th)
+    damping = max(0.0, -float(torch.linalg.eigvalsh(H).min())) + 0.5
+    user, item = int(sp.train.user[3]), 2
+    att = influence(obj, th, user, item, damping=damping, tol=1e-12, max_iter=2000)
+    g = score_gradient(obj, th, user, item)
+    s = torch.linalg.solve(H + damping * torch.eye(len(th), dtype=th.dtype), g)
+    G = per_example_grads_dense(obj, th, torch.arange(obj.n))
+    np.testing.assert_allclose(att.scores, (-(G @ s)).numpy(), rtol=1e-6, atol=1e-10)
+
+
+def test_a_strong_proponent_holds_the_score_up_in_one_step():
+    """One SGD step on the summed loss with and without the top proponent: without it the
+    target's score is lower, by about the row's TracIn contribution."""
+    sp, res = trained("mf")
+    obj = model_objective(res.task, sp.train, sp.valid, seed=0)
+    th = obj.theta
+    lr = 0.01
+    user, item = int(sp.train.user[0]), int(sp.train.item[0])
+    att = tracin([(obj, th, lr)], user, item)
+    top = int(att.top(1)[0])
+    assert att.scores[top] > 0
+
+    def score(t):
+        u, i = torch.tensor([user]), torch.tensor([item])
+        return float(obj.pair_score(t, u, i)[0])
+
+    g_all = torch.func.grad(lambda t: obj.train_loss(t))(th)
+    g_top = torch.func.grad(lambda t: obj.train_losses(t, torch.tensor([top])).sum())(th)
+    with_row, without = score(th - lr * g_all), score(th - lr * (g_all - g_top))
+    assert without < with_row
+    assert with_row - without == pytest.approx(att.scores[top], rel=0.05)
+    # an opponent, when there is one, does the opposite
+    opp = att.top(1, sign=-1)
+    if len(opp):
+        g_opp = torch.func.grad(lambda t: obj.train_losses(t, torch.tensor([int(opp[0])])).sum())(th)
+        assert score(th - lr * (g_all - g_opp)) > with_row
+
+
+def test_rank_of_excludes_training_items_and_counts_strictly_higher_scores():
+    s = np.array([0.5, 0.9, 0.5, 0.1, 0.7])
+    assert rank_of(s, 0, np.array([1])) == 2          # 0.7 beats it; 0.9 is a training item
+    assert rank_of(s, 2, np.array([], int)) == 3
+    assert INFLUENCE_MODELS["mf"].dim == 3             # the shared tiny models
