@@ -126,6 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(upd, "the job's name (else <base run id>-update)", output_default="the base run's parent",
                  address=False)
 
+    why = sub.add_parser("why", help="which training interactions made the model recommend an item (a new output)",
+                         description="Attribute the run's score of item X for user U to its training rows "
+                                     "(TracInCP over the run's checkpoints, or influence functions; MF and NeuMF), "
+                                     "optionally verified by retraining without the top proponents: attributions/, "
+                                     "queries/, pages/, metrics.json, report.html and manifest.json (last) under "
+                                     "OUTPUT/RUN_ID/ (default: next to the run, <run id>-why).")
+    why.add_argument("run", help="the run's URI: a local path or s3://bucket/prefix/RUN_ID")
+    why.add_argument("--user", action="append", default=[], help="a user's original id (repeatable, with --item)")
+    why.add_argument("--item", action="append", default=[], help="an item's original id (one per --user)")
+    why.add_argument("--queries", metavar="FILE", help="CSV or Parquet of user_id, item_id pairs")
+    why.add_argument("--sample-users", type=int, default=0, metavar="N",
+                     help="N seeded users with their top-1 recommendation as queries")
+    why.add_argument("--seed", type=int, default=0, help="seed of --sample-users")
+    why.add_argument("--top", type=int, default=20, help="proponents and opponents listed per query")
+    why.add_argument("--method", choices=("tracin", "influence"), default="tracin")
+    why.add_argument("--damping", type=float, help="influence's damping (default: the run's valuation.damping)")
+    why.add_argument("--verify", action="store_true",
+                     help="retrain without the top-k proponents, k random rows of the user, k random rows")
+    why.add_argument("-k", type=int, default=10, help="rows removed per verification retraining")
+    why.add_argument("--verify-seeds", type=int, default=1, help="seeds of the verification retrainings")
+    why.add_argument("-v", "--verbose", action="store_true", help="more logging")
+    _output_args(why, "<run id>-why", output_default="the run's parent", address=False, no_ray=False)
+
     sbm = sub.add_parser("submit", help="submit a job to a Ray cluster (Jobs API) and print its id",
                          description="Validate the job here, then submit `python -m recval_ray.cli run JOB` "
                                      "to the cluster's dashboard with a runtime_env: the working dir, the "
@@ -189,6 +212,25 @@ def main(argv: list[str] | None = None) -> int:
                                overwrite=args.overwrite, use_ray=not args.no_ray)
             print(f"check written to {result['uri']}")
             print(result["headline"])
+            return 0
+        if args.command == "why":
+            from .errors import ConfigError
+            from .why_run import why_run
+            if len(args.user) != len(args.item):
+                raise ConfigError("recval why: give one --item per --user")
+            result = why_run(args.run, list(zip(args.user, args.item)), queries_file=args.queries,
+                             sample_users=args.sample_users, sample_seed=args.seed, top=args.top, method=args.method,
+                             verify=args.verify, k=args.k, verify_seeds=args.verify_seeds, damping=args.damping,
+                             output_uri=args.output, run_id=args.run_id, overwrite=args.overwrite)
+            print(f"attributions written to {result['uri']}")
+            for rec in result["summary"][:10]:
+                print(f"user {rec['user_id']} item {rec['item_id']}: rank {rec['rank']}, score {rec['score']:.3f}; "
+                      f"positive contribution from the user's rows {rec['share_user_rows']:.0%}, the item's rows "
+                      f"{rec['share_item_rows']:.0%}, other rows {rec['share_other_rows']:.0%}")
+            if result.get("verify_summary"):
+                for name, v in result["verify_summary"].items():
+                    print(f"without {name}: mean rank drop {v['mean_rank_drop']:+.1f} (SE {v['se']:.1f}, "
+                          f"{v['queries']} queries)")
             return 0
         if args.command == "update":
             from .update_run import update_run

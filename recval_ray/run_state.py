@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .core.data import Interactions, Split
@@ -102,7 +103,7 @@ class RunState:
 
 
 def _read_rows(fs, path: str, n_users: int, n_items: int) -> tuple[Interactions, pa.Table]:
-    files = sorted(i.path for i in fs.get_file_info(pa.fs.FileSelector(path)) if i.path.endswith(".parquet"))
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.path.endswith(".parquet"))
     tab = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files]) if files else None
     if tab is None:
         raise ConfigError(f"{path}: no state files")
@@ -123,7 +124,6 @@ def has_state(fs, root: str) -> bool:
 def read_state(fs, root: str, run_uri: str) -> RunState:
     """The ``state/`` of the complete run at ``root``; a run without one (written before
     ``state/`` existed, or with ``output.state: false``) is a :class:`ConfigError` saying so."""
-    import pyarrow.fs  # noqa: F401 - pa.fs
     import torch
     from . import fs as rfs
     base = posixpath.join(root, STATE)

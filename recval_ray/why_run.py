@@ -1,0 +1,297 @@
+"""``recval why RUN --user U --item X``: which training interactions made the run's model score
+item X for user U, and would the recommendation survive without them?
+
+The run's ``state/`` (:mod:`recval_ray.run_state`) gives the split (codes), the id maps and the
+selected weights; its ``checkpoints/base/`` (``output.checkpoints: true``) the per-epoch weights
+and learning rates TracInCP sums over (without them: the final weights only, said in the
+output). Attribution is :mod:`recval_ray.core.attribution` (MF and NeuMF: the models with an
+influence objective). Queries: ``--user/--item`` (original ids), ``--queries FILE`` (CSV or
+Parquet with ``user_id`` and ``item_id``), or ``--sample-users N`` (N seeded users and their
+top-1 recommendation). ``--verify`` retrains the model for the base's selected number of epochs
+from the same initialisation and batch stream (common random numbers, no early stopping) without
+the top-k proponents, without k random rows of the same user and without k random rows overall,
+and reports the target's score and rank in each, over ``--verify-seeds`` seeds.
+
+Output (a new run, default ``<run>-why`` next to it): ``attributions/`` (per query, the top
+proponents and opponents with original ids, titles when the run's data has them, contribution
+and group: ``user`` / ``item`` / ``other``), ``queries/`` (per query: target score and rank,
+shares of the positive contributions, rows computed, seconds, verification), ``pages/`` (one
+small HTML page per query), ``metrics.json``, ``report.html``, ``manifest.json`` last.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import posixpath
+import time
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from . import fs as rfs
+from .errors import ConfigError, InputError
+
+log = logging.getLogger("recval_ray")
+SUPPORTED = ("mf", "ncf")
+
+
+def _codes(ids: pa.Array, wanted: list, what: str) -> np.ndarray:
+    arr = pa.array(wanted)
+    if pa.types.is_integer(ids.type):
+        try:
+            arr = pa.array([int(x) for x in wanted], pa.int64())
+        except (TypeError, ValueError):
+            raise InputError(f"--{what}: {wanted[0]!r}: the run's {what} ids are integers") from None
+    else:
+        arr = arr.cast(pa.string())
+    codes = pc.index_in(arr, value_set=ids).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    if (codes < 0).any():
+        bad = [w for w, c in zip(wanted, codes) if c < 0][:3]
+        raise InputError(f"--{what}: {', '.join(map(repr, bad))}: not a {what} of the run's training data")
+    return codes
+
+
+def read_queries(path: str) -> list[tuple]:
+    """(user_id, item_id) pairs of a CSV or Parquet file with those columns."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+    tab = pq.read_table(path) if path.endswith(".parquet") else pcsv.read_csv(path)
+    missing = [c for c in ("user_id", "item_id") if c not in tab.column_names]
+    if missing:
+        raise InputError(f"{path}: no {', '.join(missing)} column (a queries file holds user_id and item_id)",
+                         file=path)
+    return list(zip(tab["user_id"].to_pylist(), tab["item_id"].to_pylist()))
+
+
+def checkpoint_weights(fs, root: str, fallback_lr: float, last_epoch: Optional[int]) -> tuple[list, str]:
+    """``([(state_dict, lr), ...], note)``: the run's per-epoch checkpoints up to the selected
+    epoch (``last_epoch``, 0-based; None: all), or none when the run kept none (the caller then
+    uses the final weights)."""
+    import io
+    import torch
+    base = posixpath.join(root, "checkpoints", "base")
+    if not rfs.exists(fs, base):
+        return [], "final weights only (the run kept no checkpoints: output.checkpoints: true keeps them)"
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(base)) if i.path.endswith(".pt"))
+    out = []
+    for f in files:
+        epoch = int(posixpath.basename(f).split("_")[-1].split(".")[0])
+        if last_epoch is not None and epoch > last_epoch:
+            continue
+        with fs.open_input_stream(f) as fh:
+            ck = torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
+        out.append((ck["model"], float(ck.get("lr", fallback_lr))))
+    return out, f"TracInCP over {len(out)} checkpoints"
+
+
+def flat_theta(obj, state_dict):
+    """The checkpoint's weights as a flat vector in the objective's parameter order."""
+    import torch
+    return torch.cat([state_dict[n].reshape(-1).to(obj.theta.dtype) for n in obj.names]).to(obj.theta.device)
+
+
+def verify_query(cfg, split, task_factory, user: int, item: int, proponents: np.ndarray, k: int, seeds: int,
+                 epochs: int) -> list[dict]:
+    """Retrain without the top-k proponents / k random rows of the user / k random rows, from the
+    same initialisation and batches as a reference retraining (``fit(drop_rows=...)``), per seed;
+    the target's score and rank in each."""
+    import torch
+    from .core.attribution import rank_of
+    from .core.train import fit
+    out = []
+    train = split.train
+    own = np.flatnonzero(train.user == user)
+    for s in range(seeds):
+        rng = np.random.default_rng([int(cfg.train.seed), 0x3A1, int(user), int(item), s])
+        variants = {"none": np.zeros(0, np.int64), "top_proponents": proponents[:k],
+                    "random_user_rows": rng.choice(own, min(k, len(own)), replace=False),
+                    "random_rows": rng.choice(len(train), k, replace=False)}
+        tcfg = dataclasses.replace(cfg.train, seed=int(cfg.train.seed) + s, epochs=int(epochs), patience=10 ** 6)
+        exclude = train.item[own]
+        for name, rows in variants.items():
+            drop = torch.zeros(len(train), dtype=torch.bool)
+            drop[torch.as_tensor(rows, dtype=torch.long)] = True
+            task = task_factory(tcfg)
+            fit(task, tcfg, valid=None, track_losses=False, drop_rows=drop if len(rows) else None)
+            with torch.no_grad():
+                scores = task.model.score_users(torch.tensor([user]))[0].cpu().numpy()
+            out.append({"seed": s, "variant": name, "removed": int(len(rows)), "score": float(scores[item]),
+                        "rank": rank_of(scores, item, exclude)})
+    return out
+
+
+def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optional[str] = None,
+            sample_users: int = 0, sample_seed: int = 0, top: int = 20, method: str = "tracin",
+            verify: bool = False, k: int = 10, verify_seeds: int = 1, damping: Optional[float] = None,
+            output_uri: Optional[str] = None, run_id: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Attribute the run's scores of the queries to its training rows; returns the new output's
+    manifest with ``summary`` (per query) added."""
+    import torch
+    from .config import validate_config
+    from .core.attribution import influence, rank_of, tracin
+    from .core.influence import model_objective
+    from .core.train import build_task
+    from .explain_run import open_beside
+    from .output import read_manifest
+    from .report import Report
+    from .run_state import read_state
+
+    t_all = time.perf_counter()
+    fs, root = rfs.resolve(run_uri)
+    manifest = read_manifest(fs, posixpath.join(root, "manifest.json"))
+    if manifest is None or not isinstance(manifest.get("config"), dict):
+        raise ConfigError(f"{run_uri}: not a complete run (no complete manifest.json)")
+    cfg = validate_config(manifest["config"])
+    if cfg.model.kind not in SUPPORTED:
+        raise ConfigError(f"recval why supports model.kind {' and '.join(SUPPORTED)} (the models with an influence "
+                          f"objective); the run's model is {cfg.model.kind}")
+    if method not in ("tracin", "influence"):
+        raise ConfigError(f"--method {method}: tracin or influence")
+    state = read_state(fs, root, run_uri)
+    split = state.split
+    train = split.train
+
+    def task_factory(train_cfg):
+        return build_task(cfg.model, train, train_cfg)
+    task = task_factory(cfg.train)
+    task.model.load_state_dict(state.model)
+    task.model.eval()
+    obj = model_objective(task, train, split.valid, seed=int(cfg.train.seed))
+
+    pairs: list = []
+    if queries:
+        pairs += list(queries)
+    if queries_file:
+        pairs += read_queries(queries_file)
+    users = _codes(state.user_ids, [p[0] for p in pairs], "user") if pairs else np.zeros(0, np.int64)
+    items = _codes(state.item_ids, [p[1] for p in pairs], "item") if pairs else np.zeros(0, np.int64)
+    if sample_users:
+        rng = np.random.default_rng([int(sample_seed), 0x5A])
+        active = np.unique(train.user)
+        su = np.sort(rng.choice(active, min(int(sample_users), len(active)), replace=False))
+        csr = train.csr()
+        with torch.no_grad():
+            sc = task.model.score_users(torch.as_tensor(su)).cpu().numpy()
+        for r, u in enumerate(su):
+            sc[r, csr.indices[csr.indptr[u]:csr.indptr[u + 1]]] = -np.inf
+        users = np.concatenate([users, su])
+        items = np.concatenate([items, sc.argmax(1)])
+    if len(users) == 0:
+        raise ConfigError("recval why: no query (give --user and --item, --queries FILE or --sample-users N)")
+
+    damp = float(damping if damping is not None else getattr(cfg.valuation, "damping", 0.01))
+    base_epochs = None
+    try:
+        import json
+        with fs.open_input_stream(posixpath.join(root, "metrics.json")) as fh:
+            base = json.loads(fh.read().decode())["training"]["base"]
+        base_epochs = int(base["best_epoch"]) + 1 if base.get("best_epoch", -1) >= 0 else None
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    ckpts, note = checkpoint_weights(fs, root, float(cfg.train.lr), base_epochs - 1 if base_epochs else None) \
+        if method == "tracin" else ([], f"influence at the selected model, damping {damp:g}")
+    objectives = [(obj, flat_theta(obj, sd), lr) for sd, lr in ckpts] or [(obj, obj.theta, float(cfg.train.lr))]
+    base_epochs = base_epochs or int(cfg.train.epochs)
+
+    csr = train.csr()
+    source_id, out = open_beside(run_uri, manifest, root, "why", cfg, output_uri, run_id, overwrite)
+    with out:
+        ds = _dataset_for_ids(state)
+        rows_att, rows_q, summary = [], [], []
+        for q, (u, x) in enumerate(zip(users.tolist(), items.tolist())):
+            t0 = time.perf_counter()
+            if method == "tracin":
+                att = tracin(objectives, u, x)
+            else:
+                att = influence(obj, obj.theta, u, x, damping=damp, tol=1e-6, max_iter=300)
+            with torch.no_grad():
+                scores = task.model.score_users(torch.tensor([u]))[0].cpu().numpy()
+            own_items = csr.indices[csr.indptr[u]:csr.indptr[u + 1]]
+            rank = rank_of(scores, x, own_items)
+            pro, opp = att.top(top, 1), att.top(top, -1)
+            shares = att.shares(train.user, train.item)
+            seconds = time.perf_counter() - t0
+            rec = {"query": q, "user_id": ds.user_ids[u].as_py(), "item_id": ds.item_ids[x].as_py(),
+                   "score": float(scores[x]), "rank": rank, "in_training": bool(np.isin(x, own_items)), "method": method, "rows_computed": att.rows_computed,
+                   "seconds": seconds, **{f"share_{k_}": v for k_, v in shares.items()},
+                   "proponents": int(len(pro)), "opponents": int(len(opp))}
+            if verify:
+                checks = verify_query(cfg, split, task_factory, u, x, pro, k, verify_seeds, base_epochs)
+                rec["verify"] = checks
+                ref = {c["seed"]: c for c in checks if c["variant"] == "none"}
+                for name in ("top_proponents", "random_user_rows", "random_rows"):
+                    drops = [c["rank"] - ref[c["seed"]]["rank"] for c in checks if c["variant"] == name]
+                    rec[f"rank_drop_{name}"] = float(np.mean(drops))
+            summary.append(rec)
+            rows_q.append({k_: v for k_, v in rec.items() if k_ != "verify"})
+            for role, idx in (("proponent", pro), ("opponent", opp)):
+                for r_, row in enumerate(idx):
+                    ru, ri = int(train.user[row]), int(train.item[row])
+                    rows_att.append({"query": q, "query_user_id": rec["user_id"], "query_item_id": rec["item_id"],
+                                     "role": role, "rank": r_ + 1, "row": int(row),
+                                     "user_id": ds.user_ids[ru].as_py(), "item_id": ds.item_ids[ri].as_py(),
+                                     "contribution": float(att.scores[row]),
+                                     "group": "user" if ru == u else ("item" if ri == x else "other")})
+            log.info("why %d/%d: user %s item %s (rank %d, score %.3f): %d proponents, user rows %.0f%% of the "
+                     "positive contribution, %.2f s", q + 1, len(users), rec["user_id"], rec["item_id"], rank,
+                     rec["score"], len(pro), 100 * shares["user_rows"], seconds)
+        att_tab = pa.Table.from_pylist(rows_att) if rows_att else pa.table({"query": pa.array([], pa.int64())})
+        out.write_table("attributions", att_tab, use_ray=False)
+        out.write_table("queries", pa.Table.from_pylist(rows_q), use_ray=False)
+        metrics = {"source_run": run_uri, "method": method, "note": note, "queries": summary,
+                   "top": top, "k": k, "verify_seeds": verify_seeds if verify else 0,
+                   "verify_epochs": base_epochs if verify else None}
+        if verify:
+            metrics["verify_summary"] = verify_summary(summary)
+        out.write_json("metrics.json", metrics)
+        for rec in summary:
+            page = Report(f"why user {rec['user_id']} got item {rec['item_id']}",
+                          f"{method} over the training rows of {source_id}; {note}")
+            _query_section(page, rec, [r for r in rows_att if r["query"] == rec["query"]])
+            out.write_text(f"pages/q{rec['query']:04d}.html", page.html())
+        rep = Report(f"recval why {source_id}", f"{len(summary)} queries, {method}; {note}")
+        if verify:
+            rep.heading("Verification by retraining")
+            rep.table([{"variant": k_, **v} for k_, v in metrics["verify_summary"].items()])
+        rep.heading("Queries")
+        rep.table(rows_q)
+        for rec in summary[:20]:
+            _query_section(rep, rec, [r for r in rows_att if r["query"] == rec["query"]])
+        out.write_text("report.html", rep.html())
+        result = out.complete(kind="why", config=cfg.to_dict(), source_run=run_uri,
+                              timings={"total_s": time.perf_counter() - t_all})
+    result["summary"] = summary
+    result["verify_summary"] = metrics.get("verify_summary")
+    return result
+
+
+def verify_summary(summary: list) -> dict:
+    """Mean (and SE over queries) of the rank drop of the target after each removal."""
+    out = {}
+    for name in ("top_proponents", "random_user_rows", "random_rows"):
+        v = np.array([r[f"rank_drop_{name}"] for r in summary if f"rank_drop_{name}" in r], dtype=np.float64)
+        if len(v):
+            out[name] = {"mean_rank_drop": float(v.mean()),
+                         "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"),
+                         "queries": int(len(v))}
+    return out
+
+
+def _dataset_for_ids(state):
+    from types import SimpleNamespace
+    return SimpleNamespace(user_ids=state.user_ids, item_ids=state.item_ids)
+
+
+def _query_section(rep, rec: dict, rows: list) -> None:
+    rep.heading(f"User {rec['user_id']}, item {rec['item_id']}: rank {rec['rank']}, score {rec['score']:.3f}")
+    rep.paragraph(f"Positive contribution from the user's own rows {rec['share_user_rows']:.0%}, from the item's "
+                  f"rows {rec['share_item_rows']:.0%}, from the rest {rec['share_other_rows']:.0%} "
+                  f"({rec['rows_computed']} rows computed, {rec['seconds']:.2f} s).")
+    for role in ("proponent", "opponent"):
+        part = [{k: r[k] for k in ("rank", "user_id", "item_id", "contribution", "group")}
+                for r in rows if r["role"] == role][:10]
+        if part:
+            rep.table(part)
