@@ -85,3 +85,47 @@ def test_rank_of_excludes_training_items_and_counts_strictly_higher_scores():
     assert rank_of(s, 0, np.array([1])) == 2          # 0.7 beats it; 0.9 is a training item
     assert rank_of(s, 2, np.array([], int)) == 3
     assert INFLUENCE_MODELS["mf"].dim == 3             # the shared tiny models
+
+
+def test_recval_why_on_a_run_attributes_verifies_and_writes_its_outputs(tmp_path):
+    import json
+    import os
+
+    import pyarrow.parquet as pq
+
+    from recval_ray.cli import main
+    from recval_ray.config import load_config
+    from recval_ray.errors import ConfigError, InputError
+    from recval_ray.pipeline import run_job
+    from recval_ray.why_run import why_run
+    from test_update import job_dict, make_log, write_job, write_log
+
+    log = make_log(seed=3, users=30, items=40, per_user=12)
+    write_log(str(tmp_path / "log.csv"), log)
+    d = job_dict(str(tmp_path / "log.csv"), str(tmp_path / "out"), name="run")
+    d["output"]["checkpoints"] = True
+    run_job(load_config(write_job(str(tmp_path / "run.yaml"), d)), use_ray=False)
+    run = str(tmp_path / "out" / "run")
+    u, i = int(log[0, 0]), int(log[5, 1])
+    m = why_run(run, [(u, i)], sample_users=2, top=5, verify=True, k=3, verify_seeds=1)
+    assert len(m["summary"]) == 3 and "TracInCP over" in json.load(open(os.path.join(m["uri"], "metrics.json")))["note"]
+    att = pq.read_table(os.path.join(m["uri"], "attributions")).to_pandas()
+    first = att[att["query"] == 0]
+    pro = first[first.role == "proponent"]
+    assert len(pro) and (pro.contribution > 0).all() and (first[first.role == "opponent"].contribution < 0).all()
+    assert pro.contribution.is_monotonic_decreasing
+    assert set(first.group) <= {"user", "item", "other"}
+    q = m["summary"][0]
+    assert q["user_id"] == u and q["item_id"] == i
+    assert abs(q["share_user_rows"] + q["share_item_rows"] + q["share_other_rows"] - 1) < 1e-9
+    variants = {c["variant"] for c in q["verify"]}
+    assert variants == {"none", "top_proponents", "random_user_rows", "random_rows"}
+    assert all(c["removed"] == (0 if c["variant"] == "none" else 3) for c in q["verify"])
+    assert len(os.listdir(os.path.join(m["uri"], "pages"))) == 3
+    # the sampled queries are each user's top-1 recommendation (rank 1 among the non-training items)
+    assert all(r["rank"] == 1 and not r["in_training"] for r in m["summary"][1:])
+    with pytest.raises(InputError, match="not a user of the run"):
+        why_run(run, [(99999, i)], run_id="bad")
+    assert main(["why", run, "--user", str(u)]) == 2                 # an --item per --user
+    infl = why_run(run, [(u, i)], method="influence", damping=5.0, run_id="infl")
+    assert infl["summary"][0]["rows_computed"] == len(pq.read_table(os.path.join(run, "state", "train")))
