@@ -689,6 +689,9 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                 if (~(pruned.keep if pruned.keep_all is None else pruned.keep_all)).any() else None
             if profile_tab is not None:
                 metrics["dropped_profile"] = profile_tab.to_pylist()
+            examples = why_examples(cfg, dataset, split, base)
+            if examples:
+                metrics["why_examples"] = examples
             explanation = explain(cfg, split, dataset, valuation, metrics, timings)
             n_valued = len(split.train) + (len(split.valid) + len(split.test) if valuation.whole_log else 0)
             values_tab = values_table(dataset, split, valuation, pruned.keep, keep_all=pruned.keep_all) \
@@ -741,6 +744,37 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
     finally:
         prof.close()
     return RunResult(uri=out.public_uri, run_id=run_id, metrics=metrics, manifest=manifest, values=values_tab)
+
+
+WHY_EXAMPLE_MAX_ROWS = 5_000_000     # the report's "why these recommendations" on runs up to this size
+
+
+def why_examples(cfg: JobConfig, dataset: Dataset, split: Split, base: TrainResult) -> Optional[list]:
+    """The report's examples of single recommendations (MF and NeuMF, ``recval why`` has the
+    rest): three seeded users' top-1 items and their strongest proponents, original ids; None
+    for other models, runs without a report, or more than WHY_EXAMPLE_MAX_ROWS training rows."""
+    if not cfg.output.report or cfg.model.kind not in ("mf", "ncf") or len(split.train) > WHY_EXAMPLE_MAX_ROWS \
+            or len(split.valid) == 0 or getattr(base.model, "explicit", False):
+        return None
+    from .core.attribution import top_recommendation_examples
+    try:
+        ex = top_recommendation_examples(base.task, split.train, split.valid, seed=cfg.evaluate.sample_seed,
+                                         lr=float(cfg.train.lr))
+    except (ValueError, RuntimeError) as e:       # an example is never worth failing the run
+        log.warning("why examples skipped: %s", e)
+        return None
+    out = []
+    for e in ex:
+        ids = lambda codes, m: m(np.asarray(codes, dtype=np.int64)).to_pylist()   # noqa: E731
+        pro = e["proponents"]
+        out.append({"user_id": ids([e["user"]], dataset.original_users)[0],
+                    "item_id": ids([e["item"]], dataset.original_items)[0], "score": e["score"],
+                    "share_user_rows": e["share_user_rows"],
+                    "proponents": [{"user_id": u_, "item_id": i_, "contribution": c}
+                                   for u_, i_, c in zip(ids([p[1] for p in pro], dataset.original_users),
+                                                        ids([p[2] for p in pro], dataset.original_items),
+                                                        [p[3] for p in pro])]})
+    return out
 
 
 # tables of more rows than this are written chunk by chunk (one Parquet file per chunk)

@@ -24,6 +24,7 @@ def build_report(cfg, run_id: str, metrics: dict, values: pa.Table, base, valuat
     for w in metrics["data"].get("warnings", []):
         rep.paragraph(f"Warning: {w}")
 
+    why_section_of_recommendations(rep, metrics.get("why_examples"))
     rep.heading("Test metrics: base vs pruned vs random-pruned")
     test = metrics["test"]
     keys = list(test["base"])
@@ -365,3 +366,19 @@ def dropped_section(rep, profile) -> None:
                         "share": r["dropped_share"]} for r in rows],
                       [name[:-1], "training rows", "dropped", "share"],
                       caption=f"the {name} losing the most rows")
+
+
+def why_section_of_recommendations(rep, examples) -> None:
+    """A few users' top recommendation and the training rows that hold it up most (TracIn at the
+    final weights; ``recval why RUN --user U --item X`` for any pair, over every checkpoint)."""
+    if not examples:
+        return
+    rep.heading("Why these recommendations")
+    rep.paragraph("For three seeded users: the top-1 item (training items excluded) and its strongest proponents "
+                  "among the training rows, by TracIn at the final weights (a row's contribution: how much a "
+                  "gradient step on it raises the score). `recval why RUN --user U --item X --verify` attributes "
+                  "any pair over the run's checkpoints and checks the answer by retraining.")
+    for e in examples:
+        rep.paragraph(f"User {e['user_id']} -> item {e['item_id']} (score {e['score']:.3f}; "
+                      f"{e['share_user_rows']:.0%} of the positive contribution from the user's own rows)")
+        rep.table(e["proponents"], ["user_id", "item_id", "contribution"])

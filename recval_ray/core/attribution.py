@@ -138,3 +138,30 @@ def rank_of(scores_row: np.ndarray, item: int, exclude: np.ndarray) -> int:
     s = scores_row.astype(np.float64).copy()
     s[exclude] = -np.inf
     return int((s > s[item]).sum()) + 1
+
+
+def top_recommendation_examples(task, train, valid, *, users: int = 3, top: int = 5, seed: int = 0,
+                                lr: float = 1.0) -> list[dict]:
+    """For ``users`` seeded users: their top-1 recommendation (training items excluded) and its
+    ``top`` strongest proponents by TracIn at the final weights (one checkpoint, step ``lr``),
+    as codes: ``{user, item, score, proponents: [(row, user, item, contribution)], share_user_rows}``.
+    What the run's report shows; ``recval why`` does the same over every checkpoint."""
+    from .influence import model_objective
+    rng = np.random.default_rng([int(seed), 0x3E])
+    active = np.unique(train.user)
+    chosen = np.sort(rng.choice(active, min(int(users), len(active)), replace=False))
+    obj = model_objective(task, train, valid, seed=int(seed))
+    csr = train.csr()
+    with torch.no_grad():
+        sc = task.model.score_users(torch.as_tensor(chosen)).cpu().numpy()
+    out = []
+    for r, u in enumerate(chosen.tolist()):
+        sc[r, csr.indices[csr.indptr[u]:csr.indptr[u + 1]]] = -np.inf
+        x = int(sc[r].argmax())
+        att = tracin([(obj, obj.theta, lr)], u, x)
+        pro = att.top(top, 1)
+        out.append({"user": u, "item": x, "score": float(sc[r, x]),
+                    "proponents": [(int(p), int(train.user[p]), int(train.item[p]), float(att.scores[p]))
+                                   for p in pro],
+                    "share_user_rows": att.shares(train.user, train.item)["user_rows"]})
+    return out
