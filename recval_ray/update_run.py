@@ -101,6 +101,8 @@ def update_config(job_path: str, base_raw: dict, base_uri: str, overrides: list[
     if "coverage" in val:
         val["coverage"] = "train"
     val.pop("checks", None)
+    if "removal_n" in val:            # deletion's removal experiment: a run of its own, not an update's
+        val["removal_n"] = 0
     raw.setdefault("prune", {})["retrain"] = False
     raw["prune"]["random_control"] = False
     raw["verdict"] = dict(raw.get("verdict") or {}, enabled=False)
@@ -150,6 +152,30 @@ def grown_split(state, dataset, users_codes, items_codes, n_users: int, n_items:
                          is_noise=np.zeros(int(keep.sum()), bool) if train.is_noise is not None else None)
     return Split(train.concat(fresh) if len(fresh) else train, valid, test), fresh, {
         "repeats_base_training_pair": int(in_train.sum()), "repeats_base_held_out_pair": int((held & ~in_train).sum())}
+
+
+def carry_entity_values(valuation, state, valued_by: np.ndarray) -> tuple[np.ndarray, int]:
+    """An entity-level update (``updates="new-entities"``) valued only the new entities: every
+    other row takes its entity's value from the base run (and the run that produced it).
+    Returns ``(valued_by, rows valued by this update)``."""
+    ent = np.asarray(valuation.row_entity, np.int64)
+    n_base = len(state.values)
+    n_ent = int(ent.max()) + 2 if len(ent) else 1
+    base_value = np.full(n_ent, np.nan)
+    base_by = np.full(n_ent, None, dtype=object)
+    old = ent[:n_base]
+    ok = old >= 0
+    base_value[old[ok]] = state.values[ok]
+    base_by[old[ok]] = state.valued_by[ok]
+    fresh = np.isfinite(valuation.values)
+    idx = np.where(ent >= 0, ent, n_ent - 1)
+    values = np.where(fresh, valuation.values, base_value[idx])
+    by = np.where(fresh, valued_by, base_by[idx])
+    valuation.values = values
+    for k in list(valuation.columns):
+        if k.endswith("_value"):
+            valuation.columns[k] = values
+    return by, int(fresh.sum())
 
 
 def read_new_log(cfg, state, use_ray: bool):
@@ -211,8 +237,9 @@ def update_run(job_path: str, base_uri: str, overrides: Optional[list[str]] = No
         raise ConfigError(f"{base_uri}/manifest.json: no config recorded")
     cfg = update_config(job_path, base_manifest["config"], base_uri, list(overrides or []))
     method = cfg.valuation.method
-    if VALUERS.meta(method).get("updates") is None:
-        able = ", ".join(VALUERS.having("updates", "refresh"))
+    how = VALUERS.meta(method).get("updates")
+    if how is None:
+        able = ", ".join(sorted(VALUERS.having("updates", "refresh") + VALUERS.having("updates", "new-entities")))
         raise ConfigError(f"valuation.method {method} has no incremental update (methods that have one: {able}); "
                           f"value the whole log with `recval run`")
     state = read_state(fs, root, base_uri)
@@ -278,8 +305,13 @@ def update_run(job_path: str, base_uri: str, overrides: Optional[list[str]] = No
                     # pads its solve with zeros for new users and items)
                     prior = dict(state.valuer) if cfg.update.mode == "warm" and cfg.update.reuse_state \
                         and state.valuer else None
+                    entity_update = how == "new-entities" and cfg.update.mode == "warm"
+                    if entity_update:
+                        prior = {"first_new_entity": {"user": state.split.train.n_users,
+                                                      "item": state.split.train.n_items}}
                     valuer = VALUERS.get(method).factory(cfg.valuation)
-                    ctx = ValuationContext(split=split, base=res, model_cfg=cfg.model, train_cfg=train_cfg,
+                    ctx = ValuationContext(split=split, base=res, model_cfg=cfg.model,
+                                           train_cfg=cfg.train if entity_update else train_cfg,
                                            eval_cfg=cfg.evaluate, seed=cfg.train.seed, prior=prior,
                                            progress=log.info)
                     t0 = time.perf_counter()
@@ -287,6 +319,8 @@ def update_run(job_path: str, base_uri: str, overrides: Optional[list[str]] = No
                     valuation.info.setdefault("seconds", time.perf_counter() - t0)
                     valued_by = np.full(len(split.train), run_id, dtype=object)
                     refreshed = len(split.train)
+                    if entity_update:
+                        valued_by, refreshed = carry_entity_values(valuation, state, valued_by)
                 is_new = np.zeros(len(split.train), bool)
                 is_new[n_base:] = True
                 valuation.columns = dict(valuation.columns, is_new=is_new,

@@ -283,3 +283,31 @@ def test_update_on_ray_reads_the_new_log_with_ray_data_and_gives_the_same_values
     b = pq.read_table(os.path.join(on_ray["uri"], "values")).to_pandas().sort_values(["user_id", "item_id"])
     assert len(a) == len(b) and np.array_equal(a.value.to_numpy(), b.value.to_numpy())
     assert on_ray["metrics"]["update"]["new_users"] == local["metrics"]["update"]["new_users"]
+
+
+def test_deletion_update_values_only_the_new_users_and_carries_the_others(tmp_path):
+    log = make_log(seed=4, users=30, items=40, per_user=12)
+    cut = int(0.8 * len(log))
+    extra = np.array([(700 + k % 2, int(log[k, 1]), 3, 20_000 + k) for k in range(10)], dtype=np.int64)
+    write_log(str(tmp_path / "base.csv"), log[:cut])
+    write_log(str(tmp_path / "new.csv"), np.concatenate([log[cut:], extra]))
+    d = job_dict(str(tmp_path / "base.csv"), str(tmp_path / "out"), method="deletion", entity="user",
+                 metric="ndcg@10", metrics=["ndcg@10"], removal_n=2, protocol="validation")
+    d["valuation"].pop("coverage")
+    d["model"] = {"kind": "puresvd", "rank": 4}
+    d["train"] = {"seed": 0, "select_metric": "ndcg@10"}
+    d["prune"] = {"strategy": "none"}
+    run_job(load_config(write_job(str(tmp_path / "base.yaml"), d)), use_ray=False)
+    base = str(tmp_path / "out" / "base")
+    m = update_run(update_job(tmp_path, "delday", str(tmp_path / "new.csv")), base, use_ray=False)
+    a = pq.read_table(os.path.join(base, "values")).to_pandas()
+    b = pq.read_table(os.path.join(m["uri"], "values")).to_pandas()
+    new_users = b[b.user_id >= 700]
+    pairs = len({(int(u), int(i)) for u, i, _, _ in extra})
+    assert len(new_users) == pairs and np.isfinite(new_users.value).all() and set(new_users.valued_by) == {"delday"}
+    old = b[b.user_id < 700]
+    assert set(old.valued_by) == {"base"}                             # carried, marked with the base run
+    base_of = a.groupby("user_id").value.first()
+    np.testing.assert_array_equal(old.value.to_numpy(), base_of.loc[old.user_id].to_numpy())
+    assert m["metrics"]["update"]["rows_refreshed"] == pairs
+    assert m["metrics"]["valuation"]["entities_valued"] == 2

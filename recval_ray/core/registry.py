@@ -51,7 +51,10 @@ class Registry:
           prunings by default), ``updates`` (how ``recval update`` values new rows with it:
           ``"refresh"``: the method's own pass over the fine-tuned model values every row, new
           and old, reusing what the base run saved in ``Valuation.state`` through
-          ``ValuationContext.prior``; absent: the method has no incremental form)."""
+          ``ValuationContext.prior``; ``"new-entities"``: an entity-level method values only the
+          entities the new log brought (``prior["first_new_entity"]``: the first new code per
+          entity kind), every other row keeps its entity's base value; absent: the method has no
+          incremental form)."""
         def deco(factory):
             self._entries[name] = Entry(name, options, factory, dict(meta))
             return factory

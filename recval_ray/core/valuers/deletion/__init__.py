@@ -423,6 +423,16 @@ class DeletionValuer(Valuer):
         if engine == "closed-form":
             seeds = seeds[:1]       # deterministic: more seeds would repeat the same numbers
         entities = select_entities(row_group, n_groups, opts)
+        first_new = ((ctx.prior or {}).get("first_new_entity") or {}).get(kind)
+        if first_new is not None:
+            # recval update: only the entities the new log brought (codes from first_new on);
+            # the others keep the base run's values
+            present = np.flatnonzero(np.bincount(row_group[row_group >= 0], minlength=n_groups) > 0)
+            entities = present[present >= int(first_new)]
+            if len(entities) == 0:
+                return Valuation(method=self.name, values=np.full(len(train), np.nan), entity_kind=kind,
+                                 row_entity=row_group, info=DeletionInfo(entity=kind, entities_valued=0),
+                                 drop_removed_items=opts.removed_items == "drop", test_entity=grouping.rows["test"])
         dev = ctx.base.task.device if ctx.base is not None else torch.device("cpu")
         infl_part = "valid" if opts.protocol == "validation" else "test"
         if infl_part == "valid" and len(split.valid) == 0:
@@ -651,6 +661,7 @@ def check_job(job) -> None:
 
 
 @register_valuer("deletion", DeletionConfig, entity_level=True, work_items=True, check=check_job,
+                 updates="new-entities",
                  report_sections=("recval_ray.core.valuers.deletion.report:section",))
 def build_deletion(opts: DeletionConfig) -> DeletionValuer:
     if opts.seeds < 1:
