@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{rec['share_item_rows']:.0%}, other rows {rec['share_other_rows']:.0%}")
             if result.get("verify_summary"):
                 for name, v in result["verify_summary"].items():
-                    print(f"without {name}: mean rank drop {v['mean_rank_drop']:+.1f} (SE {v['se']:.1f}, "
-                          f"{v['queries']} queries)")
+                    print(f"without {name}: mean rank drop {v['mean_rank_drop']:+.1f} (SE {v['se']:.1f}), score "
+                          f"drop {v['mean_score_drop']:+.3f} (SE {v['score_se']:.3f}), {v['queries']} queries")
             return 0
         if args.command == "update":
             from .update_run import update_run

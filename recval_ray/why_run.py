@@ -225,6 +225,8 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
                 for name in ("top_proponents", "random_user_rows", "random_rows"):
                     drops = [c["rank"] - ref[c["seed"]]["rank"] for c in checks if c["variant"] == name]
                     rec[f"rank_drop_{name}"] = float(np.mean(drops))
+                    rec[f"score_drop_{name}"] = float(np.mean([ref[c["seed"]]["score"] - c["score"]
+                                                               for c in checks if c["variant"] == name]))
             summary.append(rec)
             rows_q.append({k_: v for k_, v in rec.items() if k_ != "verify"})
             for role, idx in (("proponent", pro), ("opponent", opp)):
@@ -269,14 +271,19 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
 
 
 def verify_summary(summary: list) -> dict:
-    """Mean (and SE over queries) of the rank drop of the target after each removal."""
+    """Mean and SE over queries (each the mean over its seeds) of the target's rank drop (rank
+    without - rank with; positive: it fell) and score drop after each removal."""
+    def mean_se(v):
+        v = np.asarray(v, np.float64)
+        return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
     out = {}
     for name in ("top_proponents", "random_user_rows", "random_rows"):
-        v = np.array([r[f"rank_drop_{name}"] for r in summary if f"rank_drop_{name}" in r], dtype=np.float64)
-        if len(v):
-            out[name] = {"mean_rank_drop": float(v.mean()),
-                         "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"),
-                         "queries": int(len(v))}
+        ranks = [r[f"rank_drop_{name}"] for r in summary if f"rank_drop_{name}" in r]
+        if ranks:
+            scores = [r[f"score_drop_{name}"] for r in summary if f"score_drop_{name}" in r]
+            (mr, sr), (ms, ss) = mean_se(ranks), mean_se(scores)
+            out[name] = {"mean_rank_drop": mr, "se": sr, "mean_score_drop": ms, "score_se": ss,
+                         "queries": len(ranks)}
     return out
 
 
