@@ -33,8 +33,9 @@ TINY = ["data.synthetic.n_users=150", "data.synthetic.n_items=200",
         "data.synthetic.interactions_per_user=20",
         "train.epochs=3", "train.patience=3", "train.loss_epochs=2", "train.batch_size=512",
         "noise.ratio=0.2", "verdict.enabled=false"]
-LAYOUT_DIRS = ["values", "pruned", "splits/train", "splits/valid", "splits/test", "keep", "drop", "dropped_profile"]
-LAYOUT_FILES = ["metrics.json", "report.html", "manifest.json"]
+LAYOUT_DIRS = ["values", "pruned", "splits/train", "splits/valid", "splits/test", "keep", "drop", "dropped_profile",
+               "state/users", "state/items", "state/train", "state/valid", "state/test"]
+LAYOUT_FILES = ["metrics.json", "report.html", "manifest.json", "state/state.json", "state/model.pt"]
 VALUES_SCHEMA = ["user_id", "item_id", "value", "train_loss", "kept"]
 
 # the CSV input: string ids, the input's own column names, an extra pass-through column
@@ -329,7 +330,8 @@ def test_overwrite_replaces_and_is_deterministic(synthetic_run, tmp_path, capsys
     assert m["status"] == "complete"
     # the earlier run's files are gone (Ray names its Parquet files uniquely: no leftovers)
     assert set(m["files"]) == run_files(target)
-    assert not (old_files & run_files(target) - set(LAYOUT_FILES))
+    # (state/ is written by fixed names, replaced in place at publish)
+    assert not {f for f in old_files & run_files(target) - set(LAYOUT_FILES) if not f.startswith("state/")}
     # determinism: the same config gives the same values, exactly
     a, b = read(run_dir, "values"), read(target, "values")
     assert a["value"].to_pylist() == b["value"].to_pylist()

@@ -118,7 +118,8 @@ def test_outputs_to_s3(s3):
     # no credentials in the outputs
     assert "testing" not in json.dumps(m["config"])
     assert set(m["row_counts"]) == {"values", "pruned", "splits/train", "splits/valid", "splits/test",
-                                  "keep", "drop", "dropped_profile"}
+                                  "keep", "drop", "dropped_profile", "state/users", "state/items",
+                                  "state/train", "state/valid", "state/test"}
     for name, n in m["row_counts"].items():
         assert pq.read_table(f"{root}/{name}", filesystem=fs).num_rows == n, name
 
