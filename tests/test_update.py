@@ -197,9 +197,9 @@ def test_update_refuses_another_schema_another_model_and_a_method_without_an_upd
     with pytest.raises(ConfigError, match="model.dim: 16 differs from the base run"):
         update_run(update_job(tmp, "bad3", str(tmp / "new.csv"), model={"kind": "mf", "dim": 16}),
                    base_run["base"], use_ray=False)
-    with pytest.raises(ConfigError, match="valuation.method deletion has no incremental update"):
+    with pytest.raises(ConfigError, match="valuation.method bilevel has no incremental update"):
         update_run(update_job(tmp, "bad4", str(tmp / "new.csv")), base_run["base"],
-                   ["valuation={method: deletion}"], use_ray=False)
+                   ["valuation={method: bilevel}"], use_ray=False)
     # nothing of the refused updates was written
     assert not any((tmp / "out" / n / "manifest.json").exists() for n in ("bad1", "bad2", "bad3", "bad4"))
     # the CLI: exit 2 and one line naming the file

@@ -95,7 +95,7 @@ def test_recval_why_on_a_run_attributes_verifies_and_writes_its_outputs(tmp_path
 
     from recval_ray.cli import main
     from recval_ray.config import load_config
-    from recval_ray.errors import ConfigError, InputError
+    from recval_ray.errors import InputError
     from recval_ray.pipeline import run_job
     from recval_ray.why_run import why_run
     from test_update import job_dict, make_log, write_job, write_log
