@@ -174,6 +174,8 @@ def main() -> None:
                 solve = m["metrics"]["valuation"].get("solve") or {}
                 print(f"{method} full rerun seed {seed}: {full_s[-1]:.1f} s, {m['metrics']['training']['epochs_run']} "
                       f"epochs" + (f", CG {solve.get('iterations')} iterations" if solve else ""), flush=True)
+            with open(os.path.join(prev, "metrics.json")) as fh:
+                warm_recall = json.load(fh)["test"]["updated"].get("recall@20")
             wv, fv, is_new = aligned(prev, fulls[0]["uri"], new_keys)
             f1, _, _ = aligned(fulls[1]["uri"], fulls[0]["uri"], new_keys)
             res = {
@@ -183,12 +185,9 @@ def main() -> None:
                 "warm_vs_full_new_rows": agreement(wv[is_new], fv[is_new]).as_dict(),
                 "full_seed1_vs_full": agreement(f1, fv).as_dict(),
                 "full_seed1_vs_full_new_rows": agreement(f1[is_new], fv[is_new]).as_dict(),
-                "test_recall@20": {"warm": prev and None, "full": fulls[0]["metrics"]["test"]["updated"].get("recall@20")},
+                "test_recall@20": {"warm": warm_recall, "full": fulls[0]["metrics"]["test"]["updated"].get("recall@20")},
                 "updates": facts,
             }
-            import json as _j
-            with open(os.path.join(prev, "metrics.json")) as fh:
-                res["test_recall@20"]["warm"] = _j.load(fh)["test"]["updated"].get("recall@20")
             results[method] = res
             print(f"{method}: update {res['update_seconds']:.1f} s vs full {res['full_seconds']:.1f} s (ratio "
                   f"{res['ratio']:.1f}); Spearman warm/full {res['warm_vs_full']['spearman']:.3f} (new rows "
