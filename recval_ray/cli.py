@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                              output_uri=args.output, run_id=args.run_id, overwrite=args.overwrite)
             print(f"attributions written to {result['uri']}")
             for rec in result["summary"][:10]:
-                print(f"user {rec['user_id']} item {rec['item_id']}: rank {rec['rank']}, score {rec['score']:.3f}; "
+                named = f" ({rec['title']})" if rec.get("title") else ""
+                print(f"user {rec['user_id']} item {rec['item_id']}{named}: rank {rec['rank']}, score {rec['score']:.3f}; "
                       f"positive contribution from the user's rows {rec['share_user_rows']:.0%}, the item's rows "
                       f"{rec['share_item_rows']:.0%}, other rows {rec['share_other_rows']:.0%}")
             if result.get("verify_summary"):

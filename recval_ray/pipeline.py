@@ -725,7 +725,8 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                     from .run_state import write_state
                     write_state(out, user_ids=dataset.user_ids, item_ids=dataset.item_ids, split=split,
                                 model=base.model, model_kind=cfg.model.kind, method=cfg.valuation.method,
-                                values=valuation.values, valuer_state=valuation.state, run_id=run_id)
+                                values=valuation.values, valuer_state=valuation.state, run_id=run_id,
+                                item_titles=dataset.item_titles)
                 if explanation is not None:
                     out.write_table("explanations/attributions",
                                     explanation.attributions_table(dataset, split.train), use_ray=use_ray)

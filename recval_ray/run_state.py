@@ -2,7 +2,8 @@
 
 Every run (``output.state: true``, the default) writes, next to its outputs:
 
-- ``state/users/``, ``state/items/``: the id maps, one original id per code, in code order;
+- ``state/users/``, ``state/items/``: the id maps, one original id per code, in code order
+  (``items`` also ``title`` when the data have titles);
 - ``state/train/``, ``state/valid/``, ``state/test/``: the split as int32 codes (plus rating,
   timestamp, is_noise when the data have them), ordered part files; ``state/train`` also holds
   each row's ``value`` and the run that produced it (``valued_by``);
@@ -58,12 +59,16 @@ def _tensor_bytes(obj) -> bytes:
 
 def write_state(out, *, user_ids: pa.Array, item_ids: pa.Array, split: Split, model, model_kind: str,
                 method: str, values: np.ndarray, valued_by: Optional[np.ndarray] = None,
-                valuer_state: Optional[dict] = None, run_id: str = "") -> None:
+                valuer_state: Optional[dict] = None, run_id: str = "",
+                item_titles: Optional[pa.Array] = None) -> None:
     """Write ``state/`` (see the module docstring) into the run's attempt ``out``. ``valued_by``:
     the run id that produced each training row's value (default: this run)."""
     import torch
     out.write_table(f"{STATE}/users", pa.table({"user_id": user_ids}), use_ray=False)
-    out.write_table(f"{STATE}/items", pa.table({"item_id": item_ids}), use_ray=False)
+    items = {"item_id": item_ids}
+    if item_titles is not None and len(item_titles) == len(item_ids):
+        items["title"] = item_titles          # what `recval why` names items by
+    out.write_table(f"{STATE}/items", pa.table(items), use_ray=False)
     n = len(split.train)
     by = valued_by if valued_by is not None else np.full(n, run_id, dtype=object)
     for name, part in split.parts().items():
@@ -100,6 +105,7 @@ class RunState:
     valued_by: np.ndarray
     model: dict
     valuer: dict = field(default_factory=dict)
+    item_titles: Optional[pa.Array] = None      # when the data had titles (MovieLens)
 
 
 def _read_rows(fs, path: str, n_users: int, n_items: int) -> tuple[Interactions, pa.Table]:
@@ -134,7 +140,9 @@ def read_state(fs, root: str, run_uri: str) -> RunState:
         info = json.loads(f.read().decode())
     n_u, n_i = int(info["n_users"]), int(info["n_items"])
     users = pq.read_table(posixpath.join(base, "users"), filesystem=fs)["user_id"].combine_chunks()
-    items = pq.read_table(posixpath.join(base, "items"), filesystem=fs)["item_id"].combine_chunks()
+    items_tab = pq.read_table(posixpath.join(base, "items"), filesystem=fs)
+    items = items_tab["item_id"].combine_chunks()
+    titles = items_tab["title"].combine_chunks() if "title" in items_tab.column_names else None
     parts, train_tab = {}, None
     for name in PARTS:
         parts[name], tab = _read_rows(fs, posixpath.join(base, name), n_u, n_i)
@@ -150,4 +158,4 @@ def read_state(fs, root: str, run_uri: str) -> RunState:
                     split=Split(parts["train"], parts["valid"], parts["test"]),
                     values=train_tab["value"].to_numpy().astype(np.float64),
                     valued_by=np.asarray(train_tab["valued_by"].to_pylist(), dtype=object),
-                    model=model, valuer=valuer)
+                    model=model, valuer=valuer, item_titles=titles)

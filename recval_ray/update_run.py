@@ -31,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import fs as rfs
 from .errors import ConfigError, InputError
@@ -176,6 +177,23 @@ def carry_entity_values(valuation, state, valued_by: np.ndarray) -> tuple[np.nda
         if k.endswith("_value"):
             valuation.columns[k] = values
     return by, int(fresh.sum())
+
+
+def grown_titles(state, dataset, item_ids: pa.Array):
+    """Titles of the grown item map: the base run's, then the new log's for new items (null
+    where unknown); None when neither has titles."""
+    new_titles = getattr(dataset, "item_titles", None)
+    if state.item_titles is None and new_titles is None:
+        return None
+    n_base = len(state.item_ids)
+    base = state.item_titles if state.item_titles is not None else pa.nulls(n_base, pa.string())
+    fresh = item_ids.slice(n_base)
+    if new_titles is not None and len(fresh):
+        pos = pc.index_in(fresh, value_set=dataset.item_ids)
+        extra = new_titles.take(pos)
+    else:
+        extra = pa.nulls(len(fresh), base.type)
+    return pa.concat_arrays([base, extra.cast(base.type)])
 
 
 def read_new_log(cfg, state, use_ray: bool):
@@ -336,7 +354,7 @@ def update_run(job_path: str, base_uri: str, overrides: Optional[list[str]] = No
                 write_state(out, user_ids=user_ids, item_ids=item_ids, split=split, model=res.model,
                             model_kind=cfg.model.kind, method=method, values=valuation.values,
                             valued_by=np.asarray(valued_by, dtype=object), valuer_state=valuation.state,
-                            run_id=run_id)
+                            run_id=run_id, item_titles=grown_titles(state, dataset, item_ids))
             for s_ in prof.stages:
                 timings[f"{s_.name}_s"] = s_.seconds
             info = {k: v for k, v in dict(valuation.info).items() if k != "history"}

@@ -215,6 +215,7 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
             shares = att.shares(train.user, train.item)
             seconds = time.perf_counter() - t0
             rec = {"query": q, "user_id": ds.user_ids[u].as_py(), "item_id": ds.item_ids[x].as_py(),
+                   "title": _title(ds, x),
                    "score": float(scores[x]), "rank": rank, "in_training": bool(np.isin(x, own_items)), "method": method, "rows_computed": att.rows_computed,
                    "seconds": seconds, **{f"share_{k_}": v for k_, v in shares.items()},
                    "proponents": int(len(pro)), "opponents": int(len(opp))}
@@ -235,6 +236,7 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
                     rows_att.append({"query": q, "query_user_id": rec["user_id"], "query_item_id": rec["item_id"],
                                      "role": role, "rank": r_ + 1, "row": int(row),
                                      "user_id": ds.user_ids[ru].as_py(), "item_id": ds.item_ids[ri].as_py(),
+                                     "title": _title(ds, ri),
                                      "contribution": float(att.scores[row]),
                                      "group": "user" if ru == u else ("item" if ri == x else "other")})
             log.info("why %d/%d: user %s item %s (rank %d, score %.3f): %d proponents, user rows %.0f%% of the "
@@ -289,16 +291,22 @@ def verify_summary(summary: list) -> dict:
 
 def _dataset_for_ids(state):
     from types import SimpleNamespace
-    return SimpleNamespace(user_ids=state.user_ids, item_ids=state.item_ids)
+    return SimpleNamespace(user_ids=state.user_ids, item_ids=state.item_ids, item_titles=state.item_titles)
+
+
+def _title(ds, item: int):
+    return ds.item_titles[item].as_py() if ds.item_titles is not None else None
 
 
 def _query_section(rep, rec: dict, rows: list) -> None:
-    rep.heading(f"User {rec['user_id']}, item {rec['item_id']}: rank {rec['rank']}, score {rec['score']:.3f}")
+    named = f" ({rec['title']})" if rec.get("title") else ""
+    rep.heading(f"User {rec['user_id']}, item {rec['item_id']}{named}: rank {rec['rank']}, score {rec['score']:.3f}")
     rep.paragraph(f"Positive contribution from the user's own rows {rec['share_user_rows']:.0%}, from the item's "
                   f"rows {rec['share_item_rows']:.0%}, from the rest {rec['share_other_rows']:.0%} "
                   f"({rec['rows_computed']} rows computed, {rec['seconds']:.2f} s).")
     for role in ("proponent", "opponent"):
-        part = [{k: r[k] for k in ("rank", "user_id", "item_id", "contribution", "group")}
+        part = [{k: r[k] for k in ("rank", "user_id", "item_id", "title", "contribution", "group")
+                 if k != "title" or r.get("title") is not None}
                 for r in rows if r["role"] == role][:10]
         if part:
             rep.table(part)

@@ -129,3 +129,27 @@ def test_recval_why_on_a_run_attributes_verifies_and_writes_its_outputs(tmp_path
     assert main(["why", run, "--user", str(u)]) == 2                 # an --item per --user
     infl = why_run(run, [(u, i)], method="influence", damping=5.0, run_id="infl")
     assert infl["summary"][0]["rows_computed"] == len(pq.read_table(os.path.join(run, "state", "train")))
+
+
+def test_why_names_items_by_their_titles_when_the_data_has_them(tmp_path):
+    import pyarrow.parquet as pq
+
+    from recval_ray.config import validate_config
+    from recval_ray.pipeline import run_job
+    from recval_ray.why_run import why_run
+    from test_update import job_dict, make_log
+
+    log = make_log(seed=5, users=25, items=30, per_user=10)
+    d = tmp_path / "ml"
+    d.mkdir()
+    (d / "u.data").write_text("".join(f"{u + 1}\t{i + 1}\t{r}\t{t}\n" for u, i, r, t in log))
+    (d / "u.item").write_bytes("".join(f"{i + 1}|Film {i + 1} (1995)|01-Jan-1995||http://x|" + "|".join(["0"] * 19)
+                                       + "\n" for i in range(30)).encode("latin-1"))
+    job = job_dict(str(d), str(tmp_path / "out"), name="ml")
+    job["data"] = {"format": "movielens-100k", "path": str(d)}
+    run_job(validate_config(job), use_ray=False)
+    m = why_run(str(tmp_path / "out" / "ml"), sample_users=1, top=3)
+    q = m["summary"][0]
+    assert q["title"] == f"Film {q['item_id']} (1995)"
+    att = pq.read_table(f"{m['uri']}/attributions").to_pandas()
+    assert (att.title == att.item_id.map(lambda i: f"Film {i} (1995)")).all()
