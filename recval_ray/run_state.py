@@ -69,14 +69,16 @@ def write_state(out, *, user_ids: pa.Array, item_ids: pa.Array, split: Split, mo
     if item_titles is not None and len(item_titles) == len(item_ids):
         items["title"] = item_titles          # what `recval why` names items by
     out.write_table(f"{STATE}/items", pa.table(items), use_ray=False)
-    n = len(split.train)
-    by = valued_by if valued_by is not None else np.full(n, run_id, dtype=object)
+    def producers(sl: np.ndarray) -> pa.Array:
+        if valued_by is None:       # every row by this run: one dictionary entry, no per-row strings
+            return pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(sl), np.int32)), pa.array([run_id]))
+        return pa.array(np.asarray(valued_by, dtype=object)[sl], pa.string()).dictionary_encode()
+
     for name, part in split.parts().items():
         def chunks(part=part, name=name):
             for s in range(0, max(len(part), 1), CHUNK_ROWS):
                 sl = np.arange(s, min(s + CHUNK_ROWS, len(part)))
-                extra = {"value": np.asarray(values, np.float64)[sl],
-                         "valued_by": pa.array(np.asarray(by, dtype=object)[sl], pa.string())} \
+                extra = {"value": np.asarray(values, np.float64)[sl], "valued_by": producers(sl)} \
                     if name == "train" else None
                 yield _rows_table(part.take(sl), extra)
         out.write_chunks(f"{STATE}/{name}", chunks())
@@ -157,5 +159,5 @@ def read_state(fs, root: str, run_uri: str) -> RunState:
     return RunState(info=info, user_ids=users, item_ids=items,
                     split=Split(parts["train"], parts["valid"], parts["test"]),
                     values=train_tab["value"].to_numpy().astype(np.float64),
-                    valued_by=np.asarray(train_tab["valued_by"].to_pylist(), dtype=object),
+                    valued_by=np.asarray(train_tab["valued_by"].cast(pa.string()).to_pylist(), dtype=object),
                     model=model, valuer=valuer, item_titles=titles)
