@@ -747,7 +747,9 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
     return RunResult(uri=out.public_uri, run_id=run_id, metrics=metrics, manifest=manifest, values=values_tab)
 
 
-WHY_EXAMPLE_MAX_ROWS = 5_000_000     # the report's "why these recommendations" on runs up to this size
+# the report's "why these recommendations" on runs up to this size: its objective holds every
+# training row's ids and negatives (~24 B a row), which a large log should not pay for a report
+WHY_EXAMPLE_MAX_ROWS = 1_000_000
 
 
 def why_examples(cfg: JobConfig, dataset: Dataset, split: Split, base: TrainResult) -> Optional[list]:

@@ -134,6 +134,7 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
     from .core.attribution import influence, rank_of, tracin
     from .core.influence import model_objective
     from .core.train import build_task
+    from .check_run import _base_epochs
     from .explain_run import open_beside
     from .output import read_manifest
     from .report import Report
@@ -161,6 +162,7 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
     task.model.eval()
     obj = model_objective(task, train, split.valid, seed=int(cfg.train.seed))
 
+    csr = train.csr()
     pairs: list = []
     if queries:
         pairs += list(queries)
@@ -172,7 +174,6 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
         rng = np.random.default_rng([int(sample_seed), 0x5A])
         active = np.unique(train.user)
         su = np.sort(rng.choice(active, min(int(sample_users), len(active)), replace=False))
-        csr = train.csr()
         with torch.no_grad():
             sc = task.model.score_users(torch.as_tensor(su)).cpu().numpy()
         for r, u in enumerate(su):
@@ -183,20 +184,12 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
         raise ConfigError("recval why: no query (give --user and --item, --queries FILE or --sample-users N)")
 
     damp = float(damping if damping is not None else getattr(cfg.valuation, "damping", 0.01))
-    base_epochs = None
-    try:
-        import json
-        with fs.open_input_stream(posixpath.join(root, "metrics.json")) as fh:
-            base = json.loads(fh.read().decode())["training"]["base"]
-        base_epochs = int(base["best_epoch"]) + 1 if base.get("best_epoch", -1) >= 0 else None
-    except (OSError, KeyError, TypeError, ValueError):
-        pass
+    base_epochs = _base_epochs(fs, root)       # the base model's selected epoch count (metrics.json)
     ckpts, note = checkpoint_weights(fs, root, float(cfg.train.lr), base_epochs - 1 if base_epochs else None) \
         if method == "tracin" else ([], f"influence at the selected model, damping {damp:g}")
     objectives = [(obj, flat_theta(obj, sd), lr) for sd, lr in ckpts] or [(obj, obj.theta, float(cfg.train.lr))]
     base_epochs = base_epochs or int(cfg.train.epochs)
 
-    csr = train.csr()
     source_id, out = open_beside(run_uri, manifest, root, "why", cfg, output_uri, run_id, overwrite)
     with out:
         ds = _dataset_for_ids(state)
