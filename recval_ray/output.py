@@ -94,9 +94,12 @@ class RunOutput:
     ``uri``: where the run is published (``<output>/<run_id>``); ``public_uri``: the address
     to record in the manifest when that differs (a run nested in another run's attempt)."""
 
-    def __init__(self, uri: str, run_id: str, storage=None, public_uri: Optional[str] = None):
+    def __init__(self, uri: str, run_id: str, storage=None, public_uri: Optional[str] = None,
+                 ray_write_rows: Optional[int] = None):
         check_run_id(run_id, "run id")
         self.run_id = run_id
+        if ray_write_rows is not None:
+            self.ray_write_rows = int(ray_write_rows)
         self.uri = rfs.uri_join(uri, run_id)
         self.public_uri = public_uri or self.uri
         self.create_bucket = bool(getattr(storage, "create_bucket", False))
@@ -302,13 +305,17 @@ class RunOutput:
                 with open(p, "rb") as fh:
                     self.write_bytes(posixpath.join(prefix, os.path.basename(p)), fh.read())
 
+    #: on Ray, tables above this many rows are written by Ray Data (``output.ray_write_rows``)
+    ray_write_rows: int = 1_000_000
+
     def write_table(self, name: str, table: pa.Table, use_ray: bool = True) -> None:
-        """A Parquet dataset under ``<name>/`` (Ray Data on Ray; one file otherwise, and always
-        one file for an empty table, which Ray Data would not write at all)."""
+        """A Parquet dataset under ``<name>/``: by Ray Data on Ray when the table has more than
+        :attr:`ray_write_rows` rows; otherwise one file written here (always for an empty table,
+        which Ray Data would not write at all)."""
         target = self.path(name)
         self.row_counts[name] = table.num_rows
         self._tables[name] = table.num_rows
-        if use_ray and table.num_rows:
+        if use_ray and table.num_rows > max(0, int(self.ray_write_rows)):
             import ray.data
             ray.data.from_arrow(table).write_parquet(target, filesystem=self.fs, mode="overwrite")
         else:

@@ -482,6 +482,31 @@ def values_table(dataset: Dataset, split: Split, valuation: Valuation, keep: np.
     return t.select(order)
 
 
+TEXT_BYTES_PER_ROW = 32
+
+
+def small_stream_on_driver(cfg: JobConfig, dataset: Dataset, use_ray: bool) -> Dataset:
+    """A streamed input of at most ``output.ray_write_rows`` rows read once onto the driver as
+    ``source``: its pass-through outputs are then filtered and written here, as for a small
+    in-process input, instead of one Ray Data pass over the input per output (seconds each,
+    tens of seconds on a cluster). Larger inputs stay streamed."""
+    plan = dataset.stream
+    if plan is None or not use_ray:
+        return dataset
+    limit = cfg.output.ray_write_rows
+    if plan.counts:               # Parquet: the footers' row counts
+        small = sum(plan.counts) <= limit
+    else:                         # text: its bytes (at most TEXT_BYTES_PER_ROW per row allowed)
+        import pyarrow.fs as pafs
+        fs = plan.fs if plan.fs is not None else pafs.LocalFileSystem()
+        small = sum(i.size for i in fs.get_file_info(list(plan.paths))) <= TEXT_BYTES_PER_ROW * limit
+    if not small:
+        return dataset
+    from .ray_layer.tables import input_table
+    source = input_table(dataset)
+    return dataclasses.replace(dataset, source=source, stream=None)
+
+
 def set_aside_positions(dataset: Dataset, split: Split, use_ray: bool) -> Optional[np.ndarray]:
     """Input rows (positions in the input) that no split holds: repeated pairs ingestion left
     out, validation/test rows whose user or item has no training row, rows below
@@ -589,7 +614,8 @@ def open_run(cfg: JobConfig, run_id: str, output_uri: Optional[str], overwrite: 
     machine's temp dir, so Ray Train checkpoints go to the run's own storage (``on_cluster``).
     Use the output as a context manager: a failure aborts the attempt and releases the lock."""
     from .output import RunOutput
-    out = RunOutput(output_uri or cfg.output.uri, run_id, cfg.storage, public_uri=public_uri)
+    out = RunOutput(output_uri or cfg.output.uri, run_id, cfg.storage, public_uri=public_uri,
+                    ray_write_rows=cfg.output.ray_write_rows)
     out.open(cfg.output.overwrite if overwrite is None else overwrite)
     on_cluster = False
     if use_ray:
@@ -693,6 +719,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
             if examples:
                 metrics["why_examples"] = examples
             explanation = explain(cfg, split, dataset, valuation, metrics, timings)
+            dataset = small_stream_on_driver(cfg, dataset, use_ray)
             n_valued = len(split.train) + (len(split.valid) + len(split.test) if valuation.whole_log else 0)
             values_tab = values_table(dataset, split, valuation, pruned.keep, keep_all=pruned.keep_all) \
                 if n_valued <= CHUNK_ROWS else None

@@ -267,7 +267,8 @@ def update_run(job_path: str, base_uri: str, overrides: Optional[list[str]] = No
     base_id = base_manifest.get("run_id") or posixpath.basename(root.rstrip("/"))
     lineage = lineage_of(base_manifest, base_uri)
     run_id = run_id or cfg.output.run_id or cfg.name
-    out = RunOutput(output_uri or cfg.output.uri, run_id, cfg.storage).open(overwrite)
+    out = RunOutput(output_uri or cfg.output.uri, run_id, cfg.storage,
+                    ray_write_rows=cfg.output.ray_write_rows).open(overwrite)
     if use_ray:
         from .ray_layer.session import ensure_ray
         try:

@@ -110,11 +110,16 @@ def csv_input(tmp_path_factory) -> tuple[str, pa.Table]:
 
 @pytest.fixture(scope="module")
 def csv_runs(ray_session, csv_input, tmp_path_factory):
-    """The same CSV job on Ray and in-process (``use_ray=False``)."""
+    """The same CSV job on Ray and in-process (``use_ray=False``). On Ray twice: streamed end
+    to end (``output.ray_write_rows=0``: every output a Ray Data pass over the input), and with
+    the default threshold (a small input read once onto the driver for its outputs:
+    ``csv-ray-small``)."""
     path, _ = csv_input
     out = tmp_path_factory.mktemp("e2e-csv-out")
     cfg = tiny_config(*CSV_OVERRIDES, f"data.path={path}")
-    on_ray = run_job(cfg, run_id="csv-ray", output_uri=str(out), use_ray=True)
+    streamed = tiny_config(*CSV_OVERRIDES, f"data.path={path}", "output.ray_write_rows=0")
+    on_ray = run_job(streamed, run_id="csv-ray", output_uri=str(out), use_ray=True)
+    run_job(cfg, run_id="csv-ray-small", output_uri=str(out), use_ray=True)
     local = run_job(cfg, run_id="csv-local", output_uri=str(out), use_ray=False)
     return on_ray, local, out
 
@@ -131,6 +136,8 @@ def test_output_layout_and_manifest(synthetic_run):
     for f in LAYOUT_FILES:
         assert (run_dir / f).is_file(), f
     assert (run_dir / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
+    # a table below output.ray_write_rows is one file from the driver, even on Ray
+    assert os.listdir(run_dir / "values") == ["part-0.parquet"]
 
     m = manifest_of(run_dir)
     assert m["status"] == "complete"
@@ -281,17 +288,23 @@ def test_original_ids_and_columns_preserved(csv_runs, csv_input):
 def test_ray_path_equals_in_process_path(csv_runs):
     on_ray, local, out = csv_runs
     assert on_ray.manifest["row_counts"] == local.manifest["row_counts"]
-    v_ray, v_local = read(out / "csv-ray", "values"), read(out / "csv-local", "values")
-    assert v_ray.column_names == v_local.column_names
-    for col in v_ray.column_names:
-        assert v_ray[col].to_pylist() == v_local[col].to_pylist(), col
-    for name in ("splits/train", "splits/valid", "splits/test"):
-        assert read(out / "csv-ray", name).equals(read(out / "csv-local", name)), name
-    # pruned/ on Ray is the input re-read and filtered by Ray Data: the same rows (its files'
-    # names, hence the order they are read back in, are Ray's)
-    by = [("reviewer", "ascending"), ("asin", "ascending"), ("is_noise", "ascending")]
-    a, b = read(out / "csv-ray", "pruned"), read(out / "csv-local", "pruned")
-    assert a.schema == b.schema and a.sort_by(by).equals(b.sort_by(by))
+    for run in ("csv-ray", "csv-ray-small"):
+        assert manifest_of(out / run)["row_counts"] == local.manifest["row_counts"], run
+        v_ray, v_local = read(out / run, "values"), read(out / "csv-local", "values")
+        assert v_ray.column_names == v_local.column_names
+        for col in v_ray.column_names:
+            assert v_ray[col].to_pylist() == v_local[col].to_pylist(), (run, col)
+        for name in ("splits/train", "splits/valid", "splits/test"):
+            assert read(out / run, name).equals(read(out / "csv-local", name)), (run, name)
+        # pruned/, keep/, drop/ on Ray: the input re-read and filtered (by Ray Data when
+        # streamed: its files' names, hence the order they are read back in, are Ray's)
+        for name in ("pruned", "keep", "drop"):
+            a, b = read(out / run, name), read(out / "csv-local", name)
+            by = [(c, "ascending") for c in ("reviewer", "asin", "unixtime", "is_noise") if c in a.column_names]
+            assert a.schema == b.schema and a.sort_by(by).equals(b.sort_by(by)), (run, name)
+    # which writer wrote them: Ray Data's file names, or the driver's one file
+    assert os.listdir(out / "csv-ray-small" / "keep") == ["part-0.parquet"]
+    assert "part-0.parquet" not in os.listdir(out / "csv-ray" / "keep")
     assert on_ray.metrics["test"] == local.metrics["test"]
     assert on_ray.metrics["noise_detection"] == local.metrics["noise_detection"]
 
@@ -321,6 +334,8 @@ def test_overwrite_replaces_and_is_deterministic(synthetic_run, tmp_path, capsys
     target = tmp_path / "syn"
     shutil.copytree(run_dir, target)
     old_files = run_files(target)
+    # every old file's inode: what the new run wrote replaced them
+    old_inodes = {f: os.stat(target / f).st_ino for f in old_files}
     rc = main(["run", JOB, "--output", str(tmp_path), "--run-id", "syn", "--overwrite"]
               + [a for o in TINY for a in ("--set", o)])
     captured = capsys.readouterr()
@@ -328,10 +343,9 @@ def test_overwrite_replaces_and_is_deterministic(synthetic_run, tmp_path, capsys
     assert "run syn complete" in captured.out
     m = manifest_of(target)
     assert m["status"] == "complete"
-    # the earlier run's files are gone (Ray names its Parquet files uniquely: no leftovers)
+    # the earlier run's files are gone or replaced: no leftovers, no old file kept in place
     assert set(m["files"]) == run_files(target)
-    # (state/ is written by fixed names, replaced in place at publish)
-    assert not {f for f in old_files & run_files(target) - set(LAYOUT_FILES) if not f.startswith("state/")}
+    assert not [f for f in old_files & run_files(target) if os.stat(target / f).st_ino == old_inodes[f]]
     # determinism: the same config gives the same values, exactly
     a, b = read(run_dir, "values"), read(target, "values")
     assert a["value"].to_pylist() == b["value"].to_pylist()

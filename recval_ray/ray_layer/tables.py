@@ -129,6 +129,15 @@ def write_keep_drop(out, dataset: Dataset, drop_rows: np.ndarray, types: Optiona
     return {"input_rows": int(n_input), "drop": n_drop, "keep": int(n_input - n_drop)}
 
 
+def input_table(dataset: Dataset) -> pa.Table:
+    """A streamed input's rows, every column as the reader gives it (text columns stay text),
+    in input order, on the driver: for inputs small enough that one read beats a Ray Data
+    pass per output (``output.ray_write_rows``)."""
+    ds = dataset.stream.read()
+    blocks = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
+    return pa.concat_tables(blocks) if blocks else ds.schema().base_schema.empty_table()
+
+
 def read_input_rows(dataset: Dataset, positions: np.ndarray, columns: list) -> pa.Table:
     """``columns`` of a streamed input's rows at ``positions`` (input order), read again by
     Ray Data and filtered in the workers: only those rows reach the driver."""
