@@ -96,6 +96,9 @@ class TrainConfig:
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)   # BPR objective (MF, LightGCN)
     shard: Literal["auto", "user"] = "auto"   # Ray Train: "user" sends each worker only its users' rows
     engine: Literal["autograd", "sparse"] = "autograd"   # MF-BPR steps: autograd, or closed-form row-sparse (core/fast_bpr.py)
+    # engine sparse + sgd: the step compiled by torch.compile into fused loops (float rounding
+    # differs from the eager step; compiles once per batch shape, needs a C++ compiler)
+    fused: bool = False
 
 
 @dataclass
@@ -137,6 +140,9 @@ class OutputConfig:
     report: bool = True
     checkpoints: bool = False
     state: bool = True      # state/: id maps, split codes, values, weights, method state (what `recval update` reads)
+    # on Ray, a table the driver already holds is written by Ray Data (parallel, partitioned) only
+    # above this many rows; smaller ones as one file by the driver (a Ray Data write costs seconds)
+    ray_write_rows: int = 1_000_000
 
 
 @dataclass
@@ -590,7 +596,7 @@ def check_semantics(cfg: JobConfig) -> None:
         cfg.train.denoise.validate("train.denoise")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.train.engine != "autograd":   # the settings train.engine: sparse supports
+    if cfg.train.engine != "autograd" or cfg.train.fused:   # the settings train.engine: sparse supports
         from .core.fast_bpr import check_engine
         check_engine(cfg.train, cfg.model.kind)
     if cfg.train.denoise.kind != "bpr" and "bpr" not in caps:

@@ -71,6 +71,31 @@ def test_sgd_step_equals_the_autograd_step(reg, n_neg):
     assert (fast.model.user_emb.weight - twin_tasks(data, reg, n_neg)[1].model.user_emb.weight).abs().max() > 1e-2
 
 
+def test_fused_compiled_step_equals_the_eager_step():
+    """train.fused: the torch.compile'd whole-tensor step vs the eager closed-form step, same
+    batches (repeated users and items in a batch, two negatives, L2): equal losses, per-example
+    losses and weights to float rounding after every step of two epochs; a last, smaller batch
+    takes the eager step."""
+    data = random_log()
+    _, eager = twin_tasks(data, 0.1, 2)
+    _, fused = twin_tasks(data, 0.1, 2)
+    fused.fused = True
+    fast_bpr._COMPILED.pop("step", None)
+    steps = 0
+    for epoch in range(2):
+        for b1, b2 in zip(eager.batches(epoch, torch.Generator().manual_seed(epoch)),
+                          fused.batches(epoch, torch.Generator().manual_seed(epoch)), strict=True):
+            loss, per = eager.train_step(b1)
+            loss2, per2 = fused.train_step(b2)
+            assert abs(loss.item() - loss2.item()) < 1e-5
+            assert torch.allclose(per, per2, atol=1e-5)
+            assert_close_models(eager.model, fused.model, 1e-5)
+            steps += 1
+    assert fused.fused and fast_bpr._COMPILED["step"] is not None, "the compiled step did not run"
+    assert len(data) % 64 and steps == 2 * math.ceil(len(data) / 64)
+    assert (fused.model.user_emb.weight - twin_tasks(data, 0.1, 2)[1].model.user_emb.weight).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("n_neg", [1, 2])
 def test_pld_sgd_step_equals_the_autograd_pld_step(n_neg):
     """PLD (pool 3, after warm-up): the same slots, pools, choices and weights as the autograd
@@ -254,6 +279,7 @@ def test_recall_is_comparable_to_the_autograd_trainer():
     ({"denoise": {"kind": "rce"}}, "plain BPR and PLD only.*rce"),
     ({"weight_decay": 0.01}, "weight_decay: 0"),
     ({"workers": 2}, "one process"),
+    ({"fused": True, "optimizer": "adam"}, "fused: true needs train.optimizer: sgd"),
 ])
 def test_unsupported_settings_are_config_errors(change, match):
     raw = {"name": "t", "model": {"kind": "mf"}, "train": {"engine": "sparse", **change}}
@@ -272,6 +298,8 @@ def test_engine_config_key():
     with pytest.raises(ConfigError, match="plain BPR and PLD only"):
         build_task(MFConfig(dim=4), random_log(), dataclasses.replace(sparse_cfg(), denoise=DenoiseConfig(kind="rce")))
     check_engine(TrainConfig(), "lightgcn")   # autograd: nothing to check
+    with pytest.raises(ConfigError, match="fused: true needs train.engine: sparse"):
+        validate_config({"name": "t", "train": {"fused": True, "optimizer": "sgd"}})
 
 
 def test_prefetching_producer_thread_gives_the_same_weights(monkeypatch):

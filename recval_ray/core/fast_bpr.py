@@ -77,6 +77,8 @@ def check_engine(train_cfg, model_kind: str = "mf") -> None:
     if engine not in ENGINES:
         raise ConfigError(f"train.engine: {engine!r} is not one of {', '.join(ENGINES)}")
     if engine == "autograd":
+        if getattr(train_cfg, "fused", False):
+            raise ConfigError("train.fused: true needs train.engine: sparse (the closed-form MF-BPR step)")
         return
     if model_kind != "mf":
         raise ConfigError(f"train.engine: sparse trains model.kind mf only, not {model_kind!r}; "
@@ -94,6 +96,9 @@ def check_engine(train_cfg, model_kind: str = "mf") -> None:
         raise ConfigError(f"train.engine: sparse needs train.weight_decay: 0 (a decay of every row "
                           f"on every step is not row-sparse; regularise with model.reg), got "
                           f"{train_cfg.weight_decay}")
+    if getattr(train_cfg, "fused", False) and train_cfg.optimizer != "sgd":
+        raise ConfigError(f"train.fused: true needs train.optimizer: sgd (the compiled step is SGD's), got "
+                          f"{train_cfg.optimizer!r}")
     if int(getattr(train_cfg, "workers", 0)) > 1:
         raise ConfigError(f"train.engine: sparse trains in one process (train.workers 0 or 1), not "
                           f"{train_cfg.workers} data-parallel workers")
@@ -327,6 +332,56 @@ def make_sparse_optimizer(kind: str, tables: list[torch.Tensor], lr: float) -> S
     raise ConfigError(f"train.engine: sparse supports train.optimizer sgd, adam or adamw, not {kind!r}")
 
 
+def fused_sgd_step(Wu: torch.Tensor, Wi: torch.Tensor, users: torch.Tensor, items: torch.Tensor,
+                   lr: float, reg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MF-BPR SGD step in whole-tensor form, for ``torch.compile`` to fuse into a few loops
+    (gather, score, gradient and scatter-add without the eager step's intermediate tables).
+    ``items [1 + n, B]``: the positives, then each column of negatives. With ``s_k =
+    sigmoid(-x_k) lr / (n B)``, ``x_k = p_u . (q_i - q_jk)`` and ``rho = lr reg / B``::
+
+        p_u  += sum_k s_k (q_i - q_jk) - rho p_u
+        q_i  += (sum_k s_k) p_u        - rho q_i
+        q_jk += -s_k p_u               - rho q_jk / n
+
+    (the SGD step on :mod:`.models.mf`'s loss, as :meth:`SparseBPRTask.train_step`; every gradient
+    from the weights before the step, summed over a row's occurrences). Returns ``(loss,
+    per-example losses)``."""
+    n = items.shape[0] - 1
+    B = users.shape[0]
+    pu = Wu[users]
+    q = Wi[items]
+    diff = q[:1] - q[1:]                                             # [n, B, d]
+    x = (pu[None] * diff).sum(-1)                                    # [n, B]
+    per = torch.nn.functional.softplus(-x).mean(0)
+    s = torch.sigmoid(-x) * (lr / (n * B))
+    rho = lr * reg / B
+    Wu.index_add_(0, users, (s[:, :, None] * diff).sum(0) - rho * pu)
+    Wi.index_add_(0, items[0], s.sum(0)[:, None] * pu - rho * q[0])
+    Wi.index_add_(0, items[1:].reshape(-1), (-s[:, :, None] * pu[None] - (rho / n) * q[1:]).reshape(n * B, -1))
+    loss = per.mean() + reg * (pu.square().sum() + q[0].square().sum() + q[1:].square().sum() / n) / (2 * B)
+    return loss, per
+
+
+_COMPILED: dict = {}
+
+
+def compiled_sgd_step():
+    """:func:`fused_sgd_step` compiled by ``torch.compile`` (static shapes: one compilation per
+    batch shape and thread count, tens of seconds the first time, then from Inductor's on-disk
+    cache); ``None`` once compiling failed on this machine (no C++ compiler)."""
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(fused_sgd_step, dynamic=False)
+    return _COMPILED["step"]
+
+
+def _compile_failed(e: BaseException) -> None:
+    import logging
+    logging.getLogger("recval_ray").warning(
+        "train.fused: torch.compile failed (%s: %s); training with the eager sparse step",
+        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    _COMPILED["step"] = None
+
+
 class SparseBPRTask(BPRTask):
     """:class:`~.models.mf.BPRTask` (plain BPR or PLD, MF) trained by closed-form row-sparse steps.
 
@@ -338,12 +393,15 @@ class SparseBPRTask(BPRTask):
 
     def __init__(self, model, train: Interactions, batch_size: int, reg: float, num_negatives: int = 1,
                  sampler: str = "interactions", *, optimizer: str = "adam", lr: float = 1e-3,
-                 denoise: Optional[DenoiseConfig] = None):
+                 denoise: Optional[DenoiseConfig] = None, fused: bool = False):
         if denoise is not None and denoise.kind not in SPARSE_DENOISE:
             raise ConfigError(f"train.engine: sparse implements plain BPR and PLD only, not "
                               f"train.denoise.kind {denoise.kind!r}; use train.engine: autograd")
         super().__init__(model, train, batch_size, reg, num_negatives, sampler,
                          denoise=denoise if denoise is not None and denoise.kind == "pld" else None)
+        self.fused = bool(fused)
+        if self.fused and optimizer != "sgd":
+            raise ConfigError(f"train.fused: true needs train.optimizer: sgd, got {optimizer!r}")
         self.negatives = FastNegativeSampler(train, self.device)
         self.prefetch = True
         self.Wu = model.user_emb.weight.detach()
@@ -428,6 +486,20 @@ class SparseBPRTask(BPRTask):
         if items is None:
             items = torch.cat([pos[None], batch["neg"].view(B, n).T], out=self._buf("iidx", 1 + n, B))
         iidx = items.reshape(-1)
+        if self.fused and B == self.batch_size:      # (a last, smaller batch: the eager step below)
+            step, out = compiled_sgd_step(), None
+            if step is not None:
+                try:        # compiles on the first call (before any weight changes)
+                    loss, out = step(self.Wu, self.Wi, users, items, self.opt.lr, self.reg)
+                except Exception as e:          # noqa: BLE001 - no compiler here: the eager step
+                    _compile_failed(e)
+            if out is not None:
+                per = self._buf("per", B)
+                per.copy_(out)
+                if picked is not None:
+                    self.stats.update(pool_loss=picked["pool_loss"], chosen_loss=per.mean())
+                return loss, per
+            self.fused = False
         U, IJ = self._buf("U", B, d), self._buf("IJ", 1 + n, B, d)
         torch.index_select(self.Wu, 0, users, out=U)
         torch.index_select(self.Wi, 0, iidx, out=IJ.view((1 + n) * B, d))
@@ -487,7 +559,8 @@ def build_sparse_mf(opts, train: Interactions, train_cfg, device: str = "auto") 
     dev = resolve_device(device)
     model = MF(train.n_users, train.n_items, opts.dim, opts.init_std, opts.init).to(dev)
     return SparseBPRTask(model, train, train_cfg.batch_size, opts.reg, train_cfg.num_negatives, opts.sampler,
-                         optimizer=train_cfg.optimizer, lr=train_cfg.lr, denoise=getattr(train_cfg, "denoise", None))
+                         optimizer=train_cfg.optimizer, lr=train_cfg.lr, denoise=getattr(train_cfg, "denoise", None),
+                         fused=getattr(train_cfg, "fused", False))
 
 
 MODELS.register_engine("mf", "sparse", build_sparse_mf)
