@@ -45,6 +45,10 @@ the slot's positive with the parent's own choice (:meth:`~.models.mf.BPRTask.pld
 pool's losses under the current weights, Gumbel-max on the batch's uniforms), then takes the
 plain BPR step above on the chosen triples, as the autograd engine does.
 
+``train.fused: true`` (SGD only): the same step as one whole-tensor function
+(:func:`fused_sgd_step`) compiled by ``torch.compile`` into fused loops; equal to the eager step
+up to float rounding, compiled once per batch shape (a last, smaller batch takes the eager step).
+
 Supported: ``model.kind: mf``, ``train.denoise.kind`` ``bpr`` or ``pld``, ``train.optimizer``
 ``sgd``, ``adam`` or ``adamw`` (``adamw`` = ``adam`` here: ``train.weight_decay: 0`` is required;
 regularise with ``model.reg``), in-process or one Ray Train worker. :func:`check_engine` raises
