@@ -780,10 +780,11 @@ WHY_EXAMPLE_MAX_ROWS = 1_000_000
 
 
 def why_examples(cfg: JobConfig, dataset: Dataset, split: Split, base: TrainResult) -> Optional[list]:
-    """The report's examples of single recommendations (MF and NeuMF, ``recval why`` has the
+    """The report's examples of single recommendations (MF, NeuMF, LightGCN; ``recval why`` has the
     rest): three seeded users' top-1 items and their strongest proponents, original ids; None
     for other models, runs without a report, or more than WHY_EXAMPLE_MAX_ROWS training rows."""
-    if not cfg.output.report or cfg.model.kind not in ("mf", "ncf") or len(split.train) > WHY_EXAMPLE_MAX_ROWS \
+    from .core.attribution import MODEL_KINDS
+    if not cfg.output.report or cfg.model.kind not in MODEL_KINDS or len(split.train) > WHY_EXAMPLE_MAX_ROWS \
             or len(split.valid) == 0 or getattr(base.model, "explicit", False):
         return None
     from .core.attribution import top_recommendation_examples

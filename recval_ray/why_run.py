@@ -32,10 +32,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from . import fs as rfs
+from .core.attribution import MODEL_KINDS as SUPPORTED
 from .errors import ConfigError, InputError
 
 log = logging.getLogger("recval_ray")
-SUPPORTED = ("mf", "ncf")
 
 
 def _codes(ids: pa.Array, wanted: list, what: str) -> np.ndarray:
@@ -147,7 +147,7 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
         raise ConfigError(f"{run_uri}: not a complete run (no complete manifest.json)")
     cfg = validate_config(manifest["config"])
     if cfg.model.kind not in SUPPORTED:
-        raise ConfigError(f"recval why supports model.kind {' and '.join(SUPPORTED)} (the models with an influence "
+        raise ConfigError(f"recval why supports model.kind {', '.join(SUPPORTED)} (the models with an influence "
                           f"objective); the run's model is {cfg.model.kind}")
     if method not in ("tracin", "influence"):
         raise ConfigError(f"--method {method}: tracin or influence")

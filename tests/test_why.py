@@ -10,13 +10,26 @@ import torch
 from recval_ray.core.attribution import influence, rank_of, score_gradient, touching_rows, tracin
 from recval_ray.core.influence import model_objective, per_example_grads_dense
 
-from test_influence import MODELS as INFLUENCE_MODELS, trained
+from recval_ray.core.models.lightgcn import LightGCNConfig
+from recval_ray.core.train import train_model
+
+from test_influence import MODELS as INFLUENCE_MODELS, TC, tiny_split, trained as trained_influence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("kind", ["mf", "ncf"])
+def trained(kind: str):
+    """A tiny trained model: the influence tests' MF / NeuMF, or a 2-layer LightGCN."""
+    if kind != "lightgcn":
+        return trained_influence(kind)
+    sp = tiny_split()
+    return sp, train_model(LightGCNConfig(dim=3, n_layers=2, reg=0.1), sp.train, TC, valid=sp.valid)
+
+
+@pytest.mark.parametrize("kind", ["mf", "ncf", "lightgcn"])
 def test_tracin_equals_dense_per_example_gradients(kind):
+    """TracIn of a score vs dense per-example gradients (``vmap(grad)``); LightGCN's gradients
+    pass through the graph propagation (every row touches every embedding), MF's are row-sparse."""
     sp, res = trained(kind)
     obj = model_objective(res.task, sp.train, sp.valid, seed=0)
     th = obj.theta
@@ -38,8 +51,9 @@ def test_tracin_equals_dense_per_example_gradients(kind):
                                att.scores, rtol=1e-9, atol=1e-12)
 
 
-def test_influence_equals_the_explicit_hessian_solve():
-    sp, res = trained("mf")
+@pytest.mark.parametrize("kind", ["mf", "lightgcn"])
+def test_influence_equals_the_explicit_hessian_solve(kind):
+    sp, res = trained(kind)
     obj = model_objective(res.task, sp.train, sp.valid, seed=0)
     th = obj.theta
     H = torch.func.hessian(lambda t: obj.train_loss(t))(th)
@@ -153,3 +167,32 @@ def test_why_names_items_by_their_titles_when_the_data_has_them(tmp_path):
     assert q["title"] == f"Film {q['item_id']} (1995)"
     att = pq.read_table(f"{m['uri']}/attributions").to_pandas()
     assert (att.title == att.item_id.map(lambda i: f"Film {i} (1995)")).all()
+
+
+def test_recval_why_on_a_lightgcn_run_with_its_report_examples(tmp_path):
+    """LightGCN end to end: the run's report carries its why examples, and ``recval why``
+    attributes (TracInCP over the checkpoints, every row: the propagation spreads each row's
+    gradient over the graph), verifies by retraining and runs the influence form."""
+    import pyarrow.parquet as pq
+
+    from recval_ray.config import validate_config
+    from recval_ray.pipeline import run_job
+    from recval_ray.why_run import why_run
+    from test_update import job_dict, make_log, write_log
+
+    log = make_log(seed=4, users=25, items=30, per_user=10)
+    write_log(str(tmp_path / "log.csv"), log)
+    job = job_dict(str(tmp_path / "log.csv"), str(tmp_path / "out"), name="gcn")
+    job["model"] = {"kind": "lightgcn", "dim": 8, "n_layers": 2, "reg": 1e-3}
+    job["output"].update(checkpoints=True, report=True)
+    res = run_job(validate_config(job), use_ray=False)
+    ex = res.metrics["why_examples"]
+    assert ex and all(e["proponents"] for e in ex)
+    run = str(tmp_path / "out" / "gcn")
+    m = why_run(run, sample_users=2, top=4, verify=True, k=2, verify_seeds=1)
+    n_train = len(pq.read_table(f"{run}/state/train"))
+    for q in m["summary"]:
+        assert q["rank"] == 1 and q["rows_computed"] == n_train
+        assert {c["variant"] for c in q["verify"]} == {"none", "top_proponents", "random_user_rows", "random_rows"}
+    infl = why_run(run, sample_users=1, method="influence", damping=5.0, run_id="gcn-infl")
+    assert infl["summary"][0]["rows_computed"] == n_train

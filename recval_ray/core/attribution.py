@@ -19,7 +19,9 @@ Row-sparse for MF: ``grad s(U, X)`` touches only ``P_U`` and ``Q_X``, and ``grad
 ``P_u, Q_i, Q_j``, so every row other than the user's own, the item's, and those that drew ``X``
 as a negative contributes exactly 0 to TracIn: only those rows are computed
 (:func:`touching_rows`), O(|rows of U| + |rows of X|) per query instead of O(n). NeuMF (shared
-MLP weights) takes every row, in one forward-mode pass (:func:`~.influence.per_example_dots`).
+MLP weights) and LightGCN (every row's gradient reaches every embedding through the graph
+propagation, whose forward-mode rule is the propagation itself) take every row, in one
+forward-mode pass per chunk (:func:`~.influence.per_example_dots`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch.func import grad, jvp
+
+#: the model kinds with an attribution objective (:func:`~.influence.model_objective`)
+MODEL_KINDS = ("mf", "ncf", "lightgcn")
 
 
 def score_gradient(obj, theta: torch.Tensor, user: int, item: int) -> torch.Tensor:

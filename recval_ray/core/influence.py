@@ -328,11 +328,12 @@ def model_objective(task, train: Interactions, valid: Interactions, *, seed: int
     ``penalty/2 |theta|^2``. ``kept_negatives`` (``recval update``: an earlier objective's
     ``{"neg", "vneg"}``): the first rows and the validation rows keep those negatives, so the
     objective of the rows the earlier run had is the same one; only appended rows draw theirs."""
+    from .models.lightgcn import LightGCN, propagate_embeddings
     from .models.mf import MF, NegativeSampler
     from .models.ncf import NeuMF
     module = task.model
-    if isinstance(module, MF):
-        kind = "mf"
+    if isinstance(module, (MF, LightGCN)):
+        kind = "mf" if isinstance(module, MF) else "lightgcn"
         if getattr(task, "kind", "bpr") not in ("bpr", None):
             pass  # the objective is plain BPR whatever the denoiser trained with (documented)
         reg = float(task.reg)
@@ -342,7 +343,7 @@ def model_objective(task, train: Interactions, valid: Interactions, *, seed: int
         if module.dropout > 0:
             pass  # dropout is off in the objective
     else:
-        raise ValueError(f"influence functions support model.kind mf and ncf, not {type(module).__name__}")
+        raise ValueError(f"influence functions support model.kind mf, lightgcn and ncf, not {type(module).__name__}")
     if validation not in ("loss", "softmax"):
         raise ValueError(f"validation objective {validation!r}: loss or softmax")
     if len(valid) == 0:
@@ -388,8 +389,25 @@ def model_objective(task, train: Interactions, valid: Interactions, *, seed: int
                          module=module, names=names, shapes=shapes, kind=kind, reg=reg, data=data)
     unflatten = obj.unflatten
 
-    if kind == "mf":
+    if kind in ("mf", "lightgcn"):
+        # LightGCN: the graph in theta's dtype, converted once here (not inside a transform)
+        adj = module.adj.to(dtype) if kind == "lightgcn" else None
+
+        def embeddings(p):
+            """Scoring embeddings: MF's tables, or LightGCN's propagation of its ego tables."""
+            if kind == "mf":
+                return p["user_emb.weight"], p["item_emb.weight"]
+            return propagate_embeddings(adj, module.n_layers, p["user_emb.weight"], p["item_emb.weight"])
+
         def pair_losses(params, u, i, j):
+            if kind == "lightgcn":     # LightGCN.bpr_terms on the final embeddings, L2 on the ego ones
+                eu, ei = embeddings(params)
+                pu = eu[u]
+                s_pos = (pu * ei[i]).sum(-1)
+                s_neg = torch.einsum("bd,bnd->bn", pu, ei[j])
+                P0, Q0 = params["user_emb.weight"], params["item_emb.weight"]
+                l2 = 0.5 * (P0[u].pow(2).sum(-1) + Q0[i].pow(2).sum(-1) + Q0[j].pow(2).sum(-1).mean(-1))
+                return F.softplus(s_neg - s_pos[:, None]).mean(-1), l2
             s_pos, s_neg, l2 = functional_call(module, params, (u, i, j))
             return F.softplus(s_neg - s_pos[:, None]).mean(-1), l2
 
@@ -401,15 +419,15 @@ def model_objective(task, train: Interactions, valid: Interactions, *, seed: int
             return per + reg * l2
 
         def scores(t, u):
-            p = unflatten(t)
-            return p["user_emb.weight"][u] @ p["item_emb.weight"].T
+            eu, ei = embeddings(unflatten(t))
+            return eu[u] @ ei.T
 
         def val_pair(t):
             return pair_losses(unflatten(t), vu, vi, vneg)[0].mean()
 
         def pair_score(t, u, i):
-            p = unflatten(t)
-            return (p["user_emb.weight"][u] * p["item_emb.weight"][i]).sum(-1)
+            eu, ei = embeddings(unflatten(t))
+            return (eu[u] * ei[i]).sum(-1)
     else:
         def ncf_loss(params, u, i, j):
             n = j.shape[1]

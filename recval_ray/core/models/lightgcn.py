@@ -89,16 +89,60 @@ def normalized_adjacency(train: Interactions, device="cpu", layout: str = "csr")
 
 class _SymmetricSpMM(torch.autograd.Function):
     """``y = A x`` for a fixed symmetric sparse ``A``; the backward is ``A g`` (= ``A^T g``),
-    which avoids the transposed sparse product autograd would build (much slower on CPU)."""
+    which avoids the transposed sparse product autograd would build (much slower on CPU). Linear
+    in ``x``, so its forward-mode derivative is ``A x_t`` and a batch of ``x`` (``vmap``) is one
+    product with the batch folded into the columns: the ``torch.func`` transforms (per-example
+    gradients, Hessian-vector products) work through it. ``A`` takes ``x``'s dtype and is
+    passed wrapped (:class:`_Fixed`: a constant, not an input the transforms would inspect)."""
 
     @staticmethod
-    def forward(ctx, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        ctx.adj = adj
-        return adj @ x
+    def forward(adj: "_Fixed", x: torch.Tensor) -> torch.Tensor:
+        return _as(adj.t, x) @ x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.adj = inputs[0]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return None, ctx.adj @ grad
+        return None, _SymmetricSpMM.apply(ctx.adj, grad)
+
+    @staticmethod
+    def jvp(ctx, adj_t, x_t):
+        return _SymmetricSpMM.apply(ctx.adj, x_t)
+
+    @staticmethod
+    def vmap(info, in_dims, adj, x):
+        x = x.movedim(in_dims[1], 1)                       # [N, batch, d]
+        n, b, d = x.shape
+        # (through apply again: outer transforms see this Function's rules, not a sparse product)
+        return _SymmetricSpMM.apply(adj, x.reshape(n, b * d)).reshape(n, b, d), 1
+
+
+class _Fixed:
+    """A sparse matrix handed to :class:`_SymmetricSpMM` as a constant."""
+    __slots__ = ("t",)
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
+def _as(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return adj if adj.dtype == x.dtype else adj.to(x.dtype)
+
+
+def propagate_embeddings(adj: torch.Tensor, n_layers: int, users: torch.Tensor,
+                         items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LightGCN's final embeddings from ego tables ``users``, ``items``: the mean of
+    ``E^(0..K)``, ``E^(k+1) = A_hat E^(k)`` (differentiable in the tables, every transform)."""
+    e = torch.cat([users, items])
+    acc = e
+    fixed = _Fixed(adj)
+    for _ in range(int(n_layers)):
+        e = _SymmetricSpMM.apply(fixed, e)
+        acc = acc + e
+    out = acc / (int(n_layers) + 1)
+    return out[:users.shape[0]], out[users.shape[0]:]
 
 
 class LightGCN(nn.Module):
@@ -159,13 +203,7 @@ class LightGCN(nn.Module):
         """Final embeddings ``(users [n_users, dim], items [n_items, dim])``: the mean of
         ``E^(0..K)`` with ``E^(k+1) = A_hat E^(k)`` (sparse x dense, differentiable in E;
         ``A_hat`` is symmetric, so the backward of each step is ``A_hat`` times the gradient)."""
-        e = torch.cat([self.user_emb.weight, self.item_emb.weight])
-        acc = e
-        for _ in range(self.n_layers):
-            e = _SymmetricSpMM.apply(self.adj, e)
-            acc = acc + e
-        out = acc / (self.n_layers + 1)
-        return out[:self.n_users], out[self.n_users:]
+        return propagate_embeddings(self.adj, self.n_layers, self.user_emb.weight, self.item_emb.weight)
 
     def _cache_key(self) -> tuple:
         w_u, w_i = self.user_emb.weight, self.item_emb.weight
