@@ -36,6 +36,7 @@ from .core.attribution import MODEL_KINDS as SUPPORTED
 from .errors import ConfigError, InputError
 
 log = logging.getLogger("recval_ray")
+QUERY_BATCH = 32        # TracIn queries attributed together (one shared forward pass per chunk of rows)
 
 
 def _codes(ids: pa.Array, wanted: list, what: str) -> np.ndarray:
@@ -131,7 +132,7 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
     manifest with ``summary`` (per query) added."""
     import torch
     from .config import validate_config
-    from .core.attribution import influence, rank_of, tracin
+    from .core.attribution import influence, rank_of, tracin_many
     from .core.influence import model_objective
     from .core.train import build_task
     from .check_run import _base_epochs
@@ -194,12 +195,24 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
     with out:
         ds = _dataset_for_ids(state)
         rows_att, rows_q, summary = [], [], []
-        for q, (u, x) in enumerate(zip(users.tolist(), items.tolist())):
-            t0 = time.perf_counter()
-            if method == "tracin":
-                att = tracin(objectives, u, x)
-            else:
-                att = influence(obj, obj.theta, u, x, damping=damp, tol=1e-6, max_iter=300)
+        def attributions():
+            """``(query, user, item, attribution, seconds)``: TracIn ``QUERY_BATCH`` queries at a
+            time (one shared forward pass for models without MF's row sparsity; seconds are the
+            batch's share), influence one CG solve per query."""
+            pairs = list(zip(users.tolist(), items.tolist()))
+            for a in range(0, len(pairs), QUERY_BATCH if method == "tracin" else 1):
+                part = pairs[a:a + (QUERY_BATCH if method == "tracin" else 1)]
+                t0 = time.perf_counter()
+                if method == "tracin":
+                    atts = tracin_many(objectives, part)
+                else:
+                    atts = [influence(obj, obj.theta, u, x, damping=damp, tol=1e-6, max_iter=300) for u, x in part]
+                share = (time.perf_counter() - t0) / len(part)
+                for j, ((u, x), att) in enumerate(zip(part, atts)):
+                    yield a + j, u, x, att, share
+
+        for q, u, x, att, seconds_att in attributions():
+            t0 = time.perf_counter() - seconds_att
             with torch.no_grad():
                 scores = task.model.score_users(torch.tensor([u]))[0].cpu().numpy()
             own_items = csr.indices[csr.indptr[u]:csr.indptr[u + 1]]
