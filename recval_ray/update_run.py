@@ -102,8 +102,11 @@ def update_config(job_path: str, base_raw: dict, base_uri: str, overrides: list[
     if "coverage" in val:
         val["coverage"] = "train"
     val.pop("checks", None)
-    if "removal_n" in val:            # deletion's removal experiment: a run of its own, not an update's
-        val["removal_n"] = 0
+    from .registry import VALUERS
+    method = val.get("method")
+    if method in VALUERS.names():    # the method's work that is a run of its own, not an update's
+        for key, v in (VALUERS.meta(method).get("update_options") or {}).items():
+            val[key] = v
     raw.setdefault("prune", {})["retrain"] = False
     raw["prune"]["random_control"] = False
     raw["verdict"] = dict(raw.get("verdict") or {}, enabled=False)

@@ -54,7 +54,8 @@ class Registry:
           ``ValuationContext.prior``; ``"new-entities"``: an entity-level method values only the
           entities the new log brought (``prior["first_new_entity"]``: the first new code per
           entity kind), every other row keeps its entity's base value; absent: the method has no
-          incremental form)."""
+          incremental form), ``update_options`` (the method's options an update sets, e.g.
+          ``{"removal_n": 0}``: work that is a run of its own, not part of an update)."""
         def deco(factory):
             self._entries[name] = Entry(name, options, factory, dict(meta))
             return factory

@@ -661,7 +661,7 @@ def check_job(job) -> None:
 
 
 @register_valuer("deletion", DeletionConfig, entity_level=True, work_items=True, check=check_job,
-                 updates="new-entities",
+                 updates="new-entities", update_options={"removal_n": 0},
                  report_sections=("recval_ray.core.valuers.deletion.report:section",))
 def build_deletion(opts: DeletionConfig) -> DeletionValuer:
     if opts.seeds < 1:
