@@ -1,4 +1,4 @@
-"""SIGKILL at 12 seeded random points of a run (issue 17): afterwards the run folder holds
+"""SIGKILL at 8 seeded random points of a run (issue 17): afterwards the run folder holds
 either a complete run whose manifest verifies (every listed file present with its size and
 checksum) or no manifest; a rerun completes; nothing else in the output root changes.
 
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 JOB = str(REPO / "jobs" / "quickstart.yaml")
 TINY = ["data.synthetic.n_users=120", "data.synthetic.n_items=150", "data.synthetic.interactions_per_user=15",
         "train.epochs=2", "train.loss_epochs=1", "train.batch_size=512", "verdict.enabled=false"]
-KILLS = 12
+KILLS = 8
 MUTATING = ("move", "delete_file", "delete_dir", "delete_dir_contents", "create_dir", "open_output_stream")
 # the run, with its commit's k-th storage change (RECVAL_TEST_KILL_AT=k) replaced by a SIGKILL
 KILL_IN_COMMIT = """
