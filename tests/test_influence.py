@@ -12,6 +12,7 @@ from recval_ray.core.bilevel import bilevel_weights, cosine, hypergradient_ep, h
 from recval_ray.core.data import Interactions, Split
 from recval_ray.core.influence import (Objective, influence_values, inverse_hvp, lissa, model_objective,
                                        per_example_dots, per_example_grads_dense, refine)
+from recval_ray.core.models.lightgcn import LightGCNConfig
 from recval_ray.core.models.mf import MFConfig
 from recval_ray.core.models.ncf import NCFConfig
 from recval_ray.core.train import train_model
@@ -34,7 +35,8 @@ def tiny_split(n_users=10, n_items=14, per_user=6, seed=0) -> Split:
 TC = TrainConfig(epochs=4, batch_size=16, lr=0.05, device="cpu", patience=100, select_metric="recall@5")
 MODELS = {"mf": MFConfig(dim=3, reg=0.1),
           "ncf": NCFConfig(dim=2, mlp_layers=[4, 2], num_negatives=2),
-          "ncf-explicit": NCFConfig(dim=2, mlp_layers=[4, 2], mode="explicit")}
+          "ncf-explicit": NCFConfig(dim=2, mlp_layers=[4, 2], mode="explicit"),
+          "lightgcn": LightGCNConfig(dim=3, n_layers=2, reg=0.1)}
 
 
 def trained(kind: str):
@@ -212,6 +214,7 @@ def test_influence_valuer_refuses_an_indefinite_hessian():
 @pytest.mark.parametrize("method,kind,opts", [("influence", "mf", {"damping": 3.0}),
                                               ("influence", "mf", {"solver": "lissa", "damping": 3.0, "refine_steps": 20, "lissa_depth": 300}),
                                               ("influence", "ncf", {"damping": 3.0, "validation": "softmax"}),
+                                              ("influence", "lightgcn", {"damping": 3.0}),
                                               ("bilevel", "mf", {"outer_steps": 2, "damping": 1.0}),
                                               ("bilevel", "ncf", {"hypergradient": "ep", "outer_steps": 1, "damping": 1.0})])
 def test_valuers_run_on_tiny_split(method, kind, opts):
