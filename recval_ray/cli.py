@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="retrain without the top-k proponents, k random rows of the user, k random rows")
     why.add_argument("-k", type=int, default=10, help="rows removed per verification retraining")
     why.add_argument("--verify-seeds", type=int, default=1, help="seeds of the verification retrainings")
+    why.add_argument("--actors", type=int, default=0, metavar="N",
+                     help="attribute the queries' groups on N Ray actors (local Ray, or RAY_ADDRESS)")
     why.add_argument("-v", "--verbose", action="store_true", help="more logging")
     _output_args(why, "<run id>-why", output_default="the run's parent", address=False, no_ray=False)
 
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             result = why_run(args.run, list(zip(args.user, args.item)), queries_file=args.queries,
                              sample_users=args.sample_users, sample_seed=args.seed, top=args.top, method=args.method,
                              verify=args.verify, k=args.k, verify_seeds=args.verify_seeds, damping=args.damping,
-                             output_uri=args.output, run_id=args.run_id, overwrite=args.overwrite)
+                             output_uri=args.output, run_id=args.run_id, overwrite=args.overwrite,
+                             actors=args.actors)
             print(f"attributions written to {result['uri']}")
             for rec in result["summary"][:10]:
                 named = f" ({rec['title']})" if rec.get("title") else ""

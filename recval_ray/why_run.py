@@ -124,15 +124,53 @@ def verify_query(cfg, split, task_factory, user: int, item: int, proponents: np.
     return out
 
 
+def attribute_group(shared: dict, pairs: list) -> list:
+    """Work item of ``recval why``: the attributions of a group of ``(user, item)`` codes,
+    compact (top proponents and opponents with their contributions, the shares, rows computed,
+    seconds per query). ``shared["built"]``: the objective and checkpoint objectives, else built
+    here once per process (a Ray actor) from the run's rows and weights."""
+    from .core.attribution import influence, tracin_many
+    if shared.get("built") is None:
+        from .core.influence import model_objective
+        from .core.train import build_task
+        task = build_task(shared["model"], shared["train"], shared["train_cfg"])
+        task.model.load_state_dict(shared["weights"])
+        task.model.eval()
+        obj = model_objective(task, shared["train"], shared["valid"], seed=int(shared["train_cfg"].seed))
+        objectives = [(obj, flat_theta(obj, sd), lr) for sd, lr in shared["checkpoints"]] \
+            or [(obj, obj.theta, float(shared["train_cfg"].lr))]
+        shared["built"] = (obj, objectives)
+    obj, objectives = shared["built"]
+    train, top = shared["train"], int(shared["top"])
+    t0 = time.perf_counter()
+    if shared["method"] == "tracin":
+        atts = tracin_many(objectives, pairs)
+    else:
+        atts = [influence(obj, obj.theta, u, x, damping=shared["damping"], tol=1e-6, max_iter=300)
+                for u, x in pairs]
+    seconds = (time.perf_counter() - t0) / max(1, len(pairs))
+    out = []
+    for att in atts:
+        pro, opp = att.top(top, 1), att.top(top, -1)
+        rows = np.concatenate([pro, opp])
+        out.append({"proponents": pro, "opponents": opp, "rows_computed": int(att.rows_computed),
+                    "contribution": dict(zip(rows.tolist(), att.scores[rows].tolist())),
+                    "shares": att.shares(train.user, train.item), "seconds": seconds})
+    return out
+
+
 def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optional[str] = None,
             sample_users: int = 0, sample_seed: int = 0, top: int = 20, method: str = "tracin",
             verify: bool = False, k: int = 10, verify_seeds: int = 1, damping: Optional[float] = None,
-            output_uri: Optional[str] = None, run_id: Optional[str] = None, overwrite: bool = False) -> dict:
+            output_uri: Optional[str] = None, run_id: Optional[str] = None, overwrite: bool = False,
+            actors: int = 0, address: Optional[str] = None) -> dict:
     """Attribute the run's scores of the queries to its training rows; returns the new output's
-    manifest with ``summary`` (per query) added."""
+    manifest with ``summary`` (per query) added. ``actors`` > 0: the groups of queries are
+    attributed on that many Ray actors (the run's rows and weights shared once through the
+    object store), the same numbers as in this process."""
     import torch
     from .config import validate_config
-    from .core.attribution import influence, rank_of, tracin_many
+    from .core.attribution import rank_of
     from .core.influence import model_objective
     from .core.train import build_task
     from .check_run import _base_epochs
@@ -196,33 +234,40 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
         ds = _dataset_for_ids(state)
         rows_att, rows_q, summary = [], [], []
         def attributions():
-            """``(query, user, item, attribution, seconds)``: TracIn ``QUERY_BATCH`` queries at a
-            time (one shared forward pass for models without MF's row sparsity; seconds are the
-            batch's share), influence one CG solve per query."""
+            """``(query, user, item, compact attribution)`` in query order: groups of queries
+            (:data:`QUERY_BATCH` for TracIn, one for influence) by :func:`attribute_group`, in
+            this process or on Ray actors; results are placed by group, not arrival."""
             pairs = list(zip(users.tolist(), items.tolist()))
-            for a in range(0, len(pairs), QUERY_BATCH if method == "tracin" else 1):
-                part = pairs[a:a + (QUERY_BATCH if method == "tracin" else 1)]
-                t0 = time.perf_counter()
-                if method == "tracin":
-                    atts = tracin_many(objectives, part)
-                else:
-                    atts = [influence(obj, obj.theta, u, x, damping=damp, tol=1e-6, max_iter=300) for u, x in part]
-                share = (time.perf_counter() - t0) / len(part)
-                for j, ((u, x), att) in enumerate(zip(part, atts)):
-                    yield a + j, u, x, att, share
+            size = QUERY_BATCH if method == "tracin" else 1
+            groups = [pairs[a:a + size] for a in range(0, len(pairs), size)]
+            shared = {"model": cfg.model, "train_cfg": cfg.train, "train": train, "valid": split.valid,
+                      "weights": state.model, "checkpoints": ckpts, "method": method, "damping": damp,
+                      "top": int(top), "built": (obj, objectives)}
+            done: dict = {}
+            if actors and actors > 0:
+                from .ray_layer.actors import ActorPoolExecutor
+                from .ray_layer.session import ensure_ray
+                ensure_ray(cfg.ray, address)
+                remote = dict(shared, built=None)          # each actor builds its own objective
+                ActorPoolExecutor(int(actors)).map(attribute_group, remote, groups,
+                                                   lambda i, r: done.__setitem__(i, r))
+            for g, part in enumerate(groups):
+                results = done[g] if g in done else attribute_group(shared, part)
+                for j, ((u, x), att) in enumerate(zip(part, results)):
+                    yield g * size + j, u, x, att
 
-        for q, u, x, att, seconds_att in attributions():
-            t0 = time.perf_counter() - seconds_att
+        for q, u, x, att in attributions():
+            t0 = time.perf_counter() - att["seconds"]
             with torch.no_grad():
                 scores = task.model.score_users(torch.tensor([u]))[0].cpu().numpy()
             own_items = csr.indices[csr.indptr[u]:csr.indptr[u + 1]]
             rank = rank_of(scores, x, own_items)
-            pro, opp = att.top(top, 1), att.top(top, -1)
-            shares = att.shares(train.user, train.item)
+            pro, opp = att["proponents"], att["opponents"]
+            shares = att["shares"]
             seconds = time.perf_counter() - t0
             rec = {"query": q, "user_id": ds.user_ids[u].as_py(), "item_id": ds.item_ids[x].as_py(),
                    "title": _title(ds, x),
-                   "score": float(scores[x]), "rank": rank, "in_training": bool(np.isin(x, own_items)), "method": method, "rows_computed": att.rows_computed,
+                   "score": float(scores[x]), "rank": rank, "in_training": bool(np.isin(x, own_items)), "method": method, "rows_computed": att["rows_computed"],
                    "seconds": seconds, **{f"share_{k_}": v for k_, v in shares.items()},
                    "proponents": int(len(pro)), "opponents": int(len(opp))}
             if verify:
@@ -243,7 +288,7 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
                                      "role": role, "rank": r_ + 1, "row": int(row),
                                      "user_id": ds.user_ids[ru].as_py(), "item_id": ds.item_ids[ri].as_py(),
                                      "title": _title(ds, ri),
-                                     "contribution": float(att.scores[row]),
+                                     "contribution": float(att["contribution"][int(row)]),
                                      "group": "user" if ru == u else ("item" if ri == x else "other")})
             log.info("why %d/%d: user %s item %s (rank %d, score %.3f): %d proponents, user rows %.0f%% of the "
                      "positive contribution, %.2f s", q + 1, len(users), rec["user_id"], rec["item_id"], rank,

@@ -213,3 +213,34 @@ def test_batched_tracin_equals_one_query_at_a_time(kind):
         assert (att.user, att.item) == (u, x)
         np.testing.assert_allclose(att.scores, one.scores, rtol=1e-9, atol=1e-12)
         assert att.target_score == pytest.approx(one.target_score)
+
+
+@pytest.mark.ray
+def test_why_on_ray_actors_equals_in_process(tmp_path, ray_session, monkeypatch):
+    """--actors: the query groups attributed on Ray actors (each builds the objective from the
+    run's rows and weights) give this process's attributions, in query order."""
+    import pyarrow.parquet as pq
+
+    from recval_ray import why_run as wr
+    from recval_ray.config import validate_config
+    from recval_ray.pipeline import run_job
+    from test_update import job_dict, make_log, write_log
+
+    log = make_log(seed=6, users=25, items=30, per_user=10)
+    write_log(str(tmp_path / "log.csv"), log)
+    job = job_dict(str(tmp_path / "log.csv"), str(tmp_path / "out"), name="r")
+    job["model"] = {"kind": "lightgcn", "dim": 8, "n_layers": 2, "reg": 1e-3}
+    job["output"]["checkpoints"] = True
+    run_job(validate_config(job), use_ray=False)
+    monkeypatch.setattr(wr, "QUERY_BATCH", 2)          # several groups for two actors
+    run = str(tmp_path / "out" / "r")
+    local = wr.why_run(run, sample_users=5, top=4, run_id="local")
+    remote = wr.why_run(run, sample_users=5, top=4, run_id="remote", actors=2)
+    a = pq.read_table(f"{local['uri']}/attributions")
+    b = pq.read_table(f"{remote['uri']}/attributions")
+    assert a.column_names == b.column_names
+    assert {"proponent", "opponent"} <= set(a["role"].to_pylist())
+    for col in ("query", "role", "rank", "row", "user_id", "item_id"):
+        assert a[col].to_pylist() == b[col].to_pylist(), col
+    np.testing.assert_allclose(b["contribution"].to_numpy(), a["contribution"].to_numpy(), rtol=1e-9)
+    assert [q["item_id"] for q in local["summary"]] == [q["item_id"] for q in remote["summary"]]
