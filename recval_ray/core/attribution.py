@@ -34,6 +34,8 @@ from torch.func import grad, jvp
 
 #: the model kinds with an attribution objective (:func:`~.influence.model_objective`)
 MODEL_KINDS = ("mf", "ncf", "lightgcn")
+#: memory for the stacked tangents of one batched TracIn pass (:func:`tracin_many`)
+TANGENT_BYTES = 256 << 20
 
 
 def score_gradient(obj, theta: torch.Tensor, user: int, item: int) -> torch.Tensor:
@@ -135,12 +137,15 @@ def tracin_many(objectives: Sequence[tuple], queries: Sequence[tuple], sparse: b
         return [tracin(objectives, u, x, sparse=True) for u, x in queries]
     n = obj0.n
     total = torch.zeros(len(queries), n, dtype=torch.float64)
+    # queries per vmapped pass: their tangents (one theta-sized vector each) within TANGENT_BYTES
+    per = max(1, min(len(queries), TANGENT_BYTES // (8 * int(objectives[0][1].numel()))))
     for obj, theta, lr in objectives:
-        S = torch.stack([score_gradient(obj, theta, u, x) for u, x in queries])
-        for a in range(0, n, obj.chunk):
-            rows = torch.arange(a, min(n, a + obj.chunk), device=theta.device)
-            d = torch.func.vmap(lambda s: jvp(lambda t: obj.train_losses(t, rows), (theta,), (s,))[1])(S)
-            total[:, a:a + len(rows)] -= float(lr) * d.detach().to(torch.float64).cpu()
+        for q0 in range(0, len(queries), per):
+            S = torch.stack([score_gradient(obj, theta, u, x) for u, x in queries[q0:q0 + per]])
+            for a in range(0, n, obj.chunk):
+                rows = torch.arange(a, min(n, a + obj.chunk), device=theta.device)
+                d = torch.func.vmap(lambda s: jvp(lambda t: obj.train_losses(t, rows), (theta,), (s,))[1])(S)
+                total[q0:q0 + len(S), a:a + len(rows)] -= float(lr) * d.detach().to(torch.float64).cpu()
     obj, theta, _ = objectives[-1]
     with torch.no_grad():
         dev = theta.device
