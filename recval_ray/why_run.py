@@ -124,6 +124,22 @@ def verify_query(cfg, split, task_factory, user: int, item: int, proponents: np.
     return out
 
 
+def build_objective(model_cfg, train_cfg, train, valid, weights: dict):
+    """``(task, objective)``: the run's model with its selected ``weights`` and its attribution
+    objective."""
+    from .core.influence import model_objective
+    from .core.train import build_task
+    task = build_task(model_cfg, train, train_cfg)
+    task.model.load_state_dict(weights)
+    task.model.eval()
+    return task, model_objective(task, train, valid, seed=int(train_cfg.seed))
+
+
+def checkpoint_objectives(obj, checkpoints: list, lr: float) -> list:
+    """``[(objective, theta, lr)]`` per checkpoint; the selected weights alone without any."""
+    return [(obj, flat_theta(obj, sd), c_lr) for sd, c_lr in checkpoints] or [(obj, obj.theta, float(lr))]
+
+
 def attribute_group(shared: dict, pairs: list) -> list:
     """Work item of ``recval why``: the attributions of a group of ``(user, item)`` codes,
     compact (top proponents and opponents with their contributions, the shares, rows computed,
@@ -131,15 +147,9 @@ def attribute_group(shared: dict, pairs: list) -> list:
     here once per process (a Ray actor) from the run's rows and weights."""
     from .core.attribution import influence, tracin_many
     if shared.get("built") is None:
-        from .core.influence import model_objective
-        from .core.train import build_task
-        task = build_task(shared["model"], shared["train"], shared["train_cfg"])
-        task.model.load_state_dict(shared["weights"])
-        task.model.eval()
-        obj = model_objective(task, shared["train"], shared["valid"], seed=int(shared["train_cfg"].seed))
-        objectives = [(obj, flat_theta(obj, sd), lr) for sd, lr in shared["checkpoints"]] \
-            or [(obj, obj.theta, float(shared["train_cfg"].lr))]
-        shared["built"] = (obj, objectives)
+        _, obj = build_objective(shared["model"], shared["train_cfg"], shared["train"], shared["valid"],
+                                 shared["weights"])
+        shared["built"] = (obj, checkpoint_objectives(obj, shared["checkpoints"], shared["train_cfg"].lr))
     obj, objectives = shared["built"]
     train, top = shared["train"], int(shared["top"])
     t0 = time.perf_counter()
@@ -171,7 +181,6 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
     import torch
     from .config import validate_config
     from .core.attribution import rank_of
-    from .core.influence import model_objective
     from .core.train import build_task
     from .check_run import _base_epochs
     from .explain_run import open_beside
@@ -196,10 +205,7 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
 
     def task_factory(train_cfg):
         return build_task(cfg.model, train, train_cfg)
-    task = task_factory(cfg.train)
-    task.model.load_state_dict(state.model)
-    task.model.eval()
-    obj = model_objective(task, train, split.valid, seed=int(cfg.train.seed))
+    task, obj = build_objective(cfg.model, cfg.train, train, split.valid, state.model)
 
     csr = train.csr()
     pairs: list = []
@@ -226,7 +232,7 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
     base_epochs = _base_epochs(fs, root)       # the base model's selected epoch count (metrics.json)
     ckpts, note = checkpoint_weights(fs, root, float(cfg.train.lr), base_epochs - 1 if base_epochs else None) \
         if method == "tracin" else ([], f"influence at the selected model, damping {damp:g}")
-    objectives = [(obj, flat_theta(obj, sd), lr) for sd, lr in ckpts] or [(obj, obj.theta, float(cfg.train.lr))]
+    objectives = checkpoint_objectives(obj, ckpts, cfg.train.lr)
     base_epochs = base_epochs or int(cfg.train.epochs)
 
     source_id, out = open_beside(run_uri, manifest, root, "why", cfg, output_uri, run_id, overwrite)
