@@ -37,6 +37,7 @@ from .errors import ConfigError, InputError
 
 log = logging.getLogger("recval_ray")
 QUERY_BATCH = 32        # TracIn queries attributed together (one shared forward pass per chunk of rows)
+SCORES_BYTES = 256 << 20    # the float64 per-row scores of one group of queries held at once
 
 
 def _codes(ids: pa.Array, wanted: list, what: str) -> np.ndarray:
@@ -241,10 +242,12 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
         rows_att, rows_q, summary = [], [], []
         def attributions():
             """``(query, user, item, compact attribution)`` in query order: groups of queries
-            (:data:`QUERY_BATCH` for TracIn, one for influence) by :func:`attribute_group`, in
+            (:data:`QUERY_BATCH` for TracIn, bounded by :data:`SCORES_BYTES`; one for influence) by :func:`attribute_group`, in
             this process or on Ray actors; results are placed by group, not arrival."""
             pairs = list(zip(users.tolist(), items.tolist()))
-            size = QUERY_BATCH if method == "tracin" else 1
+            # TracIn: up to QUERY_BATCH queries, fewer when their per-row scores (8 B per row
+            # each) would pass SCORES_BYTES; influence: one CG solve per query
+            size = max(1, min(QUERY_BATCH, SCORES_BYTES // (8 * max(1, len(train))))) if method == "tracin" else 1
             groups = [pairs[a:a + size] for a in range(0, len(pairs), size)]
             shared = {"model": cfg.model, "train_cfg": cfg.train, "train": train, "valid": split.valid,
                       "weights": state.model, "checkpoints": ckpts, "method": method, "damping": damp,
