@@ -679,6 +679,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                     candidates = candidate_valuations(cfg, split, base, dataset, valuation, use_ray) \
                         if cfg.verdict.enabled else []
                     base.task.release_data()       # the base model only scores from here on
+                    base.interaction_loss = None   # (read by the valuers only: 8 bytes a training row)
 
                 with prof.stage("prune+retrain", rows=len(split.train)):
                     log.info("pruning (%s, %s) and retraining on the kept data%s", cfg.prune.strategy,

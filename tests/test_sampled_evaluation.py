@@ -198,8 +198,8 @@ def test_batches_are_bounded_by_the_memory_budget(split):
     assert batch_size_for(n_items, 1024, None) == 1024
     assert batch_size_for(n_items, 1024, 7 * BYTES_PER_CELL * n_items) == 7
     assert batch_size_for(n_items, 1024, 1) == 1
-    assert batch_size_for(8_000, 1024) == 1024                  # the default bound: 256 MiB
-    assert batch_size_for(20_000, 1024) == (256 << 20) // (BYTES_PER_CELL * 20_000)
+    assert batch_size_for(2_000, 1024) == 1024                  # the default bound: 64 MiB
+    assert batch_size_for(20_000, 1024) == (64 << 20) // (BYTES_PER_CELL * 20_000)
     model = mf_model(split, 0)
     rec = Recorder(model)
     kw = dict(metrics=METRICS, ks=[5, 10])

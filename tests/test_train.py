@@ -93,15 +93,15 @@ def test_interaction_losses_are_tracked_for_every_row():
     np.testing.assert_allclose(val.values, -res.interaction_loss)
 
 
-@pytest.mark.parametrize("loss_pass", ["visited", "all"])
-def test_interaction_losses_are_those_of_the_window_ending_at_the_selected_epoch(loss_pass):
+@pytest.mark.parametrize("loss_pass,loss_epochs", [("visited", 2), ("all", 2), ("visited", 1)])
+def test_interaction_losses_are_those_of_the_window_ending_at_the_selected_epoch(loss_pass, loss_epochs):
     """Early stopping past the best epoch: the tracked losses are the mean over the
     ``loss_epochs`` epochs up to the selected one, i.e. exactly what a run that stops at the
     selected epoch (no validation: the last epoch is selected) records, not the last epochs'."""
     full = tiny(n_users=60, n_items=40, per_user=10)
     is_valid = np.random.default_rng(1).random(len(full)) < 0.25
     train, valid = full.take(~is_valid), full.take(is_valid)
-    c = cfg(epochs=40, patience=3, lr=0.05, loss_epochs=2, loss_pass=loss_pass)
+    c = cfg(epochs=40, patience=3, lr=0.05, loss_epochs=loss_epochs, loss_pass=loss_pass)
     res = train_model(MFConfig(dim=8), train, c, valid=valid, eval_cfg=EvaluateConfig())
     assert 2 <= res.best_epoch < res.epochs_run - 1          # stopped after the selected epoch
     upto = train_model(MFConfig(dim=8), train, dataclasses.replace(c, epochs=res.best_epoch + 1))

@@ -395,6 +395,8 @@ class SparseBPRTask(BPRTask):
     of them, valid until the next step (the trainer consumes them at once).
     """
 
+    sampler_class = FastNegativeSampler
+
     def __init__(self, model, train: Interactions, batch_size: int, reg: float, num_negatives: int = 1,
                  sampler: str = "interactions", *, optimizer: str = "adam", lr: float = 1e-3,
                  denoise: Optional[DenoiseConfig] = None, fused: bool = False):
@@ -406,7 +408,6 @@ class SparseBPRTask(BPRTask):
         self.fused = bool(fused)
         if self.fused and optimizer != "sgd":
             raise ConfigError(f"train.fused: true needs train.optimizer: sgd, got {optimizer!r}")
-        self.negatives = FastNegativeSampler(train, self.device)
         self.prefetch = True
         self.Wu = model.user_emb.weight.detach()
         self.Wi = model.item_emb.weight.detach()

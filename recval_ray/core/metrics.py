@@ -56,7 +56,7 @@ UsersArg = Union[str, Sequence[int], np.ndarray]
 # (ties: a bool mask, an int64 running count and two more masks) and the full-ranking sort
 # (sorted float32 values, int64 order, three bool masks): about 25 B, rounded up.
 BYTES_PER_CELL = 32
-MAX_BATCH_BYTES = 256 << 20    # default bound on a batch's working memory (256 MiB; still 1024 users up to 8k items)
+MAX_BATCH_BYTES = 64 << 20     # default bound on a batch's working memory (64 MiB: 1024 users up to 2k items, 94 at 22k)
 
 
 # ----------------------------------------------------------------------------- names

@@ -158,6 +158,7 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         return _fit_closed_form(task, valid if use_valid else None, exclude, metric, eval_cfg, on_epoch)
     sign = 1.0 if higher_is_better(metric) else -1.0
     loss_pass_all = track_losses and getattr(train_cfg, "loss_pass", "visited") == "all"
+    once = not loss_pass_all and bool(getattr(task, "visits_each_row_once", False))
     if loss_pass_all and not hasattr(task, "all_losses"):
         raise ValueError(f"train.loss_pass: all is not supported by model {type(model).__name__} "
                          f"(its task has no all_losses); use loss_pass: visited")
@@ -182,8 +183,11 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         model.train()
         task.on_epoch_start(epoch)
         gen = epoch_generator(train_cfg.seed, epoch)
-        loss_sum = torch.zeros(task.n_train, device=dev) if track_losses else None
-        loss_cnt = torch.zeros(task.n_train, device=dev) if track_losses else None
+        # a task that visits each row at most once an epoch stores the row's loss (4 bytes a
+        # row); others sum the visits' losses and count them (8 bytes a row)
+        loss_last = torch.full((task.n_train,), math.nan, device=dev) if track_losses and once else None
+        loss_sum = torch.zeros(task.n_train, device=dev) if track_losses and not once else None
+        loss_cnt = torch.zeros(task.n_train, device=dev) if track_losses and not once else None
         total, n_batches = torch.zeros((), device=dev), 0
         with (epoch_context() if epoch_context is not None else contextlib.nullcontext()):
             for batch in task.batches(epoch, gen):
@@ -202,14 +206,19 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
                     opt.step()
                 total += loss.detach()
                 n_batches += 1
-                if track_losses:
+                if loss_last is not None:
+                    loss_last.index_copy_(0, batch["idx"], per.float())
+                elif track_losses:
                     loss_sum.index_add_(0, batch["idx"], per.float())
                     loss_cnt.index_add_(0, batch["idx"], torch.ones_like(per, dtype=torch.float32))
         if track_losses and loss_pass_all:
             loss_ring.append((epoch, task.all_losses(loss_generator(train_cfg.seed, epoch),
                                                      int(getattr(train_cfg, "loss_negatives", 1))).cpu().numpy()))
+        elif loss_last is not None:
+            loss_ring.append((epoch, loss_last.cpu().numpy()))
         elif track_losses:
             loss_ring.append((epoch, (loss_sum / loss_cnt).cpu().numpy()))
+        loss_last = loss_sum = loss_cnt = None
         record = {"epoch": epoch, "train_loss": float(total) / max(1, n_batches),
                   "epoch_seconds": time.perf_counter() - te}
         improved = False
@@ -225,6 +234,10 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
             best_epoch, improved = epoch, True
         if improved and track_losses:
             best_window = list(loss_ring)
+        elif (track_losses and loss_ring.maxlen == 1 and best_window is not None
+              and f"valid_{metric}" in record):
+            # a one-epoch window of an epoch that was not selected is never read again
+            loss_ring.clear()
         if checkpoint_dir:
             path = os.path.join(checkpoint_dir, f"epoch_{epoch:04d}.pt")
             lr = opt.param_groups[0]["lr"] if opt is not None else float(train_cfg.lr)
@@ -246,15 +259,20 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
     if best_state is not None:
         model.load_state_dict(best_state)
     interaction_loss = None
-    if track_losses and loss_ring:
+    if track_losses and (loss_ring or best_window):
         # the last `loss_epochs` epochs up to the selected one (without a selection: the last
         # ones); rows never visited stay NaN
         window = best_window if best_window is not None and best_epoch >= 0 else list(loss_ring)
         del loss_ring, best_window
-        stack = np.stack([a for _, a in window])
-        seen = np.isfinite(stack)
-        interaction_loss = np.where(seen, stack, 0).sum(0) / np.maximum(seen.sum(0), 1)
-        interaction_loss[~seen.any(0)] = np.nan
+        if len(window) == 1:        # (the same values as the mean below, without its copies)
+            interaction_loss = window[0][1].astype(np.float64)
+            interaction_loss[~np.isfinite(interaction_loss)] = np.nan
+        else:
+            stack = np.stack([a for _, a in window])
+            seen = np.isfinite(stack)
+            interaction_loss = np.where(seen, stack, 0).sum(0) / np.maximum(seen.sum(0), 1)
+            interaction_loss[~seen.any(0)] = np.nan
+        del window
     model.eval()
     return TrainResult(task=task, history=history, best_epoch=best_epoch,
                        best_valid=sign * best if use_valid and best_state is not None else float("nan"),

@@ -45,6 +45,9 @@ class Task:
     explicit: bool = False
     shard_by: str = "row"
     visit: Optional[torch.Tensor] = None
+    # True when an epoch's batches hold each training row at most once (the trainer then
+    # stores a row's loss instead of summing and counting its visits)
+    visits_each_row_once: bool = False
 
     def restrict(self, rows) -> None:
         """Visit only the training rows ``rows`` (a data-parallel shard). What the task built

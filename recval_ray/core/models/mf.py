@@ -188,6 +188,8 @@ class BPRTask(Task):
     are detached and left on the device: reading them syncs, training does not).
     """
 
+    sampler_class = NegativeSampler     # a subclass may bring its own (one sampler built, not two)
+
     def __init__(self, model: nn.Module, train: Interactions, batch_size: int, reg: float,
                  num_negatives: int = 1, sampler: str = "interactions",
                  denoise: Optional[DenoiseConfig] = None):
@@ -208,7 +210,7 @@ class BPRTask(Task):
         # the split's int32 index arrays, shared (zero-copy on the CPU); batches are made int64
         self.users = torch.from_numpy(np.ascontiguousarray(train.user)).to(dev)
         self.items = torch.from_numpy(np.ascontiguousarray(train.item)).to(dev)
-        self.negatives = NegativeSampler(train, dev)
+        self.negatives = self.sampler_class(train, dev)
         if sampler == "users":
             order = np.lexsort((train.item, train.user))
             counts = train.user_counts()
@@ -218,6 +220,12 @@ class BPRTask(Task):
             self.active_users = torch.as_tensor(np.flatnonzero(counts > 0), device=dev)
             # some user has fewer positives than the PLD pool (known here: no sync per batch)
             self._pool_small = bool(((counts > 0) & (counts < self.denoise.pool)).any())
+
+    @property
+    def visits_each_row_once(self) -> bool:
+        """The interactions sampler visits every row once an epoch (PLD and the users sampler
+        draw rows with replacement)."""
+        return self.sampler_kind == "interactions" and self.kind != "pld"
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterator[dict]:
         it = self._batches(epoch, generator)
