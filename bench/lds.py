@@ -17,7 +17,12 @@ on tables; the sequential path shuffles only the kept rows, dense Adam): the JSO
 engines' validation Recall@20 of the first models, to see they train to the same level. Peak
 RSS of each (``VmHWM`` after a reset). Ends with one JSON line: name, ratio (their time / ours), sizes.
 
-    python bench/lds.py [--subsets 32] [--epochs 5] [--baseline-models 4]
+    python bench/lds.py [--subsets 32] [--epochs 5] [--baseline-models 4] [--job ml100k_mf.yaml]
+                        [--set train.engine=sparse]
+
+``--job``: another job's model (e.g. ``ml100k_mf.yaml``: MF-BPR, whose stacked form
+:class:`~recval_ray.core.valuers.deletion.stacked.StackedBPRMF` steps in closed form; with
+``--set train.engine=sparse`` the sequential side is the row-sparse engine).
 """
 from __future__ import annotations
 
@@ -67,13 +72,16 @@ def main() -> None:
     ap.add_argument("--baseline-models", type=int, default=4)
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--job", default="ml100k_deletion_ncf.yaml")
+    ap.add_argument("--set", action="append", default=[], help="job overrides, key=value")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg, _, split, source = load_job_split("ml100k_deletion_ncf.yaml", [f"train.epochs={args.epochs}"])
+    cfg, _, split, source = load_job_split(args.job, [f"train.epochs={args.epochs}"] + args.set)
+    kind = cfg.model.kind
     tcfg = dataclasses.replace(cfg.train, epochs=args.epochs, seed=0)
     n = len(split.train)
     masks = [subset_mask(n, args.fraction, 0, j) for j in range(args.subsets)]
-    print(f"data: {source}, {n} training rows; {args.subsets} subsets of {args.fraction:.0%}, NCF, "
+    print(f"data: {source}, {n} training rows; {args.subsets} subsets of {args.fraction:.0%}, {kind} "
           f"{args.epochs} epochs, {args.threads} threads", flush=True)
 
     _reset_peak()
@@ -85,7 +93,7 @@ def main() -> None:
     peak_ours = _peak_mb()
     module = copy.deepcopy(task.model).eval()
     recall_ours = [float(np.mean(per_user_metric(stack.load(module, j), split, cfg.evaluate, "recall@20", "valid",
-                                                 context=[training_rows("ncf", split.train, masks[j])])))
+                                                 context=[training_rows(kind, split.train, masks[j])])))
                    for j in range(args.baseline_models)]
     print(f"stacked     {ours:8.1f} s for {args.subsets} models ({ours / args.subsets:.2f} s each), "
           f"peak RSS {peak_ours:.0f} MB", flush=True)
@@ -94,7 +102,7 @@ def main() -> None:
     times, recall_seq = [], []
     for j in range(args.baseline_models):
         t = time.perf_counter()
-        kept = training_rows("ncf", split.train, masks[j])
+        kept = training_rows(kind, split.train, masks[j])
         res = fit(build_task(cfg.model, kept, tcfg), tcfg, valid=None, track_losses=False)
         times.append(time.perf_counter() - t)
         recall_seq.append(float(np.mean(per_user_metric(res.model, split, cfg.evaluate, "recall@20", "valid",
@@ -106,7 +114,7 @@ def main() -> None:
     print(json.dumps({"name": "lds_subset_models_stacked_vs_sequential", "ratio": round(theirs / ours, 2),
                       "comparison": "sequential seconds (per model x subsets) / stacked seconds",
                       "subsets": args.subsets, "fraction": args.fraction, "rows": n, "epochs": args.epochs,
-                      "model": "ncf", "data": source, "threads": args.threads,
+                      "model": kind, "engine": getattr(tcfg, "engine", "autograd"), "data": source, "threads": args.threads,
                       "seconds": {"stacked": round(ours, 2), "sequential": round(theirs, 2),
                                   "sequential_per_model": [round(x, 2) for x in times]},
                       "peak_rss_mb": {"stacked": round(peak_ours), "sequential": round(peak_seq)},

@@ -9,7 +9,7 @@ the same models (they do not depend on the values, so any number of methods cost
 trainings). Each training is a work item (:func:`subset_training`): in this process, or on Ray
 actors with ``valuation.checks.actors``; the results depend only on the config, never on where
 they ran. ``valuation.checks.lds.engine: stacked`` trains every subset model of a seed at once
-for the models the batched engine knows (NCF/NeuMF, SVD: :mod:`.core.valuers.deletion.stacked`,
+for the models the batched engine knows (NCF/NeuMF, SVD, MF-BPR: :mod:`.core.valuers.deletion.stacked`,
 its row-sparse optimisers; every model starts from the same weights and sees the whole
 training's batch stream with the rows outside its subset masked).
 """
@@ -82,7 +82,11 @@ def _stacked_subsets(cfg: JobConfig, split: Split, epochs: int, seed: int) -> li
     out = []
     for j in range(lc.subsets):
         kept = training_rows(cfg.model.kind, split.train, ~drop[j].numpy())
-        out.append(_outcomes(cfg, split, stack.load(module, j), None, kept, lc.seed))
+        loss_task = None
+        if hasattr(task, "pair_losses"):    # the validation loss as the sequential path measures it:
+            loss_task = build_task(cfg.model, kept, tcfg)       # negatives outside the kept rows
+            loss_task.model = module
+        out.append(_outcomes(cfg, split, stack.load(module, j), loss_task, kept, lc.seed))
     return out
 
 

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="retrain without the top-k proponents, k random rows of the user, k random rows")
     why.add_argument("-k", type=int, default=10, help="rows removed per verification retraining")
     why.add_argument("--verify-seeds", type=int, default=1, help="seeds of the verification retrainings")
+    why.add_argument("--verify-engine", choices=("auto", "run", "sparse", "stacked"), default="auto",
+                     help="how the verification retrains: the run's trainer (run), MF's row-sparse engine "
+                          "(sparse; auto on MF), or stacks of models trained at once (stacked)")
     why.add_argument("--actors", type=int, default=0, metavar="N",
                      help="attribute the queries' groups on N Ray actors (local Ray, or RAY_ADDRESS)")
     why.add_argument("-v", "--verbose", action="store_true", help="more logging")
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                              sample_users=args.sample_users, sample_seed=args.seed, top=args.top, method=args.method,
                              verify=args.verify, k=args.k, verify_seeds=args.verify_seeds, damping=args.damping,
                              output_uri=args.output, run_id=args.run_id, overwrite=args.overwrite,
-                             actors=args.actors)
+                             actors=args.actors, verify_engine=args.verify_engine)
             print(f"attributions written to {result['uri']}")
             for rec in result["summary"][:10]:
                 named = f" ({rec['title']})" if rec.get("title") else ""

@@ -222,7 +222,7 @@ class LdsConfig:
     validation ``metric`` (empty: ``train.select_metric``) and, for BPR models, the validation
     BPR loss too; ``bootstrap`` resamples of the subsets give its standard error. Every model
     trains for the base model's selected number of epochs (no early stopping)."""
-    subsets: int = 0          # (engine: stacked trains a seed's subset models at once: NCF, SVD)
+    subsets: int = 0          # (engine: stacked trains a seed's subset models at once: NCF, SVD, MF-BPR)
     fraction: float = 0.5
     seeds: int = 1
     metric: str = ""

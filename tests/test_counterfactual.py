@@ -203,7 +203,7 @@ def test_run_reports_leave_one_out_correlation(tmp_path):
     assert "leave-one-out" in (tmp_path / "loo" / "report.html").read_text()
 
 
-@pytest.mark.parametrize("family", ["ncf-implicit", "svd-sgd"])
+@pytest.mark.parametrize("family", ["ncf-implicit", "svd-sgd", "mf-bpr-adam"])
 def test_stacked_subset_models_equal_each_subset_trained_alone(family):
     """The LDS's subset models in one batched run (valuation.checks.lds.engine: stacked; a row is
     its own group, model j drops the rows outside subset j) = each subset model trained alone
@@ -226,11 +226,15 @@ def test_stacked_subset_models_equal_each_subset_trained_alone(family):
             torch.testing.assert_close(q, p, atol=2e-6, rtol=1e-5, msg=f"subset {j} {name}")
 
 
-def test_lds_with_the_stacked_engine_in_a_run(tmp_path):
-    m = _run(tmp_path, "ncf", "model={kind: ncf, dim: 8, mlp_layers: [16, 8]}", "train.engine=autograd",
+@pytest.mark.parametrize("model", ["{kind: ncf, dim: 8, mlp_layers: [16, 8]}", "{kind: mf, dim: 8}"])
+def test_lds_with_the_stacked_engine_in_a_run(tmp_path, model):
+    m = _run(tmp_path, "stacked", f"model={model}", "train.engine=autograd",
              "valuation.method=random", "valuation.checks.lds.engine=stacked", "valuation.checks.lds.subsets=6")
-    r = m["checks"]["lds"]["methods"]["random"]["metric"]
+    lds = m["checks"]["lds"]["methods"]["random"]
+    r = lds["metric"]
     assert len(r["actual"]) == 6 and np.ptp(r["actual"]) > 0 and np.isfinite(r["lds"])
+    if "mf" in model:       # BPR models: the validation-loss LDS too, as with the sequential engine
+        assert len(lds["loss"]["actual"]) == 6 and np.ptp(lds["loss"]["actual"]) > 0
 
 
 def test_a_run_under_natural_noise_flags_low_ratings_and_evaluates_on_high_ones(tmp_path):

@@ -14,6 +14,7 @@ from recval_ray.core.data import Interactions, Split
 from recval_ray.core.valuers.deletion.stacked import train_reference, train_stacked
 from recval_ray.core.executor import LocalExecutor, ShardStore
 from recval_ray.core.metrics import ranking_metrics
+from recval_ray.core.models.mf import MFConfig
 from recval_ray.core.models.ncf import NCFConfig
 from recval_ray.core.models.svd import PureSVDConfig, SVDConfig
 from recval_ray.core.prune import prune_mask, random_prune_mask
@@ -45,6 +46,9 @@ FAMILIES = {
                      TrainConfig(epochs=3, batch_size=8, lr=0.01)),
     "svd-sgd": (SVDConfig(n_factors=5), TrainConfig(epochs=3, batch_size=8, lr=0.02, optimizer="sgd")),
     "svd-unbiased-adam": (SVDConfig(n_factors=5, biased=False), TrainConfig(epochs=3, batch_size=8, lr=0.01)),
+    "mf-bpr-adam": (MFConfig(dim=6, reg=0.01), TrainConfig(epochs=3, batch_size=16, lr=0.02, num_negatives=2)),
+    "mf-bpr-sgd": (MFConfig(dim=6, reg=0.01, sampler="users"),
+                   TrainConfig(epochs=3, batch_size=16, lr=0.5, optimizer="sgd")),
 }
 
 
@@ -72,6 +76,29 @@ def test_batched_engine_equals_one_model_at_a_time(family, kind):
             torch.testing.assert_close(q, p, atol=2e-6, rtol=1e-5, msg=f"model {b} {name}")
             moved = max(moved, float((p.detach() - init[name]).abs().max()))
         assert moved > 1e-3     # it trained
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_stacked_mf_equals_the_sparse_engine_trained_without_the_rows(optimizer):
+    """MF-BPR: model b of a stack = ``fit`` of the row-sparse engine (lazy Adam / SGD, the
+    run's own trainer) from the same initialisation and batches with b's rows dropped
+    (``drop_rows``): the stack is what a leave-rows-out retraining of the run gives."""
+    tr = data(n_users=30, per_user=8)
+    tc = TrainConfig(epochs=3, batch_size=32, lr=0.02 if optimizer == "adam" else 0.5, optimizer=optimizer,
+                     engine="sparse", num_negatives=2)
+    mc = MFConfig(dim=6, reg=0.01)
+    rows = torch.arange(len(tr))
+    drop = torch.zeros(3, len(tr), dtype=torch.bool)
+    drop[1, [0, 5, 9]] = True
+    drop[2, torch.as_tensor(np.flatnonzero(tr.user == 4))] = True
+    stack = train_stacked(build_task(mc, tr, tc), tc, drop, rows, seed=0)
+    for b in range(3):
+        task = build_task(mc, tr, tc)
+        fit(task, tc, track_losses=False, drop_rows=drop[b] if b else None)
+        got = stack.load(build_task(mc, tr, tc).model, b)
+        for (name, p), (_, q) in zip(task.model.named_parameters(), got.named_parameters()):
+            torch.testing.assert_close(q, p, atol=2e-6, rtol=1e-5, msg=f"model {b} {name}")
+    assert float((stack.tables["user"][4, 0] - stack.tables["user"][4, 2]).abs().max()) > 1e-3
 
 
 def test_models_of_a_stack_do_not_depend_on_their_neighbours():

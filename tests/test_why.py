@@ -254,3 +254,54 @@ def test_why_on_ray_actors_equals_in_process(tmp_path, ray_session, monkeypatch)
         assert a[col].to_pylist() == b[col].to_pylist(), col
     np.testing.assert_allclose(b["contribution"].to_numpy(), a["contribution"].to_numpy(), rtol=1e-9)
     assert [q["item_id"] for q in local["summary"]] == [q["item_id"] for q in remote["summary"]]
+
+
+def test_verification_engines_agree_and_share_the_reference(tmp_path):
+    """``verify_queries``: the stacked engine's scores and ranks equal the row-sparse engine's
+    one retraining at a time (MF: lazy Adam in both); the reference (nothing removed) is one
+    model per seed shared by every query; a variant's score is that of ``fit(drop_rows=...)``
+    of the variant's rows with the run's trainer."""
+    import dataclasses
+
+    from recval_ray.config import load_config
+    from recval_ray.core.train import build_task, fit
+    from recval_ray.pipeline import run_job
+    from recval_ray.run_state import read_state
+    from recval_ray.why_run import _score_and_rank, verify_queries, verify_variants
+    from test_update import job_dict, make_log, write_job, write_log
+    import recval_ray.fs as rfs
+
+    log = make_log(seed=4, users=25, items=30, per_user=10)
+    write_log(str(tmp_path / "log.csv"), log)
+    cfg = load_config(write_job(str(tmp_path / "run.yaml"), job_dict(str(tmp_path / "log.csv"),
+                                                                     str(tmp_path / "out"), name="run")))
+    run_job(cfg, use_ray=False)
+    fs, root = rfs.resolve(str(tmp_path / "out" / "run"))
+    split = read_state(fs, root, str(tmp_path / "out" / "run")).split
+    tr = split.train
+    queries = [(int(tr.user[0]), 3, np.array([0, 4, 7])), (int(tr.user[40]), 5, np.array([40, 41]))]
+    kw = dict(k=3, seeds=2, epochs=3)
+    sparse = verify_queries(cfg, split, queries, engine="sparse", **kw)
+    stacked = verify_queries(cfg, split, queries, engine="stacked", **kw)
+    for a, b in zip(sparse, stacked):
+        assert [(c["seed"], c["variant"], c["rank"]) for c in a] == [(c["seed"], c["variant"], c["rank"]) for c in b]
+        np.testing.assert_allclose([c["score"] for c in a], [c["score"] for c in b], rtol=1e-4, atol=1e-5)
+    run = verify_queries(cfg, split, queries, engine="run", **kw)
+    for s in range(2):      # the reference is shared: the same model for both queries
+        ref = [next(c for c in q if c["seed"] == s and c["variant"] == "none") for q in run]
+        tcfg = dataclasses.replace(cfg.train, seed=int(cfg.train.seed) + s, epochs=3, patience=10 ** 6)
+        task = build_task(cfg.model, tr, tcfg)
+        fit(task, tcfg, track_losses=False)
+        for (u, x, _), r in zip(queries, ref):
+            assert r["score"] == pytest.approx(_score_and_rank(task.model.eval(), tr, u, x)[0], abs=1e-6)
+    u, x, pro = queries[1]
+    rows = verify_variants(cfg, tr, u, x, pro, 3, 1)["random_user_rows"]
+    assert len(rows) == 3 and (tr.user[rows] == u).all()
+    drop = torch.zeros(len(tr), dtype=torch.bool)
+    drop[torch.as_tensor(rows)] = True
+    tcfg = dataclasses.replace(cfg.train, seed=int(cfg.train.seed) + 1, epochs=3, patience=10 ** 6)
+    task = build_task(cfg.model, tr, tcfg)
+    fit(task, tcfg, track_losses=False, drop_rows=drop)
+    got = next(c for c in run[1] if c["seed"] == 1 and c["variant"] == "random_user_rows")
+    assert got["score"] == pytest.approx(_score_and_rank(task.model.eval(), tr, u, x)[0], abs=1e-6)
+    assert got["score"] != pytest.approx(next(c for c in run[1] if c["seed"] == 1 and c["variant"] == "none")["score"])

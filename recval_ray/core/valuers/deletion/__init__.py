@@ -14,7 +14,7 @@ influence on ``valuation.metric`` (sign flipped for error metrics), so higher = 
 
 How the models are trained (``engine``):
 
-* ``batched`` (NCF, biased-MF SVD): :mod:`.stacked`, one stack per shard of
+* ``batched`` (NCF, biased-MF SVD, MF-BPR): :mod:`.stacked`, one stack per shard of
   entities with the full model as model 0; every model shares the initialisation and batch
   stream (common random numbers), so an influence is the deletion, not seed noise;
 * ``closed-form`` (PureSVD): the truncated SVD of the training matrix without the entity's
@@ -325,7 +325,7 @@ def resolve_engine(opts: DeletionConfig, model_kind: str) -> str:
     if model_kind == "puresvd":
         return "closed-form"
     if model_kind in ("ncf", "svd"):
-        return "batched"
+        return "batched"     # (MF-BPR has a stacked form too, slower per model on a CPU than its sparse engine)
     return "sequential"
 
 

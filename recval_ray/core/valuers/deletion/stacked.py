@@ -67,12 +67,14 @@ class StackedModel:
     tables: dict
     dense: dict
 
-    def lookups(self, batch: dict) -> tuple[dict, torch.Tensor]:
-        """``({table: row ids [R]}, example of each row [R])`` for the batch's R loss rows."""
+    def lookups(self, batch: dict) -> tuple[dict, "torch.Tensor | dict"]:
+        """``({table: row ids [R]}, example of each row [R])`` for the batch's R loss rows; or,
+        when the tables look up different numbers of rows per loss row, ``({table: ids [R_t]},
+        {table: example of each looked-up row [R_t], "loss": example of each loss row [R]})``."""
         raise NotImplementedError
 
     def row_losses(self, rows: dict, dense: dict, batch: dict) -> torch.Tensor:
-        """Per-model per-row losses ``[B, R]``; ``rows[table]`` is ``[B, R, w]``."""
+        """Per-model per-row losses ``[B, R]``; ``rows[table]`` is ``[B, R_t, w]``."""
         raise NotImplementedError
 
     def load(self, module: torch.nn.Module, b: int) -> torch.nn.Module:
@@ -251,14 +253,91 @@ class StackedBiasedMF(StackedModel):
         return module
 
 
+class StackedBPRMF(StackedModel):
+    """MF trained with plain BPR (:class:`...models.mf.BPRTask`, ``kind: bpr``): tables
+    ``user_emb``, ``item_emb``. An example's loss is that of the task,
+    ``mean_k softplus(s_uj_k - s_ui) + reg * 0.5 (|p_u|^2 + |q_i|^2 + mean_k |q_j_k|^2)``,
+    averaged over the model's kept examples; its item rows are the positive and the ``n``
+    negatives (``R_item = (1 + n) R``)."""
+
+    table_parts = {"user": ("user_emb",), "item": ("item_emb",)}
+
+    def __init__(self, model, B: int, reg: float):
+        self.reg = float(reg)
+        self._stack_tables(model, B)
+        self.dense = {}
+
+    def lookups(self, batch):
+        u, pos, neg = batch["user"], batch["pos"], batch["neg"]
+        ex = torch.arange(len(u), device=u.device)
+        n = neg.shape[1]
+        return ({"user": u, "item": torch.cat([pos, neg.reshape(-1)])},
+                {"user": ex, "item": torch.cat([ex, ex.repeat_interleave(n)]), "loss": ex})
+
+    def row_losses(self, rows, dense, batch):
+        pu, items = rows["user"], rows["item"]                     # [B, b, d], [B, b (1 + n), d]
+        B, b, d = pu.shape
+        qi, qj = items[:, :b], items[:, b:].reshape(B, b, -1, d)
+        s_pos = (pu * qi).sum(-1)
+        s_neg = torch.einsum("Bbd,Bbnd->Bbn", pu, qj)
+        per = F.softplus(s_neg - s_pos.unsqueeze(-1)).mean(-1)
+        l2 = 0.5 * (pu.pow(2).sum(-1) + qi.pow(2).sum(-1) + qj.pow(2).sum(-1).mean(-1))
+        return per + self.reg * l2
+
+    @torch.no_grad()
+    def closed_step(self, batch: dict, weight: torch.Tensor, opt: "StackedOptimizer") -> None:
+        """One step of all B models with the gradient in closed form (no autograd), in place.
+
+        ``weight`` ``[b, B]``: 1 where model B keeps the example. With ``c_B`` the model's kept
+        examples, ``w = weight / c_B`` and ``x_k = s_ui - s_uj_k``: ``g_k = -sigmoid(-x_k) w / n``;
+        user rows ``sum_k g_k (q_i - q_j_k) + reg w p_u``; the positive ``(sum_k g_k) p_u + reg w
+        q_i``; negative k ``-g_k p_u + reg w q_j_k / n``; then :meth:`StackedOptimizer.step` on
+        the batch's rows (SGD, or lazy Adam on the rows each model looked up)."""
+        u, pos, neg = batch["user"], batch["pos"], batch["neg"]
+        b, n = neg.shape
+        U, I = self.tables["user"], self.tables["item"]
+        B, d = U.shape[1], U.shape[2]
+        items = torch.cat([pos, neg.T.reshape(-1)])                  # blocks: positive, negative 1..n
+        pu = U.index_select(0, u)                                    # [b, B, d]
+        Q = I.index_select(0, items).view(1 + n, b, B, d)
+        x = torch.einsum("kbBd,bBd->kbB", Q[:1] - Q[1:], pu)        # [n, b, B]
+        w = weight / weight.sum(0).clamp_min(1.0)                    # [b, B]
+        g = torch.sigmoid(-x).neg_().mul_(w / n)                     # dL/dx_k
+        rw = (self.reg * w).unsqueeze(-1)
+        gu = torch.einsum("kbB,kbBd->bBd", g, Q[:1] - Q[1:]).add_(pu * rw)
+        gq = torch.empty_like(Q)
+        torch.mul(pu, g.sum(0).unsqueeze(-1), out=gq[0]).add_(Q[0] * rw)
+        torch.mul(pu.unsqueeze(0), g.neg().unsqueeze(-1), out=gq[1:]).add_(Q[1:] * (rw / n))
+        looked = weight > 0
+        rows, grads, touched = {}, {}, {}
+        for name, idx, occ, look in (("user", u, gu, looked),
+                                     ("item", items, gq.view((1 + n) * b, B, d), looked.repeat(1 + n, 1))):
+            # the optimiser takes each row once: occurrences' gradients summed (as autograd does)
+            rows[name], inv = torch.unique(idx, return_inverse=True)
+            grads[name] = occ.new_zeros((len(rows[name]), B, d)).index_add_(0, inv, occ)
+            touched[name] = look.new_zeros((len(rows[name]), B), dtype=weight.dtype).index_add_(
+                0, inv, look.to(weight.dtype)) > 0
+        opt.step(rows, grads, touched, {}, looked.any(0))
+
+    def load(self, module, b):
+        self.load_tables(module, b)
+        return module
+
+
 def stack_task(task, B: int) -> StackedModel:
-    """The stacked form of a task's model (NeuMF and biased MF are supported)."""
+    """The stacked form of a task's model (NeuMF, biased MF and MF with plain BPR)."""
+    from ...models.mf import MF, BPRTask
     from ...models.ncf import NCFTask
     from ...models.svd import SVDTask
     if isinstance(task, NCFTask):
         return StackedNeuMF(task.model, B)
     if isinstance(task, SVDTask):
         return StackedBiasedMF(task.model, B, task.reg)
+    if isinstance(task, BPRTask) and type(task.model) is MF:
+        if task.kind != "bpr":
+            raise TypeError(f"the batched engine trains MF with plain BPR, not train.denoise.kind "
+                            f"{task.kind!r}; use the sequential engine")
+        return StackedBPRMF(task.model, B, task.reg)
     raise TypeError(f"the batched deletion engine has no stacked form of {type(task.model).__name__}; "
                     "use valuation.engine: sequential")
 
@@ -363,17 +442,23 @@ def train_stacked(task, train_cfg, drop: torch.Tensor, row_group: torch.Tensor, 
     drop_ext = torch.cat([drop, pad], 1)        # column -1: rows that belong to no group
     # SGD on a model with a closed-form gradient skips autograd (same update, fewer passes)
     closed_form = closed_form_sgd and opt.kind == "sgd" and hasattr(stack, "sgd_step")
+    closed_step = closed_form_sgd and hasattr(stack, "closed_step") and not frozen_columns_of(stack)
     for epoch in range(epochs):
         task.on_epoch_start(epoch)
         gen = epoch_generator(seed, epoch)
         for batch in task.batches(epoch, gen):
-            if closed_form:
+            if closed_form or closed_step:
                 keep_rows = ~drop_ext.T[row_group[batch["idx"]]]           # [n_examples, B]
-                stack.sgd_step(batch, keep_rows.to(stack.tables["user"].dtype), opt.lr)
+                if closed_form:
+                    stack.sgd_step(batch, keep_rows.to(stack.tables["user"].dtype), opt.lr)
+                else:
+                    stack.closed_step(batch, keep_rows.to(stack.tables["user"].dtype), opt)
                 continue
             keep_ex = ~drop_ext[:, row_group[batch["idx"]]]               # [B, n_examples]
             ids, ex_of_row = stack.lookups(batch)
-            w = keep_ex[:, ex_of_row]                                      # [B, R]
+            if not isinstance(ex_of_row, dict):
+                ex_of_row = {**{name: ex_of_row for name in ids}, "loss": ex_of_row}
+            w = keep_ex[:, ex_of_row["loss"]]                              # [B, R]
             wf = w.to(stack.tables["user"].dtype)
             uniq, inv, subs = {}, {}, {}
             for name, rows in ids.items():
@@ -389,9 +474,8 @@ def train_stacked(task, train_cfg, drop: torch.Tensor, row_group: torch.Tensor, 
             grads = torch.autograd.grad(per_model.sum(), leaves)
             tg = dict(zip(subs, grads[:len(subs)]))
             dg = dict(zip(dense, grads[len(subs):]))
-            wt = wf.T.contiguous()
-            touched = {name: torch.zeros(len(uniq[name]), B, device=dev).index_add_(0, inv[name], wt) > 0
-                       for name in subs}
+            touched = {name: torch.zeros(len(uniq[name]), B, device=dev).index_add_(
+                0, inv[name], keep_ex[:, ex_of_row[name]].T.to(wf.dtype)) > 0 for name in subs}
             active = keep_ex.any(1)
             with torch.no_grad():
                 opt.step(uniq, tg, touched, dg, active)
@@ -400,9 +484,14 @@ def train_stacked(task, train_cfg, drop: torch.Tensor, row_group: torch.Tensor, 
     return stack
 
 
+def frozen_columns_of(stack: StackedModel) -> bool:
+    """Whether some table of ``stack`` has columns that never train."""
+    return any(bool(c.any()) for c in stack.frozen_columns().values())
+
+
 def _filter_batch(batch: dict, keep: torch.Tensor) -> dict:
     """The batch without the examples where ``keep`` is False (dropout-mask rows included)."""
-    out = {k: v[keep] for k, v in batch.items() if k in ("idx", "user", "item", "rating", "neg")}
+    out = {k: v[keep] for k, v in batch.items() if k in ("idx", "user", "item", "pos", "rating", "neg")}
     if "masks" in batch:
         b = len(keep)
         n = batch["neg"].shape[1] if "neg" in batch else 0
@@ -449,8 +538,9 @@ def train_reference(task, train_cfg, dropped: torch.Tensor, row_group: torch.Ten
                 o.zero_grad(set_to_none=True)
             loss.backward()
             if sparse:
-                looked = {"user": fb["user"], "item": torch.cat([fb["item"], fb["neg"].reshape(-1)])
-                          if "neg" in fb else fb["item"]}
+                pos = fb["item"] if "item" in fb else fb["pos"]
+                looked = {"user": fb["user"], "item": torch.cat([pos, fb["neg"].reshape(-1)])
+                          if "neg" in fb else pos}
                 for n, p in model.named_parameters():
                     if _is_table(n) and p.grad is not None:
                         rows = torch.unique(looked["user" if n.startswith("user") else "item"])
