@@ -140,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="N seeded users with their top-1 recommendation as queries")
     why.add_argument("--seed", type=int, default=0, help="seed of --sample-users")
     why.add_argument("--top", type=int, default=20, help="proponents and opponents listed per query")
-    why.add_argument("--method", choices=("tracin", "influence"), default="tracin")
+    why.add_argument("--method", choices=("tracin", "influence", "deletion"), default="tracin",
+                     help="deletion: retrain without each of up to --deletion-rows of the user's and of the "
+                          "item's rows (exact leave-one-out, one retraining per row)")
+    why.add_argument("--deletion-rows", type=int, default=20, help="rows of the user and of the item tried by deletion")
+    why.add_argument("--deletion-seeds", type=int, default=1, help="training seeds averaged by deletion")
     why.add_argument("--damping", type=float, help="influence's damping (default: the run's valuation.damping)")
     why.add_argument("--verify", action="store_true",
                      help="retrain without the top-k proponents, k random rows of the user, k random rows")
@@ -227,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                              sample_users=args.sample_users, sample_seed=args.seed, top=args.top, method=args.method,
                              verify=args.verify, k=args.k, verify_seeds=args.verify_seeds, damping=args.damping,
                              output_uri=args.output, run_id=args.run_id, overwrite=args.overwrite,
-                             actors=args.actors, verify_engine=args.verify_engine)
+                             actors=args.actors, verify_engine=args.verify_engine,
+                             deletion_rows=args.deletion_rows, deletion_seeds=args.deletion_seeds)
             print(f"attributions written to {result['uri']}")
             for rec in result["summary"][:10]:
                 named = f" ({rec['title']})" if rec.get("title") else ""

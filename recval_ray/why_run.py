@@ -138,15 +138,15 @@ def _score_and_rank(model, train, user: int, item: int) -> tuple[float, int]:
     return float(scores[item]), rank_of(scores, item, train.item[train.user == user])
 
 
-def verify_queries(cfg, split, queries: list, k: int, seeds: int, epochs: int, engine: str = "auto",
-                   progress=None) -> list[list[dict]]:
-    """Per query ``(user, item, proponents)``, its verification retrainings: ``{"seed",
-    "variant", "removed", "score", "rank"}`` of the target in a model trained from the same
-    initialisation and batches (common random numbers) without each variant's rows
-    (:func:`verify_variants`). The reference (nothing removed) is trained once per seed and
-    shared by the queries. ``engine: stacked`` trains a seed's models together in stacks
-    (:func:`~.core.valuers.deletion.stacked.train_stacked`; tested equal to the sparse engine
-    for MF); otherwise one ``fit(drop_rows=...)`` per model."""
+def retrain_without(cfg, split, models: list, queries: list, seed_offset: int, epochs: int,
+                    engine: str = "auto", progress=None) -> dict:
+    """``{(query, name): (score, rank)}``: the target of each query in models trained from the
+    same initialisation and batches (common random numbers, training seed ``train.seed +
+    seed_offset``, ``epochs`` epochs) without rows. ``models``: ``(query, name, rows)``; the
+    first is the reference (no rows, ``query`` None: scored for every query). ``engine:
+    stacked`` trains them together in stacks (:func:`~.core.valuers.deletion.stacked.
+    train_stacked`, each stack with its own copy of the reference; tested equal to the sparse
+    engine for MF); otherwise one ``fit(drop_rows=...)`` per model (:func:`verify_train_config`)."""
     import copy
 
     import torch
@@ -154,46 +154,102 @@ def verify_queries(cfg, split, queries: list, k: int, seeds: int, epochs: int, e
     from .core.valuers.deletion.stacked import train_stacked
     train = split.train
     n = len(train)
+    s = int(seed_offset)
+    tcfg = verify_train_config(cfg, "run" if engine == "stacked" else engine, int(cfg.train.seed) + s, epochs)
+    results: dict = {}
+
+    def score(module, q, name):
+        for qq in ([q] if q is not None else range(len(queries))):
+            results[(qq, name)] = _score_and_rank(module, train, queries[qq][0], queries[qq][1])
+    if engine == "stacked":
+        per_model = 12 * (train.n_users + train.n_items) * int(getattr(cfg.model, "dim", 64)) + 1
+        size = int(max(4, min(256, STACK_BYTES // per_model)))
+        for a in range(1, max(2, len(models)), size - 1):
+            part = [models[0]] + models[a:a + size - 1]
+            drop = torch.zeros(len(part), n, dtype=torch.bool)
+            for b, (_, _, rows) in enumerate(part):
+                drop[b, torch.as_tensor(rows, dtype=torch.long)] = True
+            task = build_task(cfg.model, train, tcfg)
+            stack = train_stacked(task, tcfg, drop, torch.arange(n), seed=tcfg.seed)
+            module = copy.deepcopy(task.model).eval()
+            for b, (q, name, _) in enumerate(part):
+                score(stack.load(module, b), q, name)
+            if progress is not None:
+                progress(s, min(a + size - 1, len(models)), len(models))
+        return results
+    for m, (q, name, rows) in enumerate(models):
+        drop = torch.zeros(n, dtype=torch.bool)
+        drop[torch.as_tensor(rows, dtype=torch.long)] = True
+        task = build_task(cfg.model, train, tcfg)
+        fit(task, tcfg, valid=None, track_losses=False, drop_rows=drop if len(rows) else None)
+        score(task.model.eval(), q, name)
+        if progress is not None:
+            progress(s, m + 1, len(models))
+    return results
+
+
+def verify_queries(cfg, split, queries: list, k: int, seeds: int, epochs: int, engine: str = "auto",
+                   progress=None) -> list[list[dict]]:
+    """Per query ``(user, item, proponents)``, its verification retrainings: ``{"seed",
+    "variant", "removed", "score", "rank"}`` of the target in a model retrained without each
+    variant's rows (:func:`verify_variants`, :func:`retrain_without`); the reference (nothing
+    removed) is trained once per seed and shared by the queries."""
     out: list = [[] for _ in queries]
     for s in range(seeds):
-        tcfg = verify_train_config(cfg, "run" if engine == "stacked" else engine, int(cfg.train.seed) + s, epochs)
-        variants = [verify_variants(cfg, train, u, x, pro, k, s) for u, x, pro in queries]
+        variants = [verify_variants(cfg, split.train, u, x, pro, k, s) for u, x, pro in queries]
         models = [(None, "none", np.zeros(0, np.int64))] + [
             (q, name, rows) for q, v in enumerate(variants) for name, rows in v.items() if name != "none"]
-        results: dict = {}
-        if engine == "stacked":
-            per_model = 12 * (train.n_users + train.n_items) * int(getattr(cfg.model, "dim", 64)) + 1
-            size = int(max(4, min(256, STACK_BYTES // per_model)))
-            for a in range(1, len(models), size - 1):
-                part = [models[0]] + models[a:a + size - 1]
-                drop = torch.zeros(len(part), n, dtype=torch.bool)
-                for b, (_, _, rows) in enumerate(part):
-                    drop[b, torch.as_tensor(rows, dtype=torch.long)] = True
-                task = build_task(cfg.model, train, tcfg)
-                stack = train_stacked(task, tcfg, drop, torch.arange(n), seed=tcfg.seed)
-                module = copy.deepcopy(task.model).eval()
-                for b, (q, name, _) in enumerate(part):
-                    stack.load(module, b)
-                    for qq in ([q] if q is not None else range(len(queries))):
-                        results[(qq, name)] = _score_and_rank(module, train, queries[qq][0], queries[qq][1])
-                if progress is not None:
-                    progress(s, min(a + size - 1, len(models)), len(models))
-        else:
-            for m, (q, name, rows) in enumerate(models):
-                drop = torch.zeros(n, dtype=torch.bool)
-                drop[torch.as_tensor(rows, dtype=torch.long)] = True
-                task = build_task(cfg.model, train, tcfg)
-                fit(task, tcfg, valid=None, track_losses=False, drop_rows=drop if len(rows) else None)
-                task.model.eval()
-                for qq in ([q] if q is not None else range(len(queries))):
-                    results[(qq, name)] = _score_and_rank(task.model, train, queries[qq][0], queries[qq][1])
-                if progress is not None:
-                    progress(s, m + 1, len(models))
+        results = retrain_without(cfg, split, models, queries, s, epochs, engine, progress)
         for q, v in enumerate(variants):
             for name, rows in v.items():
                 score, rank = results[(q, name)]
                 out[q].append({"seed": s, "variant": name, "removed": int(len(rows)), "score": score,
                                "rank": rank})
+    return out
+
+
+def deletion_candidates(train, user: int, item: int, per_group: int, seed: int) -> np.ndarray:
+    """The rows ``--method deletion`` retrains without, one at a time: the user's own rows and
+    the item's rows (the rows whose gradient reaches the score directly in an embedding model),
+    at most ``per_group`` of each, a seeded sample when there are more; sorted."""
+    rng = np.random.default_rng([int(seed), 0xDE1, int(user), int(item)])
+    own = np.flatnonzero(train.user == user)
+    its = np.flatnonzero((train.item == item) & (train.user != user))
+    pick = [g if len(g) <= per_group else rng.choice(g, per_group, replace=False) for g in (own, its)]
+    return np.sort(np.concatenate(pick)).astype(np.int64)
+
+
+def deletion_attributions(cfg, split, pairs: list, *, per_group: int, seeds: int, epochs: int, top: int,
+                          engine: str = "auto", seed: int = 0, progress=None) -> list:
+    """``recval why --method deletion``: for each query, every candidate row
+    (:func:`deletion_candidates`) removed alone and the model retrained (common random numbers,
+    :func:`retrain_without`); a row's contribution is the target's score in the reference minus
+    its score without the row, averaged over ``seeds`` training seeds (positive: the row holds
+    the score up). Exact leave-one-out on the candidates, no approximation; rows outside the
+    candidates are not computed (0). Compact results as :func:`attribute_group`'s."""
+    from .core.attribution import Attribution
+    train = split.train
+    t0 = time.perf_counter()
+    cands = [deletion_candidates(train, u, x, per_group, seed) for u, x in pairs]
+    models = [(None, "none", np.zeros(0, np.int64))] + [
+        (q, int(r), np.array([r])) for q, c in enumerate(cands) for r in c]
+    drop = [np.zeros(len(c)) for c in cands]
+    for s in range(seeds):
+        res = retrain_without(cfg, split, models, pairs, s, epochs, engine, progress)
+        for q, c in enumerate(cands):
+            ref = res[(q, "none")][0]
+            drop[q] += np.array([ref - res[(q, int(r))][0] for r in c]) / seeds
+    seconds = (time.perf_counter() - t0) / max(1, len(pairs))
+    out = []
+    for (u, x), c, d in zip(pairs, cands, drop):
+        scores = np.zeros(len(train))
+        scores[c] = d
+        att = Attribution(int(u), int(x), scores, float("nan"), "deletion", int(len(c)))
+        pro, opp = att.top(top, 1), att.top(top, -1)
+        rows = np.concatenate([pro, opp])
+        out.append({"proponents": pro, "opponents": opp, "rows_computed": int(len(c)),
+                    "contribution": dict(zip(rows.tolist(), scores[rows].tolist())),
+                    "shares": att.shares(train.user, train.item), "seconds": seconds})
     return out
 
 
@@ -246,7 +302,8 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
             sample_users: int = 0, sample_seed: int = 0, top: int = 20, method: str = "tracin",
             verify: bool = False, k: int = 10, verify_seeds: int = 1, damping: Optional[float] = None,
             output_uri: Optional[str] = None, run_id: Optional[str] = None, overwrite: bool = False,
-            actors: int = 0, address: Optional[str] = None, verify_engine: str = "auto") -> dict:
+            actors: int = 0, address: Optional[str] = None, verify_engine: str = "auto",
+            deletion_rows: int = 20, deletion_seeds: int = 1) -> dict:
     """Attribute the run's scores of the queries to its training rows; returns the new output's
     manifest with ``summary`` (per query) added. ``actors`` > 0: the groups of queries are
     attributed on that many Ray actors (the run's rows and weights shared once through the
@@ -269,8 +326,8 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
     if cfg.model.kind not in SUPPORTED:
         raise ConfigError(f"recval why supports model.kind {', '.join(SUPPORTED)} (the models with an influence "
                           f"objective); the run's model is {cfg.model.kind}")
-    if method not in ("tracin", "influence"):
-        raise ConfigError(f"--method {method}: tracin or influence")
+    if method not in ("tracin", "influence", "deletion"):
+        raise ConfigError(f"--method {method}: tracin, influence or deletion")
     if verify_engine not in VERIFY_ENGINES:
         raise ConfigError(f"--verify-engine {verify_engine}: one of {', '.join(VERIFY_ENGINES)}")
     state = read_state(fs, root, run_uri)
@@ -306,6 +363,10 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
         if method == "tracin" else ([], f"influence at the selected model, damping {damp:g}")
     objectives = checkpoint_objectives(obj, ckpts, cfg.train.lr)
     base_epochs = base_epochs or int(cfg.train.epochs)
+    if method == "deletion":
+        note = (f"leave-one-out retraining ({base_epochs} epochs, common random numbers, "
+                f"{deletion_seeds} seed(s), --verify-engine {verify_engine}) of up to {deletion_rows} of the "
+                f"user's rows and {deletion_rows} of the item's rows; other rows not computed")
 
     source_id, out = open_beside(run_uri, manifest, root, "why", cfg, output_uri, run_id, overwrite)
     with out:
@@ -316,6 +377,13 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
             (:data:`QUERY_BATCH` for TracIn, bounded by :data:`SCORES_BYTES`; one for influence) by :func:`attribute_group`, in
             this process or on Ray actors; results are placed by group, not arrival."""
             pairs = list(zip(users.tolist(), items.tolist()))
+            if method == "deletion":
+                def progress(seed, done, total):
+                    log.info("deletion: seed %d, %d/%d models retrained", seed, done, total)
+                yield from ((q, u, x, att) for q, ((u, x), att) in enumerate(zip(pairs, deletion_attributions(
+                    cfg, split, pairs, per_group=int(deletion_rows), seeds=int(deletion_seeds), epochs=base_epochs,
+                    top=int(top), engine=verify_engine, seed=int(sample_seed), progress=progress))))
+                return
             # TracIn: up to QUERY_BATCH queries, fewer when their per-row scores (8 B per row
             # each) would pass SCORES_BYTES; influence: one CG solve per query
             size = max(1, min(QUERY_BATCH, SCORES_BYTES // (8 * max(1, len(train))))) if method == "tracin" else 1

@@ -305,3 +305,52 @@ def test_verification_engines_agree_and_share_the_reference(tmp_path):
     got = next(c for c in run[1] if c["seed"] == 1 and c["variant"] == "random_user_rows")
     assert got["score"] == pytest.approx(_score_and_rank(task.model.eval(), tr, u, x)[0], abs=1e-6)
     assert got["score"] != pytest.approx(next(c for c in run[1] if c["seed"] == 1 and c["variant"] == "none")["score"])
+
+
+def test_deletion_method_is_exact_leave_one_out_on_the_users_and_items_rows(tmp_path):
+    """``recval why --method deletion``: a row's contribution is the target's score in the
+    reference retraining minus its score retrained without that row alone (checked by hand
+    for the strongest proponent); only the user's and the item's rows are candidates."""
+    import dataclasses
+    import os
+
+    import pyarrow.parquet as pq
+
+    from recval_ray.config import load_config
+    from recval_ray.core.train import build_task, fit
+    from recval_ray.pipeline import run_job
+    from recval_ray.run_state import read_state
+    from recval_ray.why_run import _score_and_rank, deletion_candidates, why_run
+    from test_update import job_dict, make_log, write_job, write_log
+    import recval_ray.fs as rfs
+
+    log = make_log(seed=6, users=20, items=25, per_user=10)
+    write_log(str(tmp_path / "log.csv"), log)
+    cfg = load_config(write_job(str(tmp_path / "run.yaml"), job_dict(str(tmp_path / "log.csv"),
+                                                                     str(tmp_path / "out"), name="run")))
+    run_job(cfg, use_ray=False)
+    run = str(tmp_path / "out" / "run")
+    m = why_run(run, sample_users=1, sample_seed=0, method="deletion", deletion_rows=3, top=10, run_id="del",
+                verify_engine="run")
+    q = m["summary"][0]
+    fs, root = rfs.resolve(run)
+    tr = read_state(fs, root, run).split.train
+    codes = {str(v): c for c, v in enumerate(read_state(fs, root, run).user_ids.to_pylist())}
+    icodes = {str(v): c for c, v in enumerate(read_state(fs, root, run).item_ids.to_pylist())}
+    u, x = codes[str(q["user_id"])], icodes[str(q["item_id"])]
+    cands = deletion_candidates(tr, u, x, 3, 0)
+    assert q["rows_computed"] == len(cands) and 3 < len(cands) <= 6   # 3 of the user's, up to 3 of the item's
+    att = pq.read_table(os.path.join(m["uri"], "attributions")).to_pandas()
+    assert set(att.row) <= set(cands.tolist()) and set(att.group) <= {"user", "item"}
+    best = att[att.role == "proponent"].iloc[0]
+    from recval_ray.check_run import _base_epochs
+    tcfg = dataclasses.replace(cfg.train, epochs=_base_epochs(fs, root), patience=10 ** 6)
+    scores = []
+    for rows in ([], [int(best.row)]):
+        drop = torch.zeros(len(tr), dtype=torch.bool)
+        drop[rows] = True
+        task = build_task(cfg.model, tr, tcfg)
+        fit(task, tcfg, track_losses=False, drop_rows=drop if rows else None)
+        scores.append(_score_and_rank(task.model.eval(), tr, u, x)[0])
+    assert best.contribution == pytest.approx(scores[0] - scores[1], rel=1e-5, abs=1e-7)
+    assert best.contribution > 0
