@@ -196,6 +196,23 @@ def test_fast_sampler_draws_exactly_the_negatives_of_the_reference_sampler():
     assert all(x == 0 for x, _ in hit)   # only the user without negatives gets positives
 
 
+def test_fast_sampler_is_exact_when_a_users_keys_pile_up_in_one_bucket():
+    """A user whose positives are one block of items has all its keys (item - rank) equal: the
+    walk from a bucket passes many keys (the binary search) and must stop at the user's end,
+    not run into the next user's keys."""
+    rng = np.random.default_rng(2)
+    n_users, n_items = 40, 500
+    u = [np.full(300, 3), np.full(120, 4), rng.integers(0, n_users, 3000)]
+    i = [np.arange(300), np.arange(380, 500), rng.integers(0, n_items, 3000)]
+    keys = np.unique(np.concatenate(u) * n_items + np.concatenate(i))
+    data = Interactions(keys // n_items, keys % n_items, n_users, n_items)
+    ref, fast = NegativeSampler(data, torch.device("cpu")), FastNegativeSampler(data, torch.device("cpu"))
+    users = torch.as_tensor(np.concatenate([np.full(3000, 3), np.full(3000, 4), rng.integers(0, n_users, 3000)]))
+    for n in (1, 2):
+        assert torch.equal(ref.sample(users, n, torch.Generator().manual_seed(n)),
+                           fast.sample(users, n, torch.Generator().manual_seed(n)))
+
+
 def test_chunked_batches_equal_the_parent_tasks_batches(monkeypatch):
     """The interactions sampler draws several batches at once: same stream as BPRTask's."""
     monkeypatch.setattr(fast_bpr, "CHUNK_ROWS", 100)

@@ -137,28 +137,32 @@ class FastNegativeSampler(NegativeSampler):
         counts = self.n_items - free
         self.levels = int(counts.max()).bit_length() if len(counts) else 0
         n = len(self.qkeys)
-        big = torch.iinfo(torch.int64).max
-        # shifted[x] = qkeys[x - 1]; shifted[0] = -inf; +inf past the end (room for any walk):
-        # the parent's key buffer, built with these slots around the keys (no second copy)
-        shifted = torch.from_numpy(self.keys_buffer).to(device)
-        assert len(shifted) >= n + 2 + (1 << self.levels) + self.SCAN
-        shifted[0] = torch.iinfo(torch.int64).min
-        shifted[n + 1:] = big
-        self.shifted = shifted
-        del self.keys_buffer
-        self.qkeys = shifted[1:n + 1]          # a view: the keys are held once
-        self.count = torch.as_tensor(counts, device=device)
-        # the bucket directory, one entry per training key (bucket b of the key's user), built in
-        # chunks of keys (bounded temporaries); positions fit int32 below 2^31 keys
         start = self.start.cpu().numpy()
         qkeys = self.qkeys.cpu().numpy()
         n_items = np.int64(self.n_items)
-        directory = np.empty(n, dtype=np.int32 if n + len(shifted) < 2 ** 31 else np.int64)
+        # the bucket directory, one entry per training key (bucket b of the key's user), built in
+        # chunks of keys (bounded temporaries); positions fit int32 below 2^31 keys
+        directory = np.empty(n, dtype=np.int32 if n + len(self.keys_buffer) < 2 ** 31 else np.int64)
+        # the keys kept: the user's own part q - u * n_items = i - rank, in [0, n_items): int32
+        # (4 bytes a row instead of 8), a walk bounded by the user's end instead of by the next
+        # user's larger keys. shifted[x] = local[x - 1]; sentinels around (room for any walk).
+        shifted = np.empty(len(self.keys_buffer), dtype=np.int32 if n_items < 2 ** 31 else np.int64)
+        assert len(shifted) >= n + 2 + (1 << self.levels) + self.SCAN
         for a in range(0, n, self.CHUNK):
-            u = qkeys[a:a + self.CHUNK] // n_items        # q = u * n_items + (i - rank), i - rank < n_items
+            q = qkeys[a:a + self.CHUNK]
+            u = q // n_items                 # q = u * n_items + (i - rank), i - rank < n_items
             b = np.arange(a, a + len(u), dtype=np.int64) - start[u]
             lower = (b * free[u] + counts[u] - 1) // np.maximum(counts[u], 1)   # ceil(b f / c)
             directory[a:a + len(u)] = np.searchsorted(qkeys, u * n_items + lower, side="left")
+            shifted[1 + a:1 + a + len(u)] = q - u * n_items
+        info = np.iinfo(shifted.dtype)
+        shifted[0] = info.min
+        shifted[n + 1:] = info.max
+        del self.keys_buffer, qkeys
+        self.qkeys = None       # (the parent's global keys: not kept)
+        self.shifted = torch.from_numpy(shifted).to(device)
+        self.count = torch.as_tensor(counts, device=device)
+        self.end = self.start + self.count
         self.dir = torch.as_tensor(directory, device=device)
 
     def sample(self, users: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -166,25 +170,30 @@ class FastNegativeSampler(NegativeSampler):
         rand = torch.rand((len(users), n), generator=generator, dtype=torch.float64).to(users.device).view(-1)
         free = _lookup(self.free, u)
         r = torch.minimum((rand * free.clamp_min(1)).long(), (free - 1).clamp_min(0))
-        query = u * self.n_items + r
+        query = r.to(self.shifted.dtype)       # compared with the user's own keys i - rank
         start = _lookup(self.start, u)
+        end = _lookup(self.end, u)
         count = _lookup(self.count, u)
         has = (count > 0) & (free > 0)
         b = (r * count).div_(free.clamp_min(1), rounding_mode="floor")
         entry = torch.where(has, start + b, 0)
         pos = torch.where(has, _lookup(self.dir, entry).long(), start)
-        nxt = torch.empty_like(pos)
+        nxt = torch.empty(pos.shape, dtype=self.shifted.dtype, device=pos.device)
         ok = torch.empty(pos.shape, dtype=torch.bool, device=pos.device)
+        inside = torch.empty(pos.shape, dtype=torch.bool, device=pos.device)
         for _ in range(self.SCAN):
             torch.index_select(self.shifted, 0, pos + 1, out=nxt)
             torch.le(nxt, query, out=ok)
+            ok &= torch.lt(pos, end, out=inside)
             pos.add_(ok)
         torch.index_select(self.shifted, 0, pos + 1, out=nxt)
-        left = torch.le(nxt, query, out=ok).nonzero().view(-1)
+        torch.le(nxt, query, out=ok)
+        left = (ok & torch.lt(pos, end, out=inside)).nonzero().view(-1)
         if len(left):   # keys still to walk: binary search from pos on those draws only
-            p, q = pos.index_select(0, left), query.index_select(0, left)
+            p, q, e = pos.index_select(0, left), query.index_select(0, left), end.index_select(0, left)
             for s in reversed(range(self.levels)):
-                p.add_(torch.le(_lookup(self.shifted, p + (1 << s)), q), alpha=1 << s)
+                c = p + (1 << s)
+                p.add_(torch.le(_lookup(self.shifted, c), q) & (c <= e), alpha=1 << s)
             pos.index_copy_(0, left, p)
         neg = r.add_(pos).sub_(start)
         out = torch.where(free > 0, neg, (rand * self.n_items).long())
