@@ -139,6 +139,29 @@ def test_closed_form_sgd_step_equals_the_autograd_step(biased):
         assert float(fast.tables["user"][:, :, -1].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("family", ["mf-bpr-adam", "mf-bpr-sgd"])
+def test_mf_closed_form_step_equals_the_autograd_step(family, monkeypatch):
+    """MF-BPR's closed-form stacked step (two negatives with Adam) gives the models of the
+    generic autograd path (its ``lookups`` / ``row_losses``)."""
+    from recval_ray.core.valuers.deletion import stacked
+    mc, tc = FAMILIES[family]
+    tr = data()
+    group = torch.as_tensor(tr.user)
+    drop = torch.zeros(3, tr.n_users, dtype=torch.bool)
+    drop[1, 2], drop[2, [4, 7]] = True, True
+    calls = []
+    monkeypatch.setattr(stacked.StackedBPRMF, "closed_step",
+                        lambda self, *a, _f=stacked.StackedBPRMF.closed_step: calls.append(1) or _f(self, *a))
+    fast = train_stacked(build_task(mc, tr, tc), tc, drop, group, seed=0)
+    assert calls                                                      # the closed form did run
+    n = len(calls)
+    slow = train_stacked(build_task(mc, tr, tc), tc, drop, group, seed=0, closed_form_sgd=False)
+    assert len(calls) == n
+    for name in fast.tables:
+        torch.testing.assert_close(fast.tables[name], slow.tables[name], atol=2e-6, rtol=1e-5)
+    assert float((fast.tables["user"][2, 0] - fast.tables["user"][2, 1]).abs().max()) > 1e-3
+
+
 def test_weight_decay_is_refused_by_the_batched_engine():
     mc, tc = FAMILIES["ncf-explicit"]
     tc = dataclasses.replace(tc, weight_decay=1e-4)

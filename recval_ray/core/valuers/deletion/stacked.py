@@ -429,7 +429,9 @@ def train_stacked(task, train_cfg, drop: torch.Tensor, row_group: torch.Tensor, 
     ``task``: built on the whole training set with initialisation seed ``seed`` (every model
     starts from its weights); ``drop`` ``[B, n_groups]`` bool; ``row_group`` ``[n_train]``: the
     group of each training row (-1 = never dropped). Epoch ``e`` draws from
-    ``epoch_generator(seed, e)`` as :func:`...train.fit` does.
+    ``epoch_generator(seed, e)`` as :func:`...train.fit` does. ``closed_form_sgd``: let a stack
+    with a hand-written gradient (``sgd_step``, ``closed_step``) skip autograd (False: the
+    generic autograd path, which the tests compare them with).
     """
     dev = task.device
     B = int(drop.shape[0])
