@@ -130,12 +130,17 @@ def verify_variants(cfg, train, user: int, item: int, proponents: np.ndarray, k:
             "random_rows": rng.choice(len(train), k, replace=False)}
 
 
-def _score_and_rank(model, train, user: int, item: int) -> tuple[float, int]:
+def _score_and_rank(model, train, user: int, item: int, own_items: Optional[np.ndarray] = None
+                    ) -> tuple[float, int]:
+    """The score of ``item`` for ``user`` and its rank among the items outside the user's
+    training rows (``own_items``: those items, when the caller has them)."""
     import torch
     from .core.attribution import rank_of
     with torch.no_grad():
         scores = model.score_users(torch.tensor([user]))[0].cpu().numpy()
-    return float(scores[item]), rank_of(scores, item, train.item[train.user == user])
+    if own_items is None:
+        own_items = train.item[train.user == user]
+    return float(scores[item]), rank_of(scores, item, own_items)
 
 
 def retrain_without(cfg, split, models: list, queries: list, seed_offset: int, epochs: int,
@@ -157,20 +162,26 @@ def retrain_without(cfg, split, models: list, queries: list, seed_offset: int, e
     s = int(seed_offset)
     tcfg = verify_train_config(cfg, "run" if engine == "stacked" else engine, int(cfg.train.seed) + s, epochs)
     results: dict = {}
+    own = [train.item[train.user == qr[0]] for qr in queries]     # each query user's items, once
 
     def score(module, q, name):
         for qq in ([q] if q is not None else range(len(queries))):
-            results[(qq, name)] = _score_and_rank(module, train, queries[qq][0], queries[qq][1])
+            results[(qq, name)] = _score_and_rank(module, train, queries[qq][0], queries[qq][1], own[qq])
     if engine == "stacked":
         per_model = 12 * (train.n_users + train.n_items) * int(getattr(cfg.model, "dim", 64)) + 1
         size = int(max(4, min(256, STACK_BYTES // per_model)))
         for a in range(1, max(2, len(models)), size - 1):
             part = [models[0]] + models[a:a + size - 1]
-            drop = torch.zeros(len(part), n, dtype=torch.bool)
+            # a group per row some model of the stack removes; every other row is in none (-1):
+            # the drop matrix is [models, removed rows], not [models, training rows]
+            removed = np.unique(np.concatenate([np.asarray(rows, np.int64) for _, _, rows in part]))
+            row_group = torch.full((n,), -1, dtype=torch.long)
+            row_group[torch.as_tensor(removed)] = torch.arange(len(removed))
+            drop = torch.zeros(len(part), len(removed), dtype=torch.bool)
             for b, (_, _, rows) in enumerate(part):
-                drop[b, torch.as_tensor(rows, dtype=torch.long)] = True
+                drop[b, torch.as_tensor(np.searchsorted(removed, rows), dtype=torch.long)] = True
             task = build_task(cfg.model, train, tcfg)
-            stack = train_stacked(task, tcfg, drop, torch.arange(n), seed=tcfg.seed)
+            stack = train_stacked(task, tcfg, drop, row_group, seed=tcfg.seed)
             module = copy.deepcopy(task.model).eval()
             for b, (q, name, _) in enumerate(part):
                 score(stack.load(module, b), q, name)
@@ -244,13 +255,19 @@ def deletion_attributions(cfg, split, pairs: list, *, per_group: int, seeds: int
     for (u, x), c, d in zip(pairs, cands, drop):
         scores = np.zeros(len(train))
         scores[c] = d
-        att = Attribution(int(u), int(x), scores, float("nan"), "deletion", int(len(c)))
-        pro, opp = att.top(top, 1), att.top(top, -1)
-        rows = np.concatenate([pro, opp])
-        out.append({"proponents": pro, "opponents": opp, "rows_computed": int(len(c)),
-                    "contribution": dict(zip(rows.tolist(), scores[rows].tolist())),
-                    "shares": att.shares(train.user, train.item), "seconds": seconds})
+        out.append(compact(Attribution(int(u), int(x), scores, float("nan"), "deletion", int(len(c))),
+                           train, top, seconds))
     return out
+
+
+def compact(att, train, top: int, seconds: float) -> dict:
+    """What ``recval why`` keeps of a query's attribution: the top proponents and opponents and
+    their contributions, the shares of the positive contribution, the rows computed, seconds."""
+    pro, opp = att.top(top, 1), att.top(top, -1)
+    rows = np.concatenate([pro, opp])
+    return {"proponents": pro, "opponents": opp, "rows_computed": int(att.rows_computed),
+            "contribution": dict(zip(rows.tolist(), att.scores[rows].tolist())),
+            "shares": att.shares(train.user, train.item), "seconds": seconds}
 
 
 def build_objective(model_cfg, train_cfg, train, valid, weights: dict):
@@ -288,14 +305,7 @@ def attribute_group(shared: dict, pairs: list) -> list:
         atts = [influence(obj, obj.theta, u, x, damping=shared["damping"], tol=1e-6, max_iter=300)
                 for u, x in pairs]
     seconds = (time.perf_counter() - t0) / max(1, len(pairs))
-    out = []
-    for att in atts:
-        pro, opp = att.top(top, 1), att.top(top, -1)
-        rows = np.concatenate([pro, opp])
-        out.append({"proponents": pro, "opponents": opp, "rows_computed": int(att.rows_computed),
-                    "contribution": dict(zip(rows.tolist(), att.scores[rows].tolist())),
-                    "shares": att.shares(train.user, train.item), "seconds": seconds})
-    return out
+    return [compact(att, train, top, seconds) for att in atts]
 
 
 def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optional[str] = None,
@@ -371,7 +381,7 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
     source_id, out = open_beside(run_uri, manifest, root, "why", cfg, output_uri, run_id, overwrite)
     with out:
         ds = _dataset_for_ids(state)
-        rows_att, rows_q, summary, to_verify = [], [], [], []
+        rows_att, summary, to_verify = [], [], []
         def attributions():
             """``(query, user, item, compact attribution)`` in query order: groups of queries
             (:data:`QUERY_BATCH` for TracIn, bounded by :data:`SCORES_BYTES`; one for influence) by :func:`attribute_group`, in
