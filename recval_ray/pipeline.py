@@ -71,6 +71,34 @@ def make_split(cfg: JobConfig, dataset: Dataset) -> tuple[Split, list[str]]:
     return split, warnings
 
 
+def spills(cfg: JobConfig, split: Split) -> bool:
+    """Whether the run spills (``output.spill_rows``: from that many interactions; 0: never)."""
+    rows = sum(len(p) for p in split.parts().values())
+    return 0 < int(cfg.output.spill_rows) <= rows
+
+
+def spill_columns(cfg: JobConfig, split: Split) -> Split:
+    """The split with the per-row columns the model does not read while training (rating,
+    timestamp, input row; :func:`~.core.spill.spillable_fields`) in memory-mapped temporary
+    files: the valuers and writers read them from there; the trainer never sees them."""
+    from .core.spill import spill_split, spillable_fields
+    fields = spillable_fields(MODELS.meta(cfg.model.kind).get("reads", ("rating", "timestamp")))
+    before = sum(getattr(p, f).nbytes for p in split.parts().values() for f in fields if getattr(p, f) is not None)
+    split = spill_split(split, fields, cfg.output.spill_dir)
+    release_free_heap()
+    log.info("memory: %s of %d rows (%.0f MB) spilled to memory-mapped temporary files until read",
+             "/".join(fields), sum(len(p) for p in split.parts().values()), before / 2 ** 20)
+    return split
+
+
+def spill_values(cfg: JobConfig, valuation: Valuation) -> None:
+    """The valuation's per-row values and method columns spilled (:func:`~.core.spill.spill`)."""
+    from .core.spill import spill
+    valuation.values = spill(valuation.values, cfg.output.spill_dir)
+    valuation.columns = {k: spill(np.asarray(v), cfg.output.spill_dir) for k, v in valuation.columns.items()}
+    release_free_heap()
+
+
 def preflight(cfg: JobConfig, split: Split) -> None:
     """Before training: a method that registered ``peak_bytes`` has its estimated peak memory
     for these data checked against ``valuation.resources.memory_gb`` (or the memory available),
@@ -650,6 +678,9 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
             with prof.stage("split", rows=len(dataset.interactions)):
                 split, split_warnings = make_split(cfg, dataset)
                 dataset.release_interactions()     # the split holds every row the run needs now
+                spilling = spills(cfg, split)
+                if spilling:
+                    split = spill_columns(cfg, split)
             log.info("data: %d users, %d items; train %d (noise %d), valid %d, test %d",
                      dataset.n_users, dataset.n_items, len(split.train),
                      int(split.train.is_noise.sum()) if split.train.is_noise is not None else 0,
@@ -680,6 +711,8 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                         if cfg.verdict.enabled else []
                     base.task.release_data()       # the base model only scores from here on
                     base.interaction_loss = None   # (read by the valuers only: 8 bytes a training row)
+                    if spilling:                   # read again by the prune step and the writers only
+                        spill_values(cfg, valuation)
 
                 with prof.stage("prune+retrain", rows=len(split.train)):
                     log.info("pruning (%s, %s) and retraining on the kept data%s", cfg.prune.strategy,

@@ -143,6 +143,12 @@ class OutputConfig:
     # on Ray, a table the driver already holds is written by Ray Data (parallel, partitioned) only
     # above this many rows; smaller ones as one file by the driver (a Ray Data write costs seconds)
     ray_write_rows: int = 1_000_000
+    # from this many interactions (all three parts), the per-row columns no model reads while it
+    # trains (rating, timestamp, input row) and, after the value stage, the values wait in
+    # memory-mapped temporary files under spill_dir (the system's temp dir when null) until a
+    # stage reads them (core/spill.py); 0: never
+    spill_rows: int = 2_000_000
+    spill_dir: Optional[str] = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -122,6 +123,29 @@ def csv_runs(ray_session, csv_input, tmp_path_factory):
     run_job(cfg, run_id="csv-ray-small", output_uri=str(out), use_ray=True)
     local = run_job(cfg, run_id="csv-local", output_uri=str(out), use_ray=False)
     return on_ray, local, out
+
+
+@pytest.fixture(scope="module")
+def spilled_run(csv_input, csv_runs, tmp_path_factory):
+    """The in-process CSV job of :func:`csv_runs` with every run spilling (``output.spill_rows=1``:
+    rating, timestamp, input row and the values in memory-mapped temporary files)."""
+    path, _ = csv_input
+    _, _, out = csv_runs
+    spill_dir = tmp_path_factory.mktemp("e2e-spill")
+    cfg = tiny_config(*CSV_OVERRIDES, f"data.path={path}", "output.spill_rows=1", f"output.spill_dir={spill_dir}")
+    messages: list = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("recval_ray")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        result = run_job(cfg, run_id="csv-local-spilled", output_uri=str(out), use_ray=False)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return result, out, spill_dir, messages
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,6 +331,20 @@ def test_ray_path_equals_in_process_path(csv_runs):
     assert "part-0.parquet" not in os.listdir(out / "csv-ray" / "keep")
     assert on_ray.metrics["test"] == local.metrics["test"]
     assert on_ray.metrics["noise_detection"] == local.metrics["noise_detection"]
+
+
+def test_spilled_run_equals_the_run_in_memory(spilled_run):
+    """Spilling changes where columns wait, never what is written: every output table and the
+    metrics equal the in-memory run's, the spill happened, and no spill file is left behind."""
+    spilled, out, spill_dir, messages = spilled_run
+    assert any("spilled to memory-mapped temporary files" in m for m in messages)
+    assert os.listdir(spill_dir) == []
+    assert spilled.manifest["row_counts"] == manifest_of(out / "csv-local")["row_counts"]
+    for name in ("values", "pruned", "keep", "drop", "splits/train", "splits/valid", "splits/test", "dropped_profile"):
+        assert read(out / "csv-local-spilled", name).equals(read(out / "csv-local", name)), name
+    local = json.loads((out / "csv-local" / "metrics.json").read_text())
+    for key in ("test", "noise_detection", "pruned", "data", "keep_drop"):
+        assert spilled.metrics.get(key) == local.get(key), key
 
 
 # ---------------------------------------------------------------------------------------
