@@ -308,11 +308,13 @@ def prune_and_retrain(cfg: JobConfig, split: Split, valuation: Valuation, work_d
     for tag, mask in (("pruned", keep), ("random_pruned", random_keep)):
         if mask is None:
             continue
-        out.metrics[tag], res = retrain_and_evaluate(cfg, split, mask, tag=tag, target=target, extra_exclude=extra)
+        def exposure_of(res, kept, tag=tag):
+            if not extra and target is split and not getattr(res.model, "explicit", False):
+                out.exposure[tag] = exposure(res.model, split, cfg.evaluate, item_popularity(split),
+                                             context=[kept, split.valid])
+        out.metrics[tag], res = retrain_and_evaluate(cfg, split, mask, tag=tag, target=target, extra_exclude=extra,
+                                                     then=exposure_of)
         out.training[tag] = training_summary(res)
-        if not extra and target is split and not getattr(res.model, "explicit", False):
-            out.exposure[tag] = exposure(res.model, split, cfg.evaluate, item_popularity(split),
-                                         context=[training_rows(cfg.model.kind, split.train, mask), split.valid])
         del res                                    # one retrained model at a time
         release_free_heap()                        # its freed arrays back to the system before the next
     return out
@@ -336,17 +338,25 @@ def prune_masks(cfg: JobConfig, split: Split, valuation: Valuation, random_contr
 
 def retrain_and_evaluate(cfg: JobConfig, split: Split, mask: np.ndarray, *, tag: str,
                          target: Optional[Split] = None, extra_exclude: Optional[list] = None,
-                         on_epoch: Optional[Callable] = None) -> tuple[dict, TrainResult]:
-    """Train on the training rows ``mask`` keeps (selecting on validation) and evaluate on the
+                         on_epoch: Optional[Callable] = None, then: Optional[Callable] = None
+                         ) -> tuple[dict, TrainResult]:
+    """``then(result, kept rows)``: called after the evaluation, with the kept rows still held
+    (no second copy of them for what else reads them).
+
+    Train on the training rows ``mask`` keeps (selecting on validation) and evaluate on the
     test part of ``target`` (default ``split``). Excluded items stay the full training set and
     the validation set (plus ``extra_exclude``), so every variant is ranked against the same
     candidates; context models
     read the kept rows (+ validation) as the users' histories."""
     kept = training_rows(cfg.model.kind, split.train, mask)
     res = train(cfg, kept, split.valid, tag=tag, on_epoch=on_epoch, track_losses=False)
+    if res.task is not None:
+        res.task.release_data()      # the model only scores from here on: its sampler and batches go
     metrics = evaluate_ranking(res.model, target if target is not None else split, cfg.evaluate, "test",
                                exclude=[split.train, split.valid] + list(extra_exclude or []),
                                context=[kept, split.valid])
+    if then is not None:
+        then(res, kept)
     return metrics, res
 
 

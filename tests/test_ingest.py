@@ -239,6 +239,23 @@ def test_duplicates(tmp_path):
     assert e.rows == [3, 5] and e.count == 2
 
 
+@pytest.mark.parametrize("policy", ["keep-first", "keep-last"])
+def test_duplicate_rule_equals_brute_force(policy, monkeypatch):
+    """The duplicate check sorts only the rows whose key repeats, chunk by chunk: the rows it
+    keeps equal a brute-force reading of the rule (first / last occurrence of each key), with
+    keys repeated up to 5 times and chunks smaller than the log."""
+    from recval_ray.core import ingest
+    monkeypatch.setattr(ingest, "DEDUP_CHUNK", 7)
+    rng = np.random.default_rng(3)
+    key = rng.integers(0, 60, 200).astype(np.int64)
+    keep = ingest.DatasetBuilder._dedup(None, key, policy, None, None, None, None, None)
+    seen_before = np.array([k in set(key[:j]) for j, k in enumerate(key)])
+    seen_after = np.array([k in set(key[j + 1:]) for j, k in enumerate(key)])
+    expected = ~seen_before if policy == "keep-first" else ~seen_after
+    assert np.bincount(key).max() >= 5 and keep.dtype == bool
+    assert np.array_equal(keep, expected)
+
+
 def test_duplicate_across_parts(tmp_path):
     write(tmp_path / "g" / "train.txt", "0 1 2\n")
     write(tmp_path / "g" / "test.txt", "0 2\n")

@@ -210,6 +210,9 @@ def build_dataset(tables: list[tuple[str, pa.Table]], cfg: DataConfig) -> Datase
     return builder.build()
 
 
+DEDUP_CHUNK = 1 << 20     # rows per chunk when the duplicate check looks up repeated keys
+
+
 class _Block:
     """One block of canonical rows, held compactly: the ids as int32 codes into the block's
     own sorted unique ids, ratings as float32 (float64 only when float32 would change a value)."""
@@ -390,11 +393,17 @@ class DatasetBuilder:
         rating_exact = None
         if rating is not None and rating.dtype == np.float64:
             rating_exact = rating           # float32 would change some value (e.g. 0.1): outputs use these
-        inter = Interactions(
-            u, i, len(u_used), len(i_used),
-            rating=rating[kept].astype(np.float32) if has_rating else None,
-            timestamp=ts_np[kept] if ts_np is not None else None,
-            source_row=kept)
+        # each whole column released once its kept rows are taken (the two never wait together
+        # with the others): the peak of this step is the ids, the kept index and one column twice
+        ts_kept = ts_np[kept] if ts_np is not None else None
+        del ts_np
+        rating_kept = None
+        if has_rating:
+            rating_kept = rating[kept]
+            rating_kept = rating_kept if rating_kept.dtype == np.float32 else rating_kept.astype(np.float32)
+        del rating
+        inter = Interactions(u, i, len(u_used), len(i_used), rating=rating_kept, timestamp=ts_kept, source_row=kept)
+        del rating_kept, ts_kept
         source, rating_type = None, None
         if self.keep_source and all(b.source is not None for b in blocks):
             source = _source(blocks)
@@ -449,18 +458,29 @@ class DatasetBuilder:
         return out, glob
 
     def _dedup(self, key, policy, user_uniq, item_uniq, user_codes, item_codes, split):
-        """Mask of the rows kept under the duplicates policy (rows are in canonical order)."""
+        """Mask of the rows kept under the duplicates policy (rows are in canonical order).
+        Only the rows whose key repeats are sorted again (stably): memory is one sorted copy of
+        the keys and a flag a row, not an order, a permuted copy and masks over every row."""
         n = len(key)
         ks = np.sort(key)
-        if not (ks[1:] == ks[:-1]).any():  # the common case: no duplicates, no stable sort needed
+        same = ks[1:] == ks[:-1]
+        if not same.any():  # the common case: no duplicates
             return np.ones(n, dtype=bool)
-        del ks
-        order = np.argsort(key, kind="stable")
-        ks = key[order]
+        repeated_keys = np.unique(ks[1:][same])
+        del ks, same
+        involved = np.zeros(n, dtype=bool)
+        for a in range(0, n, DEDUP_CHUNK):            # rows whose key is repeated, chunk by chunk
+            k = key[a:a + DEDUP_CHUNK]
+            pos = np.minimum(np.searchsorted(repeated_keys, k), len(repeated_keys) - 1)
+            involved[a:a + DEDUP_CHUNK] = repeated_keys[pos] == k
+        rows = np.flatnonzero(involved)
+        sub = key[rows]
+        order = np.argsort(sub, kind="stable")        # by key, input order within a key
+        ks = sub[order]
         repeat = np.r_[False, ks[1:] == ks[:-1]]
         if policy == "error":
-            later = np.sort(order[repeat])                # every occurrence after the first
-            first = int(order[np.searchsorted(ks, key[later[0]])])
+            later = np.sort(rows[order[repeat]])      # every occurrence after the first
+            first = int(rows[order[np.searchsorted(ks, key[later[0]])]])
             f, r = self._locate(later)
             where = (f"{self._file_of(first)} row {self._row_of(first)}" if self._file_of(first) != f
                      else f"row {self._row_of(first)}")
@@ -470,12 +490,12 @@ class DatasetBuilder:
                              f"{item_uniq[int(item_codes[later[0]])].as_py()!r} first at {where}; set "
                              f"data.duplicates to keep-first or keep-last to keep one",
                              file=f, rows=r, count=int(len(later)))
-        keep = np.zeros(n, dtype=bool)
+        keep = ~involved
         if policy == "keep-first":
-            keep[order[~repeat]] = True
+            keep[rows[order[~repeat]]] = True
         else:  # keep-last: the last of each run of equal keys
             last = np.r_[ks[1:] != ks[:-1], True]
-            keep[order[last]] = True
+            keep[rows[order[last]]] = True
         return keep
 
 
