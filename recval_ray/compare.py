@@ -651,6 +651,9 @@ def _grid_results(cfg: JobConfig, cells: list, units: list, seeds: list) -> tupl
                       **summarise(t, seeds),
                       "valuation": {label: dict(v.info) for label, (v, _) in u.outcomes[0].valuations.items()},
                       "verdict": compare_verdict(u.cfg, u.outcomes, u.shared is not None)})
+        stability = seed_stability(u.outcomes, u.shared is not None)
+        if stability is not None:              # per cell: each cell's methods value its own rows
+            entry["seed_stability"] = stability
         entries.append(entry)
         tables.append(_with_cell_columns(t, cell, numeric))
         cols = _cell_columns(cell, numeric)

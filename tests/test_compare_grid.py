@@ -215,6 +215,17 @@ def test_summary_per_cell_is_numpys_over_the_seeds(grid_run):
                     assert c["relative_to_full"][label][k]["mean"] == pytest.approx(np.mean((x - f) / f), abs=1e-12)
 
 
+def test_each_cell_reports_its_methods_seed_stability(grid_run):
+    """Every cell's methods value that cell's own rows: Spearman between the two seeds' values
+    per cell (one pair), different cells different figures."""
+    rhos = []
+    for c in grid_run["metrics"]["cells"]:
+        st = c["seed_stability"]["small-loss"]
+        assert len(st["pairs"]) == 1 and -1.0 <= st["pairs"][0] <= 1.0 and st["mean"] == st["pairs"][0]
+        rhos.append(st["mean"])
+    assert len(set(rhos)) == len(rhos)
+
+
 @pytest.mark.parametrize("overrides, label", [
     (["train.denoise.kind=pld"], LABELS[3]),                   # noise.ratio 0.2 is the job's
     (["train.denoise.kind=bpr", "noise.ratio=0", "compare.variants=[full,pruned]"], LABELS[0]),
