@@ -195,6 +195,25 @@ def test_puresvd_matches_a_dense_svd_and_is_deterministic():
     np.testing.assert_allclose(losses, (1 - dense[u, i]) ** 2, atol=1e-4)
 
 
+def test_puresvd_fit_without_rows_is_the_fit_on_the_kept_rows():
+    """``fit(drop_rows=...)`` of a closed-form model (the leave-one-out check, ``recval why``)
+    refits without the rows: equal to a model built on the kept rows, unlike the full fit."""
+    from recval_ray.core.train import fit
+    rng = np.random.default_rng(6)
+    n_u, n_i, k = 40, 25, 6
+    u, i = np.nonzero(rng.random((n_u, n_i)) < 0.3)
+    data = Interactions(u, i, n_u, n_i)
+    drop = torch.zeros(len(data), dtype=torch.bool)
+    drop[torch.as_tensor(rng.choice(len(data), 30, replace=False))] = True
+    scores = {}
+    for name, rows, d in (("dropped", data, drop), ("kept", data.take(~drop.numpy()), None), ("full", data, None)):
+        task = build_task(PureSVDConfig(rank=k), rows, cfg(seed=0))
+        fit(task, cfg(seed=0), valid=None, track_losses=False, drop_rows=d)
+        scores[name] = task.model.score_users(torch.arange(n_u, device=dev_of(task.model))).cpu().numpy()
+    np.testing.assert_allclose(scores["dropped"], scores["kept"], atol=1e-5)
+    assert np.abs(scores["dropped"] - scores["full"]).max() > 1e-2
+
+
 def test_truncated_svd_dense_fallback_and_sign_convention():
     R = sp.random(8, 5, density=0.6, random_state=1, format="csr")
     U, s, V = truncated_svd(R, 5, seed=0)        # k >= min(shape) - 1: dense

@@ -155,7 +155,7 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
     use_valid = valid is not None and len(valid) > 0
     metric = train_cfg.select_metric
     if task.closed_form:
-        return _fit_closed_form(task, valid if use_valid else None, exclude, metric, eval_cfg, on_epoch)
+        return _fit_closed_form(task, valid if use_valid else None, exclude, metric, eval_cfg, on_epoch, drop_rows)
     sign = 1.0 if higher_is_better(metric) else -1.0
     loss_pass_all = track_losses and getattr(train_cfg, "loss_pass", "visited") == "all"
     once = not loss_pass_all and bool(getattr(task, "visits_each_row_once", False))
@@ -280,9 +280,12 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
                        seconds=time.perf_counter() - t0, epochs_run=epoch + 1)
 
 
-def _fit_closed_form(task: Task, valid, exclude, metric, eval_cfg, on_epoch) -> TrainResult:
+def _fit_closed_form(task: Task, valid, exclude, metric, eval_cfg, on_epoch, drop_rows=None) -> TrainResult:
     t0 = time.perf_counter()
-    task.fit_closed_form()
+    if drop_rows is None:
+        task.fit_closed_form()
+    else:                            # the exact fit without the rows (no batch stream to share)
+        task.fit_closed_form(drop_rows=drop_rows)
     task.model.eval()
     record = {"epoch": 0, "train_loss": float("nan"), "epoch_seconds": time.perf_counter() - t0}
     best = float("nan")

@@ -64,8 +64,9 @@ class Task:
             return torch.randperm(self.n_train, generator=generator, dtype=dtype).to(self.device)
         return self.visit[torch.randperm(len(self.visit), generator=generator).to(self.device)]
 
-    def fit_closed_form(self) -> None:
-        """Fit the model directly (closed-form models only)."""
+    def fit_closed_form(self, drop_rows=None) -> None:
+        """Fit the model directly (closed-form models only); ``drop_rows`` (boolean
+        ``[n_train]``): fit without those training rows (the exact removal: no batch stream)."""
         raise NotImplementedError
 
     @property
