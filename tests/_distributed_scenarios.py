@@ -104,6 +104,20 @@ def _hold_busy_actor(marks: str, timeout: float = 60.0):
     raise RuntimeError("a running item neither finished nor held its result")
 
 
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` no longer exists (or is a zombie); False after ``timeout`` s."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def _release(marks: str) -> None:
     open(marks + ".released", "w").close()
     os.remove(marks + ".freeze")
@@ -152,6 +166,9 @@ def run_scenario(cluster, name: str, outdir: str) -> None:
             cluster.remove_node(node, allow_graceful=False)
             events["removed_node"] = node_id
             events["remove_node_s"] = round(time.perf_counter() - t1, 2)
+            # the node's processes die after its raylet, asynchronously: release the held result
+            # only once the actor is gone, or (on a loaded machine) it could still deliver it
+            events["actor_gone"] = _wait_gone(pid, 60.0)
         _release(marks)
 
     class FaultyPool(ActorPoolExecutor):

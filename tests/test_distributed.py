@@ -145,6 +145,7 @@ def test_worker_node_removed_mid_job_gives_the_same_values(cluster_runs):
     local, runs = cluster_runs
     got, events = runs["remove-node"]
     assert events.get("removed_node"), events              # the node of a busy actor went away
+    assert events.get("actor_gone"), events                # ... and its actor with it, before it could answer
     # its item is retried once the node is declared dead, so the new actor is not placed there
     assert len(events["retries"]) >= 1 and all(": dead)" in m for m in events["retries"]), events
     _assert_same(got, local)
