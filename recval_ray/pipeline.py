@@ -82,6 +82,9 @@ def spill_columns(cfg: JobConfig, split: Split) -> Split:
     timestamp, input row; :func:`~.core.spill.spillable_fields`) in memory-mapped temporary
     files: the valuers and writers read them from there; the trainer never sees them."""
     from .core.spill import spill_split, spillable_fields
+    if cfg.output.spill_dir and not os.path.isdir(cfg.output.spill_dir):
+        from .errors import ConfigError
+        raise ConfigError(f"output.spill_dir: {cfg.output.spill_dir} is not a directory on this machine")
     fields = spillable_fields(MODELS.meta(cfg.model.kind).get("reads", ("rating", "timestamp")))
     before = sum(getattr(p, f).nbytes for p in split.parts().values() for f in fields if getattr(p, f) is not None)
     split = spill_split(split, fields, cfg.output.spill_dir)

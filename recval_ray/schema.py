@@ -574,6 +574,8 @@ def check_semantics(cfg: JobConfig) -> None:
         raise ConfigError(f"train.weight_decay: {cfg.train.weight_decay} must be >= 0")
     if cfg.evaluate.sample_users < 0:
         raise ConfigError(f"evaluate.sample_users: {cfg.evaluate.sample_users} must be >= 0 (0: every user)")
+    if cfg.output.spill_rows < 0:
+        raise ConfigError(f"output.spill_rows: {cfg.output.spill_rows} must be >= 0 (0: never spill)")
     if cfg.train.eval_every < 1:
         raise ConfigError(f"train.eval_every: {cfg.train.eval_every} must be >= 1")
     if any(k <= 0 for k in cfg.evaluate.ks):

@@ -347,6 +347,13 @@ def test_spilled_run_equals_the_run_in_memory(spilled_run):
         assert spilled.metrics.get(key) == local.get(key), key
 
 
+def test_missing_spill_dir_is_a_config_error_before_anything_is_complete(tmp_path):
+    cfg = tiny_config("output.spill_rows=1", f"output.spill_dir={tmp_path / 'absent'}")
+    with pytest.raises(Exception, match="output.spill_dir: .*absent is not a directory"):
+        run_job(cfg, run_id="no-spill-dir", output_uri=str(tmp_path / "out"), use_ray=False)
+    assert not (tmp_path / "out" / "no-spill-dir" / "manifest.json").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # existing runs, overwrite, incomplete runs, determinism
 # ---------------------------------------------------------------------------------------

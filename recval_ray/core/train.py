@@ -282,10 +282,7 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
 
 def _fit_closed_form(task: Task, valid, exclude, metric, eval_cfg, on_epoch, drop_rows=None) -> TrainResult:
     t0 = time.perf_counter()
-    if drop_rows is None:
-        task.fit_closed_form()
-    else:                            # the exact fit without the rows (no batch stream to share)
-        task.fit_closed_form(drop_rows=drop_rows)
+    task.fit_closed_form(drop_rows=drop_rows)    # with drop_rows: refit exactly without them
     task.model.eval()
     record = {"epoch": 0, "train_loss": float("nan"), "epoch_seconds": time.perf_counter() - t0}
     best = float("nan")

@@ -117,8 +117,7 @@ class PureSVDTask(Task):
         self.tol = float(tol)
 
     def fit_closed_form(self, drop_rows=None) -> None:
-        train = self.train if drop_rows is None else \
-            self.train.take(~np.asarray(drop_rows.cpu() if hasattr(drop_rows, "cpu") else drop_rows, dtype=bool))
+        train = self.train if drop_rows is None else self.train.take(~drop_rows.cpu().numpy())
         R = train.csr()
         R.data[:] = 1.0  # binary: duplicated pairs count once
         U, s, V = truncated_svd(R, self.model.P.shape[1], self.seed, self.tol)
