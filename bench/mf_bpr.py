@@ -15,6 +15,9 @@ on the rest, with the same rows, factors, epochs and thread count for every trai
   epochs and extrapolates (its Recall@20 is then not reported, the output says so);
 * ``sparse-fused``: the same with ``train.fused: true`` (the step compiled by ``torch.compile``;
   its first epoch includes the compilation, reported as ``first_epoch_s``);
+* ``native``: ``train.engine: native`` (:mod:`recval_ray.core.native_bpr`, a C kernel compiled on
+  first use, outside the timed epochs; SGD with the same hyperparameters, its own visit order
+  and negative draws; the same weights whatever the thread count);
 * ``implicit``: ``implicit.cpu.bpr.BayesianPersonalizedRanking`` (Hogwild SGD, one sample per
   training row and epoch, negatives verified; ``pip install -e ".[bench]"``).
 
@@ -258,7 +261,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--engines", default="sparse,sparse-fused,autograd,implicit")
+    ap.add_argument("--engines", default="native,sparse,sparse-fused,autograd,implicit")
     ap.add_argument("--autograd-epochs", type=int, default=0,
                     help="time only this many autograd epochs and extrapolate (0 = all, with Recall@20)")
     ap.add_argument("--batch", type=int, default=16384)
@@ -340,7 +343,7 @@ def main() -> None:
             results[engine] = best
     sp_ = results.get("sparse", {}).get("s_per_epoch")
     # `ratio`: against our fastest sparse engine (named in ratio_engine)
-    ours = [e for e in ("sparse", "sparse-fused") if e in results]
+    ours = [e for e in ("sparse", "sparse-fused", "native") if e in results]
     best_engine = min(ours, key=lambda e: results[e]["s_per_epoch"]) if ours else None
     best_s = results[best_engine]["s_per_epoch"] if best_engine else None
     ratio = results["implicit"]["s_per_epoch"] / best_s if best_s and "implicit" in results else None
@@ -351,7 +354,7 @@ def main() -> None:
            "ratio_by_engine": {e: round(results["implicit"]["s_per_epoch"] / results[e]["s_per_epoch"], 3)
                                for e in ours if "implicit" in results},
            "first_epoch_s": {k: round(v["first_epoch_s"], 3) for k, v in results.items() if "first_epoch_s" in v},
-           "comparison": "implicit s/epoch / our fastest sparse engine's s/epoch (median epoch; the fused "
+           "comparison": "implicit s/epoch / our fastest engine's s/epoch (median epoch; the fused "
                          "engine's first epoch includes its one-off compilation: first_epoch_s); "
                          "autograd s/epoch / sparse s/epoch",
            "rows": int(train_mask.sum()), "users": args.users, "items": args.items, "dim": args.dim,

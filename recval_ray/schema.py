@@ -95,7 +95,9 @@ class TrainConfig:
     keep_checkpoints: int = 0
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)   # BPR objective (MF, LightGCN)
     shard: Literal["auto", "user"] = "auto"   # Ray Train: "user" sends each worker only its users' rows
-    engine: Literal["autograd", "sparse"] = "autograd"   # MF-BPR steps: autograd, or closed-form row-sparse (core/fast_bpr.py)
+    # MF-BPR steps: autograd; closed-form row-sparse (core/fast_bpr.py); native: a C kernel,
+    # SGD, CPU (core/native_bpr.py: its own visit order and negative draws)
+    engine: Literal["autograd", "sparse", "native"] = "autograd"
     # engine sparse + sgd: the step compiled by torch.compile into fused loops (float rounding
     # differs from the eager step; compiles once per batch shape, needs a C++ compiler)
     fused: bool = False

@@ -68,7 +68,7 @@ from .denoise import DenoiseConfig
 from .models.mf import BPRTask, NegativeSampler, choose_positive
 from .registry import MODELS
 
-ENGINES = ("autograd", "sparse")
+ENGINES = ("autograd", "sparse", "native")   # native: core/native_bpr.py (a C kernel)
 SPARSE_OPTIMIZERS = ("sgd", "adam", "adamw")
 SPARSE_DENOISE = ("bpr", "pld")
 CHUNK_ROWS = 1 << 18      # rows whose batches (users, items, negatives) are drawn at once
@@ -85,8 +85,11 @@ def check_engine(train_cfg, model_kind: str = "mf") -> None:
             raise ConfigError("train.fused: true needs train.engine: sparse (the closed-form MF-BPR step)")
         return
     if model_kind != "mf":
-        raise ConfigError(f"train.engine: sparse trains model.kind mf only, not {model_kind!r}; "
+        raise ConfigError(f"train.engine: {engine} trains model.kind mf only, not {model_kind!r}; "
                           f"use train.engine: autograd")
+    if engine == "native":
+        _check_native(train_cfg)
+        return
     denoise = getattr(train_cfg, "denoise", None)
     kind = getattr(denoise, "kind", "bpr")
     if kind not in SPARSE_DENOISE:
@@ -106,6 +109,31 @@ def check_engine(train_cfg, model_kind: str = "mf") -> None:
     if int(getattr(train_cfg, "workers", 0)) > 1:
         raise ConfigError(f"train.engine: sparse trains in one process (train.workers 0 or 1), not "
                           f"{train_cfg.workers} data-parallel workers")
+
+
+def _check_native(train_cfg) -> None:
+    """``train.engine: native`` (:mod:`.native_bpr`): plain BPR, SGD, one negative, CPU, one process."""
+    kind = getattr(getattr(train_cfg, "denoise", None), "kind", "bpr")
+    if kind != "bpr":
+        raise ConfigError(f"train.engine: native implements plain BPR only, not train.denoise.kind {kind!r}; "
+                          f"use train.engine: sparse (pld) or autograd")
+    if train_cfg.optimizer != "sgd":
+        raise ConfigError(f"train.engine: native steps with train.optimizer: sgd only, not {train_cfg.optimizer!r}; "
+                          f"use train.engine: sparse for lazy Adam")
+    if float(train_cfg.weight_decay) != 0.0:
+        raise ConfigError(f"train.engine: native needs train.weight_decay: 0 (regularise with model.reg), got "
+                          f"{train_cfg.weight_decay}")
+    if int(getattr(train_cfg, "num_negatives", 1)) != 1:
+        raise ConfigError(f"train.engine: native draws one negative per row, not train.num_negatives "
+                          f"{train_cfg.num_negatives}")
+    if getattr(train_cfg, "fused", False):
+        raise ConfigError("train.fused: true is the compiled sparse step (train.engine: sparse), not for "
+                          "train.engine: native")
+    if int(getattr(train_cfg, "workers", 0)) > 1:
+        raise ConfigError(f"train.engine: native trains in one process (train.workers 0 or 1), not "
+                          f"{train_cfg.workers} data-parallel workers")
+    if getattr(train_cfg, "use_gpu", False) or str(getattr(train_cfg, "device", "auto")).startswith("cuda"):
+        raise ConfigError("train.engine: native runs on the CPU; use train.engine: sparse on a GPU")
 
 
 class FastNegativeSampler(NegativeSampler):

@@ -189,6 +189,10 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         loss_sum = torch.zeros(task.n_train, device=dev) if track_losses and not once else None
         loss_cnt = torch.zeros(task.n_train, device=dev) if track_losses and not once else None
         total, n_batches = torch.zeros((), device=dev), 0
+        # a task that records its per-row losses itself (train.engine: native) writes them here
+        own_losses = loss_last is not None and getattr(task, "writes_row_losses", False)
+        if own_losses:
+            task.row_losses = loss_last
         with (epoch_context() if epoch_context is not None else contextlib.nullcontext()):
             for batch in task.batches(epoch, gen):
                 if drop_rows is not None:
@@ -206,7 +210,9 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
                     opt.step()
                 total += loss.detach()
                 n_batches += 1
-                if loss_last is not None:
+                if own_losses:
+                    pass
+                elif loss_last is not None:
                     loss_last.index_copy_(0, batch["idx"], per.float())
                 elif track_losses:
                     loss_sum.index_add_(0, batch["idx"], per.float())
@@ -219,6 +225,8 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
         elif track_losses:
             loss_ring.append((epoch, (loss_sum / loss_cnt).cpu().numpy()))
         loss_last = loss_sum = loss_cnt = None
+        if own_losses:
+            task.row_losses = None
         record = {"epoch": epoch, "train_loss": float(total) / max(1, n_batches),
                   "epoch_seconds": time.perf_counter() - te}
         improved = False
