@@ -160,6 +160,32 @@ def test_negatives_are_never_positives_and_uniform_over_the_free_items():
     assert ((full >= 0) & (full < n_items)).all()
 
 
+def test_the_pair_filter_changes_no_negative():
+    """The training-pair filter only skips binary searches: the same negatives with and without
+    it, for users sparse and dense (a small filter, so that its bits collide often)."""
+    data = random_log(n_users=50, n_items=40, n=1500, seed=4)
+    with_filter = NativeNegativeSampler(data, "cpu")
+    without = NativeNegativeSampler(data, "cpu")
+    without.csr = native_bpr.UserItemsCSR(data, filter=False)
+    assert with_filter.csr.filter is not None and without.csr.filter is None
+    users = torch.as_tensor(np.asarray(data.user)).long().repeat(20)
+    a = with_filter.sample(users, 2, torch.Generator().manual_seed(5))
+    b = without.sample(users, 2, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    positives = set(zip(np.asarray(data.user).tolist(), np.asarray(data.item).tolist()))
+    assert not any((u, j) in positives for u, j in zip(users.repeat_interleave(2).tolist(), a.view(-1).tolist()))
+
+
+    class TinyFilter(native_bpr.UserItemsCSR):
+        FILTER_BITS = 1             # ~1 bit a row: many bits set, the search decides
+
+    small = NativeNegativeSampler(data, "cpu")
+    small.csr = TinyFilter(data)
+    words = small.csr.filter.numpy().view(np.uint64)
+    assert np.unpackbits(words.view(np.uint8)).mean() > 0.3
+    assert torch.equal(small.sample(users, 2, torch.Generator().manual_seed(5)), a)
+
+
 def split_80_20(data: Interactions, seed=0):
     rng = np.random.default_rng(seed)
     is_test = rng.random(len(data)) < 0.2

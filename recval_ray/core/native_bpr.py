@@ -109,13 +109,15 @@ def load() -> ctypes.CDLL:
         log.debug("train.engine native: compiled %s", path)
     lib = ctypes.CDLL(path)
     P, I64, U64, F, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float, ctypes.c_int
-    lib.recval_bpr_step.argtypes = [P, P, I64, P, P, P, I64, P, P, I64, U64, INT, P, F, F,
+    lib.recval_bpr_step.argtypes = [P, P, I64, P, P, P, I64, P, P, I64, P, U64, U64, INT, P, F, F,
                                     P, P, P, P, P, P, P, P, P, P, INT]
     lib.recval_bpr_step.restype = None
     lib.recval_visit_rows.argtypes = [U64, I64, I64, I64, P, P, INT]
     lib.recval_visit_rows.restype = None
-    lib.recval_sample_negatives.argtypes = [P, P, I64, P, P, I64, U64, P, INT]
+    lib.recval_sample_negatives.argtypes = [P, P, I64, P, P, I64, P, U64, U64, P, INT]
     lib.recval_sample_negatives.restype = None
+    lib.recval_build_filter.argtypes = [P, P, I64, I64, P, U64]
+    lib.recval_build_filter.restype = None
     _LIB["lib"] = lib
     return lib
 
@@ -135,9 +137,14 @@ def _seed(generator: torch.Generator) -> int:
 
 class UserItemsCSR:
     """Each user's training items, sorted: ``items[indptr[u]:indptr[u + 1]]`` (int32, 4 bytes a
-    row; ``indptr`` int64 per user). The native kernel's negative check."""
+    row; ``indptr`` int64 per user), and a filter of the training pairs (``FILTER_BITS`` bits a
+    row, one hashed bit per pair, a power of two in all): the native kernel's negative check
+    (the filter skips the binary search for most candidates; the negatives are the same
+    without it, ``filter=False``)."""
 
-    def __init__(self, train: Interactions):
+    FILTER_BITS = 16
+
+    def __init__(self, train: Interactions, filter: bool = True):
         user = np.asarray(train.user)
         order = np.lexsort((np.asarray(train.item), user))
         self.items = torch.from_numpy(np.ascontiguousarray(np.asarray(train.item)[order], dtype=np.int32))
@@ -146,6 +153,19 @@ class UserItemsCSR:
         np.cumsum(np.bincount(user, minlength=train.n_users), out=indptr[1:])
         self.indptr = torch.from_numpy(indptr)
         self.n_items = int(train.n_items)
+        self.filter, self.fmask = None, 0
+        if filter:
+            bits = 64
+            while bits < self.FILTER_BITS * len(user):
+                bits *= 2
+            self.filter = torch.zeros(bits // 64, dtype=torch.int64)
+            self.fmask = bits - 1
+            u32 = torch.from_numpy(np.ascontiguousarray(user, dtype=np.int32))
+            i32 = torch.from_numpy(np.ascontiguousarray(np.asarray(train.item), dtype=np.int32))
+            load().recval_build_filter(_ptr(u32), _ptr(i32), len(user), self.n_items, _ptr(self.filter), self.fmask)
+
+    def filter_args(self) -> tuple:
+        return (None if self.filter is None else _ptr(self.filter)), self.fmask
 
 
 class NativeNegativeSampler:
@@ -164,7 +184,8 @@ class NativeNegativeSampler:
         keys = torch.arange(len(u), dtype=torch.int64)
         out = torch.empty(len(u), dtype=torch.int64)
         load().recval_sample_negatives(_ptr(u), _ptr(keys), len(u), _ptr(self.csr.indptr), _ptr(self.csr.items),
-                                       self.n_items, _seed(generator), _ptr(out), _threads())
+                                       self.n_items, *self.csr.filter_args(), _seed(generator), _ptr(out),
+                                       _threads())
         return out.view(len(users), n)
 
 
@@ -243,7 +264,8 @@ class NativeBPRTask(BPRTask):
         f, i = self._f32, self._i64
         load().recval_bpr_step(
             _ptr(self.Wu), _ptr(self.Wi), self.Wu.shape[1], _ptr(self.users), _ptr(self.items), _ptr(idx), B,
-            _ptr(self.csr.indptr), _ptr(self.csr.items), self.csr.n_items, int(batch["seed"]), int(given is None),
+            _ptr(self.csr.indptr), _ptr(self.csr.items), self.csr.n_items, *self.csr.filter_args(),
+            int(batch["seed"]), int(given is None),
             _ptr(neg), self.lr, float(self.reg), _ptr(i["U"]), _ptr(i["I"]), _ptr(f["S"]), _ptr(self._P),
             _ptr(self._G), _ptr(f["per"]), _ptr(f["l2"]),
             None if self.row_losses is None else _ptr(self.row_losses), _ptr(lists), _ptr(counts), threads)

@@ -13,8 +13,10 @@
  * of float operations whatever T: the same weights for any number of threads.
  *
  * Negatives: uniform over the items the user has no training row with, by rejection with a
- * counter-based hash of (seed, training row, attempt), membership by binary search in the
- * user's sorted items (CSR); after MAX_TRIES rejections, the exact walk to the r-th free item.
+ * counter-based hash of (seed, training row, attempt); membership: a filter of the training
+ * pairs (one bit per hashed pair, ~16 bits a row) answers "not a training pair" with one load,
+ * and only when its bit is set does a binary search in the user's sorted items (CSR) decide;
+ * after MAX_TRIES rejections, the exact walk to the r-th free item. Exact either way.
  * Memory latency is hidden by a software pipeline (prefetches AHEAD slots in advance).
  *
  * recval_visit_rows: positions [start, start + B) of an epoch's visit order, a seeded bijection
@@ -54,28 +56,58 @@ static inline int64_t below(uint64_t r, int64_t n) {          /* uniform in [0, 
     return (int64_t)(((r >> 32) * (uint64_t)n) >> 32);
 }
 
-static inline int64_t draw_negative(uint64_t key, const int32_t *csr, int64_t lo, int64_t hi,
-                                    int64_t n_items) {
+/* the training pairs' filter: bit h(u, j) set for every training row (u, j); clear = (u, j)
+ * is not a training row (no search needed), set = maybe (the binary search decides) */
+static inline uint64_t pair_bit(int64_t u, int64_t j, int64_t n_items, uint64_t fmask) {
+    return mix64((uint64_t)(u * n_items + j) ^ 0x5851F42D4C957F2DULL) & fmask;
+}
+
+static inline int maybe_pair(const uint64_t *filter, uint64_t fmask, int64_t u, int64_t j, int64_t n_items) {
+    const uint64_t h = pair_bit(u, j, n_items, fmask);
+    return (int)((filter[h >> 6] >> (h & 63)) & 1);
+}
+
+/* the first candidate of a draw (attempt 0), for the pipeline to prefetch its filter word */
+static inline int64_t first_candidate(uint64_t key, int64_t n_items) {
+    return below(mix64(key), n_items);
+}
+
+/* a negative for user u whose sorted items are csr[lo:hi); filter may be NULL (search always):
+ * the same negative either way */
+static inline int64_t draw_negative(uint64_t key, int64_t u, const int32_t *csr, int64_t lo, int64_t hi,
+                                    int64_t n_items, const uint64_t *filter, uint64_t fmask) {
     const int64_t free_ = n_items - (hi - lo);
     if (free_ <= 0) return below(mix64(key), n_items);
     for (uint64_t a = 0; a < MAX_TRIES; ++a) {
         const int64_t j = below(mix64(key + a * 0xD1B54A32D192ED03ULL), n_items);
-        if (!contains(csr, lo, hi, (int32_t)j)) return j;
+        if ((filter && !maybe_pair(filter, fmask, u, j, n_items)) || !contains(csr, lo, hi, (int32_t)j))
+            return j;
     }
     int64_t j = below(mix64(key ^ 0xA0761D6478BD642FULL), free_);   /* the j-th free item */
     for (int64_t p = lo; p < hi && csr[p] <= j; ++p) ++j;
     return j;
 }
 
+/* sets the filter's bits of the n training rows (filter: fmask + 1 bits, zeroed by the caller) */
+void recval_build_filter(const int32_t *users, const int32_t *items, int64_t n, int64_t n_items,
+                         uint64_t *filter, uint64_t fmask) {
+    for (int64_t r = 0; r < n; ++r) {
+        const uint64_t h = pair_bit(users[r], items[r], n_items, fmask);
+        filter[h >> 6] |= 1ULL << (h & 63);
+    }
+}
+
 /* negatives for (users[b], key rows[b]); the draw of a training row does not depend on the
  * other rows of the batch */
 void recval_sample_negatives(const int64_t *users, const int64_t *rows, int64_t n,
                              const int64_t *indptr, const int32_t *csr, int64_t n_items,
-                             uint64_t seed, int64_t *out, int threads) {
+                             const uint64_t *filter, uint64_t fmask, uint64_t seed, int64_t *out,
+                             int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < n; ++b) {
         const int64_t u = users[b];
-        out[b] = draw_negative(mix64(seed ^ mix64((uint64_t)rows[b])), csr, indptr[u], indptr[u + 1], n_items);
+        out[b] = draw_negative(mix64(seed ^ mix64((uint64_t)rows[b])), u, csr, indptr[u], indptr[u + 1], n_items,
+                               filter, fmask);
     }
 }
 
@@ -111,7 +143,8 @@ void recval_visit_rows(uint64_t seed, int64_t n, int64_t start, int64_t B, const
  * 3 T (B + T) int32, counts 3 T T int64, T = min(threads, MAX_THREADS). */
 void recval_bpr_step(float *Wu, float *Wi, int64_t d, const int32_t *users, const int32_t *items,
                      const int64_t *idx, int64_t B, const int64_t *indptr, const int32_t *csr,
-                     int64_t n_items, uint64_t seed, int draw, int64_t *neg, float lr, float reg,
+                     int64_t n_items, const uint64_t *filter, uint64_t fmask,
+                     uint64_t seed, int draw, int64_t *neg, float lr, float reg,
                      int64_t *U, int64_t *I, float *S, float *P, float *G, float *per, float *l2,
                      float *row_loss, int32_t *lists, int64_t *counts, int threads) {
     const float scale = lr / (float)B, rho = lr * reg / (float)B;
@@ -131,7 +164,8 @@ void recval_bpr_step(float *Wu, float *Wi, int64_t d, const int32_t *users, cons
         for (int64_t b = lo; b < hi && b < lo + AHEAD; ++b)
             if (draw) {
                 const int64_t r = idx[b], u = users[r];
-                neg[b] = draw_negative(mix64(seed ^ mix64((uint64_t)r)), csr, indptr[u], indptr[u + 1], n_items);
+                neg[b] = draw_negative(mix64(seed ^ mix64((uint64_t)r)), u, csr, indptr[u], indptr[u + 1], n_items,
+                                       filter, fmask);
             }
         for (int64_t b = lo; b < hi; ++b) {
             if (b + 3 * AHEAD < hi) {
@@ -145,13 +179,18 @@ void recval_bpr_step(float *Wu, float *Wi, int64_t d, const int32_t *users, cons
                 prefetch_row(Wi + i2 * d, d);
                 __builtin_prefetch(indptr + u2);
                 if (row_loss) __builtin_prefetch(row_loss + r2, 1);
+                if (draw && filter) {       /* the filter word of the draw's first candidate */
+                    const uint64_t h = pair_bit(u2, first_candidate(mix64(seed ^ mix64((uint64_t)r2)), n_items),
+                                                n_items, fmask);
+                    __builtin_prefetch(filter + (h >> 6));
+                }
             }
             if (b + AHEAD < hi) {
                 const int64_t r1 = idx[b + AHEAD];
                 if (draw) {
                     const int64_t u1 = users[r1];
-                    neg[b + AHEAD] = draw_negative(mix64(seed ^ mix64((uint64_t)r1)), csr, indptr[u1],
-                                                   indptr[u1 + 1], n_items);
+                    neg[b + AHEAD] = draw_negative(mix64(seed ^ mix64((uint64_t)r1)), u1, csr, indptr[u1],
+                                                   indptr[u1 + 1], n_items, filter, fmask);
                 }
                 prefetch_row(Wi + neg[b + AHEAD] * d, d);
             }
