@@ -2,7 +2,7 @@
 interaction, and MF-BPR's speed against ``implicit`` on the same rows.
 
     python bench/scale.py [--rows 1e6,1e7,5e7] [--epochs 3] [--dir /tmp/recval-scale]
-                          [--implicit-rows 2e6] [--no-implicit] [--keep]
+                          [--implicit-rows 2e6] [--no-implicit] [--keep] [--set KEY=VALUE ...]
 
 For each size a seeded synthetic Parquet log is written (``bench/_scale_log.py``: int64 user
 ids, string item ids, int8 ratings, timestamps; ~90 rows per user; kept between runs under
@@ -50,6 +50,8 @@ def run_size(rows: int, args) -> dict:
     env = dict(os.environ, RECVAL_SCALE_DATA=data)
     cmd = [sys.executable, "-m", "recval_ray.cli", "run", os.path.join(REPO, "jobs", "scale_synthetic.yaml"),
            "--output", out, "--set", f"train.epochs={args.epochs}"]
+    for kv in args.set:
+        cmd += ["--set", kv]
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -113,6 +115,8 @@ def main() -> None:
     ap.add_argument("--implicit-rows", type=float, default=2e6)
     ap.add_argument("--no-implicit", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep each run's outputs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a job setting for every size (recval run --set), e.g. train.engine=native")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     sizes = [int(float(x)) for x in args.rows.split(",")]
@@ -134,7 +138,7 @@ def main() -> None:
         "ratio_note": "implicit BPR seconds per epoch / our fastest MF-BPR engine's (ratio_engine; "
                       "ratio_by_engine for each), same rows, 2 threads (bench/mf_bpr.py)",
         "ratio_engine": peer.get("ratio_engine"), "ratio_by_engine": peer.get("ratio_by_engine"),
-        "rows": largest["interactions"], "sizes": [r["interactions"] for r in results],
+        "rows": largest["interactions"], "sizes": [r["interactions"] for r in results], "settings": args.set,
         "bytes_per_interaction": largest["bytes_per_interaction_private"],
         "bytes_per_interaction_rss": largest["bytes_per_interaction_rss"],
         "target_bytes_per_interaction": 64, "slopes": slopes,

@@ -116,6 +116,25 @@ def test_same_weights_and_losses_whatever_the_number_of_threads():
     assert np.array_equal(l1, l2) and np.array_equal(l1, l3) and np.isfinite(l1).all()
 
 
+def test_batches_give_other_consumers_the_kernels_own_users_positives_and_negatives():
+    """A batch's user / pos / neg (read by the stacked engines) are the rows' codes and exactly
+    the negatives the kernel draws for them; reading them does not change the step."""
+    data = random_log(n_users=60, n_items=50, n=1200, seed=2)
+    a, b = native_task(data), native_task(data)
+    for epoch in range(2):
+        for ba, bb in zip(a.batches(epoch, torch.Generator().manual_seed(epoch)),
+                          b.batches(epoch, torch.Generator().manual_seed(epoch)), strict=True):
+            assert torch.equal(ba["user"], torch.as_tensor(np.asarray(data.user))[ba["idx"]].long())
+            assert torch.equal(ba["pos"], torch.as_tensor(np.asarray(data.item))[ba["idx"]].long())
+            neg = ba["neg"].clone()
+            a.train_step(ba)
+            b.train_step(bb)                                 # draws its own, in the kernel
+            assert torch.equal(b._i64["neg"][:len(neg)], neg[:, 0])
+    assert torch.equal(a.Wu, b.Wu) and torch.equal(a.Wi, b.Wi)
+    kept = list(a.batches(0, torch.Generator().manual_seed(0)))
+    assert len({int(x["idx"].data_ptr()) for x in kept}) == len(kept)   # batches can be kept
+
+
 @pytest.mark.parametrize("n", [1, 7, 1000, 1025])
 def test_visit_order_is_a_seeded_permutation(n):
     lib = native_bpr.load()
@@ -257,3 +276,21 @@ def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="no C compiler"):
         native_bpr.load()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_stacked_deletion_engine_trains_a_native_task_as_the_kernel_does():
+    """The batched (stacked) engine reads a native task's batches (lazily filled users,
+    positives, negatives): with model.reg 0 its undropped column trains to the weights of the
+    native engine's own fit, and a column without one user's rows leaves that user untouched."""
+    from recval_ray.core.valuers.deletion.stacked import train_stacked
+    data = random_log(n_users=40, n_items=30, n=700, seed=6)
+    cfg = native_cfg(epochs=2, lr=2.0)
+    stacked_task, fitted = native_task(data, reg=0.0), native_task(data, reg=0.0)
+    row_group = torch.as_tensor((np.asarray(data.user) == 3).astype(np.int64) - 1)   # group 0: user 3
+    drop = torch.tensor([[False], [True]])
+    stack = train_stacked(stacked_task, cfg, drop, row_group, seed=0)
+    fit(fitted, cfg, valid=None, track_losses=False)
+    torch.testing.assert_close(stack.tables["user"][:, 0], fitted.Wu, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stack.tables["item"][:, 0], fitted.Wi, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stack.tables["user"][3, 1], stacked_task.Wu[3], atol=0, rtol=0)
+    assert (stack.tables["user"][3, 0] - stacked_task.Wu[3]).abs().max() > 1e-3

@@ -189,6 +189,31 @@ class NativeNegativeSampler:
         return out.view(len(users), n)
 
 
+class NativeBatch(dict):
+    """A native batch: ``idx`` (training rows) and ``seed`` (the epoch's negative seed), all the
+    kernel needs. ``user``, ``pos`` and ``neg [B, 1]`` (what other consumers of a BPR task's
+    batches read, e.g. the stacked engines) are filled on first access, the negatives drawn
+    exactly as the kernel draws them (same seed, same rows)."""
+
+    def __init__(self, task: "NativeBPRTask", idx: torch.Tensor, seed: int):
+        super().__init__(idx=idx, seed=seed)
+        self.task = task
+
+    def __missing__(self, key):
+        if key not in ("user", "pos", "neg"):
+            raise KeyError(key)
+        t, idx = self.task, self["idx"].to(torch.int64)
+        user = t.users.index_select(0, idx).long()
+        self["user"], self["pos"] = user, t.items.index_select(0, idx).long()
+        neg = torch.empty(len(idx), dtype=torch.int64)
+        rows = idx.contiguous()
+        load().recval_sample_negatives(_ptr(user), _ptr(rows), len(idx), _ptr(t.csr.indptr), _ptr(t.csr.items),
+                                       t.csr.n_items, *t.csr.filter_args(), int(self["seed"]), _ptr(neg),
+                                       _threads())
+        self["neg"] = neg.view(-1, 1)
+        return self[key]
+
+
 class NativeBPRTask(BPRTask):
     """:class:`~.models.mf.BPRTask` (MF, plain BPR, SGD) stepped by the C kernel.
 
@@ -216,7 +241,7 @@ class NativeBPRTask(BPRTask):
         self.users = self.users.to(torch.int32).contiguous()       # the split's codes (no copy when int32)
         self.items = self.items.to(torch.int32).contiguous()
         B, d = batch_size, self.Wu.shape[1]
-        self._i64 = {k: torch.empty(B, dtype=torch.int64) for k in ("idx", "neg", "U", "I")}
+        self._i64 = {k: torch.empty(B, dtype=torch.int64) for k in ("neg", "U", "I")}
         self._f32 = {k: torch.empty(B, dtype=torch.float32) for k in ("S", "per", "l2")}
         self._P = torch.empty(B, d)
         self._G = torch.empty(B, d)
@@ -231,8 +256,8 @@ class NativeBPRTask(BPRTask):
         return self._lists, self._counts
 
     def without_examples(self, batch: dict, keep: torch.Tensor) -> dict:
-        out = {"idx": batch["idx"][keep].contiguous(), "seed": batch["seed"]}
-        if "neg" in batch:
+        out = NativeBatch(self, batch["idx"][keep].contiguous(), batch["seed"])
+        if "neg" in batch:      # (given negatives stay given)
             out["neg"] = batch["neg"][keep]
         return out
 
@@ -242,12 +267,13 @@ class NativeBPRTask(BPRTask):
         order_seed, neg_seed = _seed(generator), _seed(generator)
         visit = None if self.visit is None else self.visit.to(torch.int64).contiguous()
         n = self.n_train if visit is None else len(visit)
-        lib, idx = load(), self._i64["idx"]
+        lib = load()
         for start in range(0, n, self.batch_size):
             b = min(self.batch_size, n - start)
+            idx = torch.empty(b, dtype=torch.int64)      # (its own: a caller may keep batches)
             lib.recval_visit_rows(order_seed, n, start, b, None if visit is None else _ptr(visit),
                                   _ptr(idx), _threads())
-            yield {"idx": idx[:b], "seed": neg_seed}
+            yield NativeBatch(self, idx, neg_seed)
 
     @torch.no_grad()
     def train_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
