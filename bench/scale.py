@@ -77,7 +77,8 @@ def run_size(rows: int, args) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     return {"rows": rows, "interactions": n_in, "wall_s": round(wall, 1), "stages": stages,
             "bytes_per_interaction_private": peak_private, "bytes_per_interaction_rss": peak_rss,
-            "test": m["test"], "evaluation": m.get("evaluation")}
+            "test": m["test"], "evaluation": m.get("evaluation"),
+            "best_valid": {k: v.get("best_valid") for k, v in m.get("training", {}).items() if isinstance(v, dict)}}
 
 
 def fit_slopes(results: list) -> dict:
