@@ -322,3 +322,15 @@ def test_a_job_on_the_native_engine_writes_the_same_values_whatever_the_threads(
     values = v1.column("value").to_numpy()
     assert len(values) > 1000 and np.isfinite(values).all() and values.std() > 0
     assert m1["test"]["base"]["recall@20"] > 0
+
+
+def test_an_unwritable_cache_falls_back_to_a_private_temporary_one(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"           # a cache path under a file: not creatable, even by root
+    blocker.write_text("")
+    monkeypatch.setattr(native_bpr, "_LIB", {})
+    monkeypatch.setenv("RECVAL_NATIVE_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(native_bpr.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    lib = native_bpr.load()
+    assert hasattr(lib, "recval_bpr_step")
+    assert any(p.name.startswith("bpr-") for p in (tmp_path / "tmp").rglob("*.so"))

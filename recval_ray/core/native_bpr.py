@@ -94,9 +94,15 @@ def load() -> ctypes.CDLL:
         src = fh.read()
     key = hashlib.sha1(src + " ".join((cc,) + FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out_dir = cache_dir()
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(out_dir)
+    except OSError:         # a read-only home (containers): a private temporary cache instead
+        out_dir = os.path.join(tempfile.gettempdir(), f"recval_ray-native-{os.getuid()}")
+        os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"bpr-{key}.so")
     if not os.path.exists(path):
-        os.makedirs(out_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         proc = subprocess.run([cc, *FLAGS, "-o", tmp, SOURCE, "-lm"], capture_output=True, text=True)
@@ -230,8 +236,9 @@ class NativeBPRTask(BPRTask):
     def __init__(self, model, train: Interactions, batch_size: int, reg: float, lr: float):
         super().__init__(model, train, batch_size, reg, 1, "interactions")
         load()      # compile now: a missing compiler fails before training starts
-        if batch_size >= 2 ** 31:
-            raise ConfigError(f"train.batch_size {batch_size}: train.engine native takes batches below 2^31 rows")
+        if batch_size >= 2 ** 31 or train.n_items >= 2 ** 31:
+            raise ConfigError(f"train.engine native takes batches and item counts below 2^31 "
+                              f"(train.batch_size {batch_size}, {train.n_items} items)")
         self.lr = float(lr)
         self.Wu = model.user_emb.weight.detach()
         self.Wi = model.item_emb.weight.detach()
