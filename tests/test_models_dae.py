@@ -291,3 +291,41 @@ def test_pruned_model_is_scored_from_the_kept_rows():
     as_if = evaluate_ranking(res.model, Split(kept, valid, test), ev, exclude=[train, valid])
     assert kept_ctx == as_if
     assert kept_ctx != full_ctx
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_removed_rows_leave_the_input_and_target_and_emptied_users_leave_the_batch(kind):
+    """drop_rows (LOO checks, recval why --verify, LDS subsets): a removed row's entry leaves x
+    unless a kept duplicate holds the pair, users without kept rows leave the batch, and the
+    rest equals the batch of the same users built from the kept rows. A removal changes the
+    trained model (x used to pass through, so a removal trained on the removed rows anyway)."""
+    from recval_ray.core.train import fit
+    data = shuffled(tiny(per_user=4))
+    dup = len(data)
+    data = data.concat(data.take(np.array([3])))         # row `dup` duplicates row 3's pair
+    task = build_task(KINDS[kind](hidden=[8]), data, cfg(batch_size=25))
+    b = next(iter(task.batches(0, epoch_generator(0, 0))))
+    idx = b["idx"]
+    users = torch.as_tensor(data.user)[idx]
+    assert (idx == 3).any() and (idx == dup).any()       # one batch holds every user here
+    first = int(users[0]) if int(users[0]) != int(data.user[3]) else int(users[-1])
+    keep = users != first                                # every row of one user
+    keep[idx == dup] = False                             # one copy of the duplicated pair
+    out = task.without_examples(b, keep)
+    assert first not in out["users"].tolist() and len(out["users"]) == len(b["users"]) - 1
+    assert torch.equal(out["idx"], idx[keep])
+    kept_users, kept_items = torch.as_tensor(data.user)[out["idx"]], torch.as_tensor(data.item)[out["idx"]]
+    assert torch.equal(out["users"][out["row"]], kept_users) and torch.equal(out["item"], kept_items)
+    expect = torch.zeros_like(out["x"])
+    expect[out["row"], out["item"]] = 1.0
+    assert torch.equal(out["x"], expect)                 # (the duplicated pair still 1: row 3 kept)
+    assert out["x"][out["row"][out["idx"] == 3], out["item"][out["idx"] == 3]].item() == 1.0
+    if out.get("noise") is not None:
+        assert out["noise"].shape == out["x"].shape
+    task.loss(out)                                       # a valid batch
+    drop = torch.zeros(len(data), dtype=torch.bool)
+    drop[int(idx[0])] = True
+    full = train_model(KINDS[kind](hidden=[8]), data, cfg(epochs=2, batch_size=6)).model.state_dict()
+    t = build_task(KINDS[kind](hidden=[8]), data, cfg(epochs=2, batch_size=6))
+    fit(t, cfg(epochs=2, batch_size=6), valid=None, drop_rows=drop)
+    assert not torch.equal(t.model.state_dict()["net.0.weight"], full["net.0.weight"])

@@ -273,6 +273,26 @@ class AutoEncoderTask(Task):
             batch.update(idx=self.rows.row[kk], row=rr, item=self.rows.item[kk])
             yield batch
 
+    def without_examples(self, batch: dict, keep: torch.Tensor) -> dict:
+        """The batch without the training rows where ``keep`` (aligned with ``batch["idx"]``) is
+        False: their entries leave the users' input and target vectors ``x`` (an entry stays
+        while another kept row holds the same pair), users left with no row leave the batch,
+        and ``row`` is renumbered over the users kept. The generic form cannot do this: ``x`` is
+        per user, not per row (it used to pass through unchanged, so a removal trained on the
+        removed rows anyway)."""
+        row, item = batch["row"], batch["item"]
+        x = batch["x"].clone()
+        x[row[~keep], item[~keep]] = 0.0
+        x[row[keep], item[keep]] = 1.0
+        alive = torch.zeros(len(batch["users"]), dtype=torch.bool, device=x.device)
+        alive[row[keep]] = True
+        renumber = torch.cumsum(alive, 0) - 1
+        out = dict(batch, users=batch["users"][alive], x=x[alive], idx=batch["idx"][keep],
+                   row=renumber[row[keep]], item=item[keep])
+        if batch.get("noise") is not None:
+            out["noise"] = batch["noise"][alive]
+        return out
+
     def terms(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L_u per batch user [B], per-interaction terms aligned with batch["idx"])``."""
         x = batch["x"]
