@@ -210,10 +210,9 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
                     opt.step()
                 total += loss.detach()
                 n_batches += 1
-                if own_losses:
-                    pass
-                elif loss_last is not None:
-                    loss_last.index_copy_(0, batch["idx"], per.float())
+                if loss_last is not None:
+                    if not own_losses:          # (else the task's step wrote them already)
+                        loss_last.index_copy_(0, batch["idx"], per.float())
                 elif track_losses:
                     loss_sum.index_add_(0, batch["idx"], per.float())
                     loss_cnt.index_add_(0, batch["idx"], torch.ones_like(per, dtype=torch.float32))
