@@ -105,13 +105,16 @@ def load() -> ctypes.CDLL:
     if not os.path.exists(path):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, SOURCE, "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            os.unlink(tmp)
-            first = (proc.stderr.strip().splitlines() or ["(no message)"])[0]
-            raise ConfigError(f"train.engine: native could not compile its C kernel with {cc} "
-                              f"{' '.join(FLAGS)}: {first}; use train.engine: sparse")
-        os.replace(tmp, path)
+        try:
+            proc = subprocess.run([cc, *FLAGS, "-o", tmp, SOURCE, "-lm"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                first = (proc.stderr.strip().splitlines() or ["(no message)"])[0]
+                raise ConfigError(f"train.engine: native could not compile its C kernel with {cc} "
+                                  f"{' '.join(FLAGS)}: {first}; use train.engine: sparse")
+            os.replace(tmp, path)
+        finally:            # (only this temporary file: nothing else in the cache is touched)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         log.debug("train.engine native: compiled %s", path)
     lib = ctypes.CDLL(path)
     P, I64, U64, F, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float, ctypes.c_int
@@ -173,6 +176,15 @@ class UserItemsCSR:
     def filter_args(self) -> tuple:
         return (None if self.filter is None else _ptr(self.filter)), self.fmask
 
+    def negatives(self, users: torch.Tensor, keys: torch.Tensor, seed: int) -> torch.Tensor:
+        """One negative per ``users[b]`` (int64), drawn by the kernel's sampler from ``(seed,
+        keys[b])``: the kernel's own draw when ``keys`` are the training rows of a step."""
+        users, keys = users.to(torch.int64).contiguous(), keys.to(torch.int64).contiguous()
+        out = torch.empty(len(users), dtype=torch.int64)
+        load().recval_sample_negatives(_ptr(users), _ptr(keys), len(users), _ptr(self.indptr), _ptr(self.items),
+                                       self.n_items, *self.filter_args(), int(seed), _ptr(out), _threads())
+        return out
+
 
 class NativeNegativeSampler:
     """Negatives uniform over the items outside the user's training rows, drawn by the kernel's
@@ -186,13 +198,8 @@ class NativeNegativeSampler:
         self.n_items = self.csr.n_items
 
     def sample(self, users: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-        u = users.reshape(-1, 1).expand(-1, n).reshape(-1).to(torch.int64).contiguous()
-        keys = torch.arange(len(u), dtype=torch.int64)
-        out = torch.empty(len(u), dtype=torch.int64)
-        load().recval_sample_negatives(_ptr(u), _ptr(keys), len(u), _ptr(self.csr.indptr), _ptr(self.csr.items),
-                                       self.n_items, *self.csr.filter_args(), _seed(generator), _ptr(out),
-                                       _threads())
-        return out.view(len(users), n)
+        u = users.reshape(-1, 1).expand(-1, n).reshape(-1)
+        return self.csr.negatives(u, torch.arange(len(u)), _seed(generator)).view(len(users), n)
 
 
 class NativeBatch(dict):
@@ -211,12 +218,7 @@ class NativeBatch(dict):
         t, idx = self.task, self["idx"].to(torch.int64)
         user = t.users.index_select(0, idx).long()
         self["user"], self["pos"] = user, t.items.index_select(0, idx).long()
-        neg = torch.empty(len(idx), dtype=torch.int64)
-        rows = idx.contiguous()
-        load().recval_sample_negatives(_ptr(user), _ptr(rows), len(idx), _ptr(t.csr.indptr), _ptr(t.csr.items),
-                                       t.csr.n_items, *t.csr.filter_args(), int(self["seed"]), _ptr(neg),
-                                       _threads())
-        self["neg"] = neg.view(-1, 1)
+        self["neg"] = t.csr.negatives(user, idx, self["seed"]).view(-1, 1)
         return self[key]
 
 
