@@ -141,6 +141,14 @@ def train(cfg: JobConfig, train_part: Interactions, valid: Interactions, *, tag:
                        checkpoint_dir=checkpoint_dir, log_prefix=f"[{tag}] ", track_losses=track_losses)
 
 
+def release_hooks(use_ray: bool) -> tuple:
+    """What the profiler calls between stages to free memory the driver no longer needs."""
+    if not use_ray:
+        return ()
+    from .ray_layer.object_store import release_object_store_pages
+    return (release_object_store_pages,)
+
+
 def make_executor(cfg: JobConfig, use_ray: bool):
     """Ray actors for a valuer's work items when it has some (``work_items`` at registration),
     ``valuation.resources.actors`` > 0 and Ray is on."""
@@ -453,7 +461,7 @@ def write_keep_drop(out, dataset: Dataset, split: Split, keep: np.ndarray, use_r
 
 def item_popularity(split: Split) -> np.ndarray:
     """Training interactions per item (the whole training set, as every model's candidates)."""
-    return np.bincount(split.train.item, minlength=split.train.n_items)
+    return split.train.item_counts()
 
 
 def training_summary(res: TrainResult) -> dict:
@@ -682,7 +690,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
     t_all = time.perf_counter()
     run_id = run_id or cfg.output.run_id or cfg.name
     out, on_cluster = open_run(cfg, run_id, output_uri, overwrite, use_ray, address, public_uri)
-    prof = Profiler()
+    prof = Profiler(release=release_hooks(use_ray))
     try:
         with out:
             with prof.stage("ingest") as st:
@@ -751,29 +759,30 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
             finally:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
-            metrics = build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, split_warnings)
-            if verdict is not None:
-                metrics["verdict"] = verdict
-            if checks is not None:
-                metrics["checks"] = checks
-            if base_exposure is not None:
-                metrics["exposure"] = {"base": base_exposure} | pruned.exposure
-            profile_tab = dropped_profile_table(dataset, split, pruned.keep, pruned.keep_all) \
-                if (~(pruned.keep if pruned.keep_all is None else pruned.keep_all)).any() else None
-            if profile_tab is not None:
-                metrics["dropped_profile"] = profile_tab.to_pylist()
-            examples = why_examples(cfg, dataset, split, base)
-            if examples:
-                metrics["why_examples"] = examples
-            explanation = explain(cfg, split, dataset, valuation, metrics, timings)
-            dataset = small_stream_on_driver(cfg, dataset, use_ray)
-            n_valued = len(split.train) + (len(split.valid) + len(split.test) if valuation.whole_log else 0)
-            values_tab = values_table(dataset, split, valuation, pruned.keep, keep_all=pruned.keep_all) \
-                if n_valued <= CHUNK_ROWS else None
-            if values_tab is not None and valuation.whole_log is not None:
-                extra_rows = set_aside_table(dataset, split, values_tab.schema, use_ray)
-                if extra_rows is not None:      # one row per input row: the set-aside ones unvalued
-                    values_tab = pa.concat_tables([values_tab, extra_rows])
+            with prof.stage("summarise", rows=len(split.train)):   # metrics, dropped profile, examples
+                metrics = build_metrics(cfg, dataset, split, base, base_metrics, valuation, pruned, split_warnings)
+                if verdict is not None:
+                    metrics["verdict"] = verdict
+                if checks is not None:
+                    metrics["checks"] = checks
+                if base_exposure is not None:
+                    metrics["exposure"] = {"base": base_exposure} | pruned.exposure
+                profile_tab = dropped_profile_table(dataset, split, pruned.keep, pruned.keep_all) \
+                    if (~(pruned.keep if pruned.keep_all is None else pruned.keep_all)).any() else None
+                if profile_tab is not None:
+                    metrics["dropped_profile"] = profile_tab.to_pylist()
+                examples = why_examples(cfg, dataset, split, base)
+                if examples:
+                    metrics["why_examples"] = examples
+                explanation = explain(cfg, split, dataset, valuation, metrics, timings)
+                dataset = small_stream_on_driver(cfg, dataset, use_ray)
+                n_valued = len(split.train) + (len(split.valid) + len(split.test) if valuation.whole_log else 0)
+                values_tab = values_table(dataset, split, valuation, pruned.keep, keep_all=pruned.keep_all) \
+                    if n_valued <= CHUNK_ROWS else None
+                if values_tab is not None and valuation.whole_log is not None:
+                    extra_rows = set_aside_table(dataset, split, values_tab.schema, use_ray)
+                    if extra_rows is not None:      # one row per input row: the set-aside ones unvalued
+                        values_tab = pa.concat_tables([values_tab, extra_rows])
 
             with prof.stage("write", rows=len(split.train) + len(split.valid) + len(split.test)):
                 log.info("writing outputs to %s", out.uri)
@@ -808,12 +817,16 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
             for s_ in prof.stages:
                 timings[f"{s_.name}_s"] = s_.seconds
             metrics["profile"] = prof.summary()
-            out.write_json("metrics.json", metrics)
+            report = None
             if cfg.output.report:
-                from .report_builder import build_report
-                numeric = values_tab if values_tab is not None else valued_columns(split, valuation, pruned.keep)
-                out.write_text("report.html", build_report(cfg, run_id, metrics, numeric, base, valuation,
-                                                               explanation=explanation))
+                with prof.stage("report", rows=len(split.train)):   # in metrics.json, not in the report
+                    from .report_builder import build_report
+                    numeric = values_tab if values_tab is not None else valued_columns(split, valuation, pruned.keep)
+                    report = build_report(cfg, run_id, metrics, numeric, base, valuation, explanation=explanation)
+                metrics["profile"] = prof.summary()
+            out.write_json("metrics.json", metrics)
+            if report is not None:
+                out.write_text("report.html", report)
             timings["total_s"] = time.perf_counter() - t_all
             manifest = out.complete(config=cfg.to_dict(), timings=timings)
     finally:
@@ -886,12 +899,13 @@ def write_outputs(out, cfg: JobConfig, dataset: Dataset, split: Split, valuation
                         use_ray=use_ray)
     for name, tab in valuation.tables.items():
         out.write_table(name, pa.table(tab), use_ray=use_ray)
-    kept = split.train.take(pruned.keep)
     noise = bool(split.train.is_noise is not None and split.train.is_noise.any())
     if dataset.stream is not None and use_ray:
         from .ray_layer.tables import write_pass_through
+        kept = split.train.only(("source_row", "is_noise")).take(pruned.keep)   # what it reads
         write_pass_through(out, "pruned", dataset, kept, noise_column=noise, types=types)
     else:
+        kept = split.train.take(pruned.keep)
         def table(part: Interactions) -> pa.Table:   # a CSV/TSV input's columns typed (``types``)
             return typed_text_columns(pruned_table(dataset, part, noise), types or {})
         if len(kept) <= CHUNK_ROWS:
@@ -907,7 +921,9 @@ def write_outputs(out, cfg: JobConfig, dataset: Dataset, split: Split, valuation
 
 
 def _chunks(n: int, rows: int = CHUNK_ROWS):
-    return (np.arange(s, min(s + rows, n)) for s in range(0, n, rows))
+    """Row ranges of ``rows`` (:func:`~.core.spill.row_chunks`: spilled pages released per chunk)."""
+    from .core.spill import row_chunks
+    return row_chunks(n, rows)
 
 
 def valued_columns(split: Split, valuation: Valuation, keep: np.ndarray) -> pa.Table:

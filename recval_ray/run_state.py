@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .core.data import Interactions, Split
+from .core.spill import row_chunks
 from .errors import ConfigError
 
 STATE = "state"
@@ -76,8 +77,7 @@ def write_state(out, *, user_ids: pa.Array, item_ids: pa.Array, split: Split, mo
 
     for name, part in split.parts().items():
         def chunks(part=part, name=name):
-            for s in range(0, max(len(part), 1), CHUNK_ROWS):
-                sl = np.arange(s, min(s + CHUNK_ROWS, len(part)))
+            for sl in (row_chunks(len(part), CHUNK_ROWS) if len(part) else [np.arange(0)]):
                 extra = {"value": np.asarray(values, np.float64)[sl], "valued_by": producers(sl)} \
                     if name == "train" else None
                 yield _rows_table(part.take(sl), extra)

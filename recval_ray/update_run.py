@@ -279,7 +279,8 @@ def update_run(job_path: str, base_uri: str, overrides: Optional[list[str]] = No
         except BaseException:
             out.abort()
             raise
-    prof = Profiler()
+    from .pipeline import release_hooks
+    prof = Profiler(release=release_hooks(use_ray))
     timings: dict = {}
     source = cfg.data.path or cfg.data.format
     try:

@@ -7,7 +7,8 @@ import torch
 
 from recval_ray.core.data import Interactions
 from recval_ray.core.metrics import exposure_metrics, recommendation_counts
-from recval_ray.core.prune import dropped_profile
+from recval_ray.core import prune
+from recval_ray.core.prune import _deciles, dropped_profile
 
 
 def test_dropped_profile_by_rating_activity_and_top_entities():
@@ -29,6 +30,33 @@ def test_dropped_profile_by_rating_activity_and_top_entities():
     assert top_users == [("0", 10, 4)]               # users without a dropped row are not listed
     # items 0 and 1 are also held by user 1 (kept): half of their rows went; ties by item order
     assert [(g, s) for f, g, n, d, s in rows if f == "top_item"] == [("0", 0.5), ("1", 0.5), ("5", 1.0)]
+
+
+def test_dropped_profile_counted_in_chunks_equals_one_pass_and_per_row_deciles(monkeypatch):
+    # large-log form (chunks of rows, time deciles over the distinct stamps): the same table as
+    # one chunk, and time deciles equal to ranking every row (injected rows: timestamp -1,
+    # a missing rating)
+    rng = np.random.default_rng(3)
+    n = 5000
+    rating = rng.integers(1, 6, n).astype(np.float32)
+    rating[rng.random(n) < 0.05] = np.nan
+    ts = rng.integers(10 ** 9, 10 ** 9 + 50, n).astype(np.int64)
+    ts[rng.random(n) < 0.03] = -1
+    train = Interactions(rng.integers(0, 40, n), rng.integers(0, 70, n), 40, 70, rating=rating, timestamp=ts)
+    keep = rng.random(n) < 0.8
+    monkeypatch.setattr(prune, "PROFILE_CHUNK", 1 << 20)
+    whole = dropped_profile(train, keep)
+    monkeypatch.setattr(prune, "PROFILE_CHUNK", 333)
+    assert dropped_profile(train, keep) == whole
+    ok = ts >= 0
+    d_rows, labels = _deciles(ts[ok].astype(np.float64),
+                              fmt=lambda v: str(np.datetime64(int(v), "s").astype("datetime64[D]")))
+    time = [(g, r, d) for f, g, r, d in zip(whole["facet"], whole["group"], whole["rows"], whole["dropped"])
+            if f == "time"]
+    want = [(labels[k], int((d_rows == k).sum()), int((~keep[ok])[d_rows == k].sum())) for k in range(10)
+            if (d_rows == k).any()] + [("missing", int((~ok).sum()), int((~keep[~ok]).sum()))]
+    assert time == want
+    assert sum(r for f, r in zip(whole["facet"], whole["rows"]) if f == "rating") == n
 
 
 def test_exposure_metrics_by_hand():

@@ -247,8 +247,9 @@ def test_duplicate_rule_equals_brute_force(policy, monkeypatch):
     from recval_ray.core import ingest
     monkeypatch.setattr(ingest, "DEDUP_CHUNK", 7)
     rng = np.random.default_rng(3)
-    key = rng.integers(0, 60, 200).astype(np.int64)
-    keep = ingest.DatasetBuilder._dedup(None, key, policy, None, None, None, None, None)
+    user, item = rng.integers(0, 6, 200).astype(np.int32), rng.integers(0, 10, 200).astype(np.int32)
+    key = user.astype(np.int64) * 10 + item
+    keep = ingest.DatasetBuilder._dedup(None, policy, None, np.arange(10), user, item, None)
     seen_before = np.array([k in set(key[:j]) for j, k in enumerate(key)])
     seen_after = np.array([k in set(key[j + 1:]) for j, k in enumerate(key)])
     expected = ~seen_before if policy == "keep-first" else ~seen_after

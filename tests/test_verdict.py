@@ -136,7 +136,7 @@ def test_a_log_where_pruning_clearly_helps_gets_prune(tmp_path):
     assert head.splitlines()[-2] == v["next_step"]
     html = (tmp_path / "v" / "report.html").read_text()
     assert html.index(">Verdict<") < html.index("Test metrics") and v["sentence"].split(":")[0] in html
-    assert [s["stage"] for s in m["profile"]["stages"]][-2:] == ["verdict", "write"]
+    assert [s["stage"] for s in m["profile"]["stages"]][-4:] == ["verdict", "summarise", "write", "report"]
 
 
 def test_a_clean_log_gets_keep_everything(tmp_path):

@@ -16,6 +16,18 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 
+COUNT_CHUNK = 1 << 22
+
+
+def count_codes(codes: np.ndarray, n: int) -> np.ndarray:
+    """``np.bincount(codes, minlength=n)`` chunk by chunk: bincount copies int32 codes to int64
+    first (8 bytes a row of the whole log at once); here one chunk at a time."""
+    out = np.zeros(n, dtype=np.int64)
+    for a in range(0, len(codes), COUNT_CHUNK):
+        out += np.bincount(codes[a:a + COUNT_CHUNK], minlength=n)
+    return out
+
+
 def index_dtype(n: int) -> type:
     """int32 when indices ``0..n-1`` fit in it, else int64."""
     return np.int32 if n <= np.iinfo(np.int32).max else np.int64
@@ -102,10 +114,10 @@ class Interactions:
 
     # -- derived views -----------------------------------------------------------------
     def user_counts(self) -> np.ndarray:
-        return np.bincount(self.user, minlength=self.n_users)
+        return count_codes(self.user, self.n_users)
 
     def item_counts(self) -> np.ndarray:
-        return np.bincount(self.item, minlength=self.n_items)
+        return count_codes(self.item, self.n_items)
 
     def csr(self, values: Optional[np.ndarray] = None) -> sp.csr_matrix:
         """User x item sparse matrix; binary (1 per interaction, duplicates summed) by default."""

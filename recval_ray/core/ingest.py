@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from .options import Columns, DataConfig
 from .errors import EmptyInputError, InputError
 from .data import Dataset, Interactions, encode_ids, index_dtype
+from .memory import release_free_heap
 from .formats import (PARTS, SHOW, SOURCE, data_files, from_table, hidden_data_files, parse_file,
                       source_columns)
 
@@ -312,6 +313,7 @@ class DatasetBuilder:
                 _check_id_types([(b.file, getattr(b, role + "s")) for b in blocks], role, cols[role])
         user_codes, user_uniq = self._global_codes("user")
         item_codes, item_uniq = self._global_codes("item")
+        release_free_heap()     # the blocks' code arrays (heap-sized) go back before more is built
         has_rating = any(b.rating is not None for b in blocks)
         rating = None
         if has_rating:
@@ -320,6 +322,7 @@ class DatasetBuilder:
         ts_np = None
         if any(b.timestamp is not None for b in blocks):
             ts_np = self._concat("timestamp", np.int64, -1)
+        release_free_heap()
         split: Optional[np.ndarray] = None
         if any(b.part >= 0 for b in blocks):
             split = np.repeat(np.array([b.part for b in blocks], dtype=np.int8), [b.n for b in blocks])
@@ -329,9 +332,8 @@ class DatasetBuilder:
                 cols[role] = role
 
         # duplicates
-        key = user_codes.astype(np.int64) * np.int64(len(item_uniq)) + item_codes
-        keep = self._dedup(key, cfg.duplicates, user_uniq, item_uniq, user_codes, item_codes, split)
-        del key
+        keep = self._dedup(cfg.duplicates, user_uniq, item_uniq, user_codes, item_codes, split)
+        release_free_heap()
         repeated = int(len(keep) - keep.sum())
         if repeated:
             warnings.append(f"{repeated} rows repeat an earlier (user, item) pair; kept the "
@@ -384,7 +386,7 @@ class DatasetBuilder:
                              f"min_user={cfg.min_user}, min_item={cfg.min_item})")
 
         # encode the kept rows
-        kept = np.flatnonzero(keep).astype(index_dtype(n_total))
+        kept = _flat_index(keep, index_dtype(n_total))
         del keep
         u_used, u = _compact(user_codes[kept], len(user_uniq))
         del user_codes
@@ -457,12 +459,22 @@ class DatasetBuilder:
             setattr(b, role + "s", None)
         return out, glob
 
-    def _dedup(self, key, policy, user_uniq, item_uniq, user_codes, item_codes, split):
+    def _dedup(self, policy, user_uniq, item_uniq, user_codes, item_codes, split):
         """Mask of the rows kept under the duplicates policy (rows are in canonical order).
-        Only the rows whose key repeats are sorted again (stably): memory is one sorted copy of
-        the keys and a flag a row, not an order, a permuted copy and masks over every row."""
-        n = len(key)
-        ks = np.sort(key)
+        A pair's key is ``user * n_items + item`` (int64). Only the rows whose key repeats are
+        sorted again (stably): memory is one sorted array of the keys (built in place) and a
+        flag a row; other keys are computed chunk by chunk, never a second array of them all."""
+        n = len(user_codes)
+        n_items = np.int64(len(item_uniq))
+
+        def key_of(rows) -> np.ndarray:
+            k = user_codes[rows].astype(np.int64)
+            k *= n_items
+            k += item_codes[rows]
+            return k
+
+        ks = key_of(slice(None))
+        ks.sort()
         same = ks[1:] == ks[:-1]
         if not same.any():  # the common case: no duplicates
             return np.ones(n, dtype=bool)
@@ -470,17 +482,17 @@ class DatasetBuilder:
         del ks, same
         involved = np.zeros(n, dtype=bool)
         for a in range(0, n, DEDUP_CHUNK):            # rows whose key is repeated, chunk by chunk
-            k = key[a:a + DEDUP_CHUNK]
+            k = key_of(slice(a, a + DEDUP_CHUNK))
             pos = np.minimum(np.searchsorted(repeated_keys, k), len(repeated_keys) - 1)
             involved[a:a + DEDUP_CHUNK] = repeated_keys[pos] == k
         rows = np.flatnonzero(involved)
-        sub = key[rows]
+        sub = key_of(rows)
         order = np.argsort(sub, kind="stable")        # by key, input order within a key
         ks = sub[order]
         repeat = np.r_[False, ks[1:] == ks[:-1]]
         if policy == "error":
             later = np.sort(rows[order[repeat]])      # every occurrence after the first
-            first = int(rows[order[np.searchsorted(ks, key[later[0]])]])
+            first = int(rows[order[np.searchsorted(ks, key_of(later[:1])[0])]])
             f, r = self._locate(later)
             where = (f"{self._file_of(first)} row {self._row_of(first)}" if self._file_of(first) != f
                      else f"row {self._row_of(first)}")
@@ -508,6 +520,17 @@ def _check_id_types(blocks, role: str, column: str) -> None:
         raise InputError(f"the {role} ids are integers in {kinds['integers']} but strings in {kinds['strings']}; "
                          f"every file of a Parquet log must store its ids with one type (cast them to one "
                          f"in the files)", file=kinds["strings"], column=column)
+
+
+def _flat_index(mask: np.ndarray, dtype, chunk: int = 1 << 22) -> np.ndarray:
+    """``np.flatnonzero(mask)`` as ``dtype``, chunk by chunk (no int64 copy of the index)."""
+    out = np.empty(int(np.count_nonzero(mask)), dtype=dtype)
+    pos = 0
+    for a in range(0, len(mask), chunk):
+        idx = np.flatnonzero(mask[a:a + chunk])
+        out[pos:pos + len(idx)] = idx + a
+        pos += len(idx)
+    return out
 
 
 def _compact(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -156,7 +156,7 @@ def _exclusion_csr(test: Interactions, exclude: list[Interactions],
                    only: np.ndarray | None = None) -> sp.csr_matrix:
     """Excluded (user, item) pairs as a CSR matrix; ``only``: a bool mask over users, the
     rows of other users left out (a sample of users never copies the whole training set)."""
-    parts = [e if only is None else e.take(only[e.user]) for e in exclude]
+    parts = [e if only is None else e.only(()).take(only[e.user]) for e in exclude]   # ids only
     users = np.concatenate([e.user for e in parts]) if parts else np.zeros(0, np.int64)
     items = np.concatenate([e.item for e in parts]) if parts else np.zeros(0, np.int64)
     m = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)),
@@ -198,7 +198,7 @@ def _users_and_rows(test: Interactions, exclude: list[Interactions], users: User
     eval_users = _eval_users(test, None, users)
     only = np.zeros(test.n_users, dtype=bool)
     only[eval_users] = True
-    return eval_users, test.take(only[test.user]).csr(), _exclusion_csr(test, exclude, only)
+    return eval_users, test.only(()).take(only[test.user]).csr(), _exclusion_csr(test, exclude, only)
 
 
 def _check_options(ndcg_variant: str, recall_variant: str) -> None:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from .data import Interactions
+from .data import Interactions, count_codes
 
 
 def _order(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -146,6 +146,9 @@ def _deciles(x: np.ndarray, weight: np.ndarray | None = None,
     return d, labels
 
 
+PROFILE_CHUNK = 1 << 20     # rows counted at once by dropped_profile
+
+
 def dropped_profile(train: Interactions, keep: np.ndarray, top: int = 10) -> dict:
     """What a pruning dropped, by facet: ``rating`` (each value), ``user_activity`` (deciles of
     the user's training rows), ``item_popularity`` (deciles of the item's training rows),
@@ -154,12 +157,22 @@ def dropped_profile(train: Interactions, keep: np.ndarray, top: int = 10) -> dic
     Columns: ``facet, group, rows, dropped, dropped_share`` (dropped / rows of the group)."""
     keep = np.asarray(keep, dtype=bool)
     dropped = ~keep
+    n_rows = len(keep)
     out: dict = {"facet": [], "group": [], "rows": [], "dropped": [], "dropped_share": []}
 
-    def add(facet: str, labels: list[str], group: np.ndarray) -> None:
-        n_g = len(labels)
-        rows = np.bincount(group, minlength=n_g)
-        drops = np.bincount(group[dropped], minlength=n_g)
+    def add(facet: str, labels, group_of, n_groups: Optional[int] = None) -> None:
+        """``group_of(lo, hi)``: the group of rows lo..hi; counted chunk by chunk (no per-row
+        temporaries of the whole log). ``labels``: a list, or a callable asked after counting."""
+        n_g = len(labels) if n_groups is None else n_groups
+        rows = np.zeros(n_g, dtype=np.int64)
+        drops = np.zeros(n_g, dtype=np.int64)
+        for lo in range(0, n_rows, PROFILE_CHUNK):
+            hi = min(lo + PROFILE_CHUNK, n_rows)
+            g = group_of(lo, hi)
+            rows += np.bincount(g, minlength=n_g)
+            drops += np.bincount(g[dropped[lo:hi]], minlength=n_g)
+        if callable(labels):
+            labels = labels()
         for g in range(n_g):
             if rows[g]:
                 out["facet"].append(facet)
@@ -169,29 +182,53 @@ def dropped_profile(train: Interactions, keep: np.ndarray, top: int = 10) -> dic
                 out["dropped_share"].append(float(drops[g] / rows[g]))
 
     if train.rating is not None:
-        r = np.asarray(train.rating, dtype=np.float64)
-        ok = np.isfinite(r)
-        levels = np.unique(r[ok])
+        levels = np.unique(np.asarray(train.rating))
+        levels = levels[np.isfinite(levels)].astype(np.float64)
         if 0 < len(levels) <= 20:
-            g = np.searchsorted(levels, np.where(ok, r, levels[0]))
-            g[~ok] = len(levels)
-            add("rating", [f"{v:g}" for v in levels] + ["missing"], g)
+            def rating_group(lo, hi):
+                r = np.asarray(train.rating[lo:hi], dtype=np.float64)
+                ok = np.isfinite(r)
+                g = np.searchsorted(levels, np.where(ok, r, levels[0]))
+                g[~ok] = len(levels)
+                return g
+            add("rating", [f"{v:g}" for v in levels] + ["missing"], rating_group)
     # deciles of the entities' row counts, weighted by their rows (no per-row sort)
     for facet, ids, n in (("user_activity", train.user, train.n_users), ("item_popularity", train.item, train.n_items)):
-        rows = np.bincount(ids, minlength=n)
+        rows = count_codes(ids, n)
         d, labels = _deciles(rows.astype(np.float64), rows)
-        add(facet, labels, d[ids])
+        add(facet, labels, lambda lo, hi, d=d, ids=ids: d[ids[lo:hi]])
     if train.timestamp is not None and (np.asarray(train.timestamp) >= 0).any():
-        ts = np.asarray(train.timestamp, dtype=np.int64)
-        ok = ts >= 0                                   # injected rows have no timestamp
-        unix = 1e8 <= ts[ok].min() and ts[ok].max() <= 1e10
+        # deciles of the rows' timestamps without sorting them: a value is in decile
+        # floor(10 f / n) (f: its first row in sorted order), i.e. above k of the 9 order
+        # statistics x[ceil(k n / 10) - 1], found by one partition of one copy of the column
+        stamps = np.asarray(train.timestamp)
+        stamps = stamps[stamps >= 0]                   # injected rows have no timestamp (-1)
+        n_ok = len(stamps)
+        unix = 1e8 <= stamps.min() and stamps.max() <= 1e10
         fmt = (lambda v: str(np.datetime64(int(v), "s").astype("datetime64[D]"))) if unix else (lambda v: f"{v:g}")
-        d = np.full(len(ts), 10, dtype=np.int64)
-        d[ok], labels = _deciles(ts[ok].astype(np.float64), fmt=fmt)
-        add("time", labels + ["missing"], d)
+        cut = np.array([(k * n_ok + 9) // 10 - 1 for k in range(1, 10)])
+        stamps.partition(np.unique(cut))
+        bounds = stamps[cut].copy()
+        del stamps
+        lo = np.full(10, np.iinfo(np.int64).max, dtype=np.int64)   # each decile's range
+        hi = np.full(10, np.iinfo(np.int64).min, dtype=np.int64)
+
+        def time_group(a, b):
+            ts = np.asarray(train.timestamp[a:b], dtype=np.int64)
+            g = np.full(len(ts), 10, dtype=np.int64)
+            ok = ts >= 0
+            g[ok] = np.searchsorted(bounds, ts[ok], side="left")
+            np.minimum.at(lo, g[ok], ts[ok])
+            np.maximum.at(hi, g[ok], ts[ok])
+            return g
+
+        def time_labels():
+            return [f"d{k + 1} [{fmt(float(lo[k]))}, {fmt(float(hi[k]))}]" if lo[k] <= hi[k] else f"d{k + 1} (empty)"
+                    for k in range(10)] + ["missing"]
+        add("time", time_labels, time_group, n_groups=11)
     for facet, ids, n in (("top_user", train.user, train.n_users), ("top_item", train.item, train.n_items)):
         drops = np.bincount(ids[dropped], minlength=n)
-        rows = np.bincount(ids, minlength=n)
+        rows = count_codes(ids, n)
         for e in np.argsort(-drops, kind="stable")[:top]:
             if drops[e] == 0:
                 break

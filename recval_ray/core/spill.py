@@ -9,17 +9,26 @@ map of it, the file already unlinked: the array costs no private memory, its pag
 left on disk however the process ends (the space is freed with the last map of it). Values
 are unchanged bit for bit; a stage that tried to write into a spilled array fails loudly
 (read-only) instead of corrupting it.
+
+Pages a stage has read stay mapped into the process (its RSS, as file pages) until they are
+released: :func:`release_spilled_pages` drops every live spilled map's pages from this process
+(``madvise(MADV_DONTNEED)`` on a read-only file map: the data stays in the file and the page
+cache, a later read faults it back), called between stages and between written chunks.
 """
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import tempfile
+import weakref
 from typing import Iterable, Optional
 
 import numpy as np
 
 from .data import Interactions, Split
+
+_MAPS: "weakref.WeakSet[mmap.mmap]" = weakref.WeakSet()   # the maps of live spilled arrays
 
 
 def spill(a: np.ndarray, directory: Optional[str] = None) -> np.ndarray:
@@ -31,9 +40,29 @@ def spill(a: np.ndarray, directory: Optional[str] = None) -> np.ndarray:
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, np.ascontiguousarray(a), allow_pickle=False)
-        return np.load(path, mmap_mode="r")
+        out = np.load(path, mmap_mode="r")
     finally:
         os.unlink(path)
+    if isinstance(getattr(out, "_mmap", None), mmap.mmap):
+        _MAPS.add(out._mmap)
+    return out
+
+
+def release_spilled_pages() -> int:
+    """Drop the pages of every live spilled array from this process's resident set; returns
+    how many maps were released. Values are unchanged (read-only file maps: the next read
+    faults the page back from the page cache or the file)."""
+    done = 0
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    for m in list(_MAPS):
+        if advice is None or m.closed:
+            continue
+        try:
+            m.madvise(advice)
+            done += 1
+        except (OSError, ValueError):
+            pass
+    return done
 
 
 def spill_interactions(part: Interactions, fields: Iterable[str], directory: Optional[str] = None
@@ -55,3 +84,12 @@ def spillable_fields(model_reads: Iterable[str]) -> tuple[str, ...]:
     row, stays: evaluation and noise detection read it)."""
     reads = set(model_reads)
     return tuple(f for f in ("rating", "timestamp", "source_row") if f not in reads)
+
+
+def row_chunks(n: int, rows: int):
+    """Index ranges ``[0, rows), [rows, 2 rows), ...`` of ``n`` rows; after each chunk has been
+    consumed, the spilled columns' pages it read leave the resident set
+    (:func:`release_spilled_pages`), so a pass over a spilled column holds one chunk of it."""
+    for s in range(0, n, rows):
+        yield np.arange(s, min(s + rows, n))
+        release_spilled_pages()

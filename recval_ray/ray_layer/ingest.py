@@ -250,6 +250,7 @@ def stream_dataset(cfg: DataConfig, fs, plan: StreamPlan) -> Dataset:
 
     from ..core.formats import delimited_options
     from ..core.ingest import DatasetBuilder
+    from .object_store import release_object_store_pages
 
     ctx = ray.data.DataContext.get_current()
     was = ctx.execution_options.preserve_order
@@ -271,6 +272,7 @@ def stream_dataset(cfg: DataConfig, fs, plan: StreamPlan) -> Dataset:
             for file, part in (_runs(block) if text else _parquet_runs(block, plan, seen)):
                 builder.add(file, part, row0=seen[file] + 1)
                 seen[file] += part.num_rows
+            release_object_store_pages()   # the block is in the builder's arrays now
     except Exception as e:  # noqa: BLE001 - located exactly by the diagnostic pass below
         _diagnose(cfg, fs, plan.paths)
         inner = _unwrap(e)
