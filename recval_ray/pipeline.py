@@ -50,9 +50,14 @@ def load_data(cfg: JobConfig, use_ray: bool = True) -> Dataset:
     return load_dataset(cfg.data, cfg.storage)
 
 
-def make_split(cfg: JobConfig, dataset: Dataset) -> tuple[Split, list[str]]:
-    """Split, inject noise into train (flagged ``is_noise``), drop unseen evaluation rows."""
+def make_split(cfg: JobConfig, dataset: Dataset, release: bool = False) -> tuple[Split, list[str]]:
+    """Split, inject noise into train (flagged ``is_noise``), drop unseen evaluation rows.
+    ``release``: the dataset's rows are dropped as soon as the parts hold them
+    (:meth:`~.core.data.Dataset.release_interactions`: the log is never held three times)."""
+    n_rows = len(dataset.interactions)
     split = split_interactions(dataset.interactions, cfg.split, dataset.given_split)
+    if release:
+        dataset.release_interactions()
     if cfg.noise.kind == "natural":
         split = natural_noise(split, cfg.noise.natural.rating_at_most)
     else:
@@ -63,7 +68,7 @@ def make_split(cfg: JobConfig, dataset: Dataset) -> tuple[Split, list[str]]:
     from .errors import InputError
     for name, part in split.parts().items():
         if len(part) == 0 and (name != "valid" or cfg.split.plans_validation() is True):
-            raise InputError(f"the {name} split is empty ({dataset.n_users} users, {len(dataset.interactions)} "
+            raise InputError(f"the {name} split is empty ({dataset.n_users} users, {n_rows} "
                              f"interactions, split {cfg.split.kind}): "
                              + ("nothing to train on" if name == "train" else
                                 "nothing to evaluate on (every metric would be NaN)")
@@ -697,8 +702,7 @@ def run_job(cfg: JobConfig, *, run_id: Optional[str] = None, output_uri: Optiona
                 dataset = load_data(cfg, use_ray=use_ray)
                 st.rows = len(dataset.interactions)
             with prof.stage("split", rows=len(dataset.interactions)):
-                split, split_warnings = make_split(cfg, dataset)
-                dataset.release_interactions()     # the split holds every row the run needs now
+                split, split_warnings = make_split(cfg, dataset, release=True)   # the split holds every row now
                 spilling = spills(cfg, split)
                 if spilling:
                     split = spill_columns(cfg, split)

@@ -28,6 +28,18 @@ def count_codes(codes: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def flat_index(mask: np.ndarray, dtype=np.int64, chunk: int = 1 << 22) -> np.ndarray:
+    """``np.flatnonzero(mask)`` as ``dtype`` (e.g. int32), chunk by chunk: no int64 copy of
+    the whole index first."""
+    out = np.empty(int(np.count_nonzero(mask)), dtype=dtype)
+    pos = 0
+    for a in range(0, len(mask), chunk):
+        idx = np.flatnonzero(mask[a:a + chunk])
+        out[pos:pos + len(idx)] = idx + a
+        pos += len(idx)
+    return out
+
+
 def index_dtype(n: int) -> type:
     """int32 when indices ``0..n-1`` fit in it, else int64."""
     return np.int32 if n <= np.iinfo(np.int32).max else np.int64

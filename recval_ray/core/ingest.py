@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from .options import Columns, DataConfig
 from .errors import EmptyInputError, InputError
-from .data import Dataset, Interactions, encode_ids, index_dtype
+from .data import Dataset, Interactions, encode_ids, flat_index, index_dtype
 from .memory import release_free_heap
 from .formats import (PARTS, SHOW, SOURCE, data_files, from_table, hidden_data_files, parse_file,
                       source_columns)
@@ -386,7 +386,7 @@ class DatasetBuilder:
                              f"min_user={cfg.min_user}, min_item={cfg.min_item})")
 
         # encode the kept rows
-        kept = _flat_index(keep, index_dtype(n_total))
+        kept = flat_index(keep, index_dtype(n_total))
         del keep
         u_used, u = _compact(user_codes[kept], len(user_uniq))
         del user_codes
@@ -520,17 +520,6 @@ def _check_id_types(blocks, role: str, column: str) -> None:
         raise InputError(f"the {role} ids are integers in {kinds['integers']} but strings in {kinds['strings']}; "
                          f"every file of a Parquet log must store its ids with one type (cast them to one "
                          f"in the files)", file=kinds["strings"], column=column)
-
-
-def _flat_index(mask: np.ndarray, dtype, chunk: int = 1 << 22) -> np.ndarray:
-    """``np.flatnonzero(mask)`` as ``dtype``, chunk by chunk (no int64 copy of the index)."""
-    out = np.empty(int(np.count_nonzero(mask)), dtype=dtype)
-    pos = 0
-    for a in range(0, len(mask), chunk):
-        idx = np.flatnonzero(mask[a:a + chunk])
-        out[pos:pos + len(idx)] = idx + a
-        pos += len(idx)
-    return out
 
 
 def _compact(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

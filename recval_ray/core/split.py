@@ -44,7 +44,7 @@ from typing import Optional
 import numpy as np
 
 from .options import SplitConfig
-from .data import Interactions, Split
+from .data import Interactions, Split, flat_index, index_dtype
 
 TRAIN, VALID, TEST = 0, 1, 2
 _EPS = 1e-9
@@ -61,23 +61,40 @@ def _round_half_up(x) -> np.ndarray:
     return np.floor(np.asarray(x, dtype=np.float64) + 0.5 + _EPS).astype(np.int64)
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer, vectorised over uint64 (a bijection)."""
-    x = np.asarray(x, dtype=np.uint64).copy()
+def _mix64(x: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """splitmix64 finalizer, vectorised over uint64 (a bijection). ``in_place``: ``x`` (uint64)
+    is overwritten; the work is chunked, so the only temporary is one chunk's shift."""
+    x = np.asarray(x, dtype=np.uint64)
+    if not in_place:
+        x = x.copy()
+    t = np.empty(min(len(x), MIX_CHUNK), dtype=np.uint64)
     with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= _M1
-        x ^= x >> np.uint64(27)
-        x *= _M2
-        x ^= x >> np.uint64(31)
+        for a in range(0, len(x), MIX_CHUNK):
+            c = x[a:a + MIX_CHUNK]
+            s = t[:len(c)]
+            np.right_shift(c, np.uint64(30), out=s)
+            c ^= s
+            c *= _M1
+            np.right_shift(c, np.uint64(27), out=s)
+            c ^= s
+            c *= _M2
+            np.right_shift(c, np.uint64(31), out=s)
+            c ^= s
     return x
 
 
+MIX_CHUNK = 1 << 20
+
+
 def _row_keys(inter: Interactions, seed: int) -> np.ndarray:
-    """A seeded pseudo-random uint64 per row, a function of the (user, item) pair only."""
+    """A seeded pseudo-random uint64 per row, a function of the (user, item) pair only
+    (computed in one array, 8 bytes a row)."""
     salt = np.uint64(np.random.default_rng(seed).integers(0, 2**63, dtype=np.int64))
+    keys = inter.pair_keys().view(np.uint64)          # non-negative int64: the same values
     with np.errstate(over="ignore"):
-        return _mix64(inter.pair_keys().astype(np.uint64) * _GOLDEN + salt)
+        keys *= _GOLDEN
+        keys += salt
+    return _mix64(keys, in_place=True)
 
 
 def _group_rank(sorted_group: np.ndarray, n_groups: int) -> np.ndarray:
@@ -93,7 +110,8 @@ def _user_order(user: np.ndarray, key: np.ndarray) -> np.ndarray:
 
 
 def _parts(inter: Interactions, part: np.ndarray) -> Split:
-    return Split(*(inter.take(np.flatnonzero(part == k)) for k in (TRAIN, VALID, TEST)))
+    dtype = index_dtype(len(part))       # int32 row indices below 2**31 rows: 4 bytes a row
+    return Split(*(inter.take(flat_index(part == k, dtype)) for k in (TRAIN, VALID, TEST)))
 
 
 def _check_ratios(ratios) -> tuple[float, float, float]:
@@ -126,7 +144,7 @@ def _random_split(inter: Interactions, cfg: SplitConfig) -> np.ndarray:
     n = len(inter)
     c0, c1 = np.clip(_round_half_up([n * r_train, n * (r_train + r_valid)]), 0, n)
     c1 = max(c1, c0)
-    perm = np.lexsort((np.arange(n), _row_keys(inter, cfg.seed)))
+    perm = np.argsort(_row_keys(inter, cfg.seed), kind="stable")   # ties (never, in practice) by row
     part = np.empty(n, dtype=np.int8)
     part[perm[:c0]] = TRAIN
     part[perm[c0:c1]] = VALID
