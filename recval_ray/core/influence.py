@@ -113,7 +113,11 @@ def hvp_fn(obj: Objective, theta: torch.Tensor, w: Optional[torch.Tensor] = None
     def hvp(v: torch.Tensor) -> torch.Tensor:
         out = jvp(g, (theta,), (v,))[1]
         return out + damping * v if damping else out
-    return hvp
+
+    def closed(v: torch.Tensor) -> torch.Tensor:
+        out = obj.mf_hvp(theta, v, w)
+        return out + damping * v if damping else out
+    return closed if getattr(obj, "closed_form", False) else hvp
 
 
 def per_example_dots(obj: Objective, theta: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -121,7 +125,11 @@ def per_example_dots(obj: Objective, theta: torch.Tensor, s: torch.Tensor) -> to
     ``jvp`` of the loss vector per chunk of rows (the tangent rows are gathered with the
     parameter rows, so this is the sparse per-interaction product)."""
     out = []
+    closed = getattr(obj, "closed_form", False)       # MF: the same products by gathers
     for a in range(0, obj.n, obj.chunk):
+        if closed:
+            out.append(obj.mf_dots(theta, s, slice(a, min(obj.n, a + obj.chunk))).detach())
+            continue
         rows = torch.arange(a, min(obj.n, a + obj.chunk), device=theta.device)
         out.append(jvp(lambda t: obj.train_losses(t, rows), (theta,), (s,))[1].detach())
     return torch.cat(out) if out else theta.new_zeros(0)
@@ -272,6 +280,9 @@ def seeded_generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+HVP_CHUNK = 1 << 16     # rows per step of MF's closed-form Hessian-vector product
+
+
 @dataclass
 class ModelObjective(Objective):
     """:class:`Objective` of a trained MF / NeuMF task; ``unflatten(theta)`` -> parameter dict,
@@ -283,6 +294,8 @@ class ModelObjective(Objective):
     reg: float = 0.0
     data: dict = field(default_factory=dict)
     pair_score: Optional[Callable] = None     # (theta, users, items) -> the model's scores
+    closed_form: bool = False                 # MF: Hessian-vector products and dots in closed form
+    penalty_coef: float = 0.0                 # the global penalty's coefficient (penalty/2 |theta|^2)
 
     def unflatten(self, theta: torch.Tensor) -> dict:
         sizes = [math.prod(s) for s in self.shapes]
@@ -293,16 +306,17 @@ class ModelObjective(Objective):
             for n, t in self.unflatten(theta).items():
                 dict(self.module.named_parameters())[n].copy_(t.to(dtype=torch.float32))
 
-    def mf_dots(self, theta: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """MF only: ``grad l_i . s`` in closed form by gathers. With x_j = s_uj - s_ui and
-        sig_j = sigmoid(x_j), N negatives:
+    def mf_dots(self, theta: torch.Tensor, s: torch.Tensor, rows: Optional[slice] = None) -> torch.Tensor:
+        """MF only: ``grad l_i . s`` in closed form by gathers (``rows``: a slice of the rows;
+        default all). With x_j = s_uj - s_ui and sig_j = sigmoid(x_j), N negatives:
         d/dp_u = mean_j sig_j (q_j - q_i) + reg p_u,  d/dq_i = -mean_j sig_j p_u + reg q_i,
         d/dq_j = sig_j p_u / N + reg q_j / N."""
         if self.kind != "mf":
             raise ValueError("mf_dots is MF's closed form")
         P, Q = self.unflatten(theta).values()
         SP, SQ = self.unflatten(s).values()
-        u, i, j = self.data["user"], self.data["item"], self.data["neg"]
+        rows = slice(None) if rows is None else rows
+        u, i, j = self.data["user"][rows], self.data["item"][rows], self.data["neg"][rows]
         pu, qi, qj = P[u], Q[i], Q[j]                                   # [n,d], [n,d], [n,N,d]
         sig = torch.sigmoid(torch.einsum("nd,nkd->nk", pu, qj) - (pu * qi).sum(-1, keepdim=True))
         N = j.shape[1]
@@ -312,6 +326,48 @@ class ModelObjective(Objective):
         dot_j = (sig * torch.einsum("nd,nkd->nk", pu, sj)).sum(1) / N + \
             self.reg * (qj * sj).sum(-1).sum(1) / N
         return (gu * su).sum(-1) + (gi * si).sum(-1) + dot_j
+
+    def mf_hvp(self, theta: torch.Tensor, v: torch.Tensor, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """MF only: ``H v`` of ``sum_i w_i l_i`` (+ the global penalty) in closed form, chunk by
+        chunk (gathers, then ``index_add_`` into the user and item tables): no autograd graph,
+        memory of one chunk. With d_j = q_j - q_i, x_j = p_u . d_j, sig_j, h_j = sig_j (1 - sig_j),
+        direction (a, b) and dx_j = a_u . d_j + p_u . (b_j - b_i), per row (N negatives):
+        H_p v = mean_j [h_j dx_j d_j + sig_j (b_j - b_i)] + reg a_u,
+        H_qi v = -mean_j [h_j dx_j p_u + sig_j a_u] + reg b_i,
+        H_qj v = [h_j dx_j p_u + sig_j a_u + reg b_j] / N."""
+        if self.kind != "mf" or not self.closed_form:
+            raise ValueError("mf_hvp is MF's closed form")
+        P, Q = self.unflatten(theta).values()
+        A, B = self.unflatten(v).values()
+        out = torch.zeros_like(theta)
+        OP, OQ = self.unflatten(out).values()            # views into out
+        users, items, negs = self.data["user"], self.data["item"], self.data["neg"]
+        N = negs.shape[1]
+        step = min(self.chunk, HVP_CHUNK)
+        for a in range(0, self.n, step):
+            r = slice(a, min(self.n, a + step))
+            u, i, j = users[r], items[r], negs[r]
+            pu, qi, au, bi = P[u], Q[i], A[u], B[i]
+            qj, bj = Q[j], B[j]                                          # [c,N,d]
+            sig = torch.sigmoid((qj * pu[:, None]).sum(-1) - (pu * qi).sum(-1, keepdim=True))     # [c,N]
+            dx = (qj * au[:, None]).sum(-1) - (au * qi).sum(-1, keepdim=True) + \
+                (bj * pu[:, None]).sum(-1) - (pu * bi).sum(-1, keepdim=True)
+            coef = sig * (1 - sig) * dx / N
+            sn = sig / N
+            reg = torch.full((len(u), 1), self.reg, dtype=theta.dtype, device=theta.device)
+            if w is not None:
+                rw = w[r].to(theta.dtype)[:, None]
+                coef, sn, reg = coef * rw, sn * rw, reg * rw
+            c_sum, s_sum = coef.sum(1, keepdim=True), sn.sum(1, keepdim=True)
+            hp = (coef[..., None] * qj).sum(1) - c_sum * qi + (sn[..., None] * bj).sum(1) - s_sum * bi + reg * au
+            OP.index_add_(0, u, hp)
+            OQ.index_add_(0, i, -c_sum * pu - s_sum * au + reg * bi)
+            bj.mul_((reg / N)[..., None])
+            bj.addcmul_(coef[..., None], pu[:, None]).addcmul_(sn[..., None], au[:, None])
+            OQ.index_add_(0, j.reshape(-1), bj.reshape(-1, bj.shape[-1]))
+        if self.penalty_coef:
+            out += self.penalty_coef * v
+        return out
 
 
 def model_objective(task, train: Interactions, valid: Interactions, *, seed: int,
@@ -468,6 +524,8 @@ def model_objective(task, train: Interactions, valid: Interactions, *, seed: int
     obj.val_loss = val_softmax if validation == "softmax" else val_pair
     if penalty:
         obj.penalty = lambda t: 0.5 * penalty * t.pow(2).sum()
+        obj.penalty_coef = float(penalty)
+    obj.closed_form = kind == "mf"
     return obj
 
 
