@@ -39,7 +39,6 @@ import time
 
 import numpy as np
 import torch
-from torch.func import grad
 
 from .influence import Objective, inverse_hvp, per_example_dots, refine
 
@@ -47,7 +46,7 @@ from .influence import Objective, inverse_hvp, per_example_dots, refine
 def hypergradient_ift(obj: Objective, theta: torch.Tensor, w: torch.Tensor, damping: float,
                       tol: float = 1e-8, max_iter: int = 500) -> tuple[torch.Tensor, dict]:
     """``dL_val/dw_i = -grad l_i^T (H_w + damping I)^-1 grad L_val`` at the inner solution ``theta``."""
-    g_val = grad(obj.val_loss)(theta).detach()
+    g_val = obj.val_gradient(theta)
     s, info = inverse_hvp(obj, theta, g_val, w=w, damping=damping, solver="cg", tol=tol, max_iter=max_iter)
     return -per_example_dots(obj, theta, s), info
 

@@ -63,6 +63,11 @@ class Objective:
     val_loss: Callable
     penalty: Optional[Callable] = None
     chunk: int = 1 << 17
+    val_grad: Optional[Callable] = None    # grad val_loss without one graph over every row (optional)
+
+    def val_gradient(self, theta: torch.Tensor) -> torch.Tensor:
+        """``grad val_loss(theta)``: the objective's chunked form where it has one."""
+        return (self.val_grad(theta) if self.val_grad is not None else grad(self.val_loss)(theta)).detach()
 
     def train_loss(self, theta: torch.Tensor, w: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``sum_i w_i l_i(theta) + penalty(theta)`` (chunked over rows)."""
@@ -261,7 +266,7 @@ def influence_values(obj: Objective, theta: Optional[torch.Tensor] = None, solut
     starting point); ``solution``: a list the solve ``s`` is appended to (what an update reuses)."""
     theta = obj.theta if theta is None else theta
     t0 = time.perf_counter()
-    g_val = grad(obj.val_loss)(theta).detach()
+    g_val = obj.val_gradient(theta)
     s, info = inverse_hvp(obj, theta, g_val, **solve)
     if solution is not None:
         solution.append(s)
@@ -478,8 +483,8 @@ def model_objective(task, train: Interactions, valid: Interactions, *, seed: int
             eu, ei = embeddings(unflatten(t))
             return eu[u] @ ei.T
 
-        def val_pair(t):
-            return pair_losses(unflatten(t), vu, vi, vneg)[0].mean()
+        def val_sum(t, r):
+            return pair_losses(unflatten(t), vu[r], vi[r], vneg[r])[0].sum()
 
         def pair_score(t, u, i):
             eu, ei = embeddings(unflatten(t))
@@ -509,10 +514,10 @@ def model_objective(task, train: Interactions, valid: Interactions, *, seed: int
         def pair_score(t, u, i):
             return functional_call(module, unflatten(t), (u, i))
 
-        def val_pair(t):
+        def val_sum(t, r):
             if kind == "ncf-explicit":
-                return (functional_call(module, unflatten(t), (vu, vi)) - vr).pow(2).mean()
-            return ncf_loss(unflatten(t), vu, vi, vneg).mean()
+                return (functional_call(module, unflatten(t), (vu[r], vi[r])) - vr[r]).pow(2).sum()
+            return ncf_loss(unflatten(t), vu[r], vi[r], vneg[r]).sum()
 
     def val_softmax(t):
         uu, inv = torch.unique(vu, return_inverse=True)
@@ -521,7 +526,27 @@ def model_objective(task, train: Interactions, valid: Interactions, *, seed: int
 
     obj.train_losses = train_losses
     obj.pair_score = pair_score        # the model's score s(u, i) as a function of theta
+    n_val = len(valid)
+    val_chunks = [slice(a, min(n_val, a + chunk)) for a in range(0, n_val, chunk)]
+
+    def val_pair(t):
+        """The mean validation loss, summed chunk by chunk of validation rows."""
+        total = t.new_zeros(())
+        for r in val_chunks:
+            total = total + val_sum(t, r)
+        return total / n_val
+
+    def val_pair_grad(t):
+        """``grad val_pair``, accumulated chunk by chunk (one chunk's graph at a time)."""
+        total = None
+        for r in val_chunks:
+            g = grad(lambda x, r=r: val_sum(x, r))(t)
+            total = g if total is None else total + g
+        return total / n_val
+
     obj.val_loss = val_softmax if validation == "softmax" else val_pair
+    if validation != "softmax":
+        obj.val_grad = val_pair_grad
     if penalty:
         obj.penalty = lambda t: 0.5 * penalty * t.pow(2).sum()
         obj.penalty_coef = float(penalty)
