@@ -7,7 +7,8 @@ thread samples every ``interval`` seconds, which can miss a spike while a C call
 A stage's peak includes what earlier stages left alive (the driver's real footprint at that
 point), and ``bytes_per_row`` is that peak above the interpreter's baseline (RSS when the
 profiler started), divided by the stage's rows. The run's peak (``summary()["peak_rss_mb"]``)
-also covers the time between stages.
+also covers the time between stages. (The reset lowers the process's lifetime peak too: what
+``getrusage`` or ``/usr/bin/time`` report after the run covers the last stage only.)
 
 ``with profiler.stage("ingest") as s: ...; s.rows = n`` logs one line per stage; ``summary()``
 is the ``profile`` section of ``metrics.json``.
