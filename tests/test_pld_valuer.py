@@ -29,6 +29,26 @@ def test_standardise_within_user_by_hand():
     assert np.isnan(z[6])
 
 
+def test_standardise_within_user_in_chunks_equals_one_pass(monkeypatch):
+    """Large logs are standardised chunk by chunk (no whole-log temporaries): the same z-scores
+    as one pass, NaN rows where they were, users spread over every chunk."""
+    import importlib
+    mod = importlib.import_module("recval_ray.core.valuers.pld.loss_overlap")
+    rng = np.random.default_rng(0)
+    loss = rng.gamma(2.0, 1.0, 5000).astype(np.float32)
+    loss[rng.random(5000) < 0.05] = np.nan
+    user = rng.integers(0, 70, 5000).astype(np.int32)
+    whole = standardise_within_user(loss, user, 80)
+    monkeypatch.setattr(mod, "STANDARDISE_CHUNK", 77)
+    chunked = standardise_within_user(loss, user, 80)
+    assert np.array_equal(np.isnan(chunked), np.isnan(loss))
+    np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-12)
+    ok = ~np.isnan(loss)                         # per user: mean 0, std 1 over its finite rows
+    for u in (3, 41):
+        zu = chunked[ok & (user == u)]
+        assert abs(zu.mean()) < 1e-9 and abs(zu.std() - 1) < 1e-9
+
+
 def test_loss_overlap_by_hand():
     # user 0: normal 1, 2 and noisy 3; user 1: normal 4, 6 and noisy 5
     loss = np.array([1.0, 2.0, 3.0, 4.0, 6.0, 5.0])

@@ -24,20 +24,41 @@ import numpy as np
 from ...evaluation import noise_detection
 
 
+STANDARDISE_CHUNK = 1 << 20     # rows per pass step of standardise_within_user
+
+
 def standardise_within_user(loss: np.ndarray, user: np.ndarray, n_users: int | None = None) -> np.ndarray:
     """``(l - mean_u) / std_u`` per row (module doc); NaN losses stay NaN and are left out of
-    their user's mean and std."""
-    loss, user = np.asarray(loss, np.float64), np.asarray(user, np.int64)
-    n_users = int(user.max()) + 1 if n_users is None and len(user) else int(n_users or 0)
-    ok = np.isfinite(loss)
-    cnt = np.bincount(user[ok], minlength=n_users).astype(np.float64)
-    s1 = np.bincount(user[ok], weights=loss[ok], minlength=n_users)
+    their user's mean and std. Three passes over chunks of rows (counts and sums, squared
+    deviations, the z-scores): per-user arrays and one chunk's temporaries, not a dozen
+    whole-log ones (a log of one chunk gets exactly the one-pass arithmetic)."""
+    n = len(loss)
+    n_users = int(np.max(user)) + 1 if n_users is None and n else int(n_users or 0)
+    spans = [(a, min(n, a + STANDARDISE_CHUNK)) for a in range(0, n, STANDARDISE_CHUNK)]
+
+    def part(a, b):
+        l, u = np.asarray(loss[a:b], np.float64), np.asarray(user[a:b], np.int64)
+        return l, u, np.isfinite(l)
+    cnt, s1 = np.zeros(n_users), np.zeros(n_users)
+    for a, b in spans:
+        l, u, ok = part(a, b)
+        cnt += np.bincount(u[ok], minlength=n_users)
+        s1 += np.bincount(u[ok], weights=l[ok], minlength=n_users)
     mean = s1 / np.maximum(cnt, 1)
-    dev = np.where(ok, loss - mean[user], 0.0)
-    var = np.bincount(user, weights=dev ** 2, minlength=n_users) / np.maximum(cnt, 1)
-    std = np.sqrt(var)[user]
-    z = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean[user])), dev / np.where(std > 0, std, 1.0), 0.0)
-    return np.where(ok, z, np.nan)
+    ss = np.zeros(n_users)
+    for a, b in spans:
+        l, u, ok = part(a, b)
+        dev = np.where(ok, l - mean[u], 0.0)
+        ss += np.bincount(u, weights=dev ** 2, minlength=n_users)
+    std_u = np.sqrt(ss / np.maximum(cnt, 1))
+    out = np.empty(n, dtype=np.float64)
+    for a, b in spans:
+        l, u, ok = part(a, b)
+        dev = np.where(ok, l - mean[u], 0.0)
+        std = std_u[u]
+        z = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean[u])), dev / np.where(std > 0, std, 1.0), 0.0)
+        out[a:b] = np.where(ok, z, np.nan)
+    return out
 
 
 def _top_by_user(loss: np.ndarray, user: np.ndarray, quota: np.ndarray) -> np.ndarray:
