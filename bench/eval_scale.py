@@ -51,16 +51,6 @@ def _status_mb(field: str) -> float | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) so the next reading is the evaluation's own."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _peak_rss_mb() -> float:
     hwm = _status_mb("VmHWM")
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -127,7 +117,8 @@ def worker(args) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    peak_reset = _reset_peak_rss()
+    from recval_ray.profile import reset_peak_rss   # VmHWM: the next reading is the evaluation's own
+    peak_reset = reset_peak_rss()
     rss0 = _status_mb("VmRSS") or 0.0
     t0, c0 = time.perf_counter(), time.process_time()
     metrics = evaluate_ranking(model, split, cfg, "test", exclude=[train])

@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from recval_ray.core.data import Interactions  # noqa: E402
 from recval_ray.core.influence import ModelObjective, hvp_fn  # noqa: E402
 from recval_ray.core.models.mf import MF  # noqa: E402
 from recval_ray.profile import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
