@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     why.add_argument("--verify-engine", choices=("auto", "run", "sparse", "stacked"), default="auto",
                      help="how the verification retrains: the run's trainer (run), MF's row-sparse engine "
                           "(sparse; auto on MF), or stacks of models trained at once (stacked)")
+    why.add_argument("--verify-variants", default="top_proponents,random_user_rows,random_rows", metavar="LIST",
+                     help="the removals --verify retrains without, comma-separated: top_proponents, "
+                          "random_user_rows, random_rows (default all three; each costs a retraining per query "
+                          "and seed)")
     why.add_argument("--actors", type=int, default=0, metavar="N",
                      help="attribute the queries' groups on N Ray actors (local Ray, or RAY_ADDRESS)")
     why.add_argument("-v", "--verbose", action="store_true", help="more logging")
@@ -232,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                              verify=args.verify, k=args.k, verify_seeds=args.verify_seeds, damping=args.damping,
                              output_uri=args.output, run_id=args.run_id, overwrite=args.overwrite,
                              actors=args.actors, verify_engine=args.verify_engine,
-                             deletion_rows=args.deletion_rows, deletion_seeds=args.deletion_seeds)
+                             deletion_rows=args.deletion_rows, deletion_seeds=args.deletion_seeds,
+                             verify_variants=args.verify_variants)
             print(f"attributions written to {result['uri']}")
             for rec in result["summary"][:10]:
                 named = f" ({rec['title']})" if rec.get("title") else ""

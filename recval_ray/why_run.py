@@ -97,6 +97,8 @@ def flat_theta(obj, state_dict):
 
 
 VERIFY_ENGINES = ("auto", "run", "sparse", "stacked")
+#: the removals ``--verify`` can retrain without (``--verify-variants``, default all)
+VERIFY_VARIANTS = ("top_proponents", "random_user_rows", "random_rows")
 STACK_BYTES = 1 << 30       # a verification stack's tables and optimiser state (models per stack follow)
 
 
@@ -120,14 +122,28 @@ def verify_train_config(cfg, engine: str, seed: int, epochs: int):
     return tcfg
 
 
-def verify_variants(cfg, train, user: int, item: int, proponents: np.ndarray, k: int, s: int) -> dict:
+def verify_variants(cfg, train, user: int, item: int, proponents: np.ndarray, k: int, s: int,
+                    names: tuple = VERIFY_VARIANTS) -> dict:
     """The rows each retraining of seed ``s`` leaves out: none, the top-k proponents, k seeded
-    random rows of the user, k seeded random rows."""
+    random rows of the user, k seeded random rows; only the variants in ``names`` (besides
+    ``none``). The random draws do not depend on which variants are asked for."""
     own = np.flatnonzero(train.user == user)
     rng = np.random.default_rng([int(cfg.train.seed), 0x3A1, int(user), int(item), s])
-    return {"none": np.zeros(0, np.int64), "top_proponents": np.asarray(proponents[:k], np.int64),
-            "random_user_rows": rng.choice(own, min(k, len(own)), replace=False),
-            "random_rows": rng.choice(len(train), k, replace=False)}
+    every = {"none": np.zeros(0, np.int64), "top_proponents": np.asarray(proponents[:k], np.int64),
+             "random_user_rows": rng.choice(own, min(k, len(own)), replace=False),
+             "random_rows": rng.choice(len(train), k, replace=False)}
+    return {name: rows for name, rows in every.items() if name == "none" or name in names}
+
+
+def check_variants(names) -> tuple:
+    """``--verify-variants``: a non-empty subset of :data:`VERIFY_VARIANTS`, in their order."""
+    names = [names] if isinstance(names, str) else list(names)
+    names = [n.strip() for part in names for n in str(part).split(",") if n.strip()]
+    bad = [n for n in names if n not in VERIFY_VARIANTS]
+    if bad or not names:
+        raise ConfigError(f"--verify-variants {','.join(names) or '(none)'}: a comma-separated list of "
+                          f"{', '.join(VERIFY_VARIANTS)}")
+    return tuple(n for n in VERIFY_VARIANTS if n in names)
 
 
 def _score_and_rank(model, train, user: int, item: int, own_items: Optional[np.ndarray] = None
@@ -200,18 +216,18 @@ def retrain_without(cfg, split, models: list, queries: list, seed_offset: int, e
 
 
 def verify_queries(cfg, split, queries: list, k: int, seeds: int, epochs: int, engine: str = "auto",
-                   progress=None) -> list[list[dict]]:
+                   progress=None, variants: tuple = VERIFY_VARIANTS) -> list[list[dict]]:
     """Per query ``(user, item, proponents)``, its verification retrainings: ``{"seed",
     "variant", "removed", "score", "rank"}`` of the target in a model retrained without each
     variant's rows (:func:`verify_variants`, :func:`retrain_without`); the reference (nothing
     removed) is trained once per seed and shared by the queries."""
     out: list = [[] for _ in queries]
     for s in range(seeds):
-        variants = [verify_variants(cfg, split.train, u, x, pro, k, s) for u, x, pro in queries]
+        removals = [verify_variants(cfg, split.train, u, x, pro, k, s, variants) for u, x, pro in queries]
         models = [(None, "none", np.zeros(0, np.int64))] + [
-            (q, name, rows) for q, v in enumerate(variants) for name, rows in v.items() if name != "none"]
+            (q, name, rows) for q, v in enumerate(removals) for name, rows in v.items() if name != "none"]
         results = retrain_without(cfg, split, models, queries, s, epochs, engine, progress)
-        for q, v in enumerate(variants):
+        for q, v in enumerate(removals):
             for name, rows in v.items():
                 score, rank = results[(q, name)]
                 out[q].append({"seed": s, "variant": name, "removed": int(len(rows)), "score": score,
@@ -313,7 +329,7 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
             verify: bool = False, k: int = 10, verify_seeds: int = 1, damping: Optional[float] = None,
             output_uri: Optional[str] = None, run_id: Optional[str] = None, overwrite: bool = False,
             actors: int = 0, address: Optional[str] = None, verify_engine: str = "auto",
-            deletion_rows: int = 20, deletion_seeds: int = 1) -> dict:
+            deletion_rows: int = 20, deletion_seeds: int = 1, verify_variants: tuple = VERIFY_VARIANTS) -> dict:
     """Attribute the run's scores of the queries to its training rows; returns the new output's
     manifest with ``summary`` (per query) added. ``actors`` > 0: the groups of queries are
     attributed on that many Ray actors (the run's rows and weights shared once through the
@@ -340,6 +356,7 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
         raise ConfigError(f"--method {method}: tracin, influence or deletion")
     if verify_engine not in VERIFY_ENGINES:
         raise ConfigError(f"--verify-engine {verify_engine}: one of {', '.join(VERIFY_ENGINES)}")
+    variants = check_variants(verify_variants)
     state = read_state(fs, root, run_uri)
     split = state.split
     train = split.train
@@ -448,11 +465,12 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
             def progress(seed, done, total):
                 log.info("verify: seed %d, %d/%d models retrained (%.0f s)", seed, done, total,
                          time.perf_counter() - t_v)
-            checked = verify_queries(cfg, split, to_verify, k, verify_seeds, base_epochs, verify_engine, progress)
+            checked = verify_queries(cfg, split, to_verify, k, verify_seeds, base_epochs, verify_engine, progress,
+                                     variants)
             for rec, checks in zip(summary, checked):
                 rec["verify"] = checks
                 ref = {c["seed"]: c for c in checks if c["variant"] == "none"}
-                for name in ("top_proponents", "random_user_rows", "random_rows"):
+                for name in variants:
                     drops = [c["rank"] - ref[c["seed"]]["rank"] for c in checks if c["variant"] == name]
                     rec[f"rank_drop_{name}"] = float(np.mean(drops))
                     rec[f"score_drop_{name}"] = float(np.mean([ref[c["seed"]]["score"] - c["score"]
@@ -464,6 +482,7 @@ def why_run(run_uri: str, queries: Optional[list] = None, *, queries_file: Optio
         out.write_table("queries", pa.Table.from_pylist(rows_q), use_ray=False)
         metrics = {"source_run": run_uri, "method": method, "note": note, "queries": summary,
                    "top": top, "k": k, "verify_seeds": verify_seeds if verify else 0,
+                   "verify_variants": list(variants) if verify else [],
                    "verify_epochs": base_epochs if verify else None}
         if verify:
             metrics["verify_summary"] = verify_summary(summary)
@@ -500,7 +519,7 @@ def verify_summary(summary: list) -> dict:
         v = np.asarray(v, np.float64)
         return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
     out = {}
-    for name in ("top_proponents", "random_user_rows", "random_rows"):
+    for name in VERIFY_VARIANTS:
         ranks = [r[f"rank_drop_{name}"] for r in summary if f"rank_drop_{name}" in r]
         if ranks:
             scores = [r[f"score_drop_{name}"] for r in summary if f"score_drop_{name}" in r]

@@ -305,6 +305,42 @@ def test_verification_engines_agree_and_share_the_reference(tmp_path):
     got = next(c for c in run[1] if c["seed"] == 1 and c["variant"] == "random_user_rows")
     assert got["score"] == pytest.approx(_score_and_rank(task.model.eval(), tr, u, x)[0], abs=1e-6)
     assert got["score"] != pytest.approx(next(c for c in run[1] if c["seed"] == 1 and c["variant"] == "none")["score"])
+    # --verify-variants: only the asked removals are retrained, with the same rows and the same
+    # models as when all three are (the draws do not depend on the choice)
+    only = verify_queries(cfg, split, queries, engine="run", variants=("random_user_rows",), **kw)
+    for a, b in zip(run, only):
+        assert {c["variant"] for c in b} == {"none", "random_user_rows"}
+        assert [c for c in a if c["variant"] in ("none", "random_user_rows")] == b
+
+
+def test_verify_variants_option_is_checked_and_recorded(tmp_path):
+    """``why_run(verify_variants=...)``: a subset of the removals gives summary figures for those
+    only and records them; an unknown name is a ConfigError before anything is written."""
+    from recval_ray.pipeline import run_job
+    from recval_ray.config import load_config
+    from recval_ray.errors import ConfigError
+    from recval_ray.why_run import check_variants, why_run
+    from test_update import job_dict, make_log, write_job, write_log
+
+    assert check_variants("random_rows, top_proponents") == ("top_proponents", "random_rows")
+    for bad in ("", "top", ["top_proponents", "none"]):
+        with pytest.raises(ConfigError, match="verify-variants"):
+            check_variants(bad)
+    log = make_log(seed=5, users=20, items=25, per_user=8)
+    write_log(str(tmp_path / "log.csv"), log)
+    job = job_dict(str(tmp_path / "log.csv"), str(tmp_path / "out"), name="run")
+    job["output"].update(checkpoints=True)
+    run_job(load_config(write_job(str(tmp_path / "run.yaml"), job)), use_ray=False)
+    run = str(tmp_path / "out" / "run")
+    with pytest.raises(ConfigError, match="verify-variants"):
+        why_run(run, sample_users=1, verify=True, k=2, verify_variants="proponents", run_id="bad")
+    assert not (tmp_path / "out" / "bad").exists()
+    m = why_run(run, sample_users=2, top=3, verify=True, k=2, verify_seeds=1,
+                verify_variants="top_proponents,random_user_rows")
+    assert set(m["verify_summary"]) == {"top_proponents", "random_user_rows"}
+    for q in m["summary"]:
+        assert {c["variant"] for c in q["verify"]} == {"none", "top_proponents", "random_user_rows"}
+        assert "rank_drop_random_rows" not in q and "rank_drop_top_proponents" in q
 
 
 def test_deletion_method_is_exact_leave_one_out_on_the_users_and_items_rows(tmp_path):
