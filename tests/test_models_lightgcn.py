@@ -13,8 +13,8 @@ from recval_ray.config import TrainConfig
 from recval_ray.core.data import Interactions
 from recval_ray.core.metrics import ranking_metrics
 from recval_ray.core.models.lightgcn import LightGCN, LightGCNConfig, normalized_adjacency
-from recval_ray.core.models.mf import MF, BPRTask
-from recval_ray.core.train import build_task, fit, train_model
+from recval_ray.core.models.mf import MF, BPRTask, MFConfig
+from recval_ray.core.train import build_task, epoch_generator, fit, make_optimizer, train_model
 from recval_ray.registry import MODELS
 
 
@@ -240,3 +240,45 @@ def test_xavier_init_option():
     model = build_task(LightGCNConfig(dim=64, init="xavier"), data, cfg()).model
     std = model.item_emb.weight.std().item()
     assert std == pytest.approx(np.sqrt(2 / (data.n_items + 64)), rel=0.2)
+
+
+def test_training_without_rows_drops_their_edges_from_the_graph():
+    """``fit(drop_rows=...)`` on LightGCN (leave-one-out checks, ``recval why --verify``): the
+    model propagates over the graph of the kept rows only (a removed interaction must not
+    shape the embeddings through its edge), equal to the dense reference of that graph; a pair
+    with a repeated row keeps its edge while one of its rows remains; MF has no graph and is
+    trained as before. The batch stream is the full training's minus the rows, so the weights
+    equal those of a task whose graph was built from the kept rows, stepped on the same stream."""
+    train = small_graph()
+    drop = torch.zeros(len(train), dtype=torch.bool)
+    drop[[2, 3, 10]] = True                      # (0, 2), (1, 1) and one of the two (0, 1) rows
+    keep = ~drop.numpy()
+    tc = cfg(epochs=2, batch_size=4)
+    task = build_task(LightGCNConfig(dim=4, n_layers=2), train, tc)
+    fit(task, tc, track_losses=False, drop_rows=drop)
+    got = task.model.adj.to_dense().double()
+    want = dense_reference(train.take(keep))
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-6, atol=1e-7)
+    assert got[0, train.n_users + 1] > 0          # (0, 1) is still a training pair
+    assert got[0, train.n_users + 2] == 0 and got[1, train.n_users + 1] == 0
+    # the same weights as a task built on the kept rows' graph, stepped on the same batches
+    # (the trainer removes the rows from the full training's stream)
+    ref = build_task(LightGCNConfig(dim=4, n_layers=2), train, tc)
+    ref.model.adj = normalized_adjacency(train.take(keep))
+    opt = make_optimizer(ref.model.parameters(), tc)
+    for epoch in range(tc.epochs):
+        ref.model.train()
+        for batch in ref.batches(epoch, epoch_generator(tc.seed, epoch)):
+            k = ~drop[batch["idx"]]
+            if not bool(k.any()):
+                continue
+            loss, _ = ref.loss(ref.without_examples(batch, k))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for a, b in zip(task.model.parameters(), ref.model.parameters()):
+        torch.testing.assert_close(a, b)
+    mf = build_task(MFConfig(dim=4), train, tc)
+    before = [p.detach().clone() for p in mf.model.parameters()]
+    mf.without_rows(drop)                         # nothing to rebuild: no error, no change
+    assert all(torch.equal(a, b) for a, b in zip(before, mf.model.parameters()))

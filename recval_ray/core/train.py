@@ -156,6 +156,8 @@ def fit(task: Task, train_cfg, *, valid: Optional[Interactions] = None,
     metric = train_cfg.select_metric
     if task.closed_form:
         return _fit_closed_form(task, valid if use_valid else None, exclude, metric, eval_cfg, on_epoch, drop_rows)
+    if drop_rows is not None:
+        task.without_rows(drop_rows)        # e.g. LightGCN's graph without the removed rows' edges
     sign = 1.0 if higher_is_better(metric) else -1.0
     loss_pass_all = track_losses and getattr(train_cfg, "loss_pass", "visited") == "all"
     once = not loss_pass_all and bool(getattr(task, "visits_each_row_once", False))

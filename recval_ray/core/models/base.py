@@ -84,6 +84,13 @@ class Task:
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def without_rows(self, drop_rows: torch.Tensor) -> None:
+        """Called by :func:`~..train.fit` before a training without ``drop_rows`` (boolean
+        ``[n_train]``): rebuild what the task derived from the whole training set besides its
+        batches, so the removed rows leave it too (LightGCN's graph). The batch stream is
+        untouched (common random numbers; the trainer removes the rows from each batch). The
+        default has nothing to rebuild."""
+
     def on_epoch_start(self, epoch: int) -> None:
         """Hook for schedules (e.g. warm-up, drop-rate ramps)."""
 

@@ -64,10 +64,17 @@ def normalized_adjacency(train: Interactions, device="cpu", layout: str = "csr")
     Built from the unique (user, item) pairs: edges (u, n_users + i) and (n_users + i, u),
     value ``1 / sqrt(deg(u) deg(i))``. ``layout``: ``csr`` (default, fast ``spmm``) or ``coo``.
     """
-    keys = np.unique(train.pair_keys())
-    u = keys // train.n_items
-    i = keys % train.n_items + train.n_users
-    n = train.n_users + train.n_items
+    return adjacency_of_pairs(train.pair_keys(), train.n_users, train.n_items, device, layout)
+
+
+def adjacency_of_pairs(keys: np.ndarray, n_users: int, n_items: int, device="cpu",
+                       layout: str = "csr") -> torch.Tensor:
+    """:func:`normalized_adjacency` of the pairs ``keys = user * n_items + item`` (repeats
+    counted once) over ``n_users + n_items`` nodes."""
+    keys = np.unique(keys)
+    u = keys // n_items
+    i = keys % n_items + n_users
+    n = n_users + n_items
     deg = np.bincount(u, minlength=n) + np.bincount(i, minlength=n)
     dinv = np.zeros(n, dtype=np.float64)
     nz = deg > 0
@@ -198,6 +205,15 @@ class LightGCN(nn.Module):
     def train(self, mode: bool = True):
         self._cache = None
         return super().train(mode)
+
+    def rebuild_graph(self, users: np.ndarray, items: np.ndarray) -> None:
+        """Replace ``A_hat`` by the normalised graph of the pairs ``(users, items)`` (same
+        nodes): a model trained without some training rows must not propagate over their
+        edges either (:meth:`~.mf.BPRTask.without_rows`)."""
+        keys = users.astype(np.int64) * np.int64(self.n_items) + items
+        self.adj = adjacency_of_pairs(keys, self.n_users, self.n_items, layout="csr").to(
+            self.user_emb.weight.device)
+        self._cache = None
 
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Final embeddings ``(users [n_users, dim], items [n_items, dim])``: the mean of

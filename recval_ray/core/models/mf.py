@@ -221,6 +221,15 @@ class BPRTask(Task):
             # some user has fewer positives than the PLD pool (known here: no sync per batch)
             self._pool_small = bool(((counts > 0) & (counts < self.denoise.pool)).any())
 
+    def without_rows(self, drop_rows: torch.Tensor) -> None:
+        """A graph model (LightGCN: ``rebuild_graph``) propagates over the kept rows' edges
+        only; the negatives are still drawn as in the full training (common random numbers:
+        a removed row's item is not offered to its user as a negative)."""
+        rebuild = getattr(self.model, "rebuild_graph", None)
+        if rebuild is not None:
+            keep = ~drop_rows.cpu().numpy()
+            rebuild(self.users.cpu().numpy()[keep], self.items.cpu().numpy()[keep])
+
     @property
     def visits_each_row_once(self) -> bool:
         """The interactions sampler visits every row once an epoch (PLD and the users sampler
